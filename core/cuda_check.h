@@ -12,7 +12,7 @@
     cudaError_t helix_status_ = (expr);                                                           \
     if (helix_status_ != cudaSuccess) [[unlikely]] {                                              \
       ::helix::detail::throw_error(__FILE__, __LINE__, #expr,                                     \
-                                   ::fmt::format("CUDA error {}: {}",                             \
+                                   ::helix::detail::format_message("CUDA error {}: {}",                             \
                                                  cudaGetErrorName(helix_status_),                 \
                                                  cudaGetErrorString(helix_status_)));             \
     }                                                                                             \
@@ -23,7 +23,7 @@
     cublasStatus_t helix_status_ = (expr);                                                        \
     if (helix_status_ != CUBLAS_STATUS_SUCCESS) [[unlikely]] {                                    \
       ::helix::detail::throw_error(__FILE__, __LINE__, #expr,                                     \
-                                   ::fmt::format("cuBLAS error {} ({})",                          \
+                                   ::helix::detail::format_message("cuBLAS error {} ({})",                          \
                                                  cublasGetStatusName(helix_status_),              \
                                                  static_cast<int>(helix_status_)));               \
     }                                                                                             \
