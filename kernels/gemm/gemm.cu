@@ -292,13 +292,15 @@ void detail::gemm_cuda(const GemmParams& p, GemmShape s, const Stream& stream) {
     pref.set(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, align);
     cublasLtMatmulHeuristicResult_t result{};
     int found = 0;
-    CUBLAS_CHECK(cublasLtMatmulAlgoGetHeuristic(handle, desc.d, a_desc.d, b_desc.d, c_desc.d,
-                                                d_desc.d, pref.d, 1, &result, &found));
-    HELIX_CHECK(found > 0,
-                "gemm: cuBLASLt has no algorithm for M={} N={} K={} a {} b {} c {} op_a={} op_b={} "
-                "epilogue {}",
-                s.m, s.n, s.k, dtype_name(p.a.dtype()), dtype_name(p.b.dtype()),
-                dtype_name(p.c.dtype()), int(p.op_a), int(p.op_b), int(p.epilogue));
+    const cublasStatus_t status = cublasLtMatmulAlgoGetHeuristic(
+        handle, desc.d, a_desc.d, b_desc.d, c_desc.d, d_desc.d, pref.d, 1, &result, &found);
+    HELIX_CHECK(status == CUBLAS_STATUS_SUCCESS && found > 0,
+                "gemm: cuBLASLt has no algorithm ({}) for M={} N={} K={}, a {} b {} c {}, op_a={} "
+                "op_b={}, epilogue {} (0 none, 1 bias, 2 bias+gelu, 3 bgrad-a, 4 bgrad-b)",
+                cublasLtGetStatusName(status), s.m, s.n, s.k, dtype_name(p.a.dtype()),
+                dtype_name(p.b.dtype()), dtype_name(p.c.dtype()),
+                p.op_a == GemmOp::kNone ? "kNone" : "kTranspose",
+                p.op_b == GemmOp::kNone ? "kNone" : "kTranspose", int(p.epilogue));
     algo = result.algo;
     lt.store_algo(key, algo);
   }
