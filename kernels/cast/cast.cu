@@ -163,7 +163,8 @@ __global__ void __launch_bounds__(kThreads)
       const int64_t in_col = col0 + 4 * p + j;  // = row of out_t
       if (in_col < n) {
         const uint32_t t = ((w[0] >> (8 * j)) & 0xFFu) | (((w[1] >> (8 * j)) & 0xFFu) << 8) |
-                           (((w[2] >> (8 * j)) & 0xFFu) << 16) | (((w[3] >> (8 * j)) & 0xFFu) << 24);
+                           (((w[2] >> (8 * j)) & 0xFFu) << 16) |
+                           (((w[3] >> (8 * j)) & 0xFFu) << 24);
         *reinterpret_cast<uint32_t*>(out_t + in_col * m + in_row) = t;
       }
     }
@@ -215,14 +216,18 @@ __global__ void __launch_bounds__(kThreads)
     Pack<Out, kVec> y;
 #pragma unroll
     for (int j = 0; j < kVec; ++j) {
-      if constexpr (sizeof(Out) == 4) y.e[j] = to_float(x.e[j]);
-      else y.e[j] = bf16_t::from_float(x.e[j]);
+      if constexpr (sizeof(Out) == 4)
+        y.e[j] = to_float(x.e[j]);
+      else
+        y.e[j] = bf16_t::from_float(x.e[j]);
     }
     reinterpret_cast<decltype(y.raw)*>(out)[v] = y.raw;
   }
   for (int64_t i = nvec * kVec + tid; i < n; i += stride) {
-    if constexpr (sizeof(Out) == 4) out[i] = to_float(in[i]);
-    else out[i] = bf16_t::from_float(in[i]);
+    if constexpr (sizeof(Out) == 4)
+      out[i] = to_float(in[i]);
+    else
+      out[i] = bf16_t::from_float(in[i]);
   }
 }
 
@@ -246,11 +251,11 @@ void launch_cast_fp8(const CastFp8Params& p, cudaStream_t st) {
   uint8_t* out = fp8_ptr(p.out);
   const float* scale = p.scale.data<float>();
   if (aligned(in, 16) && aligned(out, kVec)) {
-    cast_fp8_kernel<In, kFmt, true><<<grid_for(n / kVec + 1), kThreads, 0, st>>>(
-        in, out, n, scale, amax_ptr(p.amax));
+    cast_fp8_kernel<In, kFmt, true>
+        <<<grid_for(n / kVec + 1), kThreads, 0, st>>>(in, out, n, scale, amax_ptr(p.amax));
   } else {
-    cast_fp8_kernel<In, kFmt, false><<<grid_for(n), kThreads, 0, st>>>(in, out, n, scale,
-                                                                        amax_ptr(p.amax));
+    cast_fp8_kernel<In, kFmt, false>
+        <<<grid_for(n), kThreads, 0, st>>>(in, out, n, scale, amax_ptr(p.amax));
   }
   HELIX_LAUNCH_CHECK();
 }
@@ -262,18 +267,18 @@ void launch_cast_transpose(const CastTransposeFp8Params& p, cudaStream_t st) {
   uint8_t* out = fp8_ptr(p.out);
   uint8_t* out_t = fp8_ptr(p.out_t);
   const float* scale = p.scale.data<float>();
-  const bool tiled = m % 4 == 0 && n % 8 == 0 && aligned(in, 16) && aligned(out, 16) &&
-                     aligned(out_t, 16);
+  const bool tiled =
+      m % 4 == 0 && n % 8 == 0 && aligned(in, 16) && aligned(out, 16) && aligned(out_t, 16);
   const int64_t tile = tiled ? kTile : 32;
   const int64_t gx = (n + tile - 1) / tile, gy = (m + tile - 1) / tile;
   HELIX_CHECK(gx <= INT32_MAX && gy <= 65535, "cast_transpose_fp8: [{}, {}] is too large", m, n);
   const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(gy));
   if (tiled) {
-    cast_transpose_tiled_kernel<In, kFmt><<<grid, kThreads, 0, st>>>(in, out, out_t, m, n, scale,
-                                                                      amax_ptr(p.amax));
+    cast_transpose_tiled_kernel<In, kFmt>
+        <<<grid, kThreads, 0, st>>>(in, out, out_t, m, n, scale, amax_ptr(p.amax));
   } else {
-    cast_transpose_generic_kernel<In, kFmt><<<grid, kThreads, 0, st>>>(in, out, out_t, m, n, scale,
-                                                                        amax_ptr(p.amax));
+    cast_transpose_generic_kernel<In, kFmt>
+        <<<grid, kThreads, 0, st>>>(in, out, out_t, m, n, scale, amax_ptr(p.amax));
   }
   HELIX_LAUNCH_CHECK();
 }

@@ -15,11 +15,16 @@ std::string_view op_name(GemmOp op) { return op == GemmOp::kNone ? "kNone" : "kT
 
 std::string_view epilogue_name(GemmEpilogue e) {
   switch (e) {
-    case GemmEpilogue::kNone: return "kNone";
-    case GemmEpilogue::kBias: return "kBias";
-    case GemmEpilogue::kBiasGelu: return "kBiasGelu";
-    case GemmEpilogue::kBiasGradA: return "kBiasGradA";
-    case GemmEpilogue::kBiasGradB: return "kBiasGradB";
+    case GemmEpilogue::kNone:
+      return "kNone";
+    case GemmEpilogue::kBias:
+      return "kBias";
+    case GemmEpilogue::kBiasGelu:
+      return "kBiasGelu";
+    case GemmEpilogue::kBiasGradA:
+      return "kBiasGradA";
+    case GemmEpilogue::kBiasGradB:
+      return "kBiasGradB";
   }
   return "?";
 }
@@ -32,8 +37,8 @@ void check_matrix(const Tensor& t, const char* name) {
 
 void check_scalar_f32(const Tensor& t, const char* name, const char* why) {
   HELIX_CHECK(t.defined(), "gemm: {} requires {} (f32 [1])", why, name);
-  HELIX_CHECK(t.dtype() == DType::kF32 && t.numel() == 1,
-              "gemm: expected {} to be f32 [1], got {}", name, t.str());
+  HELIX_CHECK(t.dtype() == DType::kF32 && t.numel() == 1, "gemm: expected {} to be f32 [1], got {}",
+              name, t.str());
 }
 
 void check_vector(const Tensor& t, const char* name, int64_t len, const char* why) {
@@ -87,16 +92,16 @@ void validate_fp8(const GemmParams& p, GemmShape s) {
               dtype_name(tb), any_e5m2 ? " or e5m2" : "", dtype_name(tc));
   if (dtype_is_fp8(tc)) {
     check_scalar_f32(p.c_scale, "c_scale", "an fp8 c");
-    HELIX_CHECK(p.beta == 0.0f, "gemm: an fp8 c cannot be accumulated into; expected beta 0, got {}",
-                p.beta);
+    HELIX_CHECK(p.beta == 0.0f,
+                "gemm: an fp8 c cannot be accumulated into; expected beta 0, got {}", p.beta);
     if (p.c_amax.defined()) check_scalar_f32(p.c_amax, "c_amax", "an fp8 c");
   } else {
     HELIX_CHECK(!p.c_scale.defined() && !p.c_amax.defined(),
                 "gemm: c_scale / c_amax apply only to an fp8 c, got c {}", dtype_name(tc));
   }
   if (p.bias.defined()) {
-    HELIX_CHECK(p.bias.dtype() == DType::kBF16,
-                "gemm: cuBLASLt fp8 GEMMs take a bf16 bias, got {}", p.bias.str());
+    HELIX_CHECK(p.bias.dtype() == DType::kBF16, "gemm: cuBLASLt fp8 GEMMs take a bf16 bias, got {}",
+                p.bias.str());
   }
   HELIX_CHECK(p.epilogue != GemmEpilogue::kBiasGradA && p.epilogue != GemmEpilogue::kBiasGradB,
               "gemm: cuBLASLt has no bias-gradient epilogue for fp8; got {}",
@@ -186,8 +191,7 @@ void detail::validate_gemm(const GemmParams& p, GemmShape s) {
     HELIX_CHECK(p.beta == 0.0f, "gemm: kBiasGelu does not accumulate; expected beta 0, got {}",
                 p.beta);
   } else {
-    HELIX_CHECK(!p.pre_gelu.defined(), "gemm: pre_gelu given but epilogue is {}",
-                epilogue_name(e));
+    HELIX_CHECK(!p.pre_gelu.defined(), "gemm: pre_gelu given but epilogue is {}", epilogue_name(e));
   }
   if (wants_grad) {
     const int64_t len = e == GemmEpilogue::kBiasGradA ? s.m : s.n;

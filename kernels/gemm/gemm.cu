@@ -65,11 +65,16 @@ constexpr int64_t kMaxBlocks = 4096;  // grid-stride kernels: enough blocks to f
 
 cudaDataType_t cuda_dtype(DType t) {
   switch (t) {
-    case DType::kF32: return CUDA_R_32F;
-    case DType::kBF16: return CUDA_R_16BF;
-    case DType::kE4M3: return CUDA_R_8F_E4M3;
-    case DType::kE5M2: return CUDA_R_8F_E5M2;
-    default: HELIX_FAIL("gemm: no cuBLASLt type for {}", dtype_name(t));
+    case DType::kF32:
+      return CUDA_R_32F;
+    case DType::kBF16:
+      return CUDA_R_16BF;
+    case DType::kE4M3:
+      return CUDA_R_8F_E4M3;
+    case DType::kE5M2:
+      return CUDA_R_8F_E5M2;
+    default:
+      HELIX_FAIL("gemm: no cuBLASLt type for {}", dtype_name(t));
   }
 }
 
@@ -188,10 +193,10 @@ void check_aligned(const Tensor& t, const char* name) {
 }  // namespace
 
 void detail::gelu_erf_cuda(const Tensor& in, const Tensor& out, const Stream& stream) {
-  HELIX_CHECK(in.is_cuda() && out.is_cuda() && in.dtype() == out.dtype() &&
-                  in.numel() == out.numel(),
-              "gelu_erf_cuda: expected two CUDA tensors of one dtype and size, got {} and {}",
-              in.str(), out.str());
+  HELIX_CHECK(
+      in.is_cuda() && out.is_cuda() && in.dtype() == out.dtype() && in.numel() == out.numel(),
+      "gelu_erf_cuda: expected two CUDA tensors of one dtype and size, got {} and {}", in.str(),
+      out.str());
   const int64_t n = in.numel();
   if (n == 0) return;
   const bool aligned = reinterpret_cast<uintptr_t>(in.data_ptr()) % 16 == 0 &&
@@ -214,8 +219,12 @@ void detail::gelu_erf_cuda(const Tensor& in, const Tensor& out, const Stream& st
 void detail::gemm_cuda(const GemmParams& p, GemmShape s, const Stream& stream) {
   const int device = p.c.device().index;
   DeviceGuard guard(device);
-  for (const auto& [t, name] : {std::pair{&p.a, "a"}, {&p.b, "b"}, {&p.c, "c"}, {&p.bias, "bias"},
-                                {&p.pre_gelu, "pre_gelu"}, {&p.bias_grad, "bias_grad"}}) {
+  for (const auto& [t, name] : {std::pair{&p.a, "a"},
+                                {&p.b, "b"},
+                                {&p.c, "c"},
+                                {&p.bias, "bias"},
+                                {&p.pre_gelu, "pre_gelu"},
+                                {&p.bias_grad, "bias_grad"}}) {
     check_aligned(*t, name);
   }
   const bool fp8 = dtype_is_fp8(p.a.dtype());
@@ -243,7 +252,8 @@ void detail::gemm_cuda(const GemmParams& p, GemmShape s, const Stream& stream) {
   cublasLtEpilogue_t epilogue = CUBLASLT_EPILOGUE_DEFAULT;
   const void* bias_ptr = nullptr;
   switch (p.epilogue) {
-    case GemmEpilogue::kNone: break;
+    case GemmEpilogue::kNone:
+      break;
     case GemmEpilogue::kBias:
     case GemmEpilogue::kBiasGelu:
       epilogue = CUBLASLT_EPILOGUE_BIAS;
@@ -262,12 +272,15 @@ void detail::gemm_cuda(const GemmParams& p, GemmShape s, const Stream& stream) {
   desc.set(CUBLASLT_MATMUL_DESC_EPILOGUE, epilogue);
   if (bias_ptr) desc.set(CUBLASLT_MATMUL_DESC_BIAS_POINTER, bias_ptr);
   if (fp8) {
-    desc.set(CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, static_cast<const void*>(p.b_scale_inv.data_ptr()));
-    desc.set(CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, static_cast<const void*>(p.a_scale_inv.data_ptr()));
+    desc.set(CUBLASLT_MATMUL_DESC_A_SCALE_POINTER,
+             static_cast<const void*>(p.b_scale_inv.data_ptr()));
+    desc.set(CUBLASLT_MATMUL_DESC_B_SCALE_POINTER,
+             static_cast<const void*>(p.a_scale_inv.data_ptr()));
     const int8_t fast = p.fp8_accumulation == Fp8Accumulation::kFast ? 1 : 0;
     desc.set(CUBLASLT_MATMUL_DESC_FAST_ACCUM, fast);
     if (fp8_out) {
-      desc.set(CUBLASLT_MATMUL_DESC_D_SCALE_POINTER, static_cast<const void*>(p.c_scale.data_ptr()));
+      desc.set(CUBLASLT_MATMUL_DESC_D_SCALE_POINTER,
+               static_cast<const void*>(p.c_scale.data_ptr()));
       if (p.c_amax.defined()) desc.set(CUBLASLT_MATMUL_DESC_AMAX_D_POINTER, p.c_amax.data_ptr());
     }
   }
@@ -275,10 +288,20 @@ void detail::gemm_cuda(const GemmParams& p, GemmShape s, const Stream& stream) {
   LtState& lt = LtState::get();
   cublasLtHandle_t handle = lt.handle(device);
   void* workspace = lt.workspace(device, stream.handle());
-  const AlgoKey key{device,      cm,     cn,         ck,
-                    p.b.dtype(), p.a.dtype(), d.dtype(), p.bias.defined() ? p.bias.dtype() : DType::kU8,
-                    p.op_a,      p.op_b, p.epilogue, p.beta != 0.0f,
-                    p.c_amax.defined(), fp8 ? p.fp8_accumulation : Fp8Accumulation::kPrecise};
+  const AlgoKey key{device,
+                    cm,
+                    cn,
+                    ck,
+                    p.b.dtype(),
+                    p.a.dtype(),
+                    d.dtype(),
+                    p.bias.defined() ? p.bias.dtype() : DType::kU8,
+                    p.op_a,
+                    p.op_b,
+                    p.epilogue,
+                    p.beta != 0.0f,
+                    p.c_amax.defined(),
+                    fp8 ? p.fp8_accumulation : Fp8Accumulation::kPrecise};
   cublasLtMatmulAlgo_t algo;
   if (!lt.find_algo(key, &algo)) {
     Preference pref;

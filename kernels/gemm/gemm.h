@@ -31,9 +31,9 @@
 //     M, N, K multiples of 16 (leading dimensions and the rows of the K-major operands);
 //     a_scale_inv / b_scale_inv f32 [1] required (value = code * scale_inv); C bf16, f32, e4m3,
 //     or e5m2 (e5m2 only when an input is e5m2); bias bf16; no bias-gradient epilogue.
-//     FP8 output: c = fp8(value * c_scale) with satfinite rounding, beta must be 0, c_amax (optional)
-//     is OVERWRITTEN with max |value| before c_scale is applied (cuBLASLt's AMAX_D semantics), the
-//     value being the epilogue's result. No GELU with an fp8 C.
+//     FP8 output: c = fp8(value * c_scale) with satfinite rounding, beta must be 0, c_amax
+//     (optional) is OVERWRITTEN with max |value| before c_scale is applied (cuBLASLt's AMAX_D
+//     semantics), the value being the epilogue's result. No GELU with an fp8 C.
 // CUDA: pointers 16-byte aligned, tensors contiguous. Algorithms come from
 // cublasLtMatmulAlgoGetHeuristic once per (device, shape, dtypes, transposes, epilogue, beta != 0,
 // accumulation) and are cached; one cuBLASLt handle per device; one 32 MiB workspace per (device,

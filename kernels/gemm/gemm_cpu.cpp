@@ -14,7 +14,8 @@ namespace {
 
 // op(X) decoded to double (times scale_inv for fp8), materialised row-major [rows, cols], or its
 // transpose when `transpose_result`, so that the dot products below run over contiguous memory.
-std::vector<double> decode(const Tensor& t, GemmOp op, const Tensor& scale_inv, bool transpose_result) {
+std::vector<double> decode(const Tensor& t, GemmOp op, const Tensor& scale_inv,
+                           bool transpose_result) {
   const double scale = scale_inv.defined() ? cpu_value(scale_inv, 0) : 1.0;
   const int64_t r = t.dim(0), c = t.dim(1);
   // The stored element (i, j) lands at (i, j) or (j, i): op and the requested layout cancel out.
@@ -32,11 +33,20 @@ double gelu_erf(double x) { return 0.5 * x * (1.0 + std::erf(x * 0.7071067811865
 void store(const Tensor& t, int64_t i, double v) {
   const float f = static_cast<float>(v);
   switch (t.dtype()) {
-    case DType::kF32: t.data<float>()[i] = f; break;
-    case DType::kBF16: t.data<bf16_t>()[i] = bf16_t::from_float(f); break;
-    case DType::kE4M3: t.data<e4m3_t>()[i] = e4m3_t::from_float(f); break;
-    case DType::kE5M2: t.data<e5m2_t>()[i] = e5m2_t::from_float(f); break;
-    default: HELIX_FAIL("gemm_cpu: unexpected output dtype {}", dtype_name(t.dtype()));
+    case DType::kF32:
+      t.data<float>()[i] = f;
+      break;
+    case DType::kBF16:
+      t.data<bf16_t>()[i] = bf16_t::from_float(f);
+      break;
+    case DType::kE4M3:
+      t.data<e4m3_t>()[i] = e4m3_t::from_float(f);
+      break;
+    case DType::kE5M2:
+      t.data<e5m2_t>()[i] = e5m2_t::from_float(f);
+      break;
+    default:
+      HELIX_FAIL("gemm_cpu: unexpected output dtype {}", dtype_name(t.dtype()));
   }
 }
 

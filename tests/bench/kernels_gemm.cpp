@@ -1,7 +1,7 @@
 // helix_bench_kernels_gemm: the linear-layer GEMMs of ESM-2 650M and 3B at 16384 tokens (QKV,
-// out-proj, FC1, FC2; forward, dgrad, wgrad), timed through gemm() and through a plain cuBLASLt call
-// of the same problem built once up front (same types, layout and cuBLASLt epilogue; no erf-GELU
-// pass), plus gemm() with fp8 e4m3 inputs in the TN layout. Prints TFLOP/s and the ratios.
+// out-proj, FC1, FC2; forward, dgrad, wgrad), timed through gemm() and through a plain cuBLASLt
+// call of the same problem built once up front (same types, layout and cuBLASLt epilogue; no
+// erf-GELU pass), plus gemm() with fp8 e4m3 inputs in the TN layout. Prints TFLOP/s and the ratios.
 //   helix_bench_kernels_gemm [tokens=16384] [iterations=20]
 #include <cstdio>
 #include <cstdlib>
@@ -39,7 +39,8 @@ class PlainMatmul {
       set(CUBLASLT_MATMUL_DESC_BIAS_POINTER, p.bias.data_ptr());
       set(CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, type(p.bias.dtype()));
     } else if (p.bias_grad.defined()) {
-      epi = p.epilogue == GemmEpilogue::kBiasGradA ? CUBLASLT_EPILOGUE_BGRADB : CUBLASLT_EPILOGUE_BGRADA;
+      epi = p.epilogue == GemmEpilogue::kBiasGradA ? CUBLASLT_EPILOGUE_BGRADB
+                                                   : CUBLASLT_EPILOGUE_BGRADA;
       set(CUBLASLT_MATMUL_DESC_BIAS_POINTER, p.bias_grad.data_ptr());
     }
     set(CUBLASLT_MATMUL_DESC_EPILOGUE, epi);
@@ -85,10 +86,14 @@ class PlainMatmul {
  private:
   static cudaDataType_t type(DType t) {
     switch (t) {
-      case DType::kF32: return CUDA_R_32F;
-      case DType::kBF16: return CUDA_R_16BF;
-      case DType::kE4M3: return CUDA_R_8F_E4M3;
-      default: return CUDA_R_8F_E5M2;
+      case DType::kF32:
+        return CUDA_R_32F;
+      case DType::kBF16:
+        return CUDA_R_16BF;
+      case DType::kE4M3:
+        return CUDA_R_8F_E4M3;
+      default:
+        return CUDA_R_8F_E5M2;
     }
   }
   template <typename T>
@@ -191,8 +196,7 @@ void bench_model(const char* model, int64_t hidden, int64_t ffn, int64_t tokens,
       const auto tflops = [&](double ms) { return flop / (ms * 1e-3) / 1e12; };
       std::printf("%-5s %-9s %-6s %6lld %6lld %6lld %9.1f %9.1f %7.3f %9.1f %7.2f\n", model, l.name,
                   pass_names[int(pass)], (long long)sh.m, (long long)sh.n, (long long)sh.k,
-                  tflops(t_gemm), tflops(t_plain), t_plain / t_gemm, tflops(t_fp8),
-                  t_gemm / t_fp8);
+                  tflops(t_gemm), tflops(t_plain), t_plain / t_gemm, tflops(t_fp8), t_gemm / t_fp8);
     }
   }
 }
@@ -203,17 +207,19 @@ void bench_model(const char* model, int64_t hidden, int64_t ffn, int64_t tokens,
 int main(int argc, char** argv) {
   using namespace helix;
   if (!cuda_available()) {
-    std::printf("helix_bench_kernels_gemm needs a CUDA GPU: %s\n", cuda_unavailable_reason().c_str());
+    std::printf("helix_bench_kernels_gemm needs a CUDA GPU: %s\n",
+                cuda_unavailable_reason().c_str());
     return 0;
   }
   const int64_t tokens = argc > 1 ? std::atoll(argv[1]) : 16384;
   const int iters = argc > 2 ? std::atoi(argv[2]) : 20;
   const Stream s = Stream::create(Device::cuda(0));
-  std::printf("GEMMs of one ESM-2 layer at T=%lld tokens, mean of %d runs; TFLOP/s = 2MNK/time.\n"
-              "plain = one cuBLASLt call prepared up front, same types/layout/epilogue (no erf-GELU "
-              "pass);\nratio = plain time / gemm() time; fp8 = gemm() with e4m3 inputs (TN layout), "
-              "fp8x = bf16 time / fp8 time.\n",
-              (long long)tokens, iters);
+  std::printf(
+      "GEMMs of one ESM-2 layer at T=%lld tokens, mean of %d runs; TFLOP/s = 2MNK/time.\n"
+      "plain = one cuBLASLt call prepared up front, same types/layout/epilogue (no erf-GELU "
+      "pass);\nratio = plain time / gemm() time; fp8 = gemm() with e4m3 inputs (TN layout), "
+      "fp8x = bf16 time / fp8 time.\n",
+      (long long)tokens, iters);
   std::printf("%-5s %-9s %-6s %6s %6s %6s %9s %9s %7s %9s %7s\n", "model", "linear", "pass", "M",
               "N", "K", "gemm()", "plain", "ratio", "fp8", "fp8x");
   bench_model("650M", 1280, 5120, tokens, iters, s);

@@ -33,7 +33,9 @@ std::vector<uint8_t> codes(const Tensor& t) {
 
 uint32_t amax_bits(const Tensor& amax) { return float_bits(amax.to(Device::cpu()).to_floats()[0]); }
 
-Tensor scalar(float v, Device d = Device::cpu()) { return Tensor::from_floats({v}, {1}, DType::kF32, d); }
+Tensor scalar(float v, Device d = Device::cpu()) {
+  return Tensor::from_floats({v}, {1}, DType::kF32, d);
+}
 
 // Normal values times `spread`, with edge values sprinkled in: zeros, huge (saturating), tiny
 // (flushing to zero or fp8 subnormals), infinities; NaN only when asked.
@@ -41,8 +43,8 @@ Tensor test_input(const Shape& shape, DType dtype, uint64_t seed, float spread, 
   Tensor f = Tensor::empty(shape, DType::kF32);
   fill_normal(f, seed, 7, 0.0f, spread);
   std::vector<float> v = f.to_floats();
-  const float edges[] = {0.0f, -0.0f, 1e9f, -1e9f, kInf, -kInf, 1e-12f, -3e-3f, 448.0f, 464.0f,
-                         57344.0f, 61440.0f};
+  const float edges[] = {0.0f,   -0.0f,  1e9f,   -1e9f,  kInf,     -kInf,
+                         1e-12f, -3e-3f, 448.0f, 464.0f, 57344.0f, 61440.0f};
   for (size_t i = 0; i < v.size(); i += 97) v[i] = edges[(i / 97) % std::size(edges)];
   if (with_nan && !v.empty()) v[v.size() / 2] = kNaN;
   return Tensor::from_floats(v, shape, dtype);
@@ -57,8 +59,10 @@ Tensor misaligned_copy(const Tensor& t, Device d) {
 }
 
 Tensor poisoned(const Shape& shape, DType dtype, Device d, bool misaligned) {
-  Tensor t = misaligned ? Tensor::empty({shape.numel() + 1}, dtype, d).slice(1, shape.numel() + 1).view(shape)
-                        : Tensor::empty(shape, dtype, d);
+  Tensor t =
+      misaligned
+          ? Tensor::empty({shape.numel() + 1}, dtype, d).slice(1, shape.numel() + 1).view(shape)
+          : Tensor::empty(shape, dtype, d);
   t.fill(std::nan(""));  // fp8 NaN code 0x7F, never produced for a finite input
   return t;
 }
@@ -131,13 +135,13 @@ TEST(CastCpu, CastTransposeIsCastPlusTranspose) {
 }
 
 TEST(CastCpu, Bf16F32) {
-  const std::vector<float> x = {1.0f, bits_float(0x3F808000u), bits_float(0x3F818000u), -kInf,
-                                kNaN, 1e-40f};
+  const std::vector<float> x = {
+      1.0f, bits_float(0x3F808000u), bits_float(0x3F818000u), -kInf, kNaN, 1e-40f};
   Tensor f = Tensor::from_vector(x, {6});
   Tensor b = Tensor::empty({6}, DType::kBF16);
   cast({f, b}, Stream::cpu());
-  const std::vector<uint16_t> want = {0x3F80, 0x3F80, 0x3F82, 0xFF80, 0x7FFF,
-                                      float_to_bf16_bits(1e-40f)};
+  const std::vector<uint16_t> want = {0x3F80, 0x3F80, 0x3F82,
+                                      0xFF80, 0x7FFF, float_to_bf16_bits(1e-40f)};
   for (int i = 0; i < 6; ++i) EXPECT_EQ(b.data<bf16_t>()[i].bits, want[i]) << i;
   Tensor back = Tensor::empty({6}, DType::kF32);
   cast({b, back}, Stream::cpu());
@@ -164,8 +168,8 @@ TEST(CastValidation, RejectsBadArguments) {
 
 // ---- CUDA against the CPU reference (bit-exact) ------------------------------------------------
 
-const std::vector<Shape> kShapes = {{71, 229}, {29, 541}, {1, 1}, {64, 64}, {68, 72}, {1000, 1000},
-                                    {2048, 1280}};
+const std::vector<Shape> kShapes = {{71, 229}, {29, 541},    {1, 1},      {64, 64},
+                                    {68, 72},  {1000, 1000}, {2048, 1280}};
 
 TEST(CastCuda, Fp8BitExactWithCpu) {
   HELIX_REQUIRE_CUDA();

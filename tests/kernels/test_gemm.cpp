@@ -134,9 +134,9 @@ Expected expected_outputs(const GemmParams& p, const Naive& nv) {
     const double d = std::abs(double(a[i]) - double(b[i]));
     const double mag = i < magnitude.size() ? magnitude[i] : 0.0;
     if (!(d <= tol.atol + tol.rtol * std::abs(double(b[i])) + accum_rtol * mag))
-      return ::testing::AssertionFailure() << "element " << i << ": " << a[i] << " vs expected "
-                                           << b[i] << " (|diff| " << d << ", magnitude " << mag
-                                           << ")";
+      return ::testing::AssertionFailure()
+             << "element " << i << ": " << a[i] << " vs expected " << b[i] << " (|diff| " << d
+             << ", magnitude " << mag << ")";
   }
   return ::testing::AssertionSuccess();
 }
@@ -260,9 +260,8 @@ std::vector<Case> bf16_cases(int64_t m, int64_t n, int64_t k, uint64_t seed) {
 // Every valid fp8 combination of input formats, output dtypes and epilogues (TN layout).
 std::vector<Case> fp8_cases(int64_t m, int64_t n, int64_t k, uint64_t seed) {
   std::vector<Case> out;
-  const std::pair<DType, DType> inputs[] = {{DType::kE4M3, DType::kE4M3},
-                                            {DType::kE5M2, DType::kE4M3},
-                                            {DType::kE4M3, DType::kE5M2}};
+  const std::pair<DType, DType> inputs[] = {
+      {DType::kE4M3, DType::kE4M3}, {DType::kE5M2, DType::kE4M3}, {DType::kE4M3, DType::kE5M2}};
   for (auto [a, b] : inputs)
     for (DType c : {DType::kBF16, DType::kF32, DType::kE4M3, DType::kE5M2})
       for (GemmEpilogue e : {GemmEpilogue::kNone, GemmEpilogue::kBias, GemmEpilogue::kBiasGelu}) {
@@ -360,8 +359,8 @@ TEST(GemmCpu, Fp8MatchesDoubleLoopsWithScalesAndAmax) {
 
 TEST(GemmCpu, Fp8OutputSaturatesAndAmaxIsBeforeScale) {
   // One element far above e4m3's range after scaling: code 0x7E (448), amax the unscaled value.
-  GemmParams p = make_params(
-      Case{16, 16, 16, GemmOp::kNone, GemmOp::kTranspose, DType::kE4M3, DType::kE4M3, DType::kE4M3});
+  GemmParams p = make_params(Case{16, 16, 16, GemmOp::kNone, GemmOp::kTranspose, DType::kE4M3,
+                                  DType::kE4M3, DType::kE4M3});
   p.c_scale = scalar(1000.0f);
   gemm(p, Stream::cpu());
   const Naive nv = naive_gemm(p);
@@ -389,8 +388,8 @@ void expect_rejected(const GemmParams& p, const std::string& phrase) {
 }
 
 TEST(GemmValidation, RejectsWhatCuBlasLtWouldReject) {
-  const Case fp8{32, 32, 32, GemmOp::kNone, GemmOp::kTranspose, DType::kE4M3, DType::kE4M3,
-                 DType::kBF16};
+  const Case fp8{32,           32,           32,          GemmOp::kNone, GemmOp::kTranspose,
+                 DType::kE4M3, DType::kE4M3, DType::kBF16};
   {
     GemmParams p = make_params(fp8);
     std::swap(p.op_a, p.op_b);  // NN-like: not TN
@@ -511,7 +510,8 @@ TEST(GemmCuda, MatchesCpuForEveryTransposeEpilogueAndDtype) {
 
 TEST(GemmCuda, LargeLinearLayerShapes) {
   HELIX_REQUIRE_CUDA();
-  // ESM-2 650M FC1 / FC2 on a 128-token slice (hidden 1280, ffn 5120), and a wgrad over 2048 tokens.
+  // ESM-2 650M FC1 / FC2 on a 128-token slice (hidden 1280, ffn 5120), and a wgrad over 2048
+  // tokens.
   Case fwd{128, 5120, 1280, GemmOp::kNone, GemmOp::kTranspose};
   fwd.c = DType::kBF16;
   fwd.epilogue = GemmEpilogue::kBiasGelu;
@@ -533,8 +533,8 @@ TEST(GemmCuda, Fp8MatchesCpu) {
   if (cuda_compute_capability(0) < 89) GTEST_SKIP() << "fp8 GEMMs need sm_89 or newer";
   for (const Case& cs : fp8_cases(64, 224, 160, 5000)) check_cuda_against_cpu(cs);
   for (const Case& cs : fp8_cases(16, 16, 16, 6000)) check_cuda_against_cpu(cs);
-  Case big{512, 1280, 1024, GemmOp::kNone, GemmOp::kTranspose, DType::kE4M3, DType::kE4M3,
-           DType::kBF16, GemmEpilogue::kBias};
+  Case big{512,          1280,         1024,         GemmOp::kNone,      GemmOp::kTranspose,
+           DType::kE4M3, DType::kE4M3, DType::kBF16, GemmEpilogue::kBias};
   big.seed = 7000;
   check_cuda_against_cpu(big);
   big.accumulation = Fp8Accumulation::kFast;
