@@ -24,7 +24,7 @@
     if (helix_status_ != CUBLAS_STATUS_SUCCESS) [[unlikely]] {                                    \
       ::helix::detail::throw_error(__FILE__, __LINE__, #expr,                                     \
                                    ::helix::detail::format_message("cuBLAS error {} ({})",                          \
-                                                 cublasGetStatusName(helix_status_),              \
+                                                 cublasLtGetStatusName(helix_status_),            \
                                                  static_cast<int>(helix_status_)));               \
     }                                                                                             \
   } while (0)
