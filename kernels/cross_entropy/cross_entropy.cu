@@ -112,7 +112,7 @@ __global__ void __launch_bounds__(kGroup == 32 ? 256 : kGroup) rows_kernel(RowAr
     }
   }
 
-  float lse, target;
+  float row_m, row_s, target;
   if constexpr (kMode == Mode::kFinish) {
     float mm = -INFINITY;
     for (int64_t r = 0; r < a.parts; ++r) mm = fmaxf(mm, a.part_max[r * a.rows + row]);
@@ -122,7 +122,8 @@ __global__ void __launch_bounds__(kGroup == 32 ? 256 : kGroup) rows_kernel(RowAr
       if (mr != -INFINITY) ss = __fadd_rn(ss, __fmul_rn(a.part_sumexp[r * a.rows + row], expf(mr - mm)));
       tg = __fadd_rn(tg, a.part_target[r * a.rows + row]);
     }
-    lse = __fadd_rn(mm, logf(ss));
+    row_m = mm;
+    row_s = ss;
     target = tg;
   } else {
     const bool in_shard = !ignored && local >= 0 && local < a.cols;  // stats: any in-range label
@@ -138,15 +139,19 @@ __global__ void __launch_bounds__(kGroup == 32 ? 256 : kGroup) rows_kernel(RowAr
       }
       return;
     }
-    lse = __fadd_rn(m, logf(s));
+    row_m = m;
+    row_s = s;
   }
 
-  if (lane == 0) a.row_loss[row] = valid ? lse - target : NAN;
+  if (lane == 0) a.row_loss[row] = valid ? __fadd_rn(__fsub_rn(row_m, target), logf(row_s)) : NAN;
   if (a.dlogits == nullptr) return;
   T* dx = a.dlogits + row * a.cols;
   for (int64_t j = lane; j < a.cols; j += kGroup) {
     float g = NAN;
-    if (valid) g = (expf(to_f(x[j]) - lse) - ((mine && j == local) ? 1.0f : 0.0f)) * a.grad_scale;
+    if (valid) {
+      const float prob = __fdiv_rn(expf(to_f(x[j]) - row_m), row_s);
+      g = __fmul_rn(__fsub_rn(prob, (mine && j == local) ? 1.0f : 0.0f), a.grad_scale);
+    }
     dx[j] = from_f<T>(g);
   }
 }

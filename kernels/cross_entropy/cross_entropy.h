@@ -6,8 +6,9 @@
 //
 // Math, for a row t whose label y_t is not ignore_index (V columns, logits x):
 //   m_t        = max_j x_tj                     s_t = sum_j exp(x_tj - m_t)
-//   lse_t      = m_t + log(s_t)                 loss_t = lse_t - x_{t,y_t}
-//   dlogits_tj = (exp(x_tj - lse_t) - [j == y_t]) * grad_scale
+//   loss_t     = (m_t - x_{t,y_t}) + log(s_t)   (= log-sum-exp - target logit)
+//   dlogits_tj = (exp(x_tj - m_t) / s_t - [j == y_t]) * grad_scale
+// Everything is taken relative to the row max, so large logits (|x| ~ 1e3) keep f32 precision.
 // Rows labelled ignore_index add nothing to the loss sum and the count and get a zero gradient row.
 // The loss sum and the count are reduced in a fixed order (no atomics): results are deterministic.
 // A label outside [0, vocab) that is not ignore_index is a caller error: the CPU reference throws;

@@ -94,11 +94,13 @@ void check_labels_cpu(const char* op, const Tensor& labels, int64_t vocab_size, 
 }
 
 // Everything after the row statistics: loss sum, count, optional per-row loss and gradient of the
-// columns [vocab_start, vocab_start + cols), given each row's log-sum-exp and target logit.
+// columns [vocab_start, vocab_start + cols), given each row's max m, sum-exp s (relative to m) and
+// target logit.
 struct CpuFinish {
   const Tensor& logits;
   const Tensor& labels;
-  const std::vector<double>& lse;
+  const std::vector<float>& max;
+  const std::vector<double>& sumexp;
   const std::vector<double>& target;
   const Tensor& loss_sum;
   const Tensor& count;
@@ -120,19 +122,22 @@ void finish_cpu(const CpuFinish& f) {
   int64_t n = 0;
   for (int64_t t = 0; t < rows; ++t) {
     const bool ignored = y[t] == f.ignore_index;
-    const float loss = ignored ? 0.0f : static_cast<float>(f.lse[t] - f.target[t]);
+    const float loss =
+        ignored ? 0.0f : static_cast<float>((f.max[t] - f.target[t]) + std::log(f.sumexp[t]));
     if (rl) rl[t] = loss;
     if (!ignored) {
       acc += loss;
       ++n;
     }
     if (!dx) continue;
-    const float lse = static_cast<float>(f.lse[t]);
     const int64_t local = ignored ? -1 : y[t] - f.vocab_start;
     for (int64_t j = 0; j < cols; ++j) {
       const int64_t i = t * cols + j;
       float g = 0.0f;
-      if (!ignored) g = (std::exp(load(x, i) - lse) - (j == local ? 1.0f : 0.0f)) * f.grad_scale;
+      if (!ignored) {
+        const float prob = static_cast<float>(std::exp(load(x, i) - f.max[t]) / f.sumexp[t]);
+        g = (prob - (j == local ? 1.0f : 0.0f)) * f.grad_scale;
+      }
       store(dx, i, g);
     }
   }
@@ -147,15 +152,13 @@ void fwd_bwd_cpu(const CrossEntropyParams& p) {
   check_labels_cpu("cross_entropy_fwd_bwd", p.labels, cols, p.ignore_index);
   const T* x = p.logits.data<T>();
   const int32_t* y = p.labels.data<int32_t>();
-  std::vector<double> lse(rows), target(rows);
+  std::vector<float> max(rows);
+  std::vector<double> sumexp(rows), target(rows);
   for (int64_t t = 0; t < rows; ++t) {
-    float m;
-    double s;
-    row_stats(x + t * cols, cols, m, s);
-    lse[t] = m + std::log(s);
+    row_stats(x + t * cols, cols, max[t], sumexp[t]);
     target[t] = y[t] == p.ignore_index ? 0.0 : load(x, t * cols + y[t]);
   }
-  finish_cpu<T>({p.logits, p.labels, lse, target, p.loss_sum, p.count, p.dlogits, p.row_loss, 0,
+  finish_cpu<T>({p.logits, p.labels, max, sumexp, target, p.loss_sum, p.count, p.dlogits, p.row_loss, 0,
                  p.grad_scale, p.ignore_index});
 }
 
@@ -183,7 +186,8 @@ void finish_from_parts_cpu(const CrossEntropyFinishParams& p, int64_t vocab_size
   const float* pm = p.part_max.data<float>();
   const float* ps = p.part_sumexp.data<float>();
   const float* pt = p.part_target.data<float>();
-  std::vector<double> lse(rows), target(rows);
+  std::vector<float> max(rows);
+  std::vector<double> sumexp(rows), target(rows);
   for (int64_t t = 0; t < rows; ++t) {
     float m = -std::numeric_limits<float>::infinity();
     for (int64_t r = 0; r < parts; ++r) m = std::max(m, pm[r * rows + t]);
@@ -193,10 +197,11 @@ void finish_from_parts_cpu(const CrossEntropyFinishParams& p, int64_t vocab_size
         s += static_cast<double>(ps[r * rows + t]) * std::exp(static_cast<double>(pm[r * rows + t]) - m);
       tgt += pt[r * rows + t];
     }
-    lse[t] = m + std::log(s);
+    max[t] = m;
+    sumexp[t] = s;
     target[t] = tgt;
   }
-  finish_cpu<T>({p.logits, p.labels, lse, target, p.loss_sum, p.count, p.dlogits, p.row_loss,
+  finish_cpu<T>({p.logits, p.labels, max, sumexp, target, p.loss_sum, p.count, p.dlogits, p.row_loss,
                  p.vocab_start, p.grad_scale, p.ignore_index});
 }
 
