@@ -27,15 +27,17 @@ __device__ __forceinline__ void update(Element& e, const detail::AdamWScalars& k
 
 __device__ __forceinline__ bool flag_set(const void* flag, int flag_is_f32) {
   if (flag == nullptr) return false;
-  return flag_is_f32 ? *static_cast<const float*>(flag) != 0.0f : *static_cast<const int32_t*>(flag) != 0;
+  return flag_is_f32 ? *static_cast<const float*>(flag) != 0.0f
+                     : *static_cast<const int32_t*>(flag) != 0;
 }
 
 // Grid: one block of kThreads threads per chunk of the table (num_chunks blocks). A block updates
-// elements [begin, min(begin + chunk_size, numel)) of its tensor: float4 / 4 x bf16 accesses when the
-// tensor's pointers allow (chunk starts are multiples of 4), scalar accesses for the rest.
+// elements [begin, min(begin + chunk_size, numel)) of its tensor: float4 / 4 x bf16 accesses when
+// the tensor's pointers allow (chunk starts are multiples of 4), scalar accesses for the rest.
 __global__ void __launch_bounds__(kThreads)
-    adamw_kernel(const detail::AdamWTensorDesc* descs, const MultiTensorChunk* chunks, int64_t chunk_size,
-                 detail::AdamWScalars k, const float* scale_tensor, const void* flag, int flag_is_f32) {
+    adamw_kernel(const detail::AdamWTensorDesc* descs, const MultiTensorChunk* chunks,
+                 int64_t chunk_size, detail::AdamWScalars k, const float* scale_tensor,
+                 const void* flag, int flag_is_f32) {
   if (flag_set(flag, flag_is_f32)) return;  // non-finite step: no state changes at all
   const MultiTensorChunk c = chunks[blockIdx.x];
   const detail::AdamWTensorDesc d = descs[c.tensor];
@@ -92,11 +94,12 @@ void detail::adamw_step_cuda(const AdamWParams& p, const AdamWScalars& k, const 
   if (table.num_chunks() == 0) return;
   const float* scale = p.grad_scale_tensor.defined() ? p.grad_scale_tensor.data<float>() : nullptr;
   const void* flag = p.nonfinite_flag.defined() ? p.nonfinite_flag.data_ptr() : nullptr;
-  const int flag_is_f32 = p.nonfinite_flag.defined() && p.nonfinite_flag.dtype() == DType::kF32 ? 1 : 0;
+  const int flag_is_f32 =
+      p.nonfinite_flag.defined() && p.nonfinite_flag.dtype() == DType::kF32 ? 1 : 0;
   adamw_kernel<<<static_cast<unsigned>(table.num_chunks()), kThreads, 0,
                  static_cast<cudaStream_t>(s.handle())>>>(
-      static_cast<const AdamWTensorDesc*>(table.descs()), table.chunks(), table.chunk_size(), k, scale,
-      flag, flag_is_f32);
+      static_cast<const AdamWTensorDesc*>(table.descs()), table.chunks(), table.chunk_size(), k,
+      scale, flag, flag_is_f32);
   HELIX_LAUNCH_CHECK();
 }
 

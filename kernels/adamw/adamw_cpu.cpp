@@ -19,10 +19,10 @@ void check_member(size_t i, const Tensor& param, const Tensor& t, const char* na
   HELIX_CHECK(t.dtype() == dtype && t.shape() == param.shape(),
               "AdamWTensorList: tensor {}: expected {} {}{}, got {}", i, name, dtype_name(dtype),
               param.shape().str(), t.str());
-  HELIX_CHECK(t.device() == param.device(), "AdamWTensorList: tensor {}: expected {} on {}, got {}", i,
-              name, param.device().str(), t.str());
-  HELIX_CHECK(t.is_contiguous(), "AdamWTensorList: tensor {}: expected a contiguous {}, got {}", i, name,
-              t.str());
+  HELIX_CHECK(t.device() == param.device(), "AdamWTensorList: tensor {}: expected {} on {}, got {}",
+              i, name, param.device().str(), t.str());
+  HELIX_CHECK(t.is_contiguous(), "AdamWTensorList: tensor {}: expected a contiguous {}, got {}", i,
+              name, t.str());
 }
 
 bool aligned(const void* p, uintptr_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
@@ -34,8 +34,9 @@ bool flag_set_cpu(const Tensor& flag) {
 
 void adamw_step_cpu(const AdamWParams& p, const detail::AdamWScalars& k) {
   if (flag_set_cpu(p.nonfinite_flag)) return;
-  const float gs = p.grad_scale_tensor.defined() ? k.grad_scale * p.grad_scale_tensor.data<float>()[0]
-                                                 : k.grad_scale;
+  const float gs = p.grad_scale_tensor.defined()
+                       ? k.grad_scale * p.grad_scale_tensor.data<float>()[0]
+                       : k.grad_scale;
   for (const AdamWTensor& t : p.tensors->tensors()) {
     float* param = t.param.data<float>();
     const float* grad = t.grad.data<float>();
@@ -48,8 +49,8 @@ void adamw_step_cpu(const AdamWParams& p, const detail::AdamWScalars& k) {
       float w = param[i];
       if (t.apply_weight_decay) w = w * k.decay;
       const float diff = g - exp_avg[i];
-      const float m = k.lerp_small ? std::fma(k.lerp_w, diff, exp_avg[i])
-                                   : std::fma(k.lerp_w_minus1, diff, g);
+      const float m =
+          k.lerp_small ? std::fma(k.lerp_w, diff, exp_avg[i]) : std::fma(k.lerp_w_minus1, diff, g);
       float v = exp_avg_sq[i] * k.beta2;
       const float gg = k.one_minus_beta2 * g;
       const float ggg = gg * g;
@@ -79,8 +80,9 @@ AdamWTensorList::AdamWTensorList(std::vector<AdamWTensor> tensors, int64_t chunk
     HELIX_CHECK(t.param.defined() && t.param.dtype() == DType::kF32,
                 "AdamWTensorList: tensor {}: expected an f32 param, got {}", i, t.param.str());
     if (i == 0) device_ = t.param.device();
-    HELIX_CHECK(t.param.device() == device_, "AdamWTensorList: tensor {}: expected param on {}, got {}", i,
-                device_.str(), t.param.str());
+    HELIX_CHECK(t.param.device() == device_,
+                "AdamWTensorList: tensor {}: expected param on {}, got {}", i, device_.str(),
+                t.param.str());
     check_member(i, t.param, t.param, "param", DType::kF32);
     check_member(i, t.param, t.grad, "grad", DType::kF32);
     check_member(i, t.param, t.exp_avg, "exp_avg", DType::kF32);
@@ -138,10 +140,11 @@ void adamw_step(const AdamWParams& p, const Stream& s) {
                 p.grad_scale_tensor.str());
   }
   if (p.nonfinite_flag.defined()) {
-    HELIX_CHECK((p.nonfinite_flag.dtype() == DType::kI32 || p.nonfinite_flag.dtype() == DType::kF32) &&
-                    p.nonfinite_flag.numel() == 1 && p.nonfinite_flag.device() == dev,
-                "adamw_step: expected nonfinite_flag i32[1] or f32[1] on {}, got {}", dev.str(),
-                p.nonfinite_flag.str());
+    HELIX_CHECK(
+        (p.nonfinite_flag.dtype() == DType::kI32 || p.nonfinite_flag.dtype() == DType::kF32) &&
+            p.nonfinite_flag.numel() == 1 && p.nonfinite_flag.device() == dev,
+        "adamw_step: expected nonfinite_flag i32[1] or f32[1] on {}, got {}", dev.str(),
+        p.nonfinite_flag.str());
   }
   const detail::AdamWScalars k = detail::adamw_scalars(p);
   if (p.tensors->tensors().empty()) return;

@@ -1,8 +1,8 @@
-// Cross-entropy CUDA kernels. One thread group per row (a warp when V <= 1024, else a block of 256 or
-// 1024 threads) runs an online max / sum-exp over its columns, merges the partial pairs in a fixed
-// butterfly order (every thread ends with the same bits), then writes the row's loss and, in the same
-// kernel, its gradient. Ignored rows skip the logits entirely. A one-block kernel then sums the row
-// losses and counts the labels in a fixed order: deterministic, no atomics.
+// Cross-entropy CUDA kernels. One thread group per row (a warp when V <= 1024, else a block of 256
+// or 1024 threads) runs an online max / sum-exp over its columns, merges the partial pairs in a
+// fixed butterfly order (every thread ends with the same bits), then writes the row's loss and, in
+// the same kernel, its gradient. Ignored rows skip the logits entirely. A one-block kernel then
+// sums the row losses and counts the labels in a fixed order: deterministic, no atomics.
 #include <cuda_runtime.h>
 
 #include <cmath>
@@ -18,13 +18,13 @@ enum class Mode { kFused, kStats, kFinish };
 
 template <typename T>
 struct RowArgs {
-  const T* logits = nullptr;         // [rows, cols]
-  T* dlogits = nullptr;              // [rows, cols] or nullptr (loss only); may equal logits
-  const int32_t* labels = nullptr;   // [rows]
-  float* row_loss = nullptr;         // [rows] (fused, finish)
-  float* row_max = nullptr;          // [rows] (stats)
-  float* row_sumexp = nullptr;       // [rows] (stats)
-  float* row_target = nullptr;       // [rows] (stats)
+  const T* logits = nullptr;           // [rows, cols]
+  T* dlogits = nullptr;                // [rows, cols] or nullptr (loss only); may equal logits
+  const int32_t* labels = nullptr;     // [rows]
+  float* row_loss = nullptr;           // [rows] (fused, finish)
+  float* row_max = nullptr;            // [rows] (stats)
+  float* row_sumexp = nullptr;         // [rows] (stats)
+  float* row_target = nullptr;         // [rows] (stats)
   const float* part_max = nullptr;     // [parts, rows] (finish)
   const float* part_sumexp = nullptr;  // [parts, rows] (finish)
   const float* part_target = nullptr;  // [parts, rows] (finish)
@@ -38,8 +38,10 @@ __device__ __forceinline__ float to_f(float v) { return v; }
 __device__ __forceinline__ float to_f(bf16_t v) { return v.to_float(); }
 template <typename T>
 __device__ __forceinline__ T from_f(float v) {
-  if constexpr (std::is_same_v<T, bf16_t>) return bf16_t::from_float(v);
-  else return v;
+  if constexpr (std::is_same_v<T, bf16_t>)
+    return bf16_t::from_float(v);
+  else
+    return v;
 }
 
 // Adds x to the running (max m, sum s of exp(. - m)). -inf logits add nothing; NaN poisons s.
@@ -62,8 +64,8 @@ __device__ __forceinline__ void merge(float& m, float& s, float m2, float s2) {
 }
 
 // Every thread of the row's group ends with the group's merged pair. kGroup == 32: the group is a
-// warp. Otherwise the group is the whole block (blockDim.x == kGroup): warps merge by butterfly, then
-// every thread merges the per-warp pairs in warp order.
+// warp. Otherwise the group is the whole block (blockDim.x == kGroup): warps merge by butterfly,
+// then every thread merges the per-warp pairs in warp order.
 template <int kGroup>
 __device__ __forceinline__ void group_merge(float& m, float& s) {
   for (int off = 16; off > 0; off >>= 1)
@@ -90,8 +92,8 @@ __device__ __forceinline__ void group_merge(float& m, float& s) {
 // before the group merge, which every thread passes before any write.
 template <typename T, int kGroup, Mode kMode>
 __global__ void __launch_bounds__(kGroup == 32 ? 256 : kGroup) rows_kernel(RowArgs<T> a) {
-  const int64_t row =
-      kGroup == 32 ? int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32 : int64_t(blockIdx.x);
+  const int64_t row = kGroup == 32 ? int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32
+                                   : int64_t(blockIdx.x);
   const int lane = kGroup == 32 ? threadIdx.x % 32 : threadIdx.x;
   if (row >= a.rows) return;  // the whole group leaves together
   const T* x = a.logits + row * a.cols;
@@ -119,7 +121,8 @@ __global__ void __launch_bounds__(kGroup == 32 ? 256 : kGroup) rows_kernel(RowAr
     float ss = 0.0f, tg = 0.0f;
     for (int64_t r = 0; r < a.parts; ++r) {
       const float mr = a.part_max[r * a.rows + row];
-      if (mr != -INFINITY) ss = __fadd_rn(ss, __fmul_rn(a.part_sumexp[r * a.rows + row], expf(mr - mm)));
+      if (mr != -INFINITY)
+        ss = __fadd_rn(ss, __fmul_rn(a.part_sumexp[r * a.rows + row], expf(mr - mm)));
       tg = __fadd_rn(tg, a.part_target[r * a.rows + row]);
     }
     row_m = mm;
@@ -127,7 +130,7 @@ __global__ void __launch_bounds__(kGroup == 32 ? 256 : kGroup) rows_kernel(RowAr
     target = tg;
   } else {
     const bool in_shard = !ignored && local >= 0 && local < a.cols;  // stats: any in-range label
-    target = in_shard ? to_f(x[local]) : 0.0f;                      // read before the merge
+    target = in_shard ? to_f(x[local]) : 0.0f;                       // read before the merge
     float m = -INFINITY, s = 0.0f;
     for (int64_t j = lane; j < a.cols; j += kGroup) online_add(m, s, to_f(x[j]));
     group_merge<kGroup>(m, s);
@@ -159,9 +162,9 @@ __global__ void __launch_bounds__(kGroup == 32 ? 256 : kGroup) rows_kernel(RowAr
 // Grid: one block of 1024 threads. Thread i sums the rows i, i + 1024, ... in double, then warps
 // reduce by butterfly and thread 0 adds the 32 warp sums in order: a fixed order, deterministic.
 template <typename C>
-__global__ void __launch_bounds__(1024) sum_rows_kernel(const float* row_loss, const int32_t* labels,
-                                                        int64_t rows, int32_t ignore_index,
-                                                        float* loss_sum, C* count) {
+__global__ void __launch_bounds__(1024)
+    sum_rows_kernel(const float* row_loss, const int32_t* labels, int64_t rows,
+                    int32_t ignore_index, float* loss_sum, C* count) {
   __shared__ double wacc[32];
   __shared__ long long wcnt[32];
   double acc = 0.0;
@@ -191,11 +194,12 @@ __global__ void __launch_bounds__(1024) sum_rows_kernel(const float* row_loss, c
   }
 }
 
-// ---- launchers -----------------------------------------------------------------------------------
+// ---- launchers ----------------------------------------------------------------------------------
 template <typename T, Mode kMode>
 void launch_rows(const RowArgs<T>& a, cudaStream_t st) {
   if (a.rows == 0) return;
-  HELIX_CHECK(a.rows <= int64_t(0x7fffffff), "cross_entropy: expected at most 2^31-1 rows, got {}", a.rows);
+  HELIX_CHECK(a.rows <= int64_t(0x7fffffff), "cross_entropy: expected at most 2^31-1 rows, got {}",
+              a.rows);
   if (a.cols <= 1024) {
     const unsigned grid = static_cast<unsigned>((a.rows + 7) / 8);
     rows_kernel<T, 32, kMode><<<grid, 256, 0, st>>>(a);
@@ -211,12 +215,13 @@ void launch_sum(const Tensor& row_loss, const Tensor& labels, int32_t ignore_ind
                 const Tensor& loss_sum, const Tensor& count, cudaStream_t st) {
   const int64_t rows = labels.numel();
   if (count.dtype() == DType::kI32) {
-    sum_rows_kernel<int32_t><<<1, 1024, 0, st>>>(row_loss.data<float>(), labels.data<int32_t>(), rows,
-                                                 ignore_index, loss_sum.data<float>(),
+    sum_rows_kernel<int32_t><<<1, 1024, 0, st>>>(row_loss.data<float>(), labels.data<int32_t>(),
+                                                 rows, ignore_index, loss_sum.data<float>(),
                                                  count.data<int32_t>());
   } else {
     sum_rows_kernel<float><<<1, 1024, 0, st>>>(row_loss.data<float>(), labels.data<int32_t>(), rows,
-                                               ignore_index, loss_sum.data<float>(), count.data<float>());
+                                               ignore_index, loss_sum.data<float>(),
+                                               count.data<float>());
   }
   HELIX_LAUNCH_CHECK();
 }
@@ -236,7 +241,8 @@ RowArgs<T> common_args(const Tensor& logits, const Tensor& labels, const Tensor&
 }
 
 Tensor row_loss_or_scratch(const Tensor& row_loss, const Tensor& logits, const Stream& s) {
-  return row_loss.defined() ? row_loss : Tensor::empty(Shape{logits.dim(0)}, DType::kF32, logits.device(), s);
+  return row_loss.defined() ? row_loss
+                            : Tensor::empty(Shape{logits.dim(0)}, DType::kF32, logits.device(), s);
 }
 
 template <typename T>
@@ -281,18 +287,24 @@ void finish(const CrossEntropyFinishParams& p, const Stream& s) {
 }  // namespace
 
 void detail::cross_entropy_fwd_bwd_cuda(const CrossEntropyParams& p, const Stream& s) {
-  if (p.logits.dtype() == DType::kF32) fwd_bwd<float>(p, s);
-  else fwd_bwd<bf16_t>(p, s);
+  if (p.logits.dtype() == DType::kF32)
+    fwd_bwd<float>(p, s);
+  else
+    fwd_bwd<bf16_t>(p, s);
 }
 
 void detail::cross_entropy_stats_cuda(const CrossEntropyStatsParams& p, const Stream& s) {
-  if (p.logits.dtype() == DType::kF32) stats<float>(p, s);
-  else stats<bf16_t>(p, s);
+  if (p.logits.dtype() == DType::kF32)
+    stats<float>(p, s);
+  else
+    stats<bf16_t>(p, s);
 }
 
 void detail::cross_entropy_finish_cuda(const CrossEntropyFinishParams& p, const Stream& s) {
-  if (p.logits.dtype() == DType::kF32) finish<float>(p, s);
-  else finish<bf16_t>(p, s);
+  if (p.logits.dtype() == DType::kF32)
+    finish<float>(p, s);
+  else
+    finish<bf16_t>(p, s);
 }
 
 }  // namespace helix

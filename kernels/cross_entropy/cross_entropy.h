@@ -1,8 +1,8 @@
 #pragma once
-// Softmax cross-entropy of the masked-LM head: loss sum, token count and dlogits from one pass over the
-// logits (the gradient is computed in the same kernel as the loss, or skipped for evaluation). The
-// per-row statistics (max, sum-exp, target logit) can also be produced and consumed separately, so a
-// vocabulary-parallel head can exchange them between ranks before the finishing step.
+// Softmax cross-entropy of the masked-LM head: loss sum, token count and dlogits from one pass over
+// the logits (the gradient is computed in the same kernel as the loss, or skipped for evaluation).
+// The per-row statistics (max, sum-exp, target logit) can also be produced and consumed separately,
+// so a vocabulary-parallel head can exchange them between ranks before the finishing step.
 //
 // Math, for a row t whose label y_t is not ignore_index (V columns, logits x):
 //   m_t        = max_j x_tj                     s_t = sum_j exp(x_tj - m_t)
@@ -21,9 +21,9 @@
 //   2. The parallel layer all-gathers them into [tp, T] tensors (rank order), one collective.
 //      (Equivalent alternative: all-reduce MAX of m into M, rescale s_r *= exp(m_r - M), all-reduce
 //      SUM of s and target, and pass [1, T] tensors.)
-//   3. cross_entropy_finish on every rank merges the parts in rank order, so the loss sum and the count
-//      are bitwise equal on all ranks, and writes dlogits for the rank's own columns.
-// With one part (P = 1, vocab_start = 0) stats + finish give bitwise the fused op's results on CUDA.
+//   3. cross_entropy_finish on every rank merges the parts in rank order, so the loss sum and
+//      the count are bitwise equal on all ranks, and writes dlogits for the rank's own columns.
+// With one part (P = 1, vocab_start = 0), stats + finish give bitwise the fused op's results.
 #include <cstdint>
 
 #include "core/device.h"
@@ -40,16 +40,17 @@ struct CrossEntropyParams {
   Tensor dlogits;   // [T, V] dtype of logits, out; undefined = loss only (evaluation).
                     //   May be the logits tensor itself (gradient written in place).
   Tensor row_loss;  // [T] f32 out, optional: loss_t per row, 0 for ignored rows
-  float grad_scale = 1.0f;  // the caller passes 1 / (global count) for the gradient of the mean loss
+  float grad_scale =
+      1.0f;  // the caller passes 1 / (global count) for the gradient of the mean loss
   int32_t ignore_index = -100;
 };
 void cross_entropy_fwd_bwd(const CrossEntropyParams& p, const Stream& s);
 
 // Step 1 of the split form: statistics of this rank's vocabulary columns.
 struct CrossEntropyStatsParams {
-  Tensor logits;      // [T, Vr] bf16 or f32: columns [vocab_start, vocab_start + Vr) of the vocabulary
-  Tensor labels;      // [T] i32: global class ids or ignore_index
-  Tensor row_max;     // [T] f32 out: m_r, max over this rank's columns
+  Tensor logits;   // [T, Vr] bf16 or f32: columns [vocab_start, vocab_start + Vr) of the vocabulary
+  Tensor labels;   // [T] i32: global class ids or ignore_index
+  Tensor row_max;  // [T] f32 out: m_r, max over this rank's columns
   Tensor row_sumexp;  // [T] f32 out: s_r, sum over this rank's columns of exp(x - m_r)
   Tensor row_target;  // [T] f32 out: x_{t,y_t} when y_t is one of this rank's columns, else 0
   int64_t vocab_start = 0;
@@ -77,7 +78,8 @@ void cross_entropy_finish(const CrossEntropyFinishParams& p, const Stream& s);
 
 namespace detail {
 #if HELIX_WITH_CUDA
-// CUDA implementations (kernels/cross_entropy/cross_entropy.cu); params are validated by the caller.
+// CUDA implementations (kernels/cross_entropy/cross_entropy.cu); params are validated by the
+// caller.
 void cross_entropy_fwd_bwd_cuda(const CrossEntropyParams& p, const Stream& s);
 void cross_entropy_stats_cuda(const CrossEntropyStatsParams& p, const Stream& s);
 void cross_entropy_finish_cuda(const CrossEntropyFinishParams& p, const Stream& s);

@@ -1,5 +1,5 @@
-// Cross-entropy: parameter checks, CPU reference (fp32 math, double accumulation of the sums) and the
-// public functions that dispatch on the logits' device.
+// Cross-entropy: parameter checks, CPU reference (fp32 math, double accumulation of the sums) and
+// the public functions that dispatch on the logits' device.
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -11,11 +11,11 @@
 namespace helix {
 namespace {
 
-// ---- checks (shared by the CPU and CUDA paths) ------------------------------------------------
+// ---- checks (shared by the CPU and CUDA paths) --------------------------------------------------
 void check_same_device(const char* op, const Tensor& ref, const Tensor& t, const char* name) {
   if (!t.defined()) return;
-  HELIX_CHECK(t.device() == ref.device(), "{}: expected {} on {}, got {}", op, name, ref.device().str(),
-              t.str());
+  HELIX_CHECK(t.device() == ref.device(), "{}: expected {} on {}, got {}", op, name,
+              ref.device().str(), t.str());
   HELIX_CHECK(t.is_contiguous(), "{}: expected a contiguous {}, got {}", op, name, t.str());
 }
 
@@ -24,7 +24,8 @@ void check_logits_labels(const char* op, const Tensor& logits, const Tensor& lab
               logits.str());
   HELIX_CHECK(logits.dtype() == DType::kF32 || logits.dtype() == DType::kBF16,
               "{}: expected f32 or bf16 logits, got {}", op, logits.str());
-  HELIX_CHECK(logits.dim(1) >= 1, "{}: expected at least one vocabulary column, got {}", op, logits.str());
+  HELIX_CHECK(logits.dim(1) >= 1, "{}: expected at least one vocabulary column, got {}", op,
+              logits.str());
   HELIX_CHECK(logits.is_contiguous(), "{}: expected contiguous logits, got {}", op, logits.str());
   HELIX_CHECK(labels.defined() && labels.dtype() == DType::kI32 && labels.ndim() == 1 &&
                   labels.dim(0) == logits.dim(0),
@@ -32,14 +33,15 @@ void check_logits_labels(const char* op, const Tensor& logits, const Tensor& lab
   check_same_device(op, logits, labels, "labels");
 }
 
-void check_f32_vector(const char* op, const Tensor& logits, const Tensor& t, int64_t n, const char* name) {
+void check_f32_vector(const char* op, const Tensor& logits, const Tensor& t, int64_t n,
+                      const char* name) {
   HELIX_CHECK(t.defined() && t.dtype() == DType::kF32 && t.ndim() == 1 && t.dim(0) == n,
               "{}: expected {} f32[{}], got {}", op, name, n, t.str());
   check_same_device(op, logits, t, name);
 }
 
-void check_outputs(const char* op, const Tensor& logits, const Tensor& loss_sum, const Tensor& count,
-                   const Tensor& dlogits, const Tensor& row_loss) {
+void check_outputs(const char* op, const Tensor& logits, const Tensor& loss_sum,
+                   const Tensor& count, const Tensor& dlogits, const Tensor& row_loss) {
   check_f32_vector(op, logits, loss_sum, 1, "loss_sum");
   HELIX_CHECK(count.defined() && (count.dtype() == DType::kI32 || count.dtype() == DType::kF32) &&
                   count.numel() == 1,
@@ -54,7 +56,8 @@ void check_outputs(const char* op, const Tensor& logits, const Tensor& loss_sum,
   if (row_loss.defined()) check_f32_vector(op, logits, row_loss, logits.dim(0), "row_loss");
 }
 
-void check_parts(const char* op, const Tensor& logits, const Tensor& t, int64_t parts, const char* name) {
+void check_parts(const char* op, const Tensor& logits, const Tensor& t, int64_t parts,
+                 const char* name) {
   HELIX_CHECK(t.defined() && t.dtype() == DType::kF32 && t.ndim() == 2 && t.dim(0) == parts &&
                   t.dim(1) == logits.dim(0),
               "{}: expected {} f32[{}, {}], got {}", op, name, parts, logits.dim(0), t.str());
@@ -64,13 +67,17 @@ void check_parts(const char* op, const Tensor& logits, const Tensor& t, int64_t 
 // ---- CPU reference ------------------------------------------------------------------------------
 template <typename T>
 float load(const T* x, int64_t i) {
-  if constexpr (std::is_same_v<T, bf16_t>) return x[i].to_float();
-  else return x[i];
+  if constexpr (std::is_same_v<T, bf16_t>)
+    return x[i].to_float();
+  else
+    return x[i];
 }
 template <typename T>
 void store(T* x, int64_t i, float v) {
-  if constexpr (std::is_same_v<T, bf16_t>) x[i] = bf16_t::from_float(v);
-  else x[i] = v;
+  if constexpr (std::is_same_v<T, bf16_t>)
+    x[i] = bf16_t::from_float(v);
+  else
+    x[i] = v;
 }
 
 // Max and sum of exp(x - max) of one row (NaN logits make the sum NaN).
@@ -84,12 +91,13 @@ void row_stats(const T* x, int64_t cols, float& max, double& sumexp) {
   sumexp = s;
 }
 
-void check_labels_cpu(const char* op, const Tensor& labels, int64_t vocab_size, int32_t ignore_index) {
+void check_labels_cpu(const char* op, const Tensor& labels, int64_t vocab_size,
+                      int32_t ignore_index) {
   const int32_t* y = labels.data<int32_t>();
   for (int64_t t = 0; t < labels.numel(); ++t) {
     HELIX_CHECK(y[t] == ignore_index || (y[t] >= 0 && y[t] < vocab_size),
-                "{}: expected labels in [0, {}) or ignore_index {}, got {} at row {}", op, vocab_size,
-                ignore_index, y[t], t);
+                "{}: expected labels in [0, {}) or ignore_index {}, got {} at row {}", op,
+                vocab_size, ignore_index, y[t], t);
   }
 }
 
@@ -142,8 +150,10 @@ void finish_cpu(const CpuFinish& f) {
     }
   }
   f.loss_sum.data<float>()[0] = static_cast<float>(acc);
-  if (f.count.dtype() == DType::kI32) f.count.data<int32_t>()[0] = static_cast<int32_t>(n);
-  else f.count.data<float>()[0] = static_cast<float>(n);
+  if (f.count.dtype() == DType::kI32)
+    f.count.data<int32_t>()[0] = static_cast<int32_t>(n);
+  else
+    f.count.data<float>()[0] = static_cast<float>(n);
 }
 
 template <typename T>
@@ -158,8 +168,8 @@ void fwd_bwd_cpu(const CrossEntropyParams& p) {
     row_stats(x + t * cols, cols, max[t], sumexp[t]);
     target[t] = y[t] == p.ignore_index ? 0.0 : load(x, t * cols + y[t]);
   }
-  finish_cpu<T>({p.logits, p.labels, max, sumexp, target, p.loss_sum, p.count, p.dlogits, p.row_loss, 0,
-                 p.grad_scale, p.ignore_index});
+  finish_cpu<T>({p.logits, p.labels, max, sumexp, target, p.loss_sum, p.count, p.dlogits,
+                 p.row_loss, 0, p.grad_scale, p.ignore_index});
 }
 
 template <typename T>
@@ -194,15 +204,16 @@ void finish_from_parts_cpu(const CrossEntropyFinishParams& p, int64_t vocab_size
     double s = 0, tgt = 0;
     for (int64_t r = 0; r < parts; ++r) {
       if (pm[r * rows + t] != -std::numeric_limits<float>::infinity())
-        s += static_cast<double>(ps[r * rows + t]) * std::exp(static_cast<double>(pm[r * rows + t]) - m);
+        s += static_cast<double>(ps[r * rows + t]) *
+             std::exp(static_cast<double>(pm[r * rows + t]) - m);
       tgt += pt[r * rows + t];
     }
     max[t] = m;
     sumexp[t] = s;
     target[t] = tgt;
   }
-  finish_cpu<T>({p.logits, p.labels, max, sumexp, target, p.loss_sum, p.count, p.dlogits, p.row_loss,
-                 p.vocab_start, p.grad_scale, p.ignore_index});
+  finish_cpu<T>({p.logits, p.labels, max, sumexp, target, p.loss_sum, p.count, p.dlogits,
+                 p.row_loss, p.vocab_start, p.grad_scale, p.ignore_index});
 }
 
 [[noreturn, maybe_unused]] void no_cuda(const char* op, const Tensor& t) {
@@ -216,8 +227,10 @@ void cross_entropy_fwd_bwd(const CrossEntropyParams& p, const Stream& s) {
   check_logits_labels(op, p.logits, p.labels);
   check_outputs(op, p.logits, p.loss_sum, p.count, p.dlogits, p.row_loss);
   if (p.logits.is_cpu()) {
-    if (p.logits.dtype() == DType::kF32) fwd_bwd_cpu<float>(p);
-    else fwd_bwd_cpu<bf16_t>(p);
+    if (p.logits.dtype() == DType::kF32)
+      fwd_bwd_cpu<float>(p);
+    else
+      fwd_bwd_cpu<bf16_t>(p);
     return;
   }
 #if HELIX_WITH_CUDA
@@ -236,8 +249,10 @@ void cross_entropy_stats(const CrossEntropyStatsParams& p, const Stream& s) {
   check_f32_vector(op, p.logits, p.row_target, rows, "row_target");
   HELIX_CHECK(p.vocab_start >= 0, "{}: expected vocab_start >= 0, got {}", op, p.vocab_start);
   if (p.logits.is_cpu()) {
-    if (p.logits.dtype() == DType::kF32) stats_cpu<float>(p);
-    else stats_cpu<bf16_t>(p);
+    if (p.logits.dtype() == DType::kF32)
+      stats_cpu<float>(p);
+    else
+      stats_cpu<bf16_t>(p);
     return;
   }
 #if HELIX_WITH_CUDA
@@ -263,8 +278,10 @@ void cross_entropy_finish(const CrossEntropyFinishParams& p, const Stream& s) {
               "{}: expected columns [{}, {}) inside the vocabulary [0, {})", op, p.vocab_start,
               p.vocab_start + p.logits.dim(1), vocab_size);
   if (p.logits.is_cpu()) {
-    if (p.logits.dtype() == DType::kF32) finish_from_parts_cpu<float>(p, vocab_size);
-    else finish_from_parts_cpu<bf16_t>(p, vocab_size);
+    if (p.logits.dtype() == DType::kF32)
+      finish_from_parts_cpu<float>(p, vocab_size);
+    else
+      finish_from_parts_cpu<bf16_t>(p, vocab_size);
     return;
   }
 #if HELIX_WITH_CUDA

@@ -7,12 +7,14 @@ namespace helix {
 std::vector<MultiTensorChunk> make_multi_tensor_chunks(const std::vector<int64_t>& numels,
                                                        int64_t chunk_size) {
   HELIX_CHECK(chunk_size > 0 && chunk_size % 4 == 0,
-              "multi-tensor chunks: expected a positive multiple of 4 as chunk size, got {}", chunk_size);
+              "multi-tensor chunks: expected a positive multiple of 4 as chunk size, got {}",
+              chunk_size);
   HELIX_CHECK(numels.size() <= static_cast<size_t>(std::numeric_limits<int32_t>::max()),
               "multi-tensor chunks: expected at most 2^31-1 tensors, got {}", numels.size());
   std::vector<MultiTensorChunk> chunks;
   for (size_t t = 0; t < numels.size(); ++t) {
-    HELIX_CHECK(numels[t] >= 0, "multi-tensor chunks: tensor {} has negative size {}", t, numels[t]);
+    HELIX_CHECK(numels[t] >= 0, "multi-tensor chunks: tensor {} has negative size {}", t,
+                numels[t]);
     for (int64_t begin = 0; begin < numels[t]; begin += chunk_size)
       chunks.push_back({static_cast<int32_t>(t), 0, begin});
   }
@@ -30,9 +32,11 @@ MultiTensorTable MultiTensorTable::build_bytes(std::vector<uint8_t> bytes,
   t.chunk_size_ = chunk_size;
   t.num_chunks_ = static_cast<int64_t>(chunks.size());
   t.chunks_offset_ = (bytes.size() + 15) / 16 * 16;
-  bytes.resize(t.chunks_offset_ + chunks.size() * sizeof(MultiTensorChunk) + 1, 0);  // +1: never empty
+  bytes.resize(t.chunks_offset_ + chunks.size() * sizeof(MultiTensorChunk) + 1,
+               0);  // +1: never empty
   if (!chunks.empty())
-    std::memcpy(bytes.data() + t.chunks_offset_, chunks.data(), chunks.size() * sizeof(MultiTensorChunk));
+    std::memcpy(bytes.data() + t.chunks_offset_, chunks.data(),
+                chunks.size() * sizeof(MultiTensorChunk));
   // The allocator's blocks are at least 64-byte aligned, so chunks_offset_ keeps 16-byte alignment.
   t.buffer_ = Tensor::from_vector(bytes, Shape{static_cast<int64_t>(bytes.size())}, device);
   return t;

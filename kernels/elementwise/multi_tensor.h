@@ -1,8 +1,9 @@
 #pragma once
 // Multi-tensor tables: the host side of "one launch over many tensors" (AdamW, gradient norm). Each
 // tensor of a list is cut into chunks of a fixed number of elements and block b of a multi-tensor
-// kernel handles chunk b. The table (per-tensor descriptors, then the chunk list) is one device buffer
-// built once when the list is made and reused every step, so a step costs no host-to-device copy.
+// kernel handles chunk b. The table (per-tensor descriptors, then the chunk list) is one device
+// buffer built once when the list is made and reused every step, so a step costs no host-to-device
+// copy.
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -32,17 +33,18 @@ class MultiTensorTable {
   template <typename Desc>
   static MultiTensorTable build(const std::vector<Desc>& descs, const std::vector<int64_t>& numels,
                                 int64_t chunk_size, Device device) {
-    static_assert(std::is_trivially_copyable_v<Desc>, "multi-tensor descriptors must be plain structs");
-    HELIX_CHECK(descs.size() == numels.size(), "multi-tensor table: expected {} descriptors, got {}",
-                numels.size(), descs.size());
+    static_assert(std::is_trivially_copyable_v<Desc>,
+                  "multi-tensor descriptors must be plain structs");
+    HELIX_CHECK(descs.size() == numels.size(),
+                "multi-tensor table: expected {} descriptors, got {}", numels.size(), descs.size());
     std::vector<uint8_t> bytes(descs.size() * sizeof(Desc));
     if (!bytes.empty()) std::memcpy(bytes.data(), descs.data(), bytes.size());
     return build_bytes(std::move(bytes), numels, chunk_size, device);
   }
 
   bool defined() const { return buffer_.defined(); }
-  const void* descs() const;                 // device pointer to the descriptors
-  const MultiTensorChunk* chunks() const;    // device pointer to num_chunks() chunks
+  const void* descs() const;               // device pointer to the descriptors
+  const MultiTensorChunk* chunks() const;  // device pointer to num_chunks() chunks
   int64_t num_chunks() const { return num_chunks_; }
   int64_t chunk_size() const { return chunk_size_; }
 

@@ -1,6 +1,7 @@
 // Gradient norm CUDA kernels: a multi-tensor pass writes one fp32 partial sum of squares per chunk,
 // then one block adds the partials in a fixed order in double. Both reductions have a fixed shape
-// (per-thread strides, butterfly within warps, warps in order), so results are bitwise reproducible.
+// (per-thread strides, butterfly within warps, warps in order), so results are bitwise
+// reproducible.
 #include <cuda_runtime.h>
 
 #include "core/cuda_check.h"
@@ -17,8 +18,9 @@ __device__ __forceinline__ float sq_bf16(unsigned short bits, float acc) {
   return __fmaf_rn(v, v, acc);
 }
 
-// Grid: one block of kThreads threads per chunk of the table; block b writes partials[b]. Vector loads
-// (float4, or 4 x bf16) when the tensor's pointer allows, since chunk starts are multiples of 4.
+// Grid: one block of kThreads threads per chunk of the table; block b writes partials[b]. Vector
+// loads (float4, or 4 x bf16) when the tensor's pointer allows, since chunk starts are multiples
+// of 4.
 __global__ void __launch_bounds__(kThreads)
     sumsq_chunks_kernel(const detail::GradNormTensorDesc* descs, const MultiTensorChunk* chunks,
                         int64_t chunk_size, float* partials) {
@@ -59,7 +61,8 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
   float acc = __fadd_rn(__fadd_rn(a0, a1), __fadd_rn(a2, a3));
-  for (int off = 16; off > 0; off >>= 1) acc = __fadd_rn(acc, __shfl_xor_sync(0xffffffffu, acc, off));
+  for (int off = 16; off > 0; off >>= 1)
+    acc = __fadd_rn(acc, __shfl_xor_sync(0xffffffffu, acc, off));
   __shared__ float warp_sums[kThreads / 32];
   if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = acc;
   __syncthreads();
@@ -71,14 +74,17 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 __device__ __forceinline__ void set_flag(void* flag, int flag_is_f32) {
-  if (flag_is_f32) *static_cast<float*>(flag) = 1.0f;
-  else *static_cast<int32_t*>(flag) = 1;
+  if (flag_is_f32)
+    *static_cast<float*>(flag) = 1.0f;
+  else
+    *static_cast<int32_t*>(flag) = 1;
 }
 
 // Grid: one block of kFinishThreads threads. Thread i adds partials i, i + kFinishThreads, ... in
 // double; warps reduce by butterfly; thread 0 adds the warp sums in order and writes the result.
 __global__ void __launch_bounds__(kFinishThreads)
-    sumsq_finish_kernel(const float* partials, int64_t n, float* sumsq, void* flag, int flag_is_f32) {
+    sumsq_finish_kernel(const float* partials, int64_t n, float* sumsq, void* flag,
+                        int flag_is_f32) {
   double acc = 0.0;
   for (int64_t i = threadIdx.x; i < n; i += kFinishThreads) acc += partials[i];
   for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
@@ -95,8 +101,8 @@ __global__ void __launch_bounds__(kFinishThreads)
 }
 
 // Grid: one thread. PyTorch's clip_grad_norm_ coefficient in f32 (see grad_norm.h).
-__global__ void clip_coef_kernel(const float* sumsq, float* coef, float* norm, float max_norm, void* flag,
-                                 int flag_is_f32) {
+__global__ void clip_coef_kernel(const float* sumsq, float* coef, float* norm, float max_norm,
+                                 void* flag, int flag_is_f32) {
   const float s = *sumsq;
   const float n = __fsqrt_rn(s);
   const float c = __fmul_rn(__fdiv_rn(1.0f, __fadd_rn(n, 1e-6f)), max_norm);
@@ -106,7 +112,9 @@ __global__ void clip_coef_kernel(const float* sumsq, float* coef, float* norm, f
 }
 
 void* flag_ptr(const Tensor& flag) { return flag.defined() ? flag.data_ptr() : nullptr; }
-int flag_is_f32(const Tensor& flag) { return flag.defined() && flag.dtype() == DType::kF32 ? 1 : 0; }
+int flag_is_f32(const Tensor& flag) {
+  return flag.defined() && flag.dtype() == DType::kF32 ? 1 : 0;
+}
 
 }  // namespace
 
@@ -121,15 +129,17 @@ void detail::grad_norm_sumsq_cuda(const GradNormParams& p, const Stream& s) {
         partials.data<float>());
     HELIX_LAUNCH_CHECK();
   }
-  sumsq_finish_kernel<<<1, kFinishThreads, 0, st>>>(partials.data<float>(), chunks, p.sumsq.data<float>(),
-                                                    flag_ptr(p.nonfinite_flag), flag_is_f32(p.nonfinite_flag));
+  sumsq_finish_kernel<<<1, kFinishThreads, 0, st>>>(
+      partials.data<float>(), chunks, p.sumsq.data<float>(), flag_ptr(p.nonfinite_flag),
+      flag_is_f32(p.nonfinite_flag));
   HELIX_LAUNCH_CHECK();
 }
 
 void detail::grad_clip_coef_cuda(const GradClipParams& p, const Stream& s) {
   clip_coef_kernel<<<1, 1, 0, static_cast<cudaStream_t>(s.handle())>>>(
-      p.sumsq.data<float>(), p.clip_coef.data<float>(), p.norm.defined() ? p.norm.data<float>() : nullptr,
-      static_cast<float>(p.max_norm), flag_ptr(p.nonfinite_flag), flag_is_f32(p.nonfinite_flag));
+      p.sumsq.data<float>(), p.clip_coef.data<float>(),
+      p.norm.defined() ? p.norm.data<float>() : nullptr, static_cast<float>(p.max_norm),
+      flag_ptr(p.nonfinite_flag), flag_is_f32(p.nonfinite_flag));
   HELIX_LAUNCH_CHECK();
 }
 

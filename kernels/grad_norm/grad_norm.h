@@ -1,16 +1,17 @@
 #pragma once
-// Global gradient norm over many tensors in one launch (multi-tensor apply over a device table built
-// once per list): each block sums the squares of one chunk in fp32 into its own partial, then a
-// one-block kernel adds the partials in a fixed order (in double). No float atomics: the result is
-// bitwise the same on every run. The output is the sum of squares, f32 [1]; the caller all-reduces it
-// across ranks and takes the square root. grad_clip_coef turns the reduced sum into the clip
-// coefficient on the device, so clipping needs no host synchronisation:
+// Global gradient norm over many tensors in one launch (multi-tensor apply over a device table
+// built once per list): each block sums the squares of one chunk in fp32 into its own partial, then
+// a one-block kernel adds the partials in a fixed order (in double). No float atomics: the result
+// is bitwise the same on every run. The output is the sum of squares, f32 [1]; the caller
+// all-reduces it across ranks and takes the square root. grad_clip_coef turns the reduced sum into
+// the clip coefficient on the device, so clipping needs no host synchronisation:
 //   grad_norm_sumsq -> (all-reduce SUM of sumsq, all-reduce MAX of the flag) -> grad_clip_coef
 //     -> adamw_step(grad_scale_tensor = clip_coef, nonfinite_flag = flag)
 //
 // Non-finite flag: set to 1 when the sum of squares is not finite, i.e. when any element is inf or
-// NaN (squares are never negative, so nothing cancels) or the f32 sum overflows. The flag is only ever
-// set, never cleared, so several checks (loss, gradients) can share it: zero it at the start of a step.
+// NaN (squares are never negative, so nothing cancels) or the f32 sum overflows. The flag is only
+// ever set, never cleared, so several checks (loss, gradients) can share it: zero it at the start
+// of a step.
 #include <cstdint>
 #include <vector>
 

@@ -1,5 +1,5 @@
-// Gradient norm: list validation and table upload, CPU reference (squares and sum in double) and the
-// public functions that dispatch on the device.
+// Gradient norm: list validation and table upload, CPU reference (squares and sum in double) and
+// the public functions that dispatch on the device.
 #include <cmath>
 #include <cstdint>
 
@@ -10,8 +10,9 @@ namespace {
 
 void check_scalar(const char* op, const Tensor& t, const char* name, Device dev, bool flag) {
   if (flag) {
-    HELIX_CHECK(t.defined() && (t.dtype() == DType::kI32 || t.dtype() == DType::kF32) && t.numel() == 1,
-                "{}: expected {} i32[1] or f32[1], got {}", op, name, t.str());
+    HELIX_CHECK(
+        t.defined() && (t.dtype() == DType::kI32 || t.dtype() == DType::kF32) && t.numel() == 1,
+        "{}: expected {} i32[1] or f32[1], got {}", op, name, t.str());
   } else {
     HELIX_CHECK(t.defined() && t.dtype() == DType::kF32 && t.numel() == 1,
                 "{}: expected {} f32[1], got {}", op, name, t.str());
@@ -20,8 +21,10 @@ void check_scalar(const char* op, const Tensor& t, const char* name, Device dev,
 }
 
 void set_flag_cpu(const Tensor& flag) {
-  if (flag.dtype() == DType::kI32) flag.data<int32_t>()[0] = 1;
-  else flag.data<float>()[0] = 1.0f;
+  if (flag.dtype() == DType::kI32)
+    flag.data<int32_t>()[0] = 1;
+  else
+    flag.data<float>()[0] = 1.0f;
 }
 
 void grad_norm_sumsq_cpu(const GradNormParams& p) {
@@ -49,7 +52,7 @@ void grad_clip_coef_cpu(const GradClipParams& p) {
   const float norm = std::sqrt(sumsq);
   const float denom = norm + static_cast<float>(1e-6);
   const float coef = (1.0f / denom) * static_cast<float>(p.max_norm);  // max_norm / tensor in torch
-  p.clip_coef.data<float>()[0] = coef > 1.0f ? 1.0f : coef;           // clamp(max=1), NaN stays NaN
+  p.clip_coef.data<float>()[0] = coef > 1.0f ? 1.0f : coef;  // clamp(max=1), NaN stays NaN
   if (p.norm.defined()) p.norm.data<float>()[0] = norm;
   if (p.nonfinite_flag.defined() && !std::isfinite(sumsq)) set_flag_cpu(p.nonfinite_flag);
 }
@@ -65,8 +68,8 @@ GradNormTensorList::GradNormTensorList(std::vector<Tensor> grads, int64_t chunk_
     HELIX_CHECK(t.defined() && (t.dtype() == DType::kF32 || t.dtype() == DType::kBF16),
                 "GradNormTensorList: tensor {}: expected f32 or bf16, got {}", i, t.str());
     if (i == 0) device_ = t.device();
-    HELIX_CHECK(t.device() == device_, "GradNormTensorList: tensor {}: expected it on {}, got {}", i,
-                device_.str(), t.str());
+    HELIX_CHECK(t.device() == device_, "GradNormTensorList: tensor {}: expected it on {}, got {}",
+                i, device_.str(), t.str());
     HELIX_CHECK(t.is_contiguous(), "GradNormTensorList: tensor {}: expected contiguous, got {}", i,
                 t.str());
     const bool bf16 = t.dtype() == DType::kBF16;

@@ -1,5 +1,6 @@
 // AdamW: the CPU reference against hand-computed steps and plain double loops, the skip on a
-// non-finite flag, and CUDA against the CPU reference (bitwise: same f32 operations, no contraction).
+// non-finite flag, and CUDA against the CPU reference (bitwise: same f32 operations, no
+// contraction).
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -52,7 +53,8 @@ Tensor place(const Tensor& host, Device dev, bool misalign) {
   view.copy_from(host);
   return view;
 }
-std::vector<AdamWTensor> copy_params(const std::vector<AdamWTensor>& src, Device dev, bool misalign) {
+std::vector<AdamWTensor> copy_params(const std::vector<AdamWTensor>& src, Device dev,
+                                     bool misalign) {
   std::vector<AdamWTensor> out;
   for (size_t i = 0; i < src.size(); ++i) {
     const bool m = misalign && i % 2 == 1;
@@ -76,8 +78,8 @@ std::vector<AdamWTensor> copy_params(const std::vector<AdamWTensor>& src, Device
   for (int64_t i = 0; i < a.numel(); ++i) {
     if (std::memcmp(static_cast<const char*>(ha.data_ptr()) + i * es,
                     static_cast<const char*>(hb.data_ptr()) + i * es, es) != 0)
-      return ::testing::AssertionFailure() << "element " << i << ": " << cpu_value(ha, i) << " vs "
-                                           << cpu_value(hb, i);
+      return ::testing::AssertionFailure()
+             << "element " << i << ": " << cpu_value(ha, i) << " vs " << cpu_value(hb, i);
   }
   return ::testing::AssertionSuccess();
 }
@@ -85,7 +87,8 @@ std::vector<AdamWTensor> copy_params(const std::vector<AdamWTensor>& src, Device
 void expect_lists_bitwise(const std::vector<AdamWTensor>& a, const std::vector<AdamWTensor>& b) {
   ASSERT_EQ(a.size(), b.size());
   for (size_t i = 0; i < a.size(); ++i) {
-    SCOPED_TRACE(::testing::Message() << "tensor " << i << " of " << a[i].param.numel() << " elements");
+    SCOPED_TRACE(::testing::Message()
+                 << "tensor " << i << " of " << a[i].param.numel() << " elements");
     EXPECT_TRUE(bitwise_equal(a[i].param, b[i].param));
     EXPECT_TRUE(bitwise_equal(a[i].exp_avg, b[i].exp_avg));
     EXPECT_TRUE(bitwise_equal(a[i].exp_avg_sq, b[i].exp_avg_sq));
@@ -97,9 +100,10 @@ void expect_lists_bitwise(const std::vector<AdamWTensor>& a, const std::vector<A
 struct DoubleState {
   std::vector<double> p, m, v;
 };
-void double_adamw_step(DoubleState& st, const std::vector<float>& grad, double scale, const AdamWParams& hp,
-                       bool decay) {
-  const double bc1 = 1 - std::pow(hp.beta1, double(hp.step)), bc2 = 1 - std::pow(hp.beta2, double(hp.step));
+void double_adamw_step(DoubleState& st, const std::vector<float>& grad, double scale,
+                       const AdamWParams& hp, bool decay) {
+  const double bc1 = 1 - std::pow(hp.beta1, double(hp.step)),
+               bc2 = 1 - std::pow(hp.beta2, double(hp.step));
   for (size_t i = 0; i < st.p.size(); ++i) {
     const double g = double(grad[i]) * scale;
     if (decay) st.p[i] *= 1 - hp.lr * hp.weight_decay;
@@ -115,7 +119,8 @@ std::vector<double> as_double(const Tensor& t) {
 
 void expect_close(const Tensor& actual, const std::vector<double>& expected, const char* what) {
   std::vector<float> e(expected.begin(), expected.end());
-  EXPECT_TRUE(testing::all_close(actual, Tensor::from_vector(e, actual.shape()), testing::tolerance_for(DType::kF32)))
+  EXPECT_TRUE(testing::all_close(actual, Tensor::from_vector(e, actual.shape()),
+                                 testing::tolerance_for(DType::kF32)))
       << what;
 }
 
@@ -125,7 +130,8 @@ TEST(AdamWCpu, HandComputedFirstStep) {
   //   decay: p = 1 * (1 - 0.001) = 0.999;  m = 0.1 * 0.5 = 0.05;  v = 0.001 * 0.25 = 0.00025
   //   m_hat = 0.05 / 0.1 = 0.5;  sqrt(v_hat) = sqrt(0.00025 / 0.001) = 0.5
   //   p = 0.999 - 0.1 * 0.5 / (0.5 + 1e-8) = 0.899000002;  without decay 0.900000002
-  AdamWTensor a{vec({1.0f}), vec({0.5f}), vec({0.0f}), vec({0.0f}), Tensor::empty({1}, DType::kBF16), true};
+  AdamWTensor a{
+      vec({1.0f}), vec({0.5f}), vec({0.0f}), vec({0.0f}), Tensor::empty({1}, DType::kBF16), true};
   AdamWTensor b{vec({1.0f}), vec({0.5f}), vec({0.0f}), vec({0.0f}), Tensor(), false};
   AdamWTensorList list({a, b});
   AdamWParams p;
@@ -145,7 +151,8 @@ TEST(AdamWCpu, HandComputedFirstStep) {
   p.tensors = &list_b;
   p.step = 2;
   adamw_step(p, Stream());
-  const double expected = 0.900000002 - 0.1 * (0.02 / 0.19) / (std::sqrt(0.00031225 / 0.001999) + 1e-8);
+  const double expected =
+      0.900000002 - 0.1 * (0.02 / 0.19) / (std::sqrt(0.00031225 / 0.001999) + 1e-8);
   EXPECT_NEAR(b.param.to_floats()[0], expected, 2e-7);
   EXPECT_NEAR(b.exp_avg.to_floats()[0], 0.02, 1e-9);
   EXPECT_NEAR(b.exp_avg_sq.to_floats()[0], 0.00031225, 3e-11);
@@ -155,7 +162,8 @@ TEST(AdamWCpu, MatchesDoubleLoopsOverSeveralSteps) {
   const std::vector<int64_t> sizes{1, 7, 33, 229, 1000, 4099};
   std::vector<AdamWTensor> ts = random_params(sizes, 11);
   std::vector<DoubleState> ref;
-  for (const AdamWTensor& t : ts) ref.push_back({as_double(t.param), as_double(t.exp_avg), as_double(t.exp_avg_sq)});
+  for (const AdamWTensor& t : ts)
+    ref.push_back({as_double(t.param), as_double(t.exp_avg), as_double(t.exp_avg_sq)});
   AdamWTensorList list(ts);
   Tensor scale_tensor = vec({0.5f});
   for (int64_t step = 1; step <= 5; ++step) {
@@ -180,7 +188,8 @@ TEST(AdamWCpu, MatchesDoubleLoopsOverSeveralSteps) {
       expect_close(ts[i].param, ref[i].p, "param");
       expect_close(ts[i].exp_avg, ref[i].m, "exp_avg");
       expect_close(ts[i].exp_avg_sq, ref[i].v, "exp_avg_sq");
-      if (ts[i].param_bf16.defined()) EXPECT_TRUE(bitwise_equal(ts[i].param_bf16, ts[i].param.to(DType::kBF16)));
+      if (ts[i].param_bf16.defined())
+        EXPECT_TRUE(bitwise_equal(ts[i].param_bf16, ts[i].param.to(DType::kBF16)));
     }
   }
 }
@@ -191,7 +200,8 @@ TEST(AdamWCpu, SkipsWholeStepOnNonFiniteFlag) {
   AdamWTensorList list(ts);
   AdamWParams p;
   p.tensors = &list;
-  for (const Tensor& flag : {Tensor::from_vector(std::vector<int32_t>{1}, {1}), vec({1.0f}), vec({float(kNaN)})}) {
+  for (const Tensor& flag :
+       {Tensor::from_vector(std::vector<int32_t>{1}, {1}), vec({1.0f}), vec({float(kNaN)})}) {
     p.nonfinite_flag = flag;
     adamw_step(p, Stream());
     expect_lists_bitwise(ts, before);
@@ -210,7 +220,8 @@ TEST(AdamWCpu, RejectsBadLists) {
     AdamWTensorList list({t, bad});
     FAIL() << "expected a throw for a grad of the wrong shape";
   } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("tensor 1: expected grad f32[2]"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("tensor 1: expected grad f32[2]"), std::string::npos)
+        << e.what();
   }
   bad = t;
   bad.param_bf16 = Tensor::empty({2}, DType::kF32);
@@ -225,11 +236,12 @@ TEST(AdamWCpu, RejectsBadLists) {
   EXPECT_THROW(adamw_step(p, Stream()), Error);
 }
 
-// ---- CUDA against the CPU reference ---------------------------------------------------------------
+// ---- CUDA against the CPU reference -------------------------------------------------------------
 TEST(AdamWGpu, MatchesCpuBitwiseOnManyOddTensors) {
   HELIX_REQUIRE_CUDA();
   const Stream s = Stream::create(Device::cuda());
-  const std::vector<int64_t> sizes{1, 3, 17, 229, 16383, 16384, 16385, 71 * 229, 29 * 541, 100003, 5, (1 << 20) + 7, 2};
+  const std::vector<int64_t> sizes{1,        3,        17,     229, 16383,         16384, 16385,
+                                   71 * 229, 29 * 541, 100003, 5,   (1 << 20) + 7, 2};
   std::vector<AdamWTensor> cpu = random_params(sizes, 31);
   std::vector<AdamWTensor> gpu = copy_params(cpu, Device::cuda(), true);  // odd ones misaligned
   AdamWTensorList cpu_list(cpu), gpu_list(gpu);
@@ -268,7 +280,8 @@ TEST(AdamWGpu, SkipsWholeStepOnNonFiniteFlag) {
   AdamWTensorList list(gpu);
   AdamWParams p;
   p.tensors = &list;
-  for (const Tensor& flag : {Tensor::from_vector(std::vector<int32_t>{1}, {1}), vec({1.0f}), vec({float(kNaN)})}) {
+  for (const Tensor& flag :
+       {Tensor::from_vector(std::vector<int32_t>{1}, {1}), vec({1.0f}), vec({float(kNaN)})}) {
     p.nonfinite_flag = flag.to(Device::cuda());
     adamw_step(p, Stream());
     expect_lists_bitwise(gpu, host);

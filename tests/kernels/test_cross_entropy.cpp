@@ -34,7 +34,8 @@ Tensor random_labels(int64_t rows, int64_t vocab, uint64_t seed, double ignored 
   return Tensor::from_vector(y, {rows});
 }
 
-// Plain double loops over a naive log-softmax (no max shift): loss sum, count, per-row loss, gradient.
+// Plain double loops over a naive log-softmax (no max shift): loss sum, count, per-row loss,
+// gradient.
 struct NaiveCe {
   double loss_sum = 0;
   int64_t count = 0;
@@ -56,7 +57,8 @@ NaiveCe naive_cross_entropy(const Tensor& logits, const Tensor& labels, double g
     r.loss_sum += r.row_loss[t];
     ++r.count;
     for (int64_t j = 0; j < cols; ++j)
-      r.grad[t * cols + j] = (std::exp(double(x[t * cols + j]) - log_z) - (j == y[t] ? 1.0 : 0.0)) * grad_scale;
+      r.grad[t * cols + j] =
+          (std::exp(double(x[t * cols + j]) - log_z) - (j == y[t] ? 1.0 : 0.0)) * grad_scale;
   }
   return r;
 }
@@ -120,7 +122,8 @@ Tensor column_slice(const Tensor& host, int64_t begin, int64_t end, Device dev) 
 // shard's loss sum and count must be bitwise equal; shard 0's are returned.
 CeOut run_split(const Tensor& logits_host, const Tensor& labels_host, float grad_scale,
                 const std::vector<int64_t>& widths, Device dev, const Stream& s = Stream()) {
-  const int64_t rows = logits_host.dim(0), vocab = logits_host.dim(1), parts = int64_t(widths.size());
+  const int64_t rows = logits_host.dim(0), vocab = logits_host.dim(1),
+                parts = int64_t(widths.size());
   const Tensor labels = dev.is_cpu() ? labels_host : labels_host.to(dev);
   Tensor part_max = Tensor::empty({parts, rows}, DType::kF32, dev, s);
   Tensor part_sumexp = Tensor::empty({parts, rows}, DType::kF32, dev, s);
@@ -169,8 +172,10 @@ CeOut run_split(const Tensor& logits_host, const Tensor& labels_host, float grad
     if (r == 0) {
       first = o;
     } else {
-      EXPECT_EQ(o.loss_sum.to_vector<float>()[0], first.loss_sum.to_vector<float>()[0]) << "shard " << r;
-      EXPECT_EQ(o.count.to_vector<int32_t>()[0], first.count.to_vector<int32_t>()[0]) << "shard " << r;
+      EXPECT_EQ(o.loss_sum.to_vector<float>()[0], first.loss_sum.to_vector<float>()[0])
+          << "shard " << r;
+      EXPECT_EQ(o.count.to_vector<int32_t>()[0], first.count.to_vector<int32_t>()[0])
+          << "shard " << r;
       EXPECT_TRUE(testing::all_close(o.row_loss, first.row_loss, {0, 0})) << "shard " << r;
     }
     start += widths[r];
@@ -185,7 +190,8 @@ float scalar(const Tensor& t) { return t.to_floats()[0]; }
   const testing::Tolerance tol = testing::tolerance_for(dtype);
   const double d = std::abs(double(actual) - expected);
   if (d <= tol.atol + tol.rtol * std::abs(expected)) return ::testing::AssertionSuccess();
-  return ::testing::AssertionFailure() << actual << " vs expected " << expected << " (|diff| " << d << ")";
+  return ::testing::AssertionFailure()
+         << actual << " vs expected " << expected << " (|diff| " << d << ")";
 }
 
 bool bitwise_equal(const Tensor& a, const Tensor& b) {
@@ -202,18 +208,21 @@ struct Shape2 {
 // ---- CPU reference ------------------------------------------------------------------------------
 TEST(CrossEntropyCpu, MatchesNaiveLogSoftmaxInDouble) {
   uint64_t seed = 101;
-  for (const Shape2 sh : {Shape2{71, 229}, Shape2{29, 541}, Shape2{1, 1}, Shape2{64, 33}, Shape2{5, 1500}}) {
+  for (const Shape2 sh :
+       {Shape2{71, 229}, Shape2{29, 541}, Shape2{1, 1}, Shape2{64, 33}, Shape2{5, 1500}}) {
     for (const DType dt : {DType::kF32, DType::kBF16}) {
       SCOPED_TRACE(::testing::Message() << sh.rows << "x" << sh.cols << " " << dtype_name(dt));
       const Tensor logits = random_logits(sh.rows, sh.cols, dt, ++seed);
       const Tensor labels = random_labels(sh.rows, sh.cols, ++seed, sh.rows == 1 ? 0.0 : 0.3);
       const NaiveCe ref = naive_cross_entropy(logits, labels, 1.0 / 37);
-      const CeOut o = run_fused(logits, labels, 1.0f / 37, true, seed % 2 ? DType::kI32 : DType::kF32);
+      const CeOut o =
+          run_fused(logits, labels, 1.0f / 37, true, seed % 2 ? DType::kI32 : DType::kF32);
       EXPECT_EQ(scalar(o.count), float(ref.count));
       EXPECT_TRUE(loss_close(scalar(o.loss_sum), ref.loss_sum));
       EXPECT_TRUE(testing::all_close(o.row_loss, f32_tensor(ref.row_loss, {sh.rows}),
                                      testing::tolerance_for(DType::kF32)));
-      EXPECT_TRUE(testing::all_close(o.dlogits, f32_tensor(ref.grad, logits.shape()), testing::tolerance_for(dt)));
+      EXPECT_TRUE(testing::all_close(o.dlogits, f32_tensor(ref.grad, logits.shape()),
+                                     testing::tolerance_for(dt)));
     }
   }
 }
@@ -233,7 +242,8 @@ TEST(CrossEntropyCpu, StableForLargeLogits) {
   for (const auto* v : {&base, &up, &down}) {
     const CeOut o = run_fused(Tensor::from_vector(*v, {rows, cols}), labels, 0.5f, true);
     EXPECT_TRUE(loss_close(scalar(o.loss_sum), ref.loss_sum));
-    EXPECT_TRUE(testing::all_close(o.dlogits, f32_tensor(ref.grad, {rows, cols}), testing::tolerance_for(DType::kF32)));
+    EXPECT_TRUE(testing::all_close(o.dlogits, f32_tensor(ref.grad, {rows, cols}),
+                                   testing::tolerance_for(DType::kF32)));
   }
 }
 
@@ -279,11 +289,13 @@ TEST(CrossEntropyCpu, SplitStatsFinishMatchesFused) {
     const CeOut fused = run_fused(logits, labels, 0.125f, true);
     const NaiveCe ref = naive_cross_entropy(logits, labels, 0.125);
     for (const std::vector<int64_t>& widths :
-         {std::vector<int64_t>{229}, std::vector<int64_t>{80, 80, 69}, std::vector<int64_t>{1, 227, 1}}) {
+         {std::vector<int64_t>{229}, std::vector<int64_t>{80, 80, 69},
+          std::vector<int64_t>{1, 227, 1}}) {
       const CeOut split = run_split(logits, labels, 0.125f, widths, Device::cpu());
       EXPECT_EQ(scalar(split.count), scalar(fused.count));
       EXPECT_TRUE(loss_close(scalar(split.loss_sum), ref.loss_sum));
-      EXPECT_TRUE(testing::all_close(split.row_loss, fused.row_loss, testing::tolerance_for(DType::kF32)));
+      EXPECT_TRUE(
+          testing::all_close(split.row_loss, fused.row_loss, testing::tolerance_for(DType::kF32)));
       EXPECT_TRUE(testing::all_close(split.dlogits, f32_tensor(ref.grad, logits.shape()),
                                      testing::tolerance_for(dt)));
     }
@@ -315,7 +327,7 @@ TEST(CrossEntropyCpu, RejectsBadInputs) {
   EXPECT_THROW(cross_entropy_fwd_bwd(p, Stream()), Error);  // loss_sum must be [1]
 }
 
-// ---- CUDA against the CPU reference ---------------------------------------------------------------
+// ---- CUDA against the CPU reference -------------------------------------------------------------
 void expect_cuda_matches_cpu(const CeOut& gpu, const CeOut& cpu, DType dt, bool grad) {
   EXPECT_EQ(scalar(gpu.count), scalar(cpu.count));
   EXPECT_TRUE(loss_close(scalar(gpu.loss_sum), scalar(cpu.loss_sum)));
@@ -328,8 +340,8 @@ TEST(CrossEntropyGpu, MatchesCpuOnOddShapes) {
   const Stream s = Stream::create(Device::cuda());
   uint64_t seed = 1000;
   // Warp-per-row (V <= 1024), block-of-256 (V <= 16384) and block-of-1024 rows, ESM-2's V = 33.
-  for (const Shape2 sh : {Shape2{71, 229}, Shape2{29, 541}, Shape2{1, 1}, Shape2{8192, 33}, Shape2{3, 1025},
-                          Shape2{37, 3001}, Shape2{5, 16385}, Shape2{64, 50257}}) {
+  for (const Shape2 sh : {Shape2{71, 229}, Shape2{29, 541}, Shape2{1, 1}, Shape2{8192, 33},
+                          Shape2{3, 1025}, Shape2{37, 3001}, Shape2{5, 16385}, Shape2{64, 50257}}) {
     for (const DType dt : {DType::kF32, DType::kBF16}) {
       for (const bool grad : {true, false}) {
         SCOPED_TRACE(::testing::Message() << sh.rows << "x" << sh.cols << " " << dtype_name(dt)
@@ -338,8 +350,8 @@ TEST(CrossEntropyGpu, MatchesCpuOnOddShapes) {
         const Tensor labels = random_labels(sh.rows, sh.cols, ++seed, sh.rows == 1 ? 0.0 : 0.85);
         const DType count_dt = seed % 4 < 2 ? DType::kI32 : DType::kF32;
         const CeOut cpu = run_fused(logits, labels, 1.0f / 3, grad, count_dt);
-        const CeOut gpu = run_fused(logits.to(Device::cuda()), labels.to(Device::cuda()), 1.0f / 3, grad,
-                                    count_dt, s);
+        const CeOut gpu = run_fused(logits.to(Device::cuda()), labels.to(Device::cuda()), 1.0f / 3,
+                                    grad, count_dt, s);
         expect_cuda_matches_cpu(gpu, cpu, dt, grad);
       }
     }
@@ -354,7 +366,8 @@ TEST(CrossEntropyGpu, LargeBatch) {
     const Tensor logits = random_logits(sh.rows, sh.cols, DType::kBF16, 2000 + sh.cols);
     const Tensor labels = random_labels(sh.rows, sh.cols, 3000 + sh.cols, 0.85);
     const CeOut cpu = run_fused(logits, labels, 1.0f / 9830, true);
-    const CeOut gpu = run_fused(logits.to(Device::cuda()), labels.to(Device::cuda()), 1.0f / 9830, true);
+    const CeOut gpu =
+        run_fused(logits.to(Device::cuda()), labels.to(Device::cuda()), 1.0f / 9830, true);
     expect_cuda_matches_cpu(gpu, cpu, DType::kBF16, true);
   }
 }
@@ -368,8 +381,8 @@ TEST(CrossEntropyGpu, SplitMatchesFusedAndCpu) {
       SCOPED_TRACE(::testing::Message() << sh.rows << "x" << sh.cols << " " << dtype_name(dt));
       const Tensor logits = random_logits(sh.rows, sh.cols, dt, ++seed);
       const Tensor labels = random_labels(sh.rows, sh.cols, ++seed);
-      const CeOut fused = run_fused(logits.to(Device::cuda()), labels.to(Device::cuda()), 0.5f, true,
-                                    DType::kI32, s);
+      const CeOut fused = run_fused(logits.to(Device::cuda()), labels.to(Device::cuda()), 0.5f,
+                                    true, DType::kI32, s);
       // One part: bitwise the fused kernel's results (the header promises it).
       const CeOut one = run_split(logits, labels, 0.5f, {sh.cols}, Device::cuda(), s);
       EXPECT_EQ(scalar(one.loss_sum), scalar(fused.loss_sum));
@@ -388,7 +401,8 @@ TEST(CrossEntropyGpu, InPlaceAndDeterministic) {
   HELIX_REQUIRE_CUDA();
   for (const Shape2 sh : {Shape2{1000, 33}, Shape2{50, 5000}, Shape2{9, 40000}}) {
     SCOPED_TRACE(::testing::Message() << sh.rows << "x" << sh.cols);
-    const Tensor logits = random_logits(sh.rows, sh.cols, DType::kBF16, 5000 + sh.cols).to(Device::cuda());
+    const Tensor logits =
+        random_logits(sh.rows, sh.cols, DType::kBF16, 5000 + sh.cols).to(Device::cuda());
     const Tensor labels = random_labels(sh.rows, sh.cols, 6000 + sh.cols, 0.5).to(Device::cuda());
     const CeOut a = run_fused(logits, labels, 0.01f, true);
     const CeOut b = run_fused(logits, labels, 0.01f, true);
@@ -412,7 +426,8 @@ TEST(CrossEntropyGpu, InPlaceAndDeterministic) {
 TEST(CrossEntropyGpu, BadLabelMakesLossNaN) {
   HELIX_REQUIRE_CUDA();
   const Tensor logits = random_logits(4, 33, DType::kF32, 71).to(Device::cuda());
-  const Tensor labels = Tensor::from_vector(std::vector<int32_t>{0, 33, kIgnore, -5}, {4}).to(Device::cuda());
+  const Tensor labels =
+      Tensor::from_vector(std::vector<int32_t>{0, 33, kIgnore, -5}, {4}).to(Device::cuda());
   const CeOut o = run_fused(logits, labels, 1.0f, true);
   EXPECT_TRUE(std::isnan(scalar(o.loss_sum)));
   const std::vector<float> rl = o.row_loss.to_floats();

@@ -91,10 +91,14 @@ uint32_t bits(float f) {
 
 // ---- CPU reference ------------------------------------------------------------------------------
 TEST(GradNormCpu, MatchesDoubleLoop) {
-  const std::vector<Tensor> grads = random_grads(
-      {{1, DType::kF32}, {17, DType::kF32}, {33, DType::kBF16}, {229, DType::kF32}, {71 * 229, DType::kF32},
-       {541, DType::kBF16}, {100003, DType::kF32}},
-      5);
+  const std::vector<Tensor> grads = random_grads({{1, DType::kF32},
+                                                  {17, DType::kF32},
+                                                  {33, DType::kBF16},
+                                                  {229, DType::kF32},
+                                                  {71 * 229, DType::kF32},
+                                                  {541, DType::kBF16},
+                                                  {100003, DType::kF32}},
+                                                 5);
   GradNormTensorList list(grads);
   const NormOut o = run_norm(list, Device::cpu(), DType::kI32, 0);
   EXPECT_TRUE(close_f32(scalar(o.sumsq), double_sumsq(grads)));
@@ -157,8 +161,12 @@ TEST(GradClipCpu, DeviceCoefficientFeedsAdamW) {
   auto make = [] {
     std::vector<AdamWTensor> ts;
     for (int64_t n : {31, 229}) {
-      AdamWTensor t{Tensor::empty({n}, DType::kF32), Tensor::empty({n}, DType::kF32), Tensor::zeros({n}, DType::kF32),
-                    Tensor::zeros({n}, DType::kF32), Tensor(), true};
+      AdamWTensor t{Tensor::empty({n}, DType::kF32),
+                    Tensor::empty({n}, DType::kF32),
+                    Tensor::zeros({n}, DType::kF32),
+                    Tensor::zeros({n}, DType::kF32),
+                    Tensor(),
+                    true};
       fill_normal(t.param, 9, n, 0.0f, 1.0f);
       fill_normal(t.grad, 10, n, 0.0f, 3.0f);
       ts.push_back(t);
@@ -188,15 +196,23 @@ TEST(GradClipCpu, DeviceCoefficientFeedsAdamW) {
     EXPECT_TRUE(testing::all_close(a[i].param, b[i].param, {0, 0}));
 }
 
-// ---- CUDA against the CPU reference ---------------------------------------------------------------
+// ---- CUDA against the CPU reference -------------------------------------------------------------
 TEST(GradNormGpu, MatchesCpuOnManyOddTensors) {
   HELIX_REQUIRE_CUDA();
   const Stream s = Stream::create(Device::cuda());
-  const std::vector<Tensor> host = random_grads(
-      {{1, DType::kF32}, {3, DType::kBF16}, {229, DType::kF32}, {16383, DType::kF32}, {16384, DType::kBF16},
-       {16385, DType::kF32}, {71 * 229, DType::kBF16}, {29 * 541, DType::kF32}, {(1 << 24) + 3, DType::kF32},
-       {0, DType::kF32}, {100003, DType::kBF16}, {2, DType::kF32}},
-      7);
+  const std::vector<Tensor> host = random_grads({{1, DType::kF32},
+                                                 {3, DType::kBF16},
+                                                 {229, DType::kF32},
+                                                 {16383, DType::kF32},
+                                                 {16384, DType::kBF16},
+                                                 {16385, DType::kF32},
+                                                 {71 * 229, DType::kBF16},
+                                                 {29 * 541, DType::kF32},
+                                                 {(1 << 24) + 3, DType::kF32},
+                                                 {0, DType::kF32},
+                                                 {100003, DType::kBF16},
+                                                 {2, DType::kF32}},
+                                                7);
   GradNormTensorList cpu(host), gpu(place(host, Device::cuda(), true));
   const NormOut c = run_norm(cpu, Device::cpu(), DType::kI32, 0);
   const NormOut g = run_norm(gpu, Device::cuda(), DType::kI32, 0, s);
@@ -214,20 +230,26 @@ TEST(GradNormGpu, MatchesCpuOnManyOddTensors) {
 
 TEST(GradNormGpu, BitwiseDeterministic) {
   HELIX_REQUIRE_CUDA();
-  const std::vector<Tensor> host = random_grads(
-      {{(1 << 22) + 17, DType::kF32}, {999, DType::kBF16}, {3 * 16384, DType::kF32}, {77777, DType::kF32}}, 8);
+  const std::vector<Tensor> host = random_grads({{(1 << 22) + 17, DType::kF32},
+                                                 {999, DType::kBF16},
+                                                 {3 * 16384, DType::kF32},
+                                                 {77777, DType::kF32}},
+                                                8);
   GradNormTensorList gpu(place(host, Device::cuda(), true));
   const uint32_t first = bits(scalar(run_norm(gpu, Device::cuda(), DType::kI32, 0).sumsq));
   const Stream other = Stream::create(Device::cuda());
   for (int run = 0; run < 5; ++run) {
-    EXPECT_EQ(bits(scalar(run_norm(gpu, Device::cuda(), DType::kI32, 0, run % 2 ? other : Stream()).sumsq)), first)
+    EXPECT_EQ(bits(scalar(
+                  run_norm(gpu, Device::cuda(), DType::kI32, 0, run % 2 ? other : Stream()).sumsq)),
+              first)
         << "run " << run;
   }
 }
 
 TEST(GradNormGpu, FlagIsSetOnNonFiniteAndNeverCleared) {
   HELIX_REQUIRE_CUDA();
-  std::vector<Tensor> host = random_grads({{300001, DType::kF32}, {5000, DType::kBF16}, {7, DType::kF32}}, 9);
+  std::vector<Tensor> host =
+      random_grads({{300001, DType::kF32}, {5000, DType::kBF16}, {7, DType::kF32}}, 9);
   {
     GradNormTensorList gpu(place(host, Device::cuda(), false));
     EXPECT_EQ(scalar(run_norm(gpu, Device::cuda(), DType::kI32, 0).flag), 0.0f);
@@ -272,7 +294,8 @@ TEST(GradClipGpu, MatchesCpuBitwise) {
     for (int k = 0; k < 3; ++k) {
       const std::vector<float> a = out[1][k].to_floats(), b = out[0][k].to_floats();
       if (std::isnan(a[0]) && std::isnan(b[0])) continue;  // NaN payloads may differ
-      EXPECT_EQ(bits(a[0]), bits(b[0])) << "sumsq " << sumsq << " output " << k << ": " << a[0] << " vs " << b[0];
+      EXPECT_EQ(bits(a[0]), bits(b[0]))
+          << "sumsq " << sumsq << " output " << k << ": " << a[0] << " vs " << b[0];
     }
   }
 }
