@@ -38,7 +38,7 @@ std::string excerpt(std::string_view s) {
   return s.size() > 24 ? out + "..." : out;
 }
 
-constexpr const char* kSkipHint = " (skip_bad_records, --skip-bad-records, skips and counts such records)";
+constexpr const char* kSkipHint = " (--skip-bad-records skips and counts such records)";
 
 }  // namespace
 
