@@ -19,7 +19,6 @@ uint64_t hash_record_id(std::string_view id) {
 
 void ProteinDataset::add(std::string_view id, std::string_view sequence) {
   HELIX_CHECK(!sequence.empty(), "dataset: record '{}': expected at least one residue, got none", id);
-  residues_.reserve(residues_.size() + sequence.size());
   for (size_t i = 0; i < sequence.size(); ++i) {
     const int32_t t = esm_residue_id(sequence[i]);
     if (t < 0) {
@@ -39,6 +38,7 @@ ProteinDataset ProteinDataset::from_fasta(const std::string& path, const FastaOp
   FastaReader reader(path, opt);
   FastaRecord rec;
   while (reader.next(rec)) data.add(rec.id, rec.sequence);
+  data.residues_.shrink_to_fit();  // growth by doubling leaves up to half the buffer unused
   data.stats_ = reader.stats();
   const FastaStats& s = data.stats_;
   if (data.size() == 0) {
