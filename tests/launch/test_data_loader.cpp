@@ -429,7 +429,10 @@ TEST(BundledData, SwissProt3k) {
   const auto data = std::make_shared<ProteinDataset>(ProteinDataset::from_fasta(path));
   EXPECT_EQ(data->size(), 3000);
   EXPECT_EQ(data->fasta_stats().skipped_total(), 0);
-  EXPECT_GT(data->total_residues(), 800000);
+  EXPECT_EQ(data->total_residues(), 1125081);
+  EXPECT_EQ(data->id_hash(0), hash_record_id("B0RED7"));  // record 0 of the database
+  const auto first = data->residues(0).subspan(0, 10);
+  EXPECT_EQ(esm_decode(std::vector<int32_t>(first.begin(), first.end())), "MGSASRASLD");
   const auto train = split_indices(*data, Split::kTrain, {.validation_fraction = 0.05});
   const auto valid = split_indices(*data, Split::kValidation, {.validation_fraction = 0.05});
   EXPECT_NEAR(double(valid.size()) / 3000.0, 0.05, 0.015);
