@@ -172,93 +172,99 @@ bool FastaReader::append_sequence_line(FastaRecord& rec, bool& stop_seen) {
   return true;
 }
 
+FastaReader::LineKind FastaReader::seek_first_header() {
+  bool orphan = false;  // sequence data before the first header, reported once
+  for (;;) {
+    const LineKind kind = read_line();
+    if (kind == LineKind::kEnd) {
+      HELIX_CHECK(any_content_, "{}:{}: empty file: expected FASTA records ('>' header lines), found none",
+                  path_, std::max<int64_t>(line_no_, 1));
+      return kind;
+    }
+    if (kind == LineKind::kLine && is_blank(line_)) continue;
+    any_content_ = true;
+    if (!line_.empty() && line_[0] == '>') return kind;
+    if (orphan) continue;
+    orphan = true;
+    const size_t bad = find_binary(line_, /*ascii_only=*/true);
+    if (bad != std::string::npos)
+      problem(FastaProblem::kBinary, line_no_,
+              fmt::format("binary data (byte 0x{:02X} at column {}) where a '>' header line was "
+                          "expected; is this a FASTA file?",
+                          static_cast<unsigned char>(line_[bad]), bad + 1));
+    else
+      problem(FastaProblem::kNoHeader, line_no_,
+              fmt::format("expected a '>' header line, got '{}'", excerpt(line_)));
+  }
+}
+
+bool FastaReader::parse_header(FastaRecord& rec, LineKind kind) {
+  rec.id.clear();
+  rec.header.clear();
+  rec.sequence.clear();
+  rec.line = line_no_;
+  if (kind == LineKind::kTooLong) {
+    problem(FastaProblem::kTooLong, line_no_,
+            fmt::format("header line longer than {} bytes (max_line_bytes)", opt_.max_line_bytes));
+    return false;
+  }
+  rec.header = line_.substr(1);
+  rec.id = rec.header.substr(0, rec.header.find_first_of(" \t"));
+  const size_t bad = find_binary(rec.header, /*ascii_only=*/false);
+  if (bad != std::string::npos) {
+    problem(FastaProblem::kBinary, line_no_,
+            fmt::format("binary data: byte 0x{:02X} at column {} of a header line",
+                        static_cast<unsigned char>(rec.header[bad]), bad + 2));
+    return false;
+  }
+  if (rec.id.empty()) {
+    problem(FastaProblem::kNoId, line_no_, "header line with no id after '>'");
+    return false;
+  }
+  return true;
+}
+
+bool FastaReader::read_sequence(FastaRecord& rec, bool good) {
+  bool stop_seen = false;
+  for (;;) {
+    const LineKind k = read_line();
+    if (k == LineKind::kEnd) break;
+    if (!line_.empty() && line_[0] == '>') {  // the next record's header
+      pending_header_ = true;
+      pending_kind_ = k;
+      break;
+    }
+    if (k == LineKind::kTooLong) {
+      if (good)
+        problem(FastaProblem::kTooLong, line_no_,
+                fmt::format("line longer than {} bytes (max_line_bytes) in record '{}'",
+                            opt_.max_line_bytes, rec.id));
+      good = false;
+      continue;
+    }
+    if (good) good = append_sequence_line(rec, stop_seen);  // a bad record's lines are only skipped
+  }
+  if (good && rec.sequence.empty()) {
+    problem(FastaProblem::kNoSequence, rec.line,
+            fmt::format("record '{}' has no sequence (followed by {})", rec.id,
+                        pending_header_ ? "another header" : "the end of the file"));
+    good = false;
+  }
+  return good;
+}
+
 bool FastaReader::next(FastaRecord& rec) {
   for (;;) {
-    // 1. A header: the one the previous record stopped at, or the first of the file.
-    LineKind kind = LineKind::kLine;
+    // The header the previous record stopped at, or the first of the file.
+    LineKind kind = pending_kind_;
     if (pending_header_) {
       pending_header_ = false;
-      kind = pending_kind_;
     } else {
-      bool orphan = false;  // sequence data before the first header, reported once
-      for (;;) {
-        kind = read_line();
-        if (kind == LineKind::kEnd) break;
-        if (kind == LineKind::kLine && is_blank(line_)) continue;
-        any_content_ = true;
-        if (!line_.empty() && line_[0] == '>') break;
-        if (orphan) continue;
-        orphan = true;
-        const size_t bad = find_binary(line_, /*ascii_only=*/true);
-        if (bad != std::string::npos)
-          problem(FastaProblem::kBinary, line_no_,
-                  fmt::format("binary data (byte 0x{:02X} at column {}) where a '>' header line was "
-                              "expected; is this a FASTA file?",
-                              static_cast<unsigned char>(line_[bad]), bad + 1));
-        else
-          problem(FastaProblem::kNoHeader, line_no_,
-                  fmt::format("expected a '>' header line, got '{}'", excerpt(line_)));
-      }
-      if (kind == LineKind::kEnd) {
-        HELIX_CHECK(any_content_, "{}:{}: empty file: expected FASTA records ('>' header lines), found none",
-                    path_, std::max<int64_t>(line_no_, 1));
-        return false;
-      }
+      kind = seek_first_header();
+      if (kind == LineKind::kEnd) return false;
     }
-
-    // 2. The header line itself.
-    rec.id.clear();
-    rec.header.clear();
-    rec.sequence.clear();
-    rec.line = line_no_;
-    bool good = true;
-    if (kind == LineKind::kTooLong) {
-      problem(FastaProblem::kTooLong, line_no_,
-              fmt::format("header line longer than {} bytes (max_line_bytes)", opt_.max_line_bytes));
-      good = false;
-    } else {
-      rec.header = line_.substr(1);
-      const size_t bad = find_binary(rec.header, /*ascii_only=*/false);
-      const size_t end = rec.header.find_first_of(" \t");
-      rec.id = rec.header.substr(0, end);
-      if (bad != std::string::npos) {
-        problem(FastaProblem::kBinary, line_no_,
-                fmt::format("binary data: byte 0x{:02X} at column {} of a header line",
-                            static_cast<unsigned char>(rec.header[bad]), bad + 2));
-        good = false;
-      } else if (rec.id.empty()) {
-        problem(FastaProblem::kNoId, line_no_, "header line with no id after '>'");
-        good = false;
-      }
-    }
-
-    // 3. Sequence lines up to the next header or the end of the file.
-    bool stop_seen = false;
-    for (;;) {
-      const LineKind k = read_line();
-      if (k == LineKind::kEnd) break;
-      if (!line_.empty() && line_[0] == '>') {
-        pending_header_ = true;
-        pending_kind_ = k;
-        break;
-      }
-      if (k == LineKind::kTooLong) {
-        if (good)
-          problem(FastaProblem::kTooLong, line_no_,
-                  fmt::format("line longer than {} bytes (max_line_bytes) in record '{}'",
-                              opt_.max_line_bytes, rec.id));
-        good = false;
-        continue;
-      }
-      if (good) good = append_sequence_line(rec, stop_seen);
-    }
-    if (good && rec.sequence.empty()) {
-      problem(FastaProblem::kNoSequence, rec.line,
-              fmt::format("record '{}' has no sequence (followed by {})", rec.id,
-                          pending_header_ ? "another header" : "the end of the file"));
-      good = false;
-    }
-    if (good) {
+    const bool header_ok = parse_header(rec, kind);
+    if (read_sequence(rec, header_ok)) {
       ++stats_.records;
       stats_.residues += static_cast<int64_t>(rec.sequence.size());
       return true;

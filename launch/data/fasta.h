@@ -69,6 +69,13 @@ class FastaReader {
   bool fill();           // refill buf_ from gzread; false at the end of the data
   // Records `problem` for the record starting at `line`: throws unless skip_bad_records.
   void problem(FastaProblem kind, int64_t line, const std::string& what);
+  // Skips blank lines to the first header (reporting lines before it); kEnd at the end of the file.
+  LineKind seek_first_header();
+  // Fills rec's id and header from the header line in line_; false (problem recorded) when bad.
+  bool parse_header(FastaRecord& rec, LineKind kind);
+  // Reads the sequence lines up to the next header or the end; false when the record is bad.
+  // `good` false: the header was bad, the lines are only skipped.
+  bool read_sequence(FastaRecord& rec, bool good);
   // Checks one sequence line and appends its residues; false (problem recorded) when bad.
   bool append_sequence_line(FastaRecord& rec, bool& stop_seen);
 
