@@ -44,13 +44,20 @@ constexpr const char* kSkipHint = " (--skip-bad-records skips and counts such re
 
 std::string_view fasta_problem_name(FastaProblem p) {
   switch (p) {
-    case FastaProblem::kBinary: return "binary data";
-    case FastaProblem::kNoSequence: return "no sequence";
-    case FastaProblem::kBadCharacter: return "character outside the alphabet";
-    case FastaProblem::kTooLong: return "too long";
-    case FastaProblem::kNoId: return "no id";
-    case FastaProblem::kNoHeader: return "no header";
-    case FastaProblem::kCount: break;
+    case FastaProblem::kBinary:
+      return "binary data";
+    case FastaProblem::kNoSequence:
+      return "no sequence";
+    case FastaProblem::kBadCharacter:
+      return "character outside the alphabet";
+    case FastaProblem::kTooLong:
+      return "too long";
+    case FastaProblem::kNoId:
+      return "no id";
+    case FastaProblem::kNoHeader:
+      return "no header";
+    case FastaProblem::kCount:
+      break;
   }
   return "?";
 }
@@ -61,15 +68,18 @@ int64_t FastaStats::skipped_total() const {
   return n;
 }
 
-FastaReader::FastaReader(std::string path, const FastaOptions& opt) : path_(std::move(path)), opt_(opt) {
-  HELIX_CHECK(opt_.max_line_bytes > 0 && opt_.max_record_residues > 0,
-              "FASTA options: expected positive max_line_bytes and max_record_residues, got {} and {}",
-              opt_.max_line_bytes, opt_.max_record_residues);
+FastaReader::FastaReader(std::string path, const FastaOptions& opt)
+    : path_(std::move(path)), opt_(opt) {
+  HELIX_CHECK(
+      opt_.max_line_bytes > 0 && opt_.max_record_residues > 0,
+      "FASTA options: expected positive max_line_bytes and max_record_residues, got {} and {}",
+      opt_.max_line_bytes, opt_.max_record_residues);
   std::error_code ec;
-  HELIX_CHECK(!std::filesystem::is_directory(path_, ec), "{}: expected a FASTA file, got a directory",
-              path_);
+  HELIX_CHECK(!std::filesystem::is_directory(path_, ec),
+              "{}: expected a FASTA file, got a directory", path_);
   gz_ = gzopen(path_.c_str(), "rb");
-  HELIX_CHECK(gz_ != nullptr, "{}: cannot open: {}", path_, errno ? std::strerror(errno) : "out of memory");
+  HELIX_CHECK(gz_ != nullptr, "{}: cannot open: {}", path_,
+              errno ? std::strerror(errno) : "out of memory");
   gzbuffer(gz_, static_cast<unsigned>(kReadChunk));
   buf_.resize(kReadChunk);
 }
@@ -85,8 +95,8 @@ bool FastaReader::fill() {
   const char* msg = gzerror(gz_, &err);
   // Z_BUF_ERROR: the gzip stream ended early (a truncated .gz).
   HELIX_CHECK(got >= 0 && (err == Z_OK || err == Z_STREAM_END),
-              "{}:{}: cannot read the file: {} (damaged or truncated gzip data?)", path_, line_no_ + 1,
-              msg ? msg : "read error");
+              "{}:{}: cannot read the file: {} (damaged or truncated gzip data?)", path_,
+              line_no_ + 1, msg ? msg : "read error");
   pos_ = 0;
   end_ = static_cast<size_t>(got);
   if (got == 0) eof_ = true;
@@ -137,8 +147,9 @@ bool FastaReader::append_sequence_line(FastaRecord& rec, bool& stop_seen) {
     if (c == ' ' || c == '\t') continue;
     const auto u = static_cast<unsigned char>(c);
     if (is_control(u) || u >= 0x80) {
-      problem(FastaProblem::kBinary, line_no_,
-              fmt::format("binary data: byte 0x{:02X} at column {} in record '{}'", u, i + 1, rec.id));
+      problem(
+          FastaProblem::kBinary, line_no_,
+          fmt::format("binary data: byte 0x{:02X} at column {} in record '{}'", u, i + 1, rec.id));
       return false;
     }
     if (c == '*' && !stop_seen) {
@@ -146,11 +157,12 @@ bool FastaReader::append_sequence_line(FastaRecord& rec, bool& stop_seen) {
       continue;
     }
     if (esm_residue_id(c) < 0) {
-      problem(FastaProblem::kBadCharacter, line_no_,
-              fmt::format("character '{}' at column {} in record '{}' is outside the ESM alphabet "
-                          "(accepted: LAGVSERTIDPKQNFYMHWCXBUZO in either case, '.', '-', and one '*' "
-                          "ending the record)",
-                          c, i + 1, rec.id));
+      problem(
+          FastaProblem::kBadCharacter, line_no_,
+          fmt::format("character '{}' at column {} in record '{}' is outside the ESM alphabet "
+                      "(accepted: LAGVSERTIDPKQNFYMHWCXBUZO in either case, '.', '-', and one '*' "
+                      "ending the record)",
+                      c, i + 1, rec.id));
       return false;
     }
     if (stop_seen) {
@@ -177,8 +189,9 @@ FastaReader::LineKind FastaReader::seek_first_header() {
   for (;;) {
     const LineKind kind = read_line();
     if (kind == LineKind::kEnd) {
-      HELIX_CHECK(any_content_, "{}:{}: empty file: expected FASTA records ('>' header lines), found none",
-                  path_, std::max<int64_t>(line_no_, 1));
+      HELIX_CHECK(any_content_,
+                  "{}:{}: empty file: expected FASTA records ('>' header lines), found none", path_,
+                  std::max<int64_t>(line_no_, 1));
       return kind;
     }
     if (kind == LineKind::kLine && is_blank(line_)) continue;

@@ -3,12 +3,12 @@
 // gzread unchanged), lines are cut from it, one record is held at a time; the file is never loaded
 // whole. Every malformed input stops with one error "FILE:LINE: what" (helix::Error), or, with
 // skip_bad_records, the record is dropped and counted by kind. Damaged gzip data always stops.
+#include <zlib.h>
+
 #include <array>
 #include <cstdint>
 #include <string>
 #include <string_view>
-
-#include <zlib.h>
 
 namespace helix {
 
@@ -89,7 +89,7 @@ class FastaReader {
   int64_t line_no_ = 0;
   bool pending_header_ = false;  // line_ holds a header already read by the previous record
   LineKind pending_kind_ = LineKind::kLine;
-  bool any_content_ = false;     // a non-blank line was seen
+  bool any_content_ = false;  // a non-blank line was seen
   FastaStats stats_;
 };
 
