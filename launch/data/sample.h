@@ -27,8 +27,8 @@ uint64_t stream_key(uint64_t seed, int64_t epoch, RandomStream stream);
 struct MaskingOptions {
   double select_prob = 0.15;  // share of residue positions that get a label
   double mask_prob = 0.8;     // of the selected: input becomes <mask>
-  double random_prob = 0.1;   // of the selected: input becomes a random standard amino acid
-                             // (ids 4..23) the rest (0.1) keep their input
+  double random_prob = 0.1;   // of the selected: input becomes a random amino acid (ids 4..23)
+  // The remaining selected positions (1 - mask_prob - random_prob = 0.1) keep their input.
 };
 // Throws unless every probability is in [0, 1] and mask_prob + random_prob <= 1.
 void check_masking_options(const MaskingOptions& m);
