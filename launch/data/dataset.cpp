@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 
 #include "core/error.h"
+#include "core/log.h"
 #include "launch/data/sample.h"
 #include "launch/data/tokenizer.h"
 
@@ -42,17 +43,10 @@ ProteinDataset ProteinDataset::from_fasta(const std::string& path, const FastaOp
   data.residues_.shrink_to_fit();  // growth by doubling leaves up to half the buffer unused
   data.stats_ = reader.stats();
   const FastaStats& s = data.stats_;
-  if (data.size() == 0) {
-    std::string counts;
-    for (int k = 0; k < static_cast<int>(FastaProblem::kCount); ++k)
-      if (s.skipped[static_cast<size_t>(k)] > 0)
-        counts +=
-            fmt::format("{}{} {}", counts.empty() ? "" : ", ", s.skipped[static_cast<size_t>(k)],
-                        fasta_problem_name(static_cast<FastaProblem>(k)));
-    HELIX_FAIL(
-        "{}: expected at least one good FASTA record, got none ({} records skipped: {}; first: {})",
-        path, s.skipped_total(), counts, s.first_problem);
-  }
+  HELIX_CHECK(data.size() > 0, "{}: expected at least one good FASTA record, got none ({})", path,
+              s.skipped_summary());
+  if (s.skipped_total() > 0)
+    log_warn("{}: {} good records, {}", path, data.size(), s.skipped_summary());
   return data;
 }
 

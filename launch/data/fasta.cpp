@@ -62,6 +62,18 @@ std::string_view fasta_problem_name(FastaProblem p) {
   return "?";
 }
 
+std::string FastaStats::skipped_summary() const {
+  std::string counts;
+  for (int k = 0; k < static_cast<int>(FastaProblem::kCount); ++k) {
+    const int64_t n = skipped[static_cast<size_t>(k)];
+    if (n > 0)
+      counts += fmt::format("{}{} {}", counts.empty() ? "" : ", ", n,
+                            fasta_problem_name(static_cast<FastaProblem>(k)));
+  }
+  if (counts.empty()) return "0 records skipped";
+  return fmt::format("{} records skipped: {}; first: {}", skipped_total(), counts, first_problem);
+}
+
 int64_t FastaStats::skipped_total() const {
   int64_t n = 0;
   for (const int64_t s : skipped) n += s;

@@ -41,6 +41,8 @@ struct FastaStats {
   std::array<int64_t, static_cast<int>(FastaProblem::kCount)> skipped{};  // by FastaProblem
   std::string first_problem;  // "FILE:LINE: ..." of the first skipped record, empty if none
   int64_t skipped_total() const;
+  // "3 records skipped: 2 no sequence, 1 binary data; first: FILE:LINE: ..." (for logs and errors).
+  std::string skipped_summary() const;
 };
 
 struct FastaRecord {

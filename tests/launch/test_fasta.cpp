@@ -230,6 +230,12 @@ TEST_F(FastaTest, SkipModeCountsEachKind) {
   EXPECT_NE(stats.first_problem.find("mixed.fasta:1: expected a '>' header line"),
             std::string::npos)
       << stats.first_problem;
+  EXPECT_NE(
+      stats.skipped_summary().find(
+          "6 records skipped: 1 binary data, 1 no sequence, 1 character outside the alphabet, "
+          "1 too long, 1 no id, 1 no header; first: "),
+      std::string::npos)
+      << stats.skipped_summary();
   // Strict mode stops at the first of them.
   expect_error(write("mixed2.fasta", text), {"mixed2.fasta:1: expected a '>' header line"});
 }
