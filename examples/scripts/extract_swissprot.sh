@@ -3,10 +3,13 @@
 # BLAST database (dataset_201401, molecular-function set: 459,503 sequences, 170,481,152 residues)
 # into a FASTA.gz that `helix train --data` reads.
 #
-#   extract_swissprot.sh OUT.fasta.gz                  the whole set (105 MB gzipped)
+#   extract_swissprot.sh OUT.fasta.gz                  the whole set (about 100 MB gzipped)
 #   extract_swissprot.sh --every 153 --count 3000 OUT  every 153rd record, the first 3000 of them
 #                                                      (how examples/data/swissprot_3k.fasta.gz is made)
+#   --keep-go                                          keep metastudent's GO terms in the headers
 #
+# Headers are cut to the UniProt accession (">B0RED7"); the database appends the record's GO
+# molecular-function terms (">B0RED7|GO:0046933,..."), which the masked-LM pipeline does not use.
 # Needs `blastdbcmd` (Debian package ncbi-blast+) and the database (metastudent-data, ~225 MB
 # download); both are installed with apt-get when missing and the script runs as root.
 # HELIX_SWISSPROT_DB overrides the database path. The output is byte-for-byte reproducible
@@ -16,14 +19,16 @@ set -euo pipefail
 db=${HELIX_SWISSPROT_DB:-/usr/share/metastudent-data/dataset_201401/MFO/goasp.fasta}
 every=1
 count=0
+keep_go=0
 expected_all=459503
 
-usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-1}"; }
+usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-1}"; }
 out=""
 while [ $# -gt 0 ]; do
   case $1 in
     --every) every=${2:?--every needs a number}; shift 2 ;;
     --count) count=${2:?--count needs a number}; shift 2 ;;
+    --keep-go) keep_go=1; shift ;;
     -h|--help) usage 0 ;;
     -*) echo "extract_swissprot.sh: unknown option $1" >&2; usage ;;
     *) [ -z "$out" ] || usage; out=$1; shift ;;
@@ -53,8 +58,9 @@ tmp=$(mktemp "${out}.XXXXXX")
 trap 'rm -f "$tmp"' EXIT
 # Record k (0-based) is kept when k % every == 0, up to `count` records (0 = all).
 blastdbcmd -db "$db" -entry all |
-  awk -v every="$every" -v count="$count" '
-    /^>/ { k++; keep = ((k - 1) % every == 0) && (count == 0 || kept < count); if (keep) kept++ }
+  awk -v every="$every" -v count="$count" -v keep_go="$keep_go" '
+    /^>/ { k++; keep = ((k - 1) % every == 0) && (count == 0 || kept < count); if (keep) kept++
+           if (!keep_go) sub(/\|.*/, "") }
     keep { print }' |
   gzip -n -9 > "$tmp"
 

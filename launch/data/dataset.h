@@ -38,9 +38,9 @@ class ProteinDataset {
   const FastaStats& fasta_stats() const { return stats_; }
 
  private:
-  std::vector<uint8_t> residues_;     // [total_residues] token ids
-  std::vector<int64_t> offsets_{0};   // [size + 1]
-  std::vector<uint64_t> id_hash_;     // [size] FNV-1a 64 of the record id
+  std::vector<uint8_t> residues_;    // [total_residues] token ids
+  std::vector<int64_t> offsets_{0};  // [size + 1]
+  std::vector<uint64_t> id_hash_;    // [size] FNV-1a 64 of the record id
   int64_t max_length_ = 0;
   FastaStats stats_;
 };
@@ -52,13 +52,14 @@ enum class Split { kTrain, kValidation, kAll };
 
 struct SplitOptions {
   double validation_fraction = 0.0;  // in [0, 1): share of records (by id hash) held out
-  uint64_t split_seed = 0;           // changes which records are held out; independent of the run seed
+  uint64_t split_seed = 0;  // changes which records are held out; independent of the run seed
 };
 
 // True when the record with this id hash belongs to the validation split.
 bool in_validation(uint64_t id_hash, const SplitOptions& opt);
 
 // Indices (ascending) of the records of one split.
-std::vector<int64_t> split_indices(const ProteinDataset& data, Split split, const SplitOptions& opt);
+std::vector<int64_t> split_indices(const ProteinDataset& data, Split split,
+                                   const SplitOptions& opt);
 
 }  // namespace helix

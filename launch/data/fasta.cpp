@@ -44,15 +44,34 @@ constexpr const char* kSkipHint = " (--skip-bad-records skips and counts such re
 
 std::string_view fasta_problem_name(FastaProblem p) {
   switch (p) {
-    case FastaProblem::kBinary: return "binary data";
-    case FastaProblem::kNoSequence: return "no sequence";
-    case FastaProblem::kBadCharacter: return "character outside the alphabet";
-    case FastaProblem::kTooLong: return "too long";
-    case FastaProblem::kNoId: return "no id";
-    case FastaProblem::kNoHeader: return "no header";
-    case FastaProblem::kCount: break;
+    case FastaProblem::kBinary:
+      return "binary data";
+    case FastaProblem::kNoSequence:
+      return "no sequence";
+    case FastaProblem::kBadCharacter:
+      return "character outside the alphabet";
+    case FastaProblem::kTooLong:
+      return "too long";
+    case FastaProblem::kNoId:
+      return "no id";
+    case FastaProblem::kNoHeader:
+      return "no header";
+    case FastaProblem::kCount:
+      break;
   }
   return "?";
+}
+
+std::string FastaStats::skipped_summary() const {
+  std::string counts;
+  for (int k = 0; k < static_cast<int>(FastaProblem::kCount); ++k) {
+    const int64_t n = skipped[static_cast<size_t>(k)];
+    if (n > 0)
+      counts += fmt::format("{}{} {}", counts.empty() ? "" : ", ", n,
+                            fasta_problem_name(static_cast<FastaProblem>(k)));
+  }
+  if (counts.empty()) return "0 records skipped";
+  return fmt::format("{} records skipped: {}; first: {}", skipped_total(), counts, first_problem);
 }
 
 int64_t FastaStats::skipped_total() const {
@@ -61,15 +80,18 @@ int64_t FastaStats::skipped_total() const {
   return n;
 }
 
-FastaReader::FastaReader(std::string path, const FastaOptions& opt) : path_(std::move(path)), opt_(opt) {
-  HELIX_CHECK(opt_.max_line_bytes > 0 && opt_.max_record_residues > 0,
-              "FASTA options: expected positive max_line_bytes and max_record_residues, got {} and {}",
-              opt_.max_line_bytes, opt_.max_record_residues);
+FastaReader::FastaReader(std::string path, const FastaOptions& opt)
+    : path_(std::move(path)), opt_(opt) {
+  HELIX_CHECK(
+      opt_.max_line_bytes > 0 && opt_.max_record_residues > 0,
+      "FASTA options: expected positive max_line_bytes and max_record_residues, got {} and {}",
+      opt_.max_line_bytes, opt_.max_record_residues);
   std::error_code ec;
-  HELIX_CHECK(!std::filesystem::is_directory(path_, ec), "{}: expected a FASTA file, got a directory",
-              path_);
+  HELIX_CHECK(!std::filesystem::is_directory(path_, ec),
+              "{}: expected a FASTA file, got a directory", path_);
   gz_ = gzopen(path_.c_str(), "rb");
-  HELIX_CHECK(gz_ != nullptr, "{}: cannot open: {}", path_, errno ? std::strerror(errno) : "out of memory");
+  HELIX_CHECK(gz_ != nullptr, "{}: cannot open: {}", path_,
+              errno ? std::strerror(errno) : "out of memory");
   gzbuffer(gz_, static_cast<unsigned>(kReadChunk));
   buf_.resize(kReadChunk);
 }
@@ -85,8 +107,8 @@ bool FastaReader::fill() {
   const char* msg = gzerror(gz_, &err);
   // Z_BUF_ERROR: the gzip stream ended early (a truncated .gz).
   HELIX_CHECK(got >= 0 && (err == Z_OK || err == Z_STREAM_END),
-              "{}:{}: cannot read the file: {} (damaged or truncated gzip data?)", path_, line_no_ + 1,
-              msg ? msg : "read error");
+              "{}:{}: cannot read the file: {} (damaged or truncated gzip data?)", path_,
+              line_no_ + 1, msg ? msg : "read error");
   pos_ = 0;
   end_ = static_cast<size_t>(got);
   if (got == 0) eof_ = true;
@@ -137,8 +159,9 @@ bool FastaReader::append_sequence_line(FastaRecord& rec, bool& stop_seen) {
     if (c == ' ' || c == '\t') continue;
     const auto u = static_cast<unsigned char>(c);
     if (is_control(u) || u >= 0x80) {
-      problem(FastaProblem::kBinary, line_no_,
-              fmt::format("binary data: byte 0x{:02X} at column {} in record '{}'", u, i + 1, rec.id));
+      problem(
+          FastaProblem::kBinary, line_no_,
+          fmt::format("binary data: byte 0x{:02X} at column {} in record '{}'", u, i + 1, rec.id));
       return false;
     }
     if (c == '*' && !stop_seen) {
@@ -146,11 +169,12 @@ bool FastaReader::append_sequence_line(FastaRecord& rec, bool& stop_seen) {
       continue;
     }
     if (esm_residue_id(c) < 0) {
-      problem(FastaProblem::kBadCharacter, line_no_,
-              fmt::format("character '{}' at column {} in record '{}' is outside the ESM alphabet "
-                          "(accepted: LAGVSERTIDPKQNFYMHWCXBUZO in either case, '.', '-', and one '*' "
-                          "ending the record)",
-                          c, i + 1, rec.id));
+      problem(
+          FastaProblem::kBadCharacter, line_no_,
+          fmt::format("character '{}' at column {} in record '{}' is outside the ESM alphabet "
+                      "(accepted: LAGVSERTIDPKQNFYMHWCXBUZO in either case, '.', '-', and one '*' "
+                      "ending the record)",
+                      c, i + 1, rec.id));
       return false;
     }
     if (stop_seen) {
@@ -172,93 +196,100 @@ bool FastaReader::append_sequence_line(FastaRecord& rec, bool& stop_seen) {
   return true;
 }
 
+FastaReader::LineKind FastaReader::seek_first_header() {
+  bool orphan = false;  // sequence data before the first header, reported once
+  for (;;) {
+    const LineKind kind = read_line();
+    if (kind == LineKind::kEnd) {
+      HELIX_CHECK(any_content_,
+                  "{}:{}: empty file: expected FASTA records ('>' header lines), found none", path_,
+                  std::max<int64_t>(line_no_, 1));
+      return kind;
+    }
+    if (kind == LineKind::kLine && is_blank(line_)) continue;
+    any_content_ = true;
+    if (!line_.empty() && line_[0] == '>') return kind;
+    if (orphan) continue;
+    orphan = true;
+    const size_t bad = find_binary(line_, /*ascii_only=*/true);
+    if (bad != std::string::npos)
+      problem(FastaProblem::kBinary, line_no_,
+              fmt::format("binary data (byte 0x{:02X} at column {}) where a '>' header line was "
+                          "expected; is this a FASTA file?",
+                          static_cast<unsigned char>(line_[bad]), bad + 1));
+    else
+      problem(FastaProblem::kNoHeader, line_no_,
+              fmt::format("expected a '>' header line, got '{}'", excerpt(line_)));
+  }
+}
+
+bool FastaReader::parse_header(FastaRecord& rec, LineKind kind) {
+  rec.id.clear();
+  rec.header.clear();
+  rec.sequence.clear();
+  rec.line = line_no_;
+  if (kind == LineKind::kTooLong) {
+    problem(FastaProblem::kTooLong, line_no_,
+            fmt::format("header line longer than {} bytes (max_line_bytes)", opt_.max_line_bytes));
+    return false;
+  }
+  rec.header = line_.substr(1);
+  rec.id = rec.header.substr(0, rec.header.find_first_of(" \t"));
+  const size_t bad = find_binary(rec.header, /*ascii_only=*/false);
+  if (bad != std::string::npos) {
+    problem(FastaProblem::kBinary, line_no_,
+            fmt::format("binary data: byte 0x{:02X} at column {} of a header line",
+                        static_cast<unsigned char>(rec.header[bad]), bad + 2));
+    return false;
+  }
+  if (rec.id.empty()) {
+    problem(FastaProblem::kNoId, line_no_, "header line with no id after '>'");
+    return false;
+  }
+  return true;
+}
+
+bool FastaReader::read_sequence(FastaRecord& rec, bool good) {
+  bool stop_seen = false;
+  for (;;) {
+    const LineKind k = read_line();
+    if (k == LineKind::kEnd) break;
+    if (!line_.empty() && line_[0] == '>') {  // the next record's header
+      pending_header_ = true;
+      pending_kind_ = k;
+      break;
+    }
+    if (k == LineKind::kTooLong) {
+      if (good)
+        problem(FastaProblem::kTooLong, line_no_,
+                fmt::format("line longer than {} bytes (max_line_bytes) in record '{}'",
+                            opt_.max_line_bytes, rec.id));
+      good = false;
+      continue;
+    }
+    if (good) good = append_sequence_line(rec, stop_seen);  // a bad record's lines are only skipped
+  }
+  if (good && rec.sequence.empty()) {
+    problem(FastaProblem::kNoSequence, rec.line,
+            fmt::format("record '{}' has no sequence (followed by {})", rec.id,
+                        pending_header_ ? "another header" : "the end of the file"));
+    good = false;
+  }
+  return good;
+}
+
 bool FastaReader::next(FastaRecord& rec) {
   for (;;) {
-    // 1. A header: the one the previous record stopped at, or the first of the file.
-    LineKind kind = LineKind::kLine;
+    // The header the previous record stopped at, or the first of the file.
+    LineKind kind = pending_kind_;
     if (pending_header_) {
       pending_header_ = false;
-      kind = pending_kind_;
     } else {
-      bool orphan = false;  // sequence data before the first header, reported once
-      for (;;) {
-        kind = read_line();
-        if (kind == LineKind::kEnd) break;
-        if (kind == LineKind::kLine && is_blank(line_)) continue;
-        any_content_ = true;
-        if (!line_.empty() && line_[0] == '>') break;
-        if (orphan) continue;
-        orphan = true;
-        const size_t bad = find_binary(line_, /*ascii_only=*/true);
-        if (bad != std::string::npos)
-          problem(FastaProblem::kBinary, line_no_,
-                  fmt::format("binary data (byte 0x{:02X} at column {}) where a '>' header line was "
-                              "expected; is this a FASTA file?",
-                              static_cast<unsigned char>(line_[bad]), bad + 1));
-        else
-          problem(FastaProblem::kNoHeader, line_no_,
-                  fmt::format("expected a '>' header line, got '{}'", excerpt(line_)));
-      }
-      if (kind == LineKind::kEnd) {
-        HELIX_CHECK(any_content_, "{}:{}: empty file: expected FASTA records ('>' header lines), found none",
-                    path_, std::max<int64_t>(line_no_, 1));
-        return false;
-      }
+      kind = seek_first_header();
+      if (kind == LineKind::kEnd) return false;
     }
-
-    // 2. The header line itself.
-    rec.id.clear();
-    rec.header.clear();
-    rec.sequence.clear();
-    rec.line = line_no_;
-    bool good = true;
-    if (kind == LineKind::kTooLong) {
-      problem(FastaProblem::kTooLong, line_no_,
-              fmt::format("header line longer than {} bytes (max_line_bytes)", opt_.max_line_bytes));
-      good = false;
-    } else {
-      rec.header = line_.substr(1);
-      const size_t bad = find_binary(rec.header, /*ascii_only=*/false);
-      const size_t end = rec.header.find_first_of(" \t");
-      rec.id = rec.header.substr(0, end);
-      if (bad != std::string::npos) {
-        problem(FastaProblem::kBinary, line_no_,
-                fmt::format("binary data: byte 0x{:02X} at column {} of a header line",
-                            static_cast<unsigned char>(rec.header[bad]), bad + 2));
-        good = false;
-      } else if (rec.id.empty()) {
-        problem(FastaProblem::kNoId, line_no_, "header line with no id after '>'");
-        good = false;
-      }
-    }
-
-    // 3. Sequence lines up to the next header or the end of the file.
-    bool stop_seen = false;
-    for (;;) {
-      const LineKind k = read_line();
-      if (k == LineKind::kEnd) break;
-      if (!line_.empty() && line_[0] == '>') {
-        pending_header_ = true;
-        pending_kind_ = k;
-        break;
-      }
-      if (k == LineKind::kTooLong) {
-        if (good)
-          problem(FastaProblem::kTooLong, line_no_,
-                  fmt::format("line longer than {} bytes (max_line_bytes) in record '{}'",
-                              opt_.max_line_bytes, rec.id));
-        good = false;
-        continue;
-      }
-      if (good) good = append_sequence_line(rec, stop_seen);
-    }
-    if (good && rec.sequence.empty()) {
-      problem(FastaProblem::kNoSequence, rec.line,
-              fmt::format("record '{}' has no sequence (followed by {})", rec.id,
-                          pending_header_ ? "another header" : "the end of the file"));
-      good = false;
-    }
-    if (good) {
+    const bool header_ok = parse_header(rec, kind);
+    if (read_sequence(rec, header_ok)) {
       ++stats_.records;
       stats_.residues += static_cast<int64_t>(rec.sequence.size());
       return true;

@@ -3,12 +3,12 @@
 // gzread unchanged), lines are cut from it, one record is held at a time; the file is never loaded
 // whole. Every malformed input stops with one error "FILE:LINE: what" (helix::Error), or, with
 // skip_bad_records, the record is dropped and counted by kind. Damaged gzip data always stops.
+#include <zlib.h>
+
 #include <array>
 #include <cstdint>
 #include <string>
 #include <string_view>
-
-#include <zlib.h>
 
 namespace helix {
 
@@ -41,6 +41,8 @@ struct FastaStats {
   std::array<int64_t, static_cast<int>(FastaProblem::kCount)> skipped{};  // by FastaProblem
   std::string first_problem;  // "FILE:LINE: ..." of the first skipped record, empty if none
   int64_t skipped_total() const;
+  // "3 records skipped: 2 no sequence, 1 binary data; first: FILE:LINE: ..." (for logs and errors).
+  std::string skipped_summary() const;
 };
 
 struct FastaRecord {
@@ -69,6 +71,13 @@ class FastaReader {
   bool fill();           // refill buf_ from gzread; false at the end of the data
   // Records `problem` for the record starting at `line`: throws unless skip_bad_records.
   void problem(FastaProblem kind, int64_t line, const std::string& what);
+  // Skips blank lines to the first header (reporting lines before it); kEnd at the end of the file.
+  LineKind seek_first_header();
+  // Fills rec's id and header from the header line in line_; false (problem recorded) when bad.
+  bool parse_header(FastaRecord& rec, LineKind kind);
+  // Reads the sequence lines up to the next header or the end; false when the record is bad.
+  // `good` false: the header was bad, the lines are only skipped.
+  bool read_sequence(FastaRecord& rec, bool good);
   // Checks one sequence line and appends its residues; false (problem recorded) when bad.
   bool append_sequence_line(FastaRecord& rec, bool& stop_seen);
 
@@ -82,7 +91,7 @@ class FastaReader {
   int64_t line_no_ = 0;
   bool pending_header_ = false;  // line_ holds a header already read by the previous record
   LineKind pending_kind_ = LineKind::kLine;
-  bool any_content_ = false;     // a non-blank line was seen
+  bool any_content_ = false;  // a non-blank line was seen
   FastaStats stats_;
 };
 

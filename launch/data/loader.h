@@ -1,11 +1,11 @@
 #pragma once
-// DataLoader: the micro-batches of one data-parallel rank. Per epoch the split's proteins are put in
-// a seeded order (Philox Fisher-Yates keyed by seed and epoch), cut greedily into packed batches (the
-// epoch's plan), and the plan's global batches are dealt round-robin: at cursor position p, rank r
-// takes global batch p + r and every rank advances p by world_size. The tail of an epoch that cannot
-// give every rank a batch is dropped, so all ranks do the same number of batches per step.
-// The cursor (epoch, position) is the same on every rank and is all a checkpoint must save: a batch
-// is a pure function of (dataset, split, options, epoch, global batch index).
+// DataLoader: the micro-batches of one data-parallel rank. Per epoch the split's proteins are put
+// in a seeded order (Philox Fisher-Yates keyed by seed and epoch), cut greedily into packed batches
+// (the epoch's plan), and the plan's global batches are dealt round-robin: at cursor position p,
+// rank r takes global batch p + r and every rank advances p by world_size. The tail of an epoch
+// that cannot give every rank a batch is dropped, so all ranks do the same number of batches per
+// step. The cursor (epoch, position) is the same on every rank and is all a checkpoint must save: a
+// batch is a pure function of (dataset, split, options, epoch, global batch index).
 #include <cstdint>
 #include <memory>
 #include <vector>
@@ -48,7 +48,8 @@ class DataLoader {
   int64_t num_batches(int64_t epoch) const;
   // Batches each rank gets from `epoch`: num_batches(epoch) / world_size.
   int64_t batches_per_rank(int64_t epoch) const { return num_batches(epoch) / opt_.world_size; }
-  // Global batch `global_index` of `epoch`, whichever rank it belongs to (validation loops and tests).
+  // Global batch `global_index` of `epoch`, whichever rank it belongs to (validation loops and
+  // tests).
   PackedBatch batch(int64_t epoch, int64_t global_index) const;
   // Protein order of `epoch` (dataset indices).
   std::vector<int64_t> epoch_order(int64_t epoch) const;

@@ -16,9 +16,13 @@ void check_packing_options(const PackingOptions& p) {
               "packing: expected --tokens-per-batch in [3, 2^31), got {}", p.tokens_per_batch);
 }
 
-int64_t sample_tokens(int64_t length, int64_t max_residues) { return std::min(length, max_residues) + 2; }
+int64_t sample_tokens(int64_t length, int64_t max_residues) {
+  return std::min(length, max_residues) + 2;
+}
 
-int64_t padded_tokens(int64_t tokens, int64_t multiple) { return (tokens + multiple - 1) / multiple * multiple; }
+int64_t padded_tokens(int64_t tokens, int64_t multiple) {
+  return (tokens + multiple - 1) / multiple * multiple;
+}
 
 std::vector<BatchRange> plan_batches(const ProteinDataset& data, std::span<const int64_t> order,
                                      const PackingOptions& opt) {
@@ -29,10 +33,11 @@ std::vector<BatchRange> plan_batches(const ProteinDataset& data, std::span<const
     const int64_t i = order[k];
     const int64_t s = sample_tokens(data.length(i), opt.max_residues);
     const int64_t need = padded_tokens(s, opt.pad_to_multiple);
-    HELIX_CHECK(need <= opt.tokens_per_batch,
-                "packing: protein {} needs {} tokens (min({} residues, max_residues {}) + <cls> + <eos>, "
-                "padded to a multiple of {}), expected at most --tokens-per-batch {}",
-                i, need, data.length(i), opt.max_residues, opt.pad_to_multiple, opt.tokens_per_batch);
+    HELIX_CHECK(
+        need <= opt.tokens_per_batch,
+        "packing: protein {} needs {} tokens (min({} residues, max_residues {}) + <cls> + <eos>, "
+        "padded to a multiple of {}), expected at most --tokens-per-batch {}",
+        i, need, data.length(i), opt.max_residues, opt.pad_to_multiple, opt.tokens_per_batch);
     if (batches.empty() || used + need > opt.tokens_per_batch) {
       batches.push_back({static_cast<int64_t>(k), static_cast<int64_t>(k)});
       used = 0;
@@ -55,8 +60,8 @@ PackedBatch pack_batch(const ProteinDataset& data, std::span<const int64_t> indi
   std::vector<int32_t> cu(static_cast<size_t>(b + 1), 0), cu_pad(static_cast<size_t>(b + 1), 0);
   for (int64_t k = 0; k < b; ++k) {
     const int64_t i = indices[static_cast<size_t>(k)];
-    HELIX_CHECK(i >= 0 && i < data.size(), "pack_batch: expected dataset indices in [0, {}), got {}",
-                data.size(), i);
+    HELIX_CHECK(i >= 0 && i < data.size(),
+                "pack_batch: expected dataset indices in [0, {}), got {}", data.size(), i);
     const int64_t s = sample_tokens(data.length(i), p.packing.max_residues);
     const int64_t sp = padded_tokens(s, p.packing.pad_to_multiple);
     cu[static_cast<size_t>(k + 1)] = cu[static_cast<size_t>(k)] + static_cast<int32_t>(s);
@@ -66,8 +71,8 @@ PackedBatch pack_batch(const ProteinDataset& data, std::span<const int64_t> indi
   }
   const int64_t t = cu_pad.back();
   HELIX_CHECK(t <= p.packing.tokens_per_batch,
-              "pack_batch: {} proteins need {} tokens, expected at most --tokens-per-batch {}", b, t,
-              p.packing.tokens_per_batch);
+              "pack_batch: {} proteins need {} tokens, expected at most --tokens-per-batch {}", b,
+              t, p.packing.tokens_per_batch);
   out.tokens = Tensor::empty({t}, DType::kI32);
   out.labels = Tensor::empty({t}, DType::kI32);
   int32_t* tok = out.tokens.data<int32_t>();

@@ -33,8 +33,9 @@ struct PackedBatch {
   Tensor tokens;             // i32 [T], T = cu_seqlens_padded[b]
   Tensor labels;             // i32 [T], original id at masked positions, kIgnoreLabel elsewhere
   Tensor cu_seqlens;         // i32 [b+1], cumulative real lengths s_i (cls + residues + eos)
-  Tensor cu_seqlens_padded;  // i32 [b+1], cumulative padded lengths (equal to cu_seqlens without padding)
-  int32_t max_seqlen = 0;         // max s_i
+  Tensor cu_seqlens_padded;  // i32 [b+1], cumulative padded lengths (equal to cu_seqlens without
+                             // padding)
+  int32_t max_seqlen = 0;    // max s_i
   int32_t max_seqlen_padded = 0;  // max padded s_i
   int64_t num_tokens = 0;         // real tokens, sum of s_i (= cu_seqlens[b])
   int64_t num_labels = 0;         // positions with a label (!= kIgnoreLabel)

@@ -1,9 +1,10 @@
 #pragma once
 // One masked-LM sample from one protein: a random crop to at most max_residues residues, then
-// <cls> crop <eos>, then ESM-2/BERT masking of the residue positions (never <cls>, <eos> or padding).
-// All randomness is Philox (core/philox.h) addressed by (seed, epoch, dataset index): the key is
-// derived from (seed, epoch, stream), the subsequence is the dataset index, the counter the residue
-// position. A sample is therefore a pure function of those numbers, whatever batch it lands in.
+// <cls> crop <eos>, then ESM-2/BERT masking of the residue positions (never <cls>, <eos> or
+// padding). All randomness is Philox (core/philox.h) addressed by (seed, epoch, dataset index): the
+// key is derived from (seed, epoch, stream), the subsequence is the dataset index, the counter the
+// residue position. A sample is therefore a pure function of those numbers, whatever batch it lands
+// in.
 #include <cstdint>
 #include <span>
 
@@ -26,8 +27,8 @@ uint64_t stream_key(uint64_t seed, int64_t epoch, RandomStream stream);
 struct MaskingOptions {
   double select_prob = 0.15;  // share of residue positions that get a label
   double mask_prob = 0.8;     // of the selected: input becomes <mask>
-  double random_prob = 0.1;   // of the selected: input becomes a random standard amino acid (ids 4..23)
-                              // the rest (0.1) keep their input
+  double random_prob = 0.1;   // of the selected: input becomes a random amino acid (ids 4..23)
+  // The remaining selected positions (1 - mask_prob - random_prob = 0.1) keep their input.
 };
 // Throws unless every probability is in [0, 1] and mask_prob + random_prob <= 1.
 void check_masking_options(const MaskingOptions& m);
@@ -45,12 +46,13 @@ struct CropWindow {
   int64_t length = 0;  // residues kept: min(protein length, max_residues)
 };
 
-// Uniform start in [0, length - max_residues] for proteins longer than max_residues, else the whole.
+// Uniform start in [0, length - max_residues] for proteins longer than max_residues, else the
+// whole.
 CropWindow crop_window(int64_t length, const SampleParams& p);
 
-// Writes the sample of `residues` (one protein, ids 4..30): tokens [n + 2] = <cls> crop' <eos> where
-// crop' is the crop with the masking applied, labels [n + 2] = the original id at selected positions
-// and kIgnoreLabel elsewhere (always at <cls> and <eos>). Returns n + 2.
+// Writes the sample of `residues` (one protein, ids 4..30): tokens [n + 2] = <cls> crop' <eos>
+// where crop' is the crop with the masking applied, labels [n + 2] = the original id at selected
+// positions and kIgnoreLabel elsewhere (always at <cls> and <eos>). Returns n + 2.
 int64_t make_sample(std::span<const uint8_t> residues, const SampleParams& p, int32_t* tokens,
                     int32_t* labels);
 

@@ -8,10 +8,13 @@ namespace helix {
 namespace {
 
 // Index = token id. Order verified against facebook/esm2_t6_8M_UR50D vocab.txt.
+// clang-format off
 constexpr std::array<std::string_view, kEsmVocabSize> kTokens = {
-    "<cls>", "<pad>", "<eos>", "<unk>", "L", "A", "G", "V", "S", "E", "R",
-    "T",     "I",     "D",     "P",     "K", "Q", "N", "F", "Y", "M", "H",
-    "W",     "C",     "X",     "B",     "U", "Z", "O", ".", "-", "<null_1>", "<mask>"};
+    "<cls>", "<pad>", "<eos>", "<unk>",
+    "L", "A", "G", "V", "S", "E", "R", "T", "I", "D", "P", "K", "Q", "N", "F", "Y", "M", "H", "W", "C",
+    "X", "B", "U", "Z", "O", ".", "-",
+    "<null_1>", "<mask>"};
+// clang-format on
 
 // Byte -> residue id (or -1), built once from kTokens.
 struct ResidueTable {
@@ -31,7 +34,9 @@ constexpr ResidueTable kResidues{};
 static_assert(kResidues.id['L'] == kEsmFirstStandardId && kResidues.id['C'] == 23 &&
               kResidues.id['-'] == 30);
 
-bool is_space(char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\v' || c == '\f'; }
+bool is_space(char c) {
+  return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\v' || c == '\f';
+}
 
 }  // namespace
 

@@ -25,7 +25,8 @@ namespace {
 const std::string kStandard = "LAGVSERTIDPKQNFYMHWC";  // ids 4..23
 
 // `n` proteins of standard amino acids with lengths in [min_len, max_len], drawn from Philox.
-std::shared_ptr<ProteinDataset> random_dataset(int64_t n, int64_t min_len, int64_t max_len, uint64_t seed = 11) {
+std::shared_ptr<ProteinDataset> random_dataset(int64_t n, int64_t min_len, int64_t max_len,
+                                               uint64_t seed = 11) {
   auto data = std::make_shared<ProteinDataset>();
   for (int64_t r = 0; r < n; ++r) {
     const auto len = min_len + static_cast<int64_t>(philox_u32(seed, static_cast<uint64_t>(r), 0) %
@@ -38,7 +39,9 @@ std::shared_ptr<ProteinDataset> random_dataset(int64_t n, int64_t min_len, int64
   return data;
 }
 
-std::vector<int64_t> all_indices(const ProteinDataset& d) { return split_indices(d, Split::kAll, {}); }
+std::vector<int64_t> all_indices(const ProteinDataset& d) {
+  return split_indices(d, Split::kAll, {});
+}
 
 std::vector<int32_t> ints(const Tensor& t) { return t.to_vector<int32_t>(); }
 
@@ -72,7 +75,7 @@ TEST(Sample, CropWindow) {
     hi = std::max(hi, w.start);
     starts.insert(w.start);
   }
-  EXPECT_LT(lo, 10);          // uniform over [0, 1978]: both ends are reached
+  EXPECT_LT(lo, 10);  // uniform over [0, 1978]: both ends are reached
   EXPECT_GT(hi, 1978 - 10);
   EXPECT_GT(starts.size(), 1200u);
   // Keyed by the epoch: the same protein is cropped elsewhere next epoch.
@@ -136,13 +139,14 @@ TEST(Sample, MaskingStatistics) {
   }
   ASSERT_GT(positions, 1000000);
   const double sel = double(selected) / double(positions);
-  EXPECT_NEAR(sel, 0.15, 0.002);  // sigma ~ 3e-4
+  EXPECT_NEAR(sel, 0.15, 0.002);                                // sigma ~ 3e-4
   EXPECT_NEAR(double(masked) / double(selected), 0.80, 0.006);  // sigma ~ 1.3e-3
   EXPECT_NEAR(double(random_changed) / double(selected), 0.10 * 19.0 / 20.0, 0.004);
   EXPECT_NEAR(double(kept) / double(selected), 0.10 + 0.10 / 20.0, 0.004);
   // Random and kept tokens are standard amino acids, never specials or X/B/U/Z/O/./-.
   for (int32_t t = 0; t < kEsmVocabSize; ++t)
-    if (t < kEsmFirstStandardId || t >= kEsmFirstStandardId + kEsmNumStandard) EXPECT_EQ(random_hist[t], 0) << t;
+    if (t < kEsmFirstStandardId || t >= kEsmFirstStandardId + kEsmNumStandard)
+      EXPECT_EQ(random_hist[t], 0) << t;
 }
 
 TEST(Sample, RandomReplacementIsUniformOverStandardAminoAcids) {
@@ -229,7 +233,8 @@ void check_batch(const ProteinDataset& data, const PackedBatch& b, const Packing
 TEST(Packing, InvariantsWithAndWithoutPadding) {
   auto data = random_dataset(600, 1, 1400);
   for (const int32_t multiple : {1, 8, 16}) {
-    const PackingOptions opt{.tokens_per_batch = 4096, .pad_to_multiple = multiple, .max_residues = 1022};
+    const PackingOptions opt{
+        .tokens_per_batch = 4096, .pad_to_multiple = multiple, .max_residues = 1022};
     const std::vector<int64_t> order = all_indices(*data);
     const auto plan = plan_batches(*data, order, opt);
     ASSERT_GT(plan.size(), 10u);
@@ -238,7 +243,8 @@ TEST(Packing, InvariantsWithAndWithoutPadding) {
       EXPECT_EQ(plan[k].begin, next);  // consecutive, every protein once
       EXPECT_GT(plan[k].end, plan[k].begin);
       next = plan[k].end;
-      const std::span<const int64_t> ids(order.data() + plan[k].begin, size_t(plan[k].end - plan[k].begin));
+      const std::span<const int64_t> ids(order.data() + plan[k].begin,
+                                         size_t(plan[k].end - plan[k].begin));
       const PackedBatch b = pack_batch(*data, ids, {.seed = 1, .epoch = 0, .packing = opt});
       check_batch(*data, b, opt);
       // Greedy: the first protein of the next batch did not fit into this one.
@@ -260,7 +266,8 @@ TEST(Packing, BudgetTooSmallForTheLongestCrop) {
     DataLoader loader(data, all_indices(*data), opt);
     ADD_FAILURE() << "expected an error";
   } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("expected --tokens-per-batch >= 1024, got 1000"), std::string::npos)
+    EXPECT_NE(std::string(e.what()).find("expected --tokens-per-batch >= 1024, got 1000"),
+              std::string::npos)
         << e.what();
   }
   // The crop makes it fit: 998 residues + cls + eos = 1000 tokens.
@@ -305,7 +312,8 @@ TEST(Split, DeterministicByIdAndDisjoint) {
   EXPECT_EQ(train.size() + valid.size(), 20000u);
   EXPECT_NEAR(double(valid.size()) / 20000.0, 0.1, 0.008);
   std::vector<int64_t> both;
-  std::set_intersection(train.begin(), train.end(), valid.begin(), valid.end(), std::back_inserter(both));
+  std::set_intersection(train.begin(), train.end(), valid.begin(), valid.end(),
+                        std::back_inserter(both));
   EXPECT_TRUE(both.empty());
   // The side depends on the id only: the same ids in another order and file keep their side.
   ProteinDataset reversed;
@@ -316,7 +324,8 @@ TEST(Split, DeterministicByIdAndDisjoint) {
   std::sort(mapped.begin(), mapped.end());
   EXPECT_EQ(mapped, valid);
   // Another split seed holds out other proteins; fraction 0 holds out none.
-  EXPECT_NE(split_indices(*data, Split::kValidation, {.validation_fraction = 0.1, .split_seed = 1}), valid);
+  EXPECT_NE(split_indices(*data, Split::kValidation, {.validation_fraction = 0.1, .split_seed = 1}),
+            valid);
   EXPECT_TRUE(split_indices(*data, Split::kValidation, {}).empty());
   EXPECT_THROW(split_indices(*data, Split::kTrain, {.validation_fraction = 1.0}), Error);
 }
@@ -401,7 +410,8 @@ TEST(Loader, ResumeFromCursorReproducesTheBatches) {
     batches.push_back(run.next());
   }
   EXPECT_GE(batches.back().epoch, 2);
-  for (const size_t from : {size_t{0}, size_t{3}, static_cast<size_t>(per_epoch), batches.size() - 2}) {
+  for (const size_t from :
+       {size_t{0}, size_t{3}, static_cast<size_t>(per_epoch), batches.size() - 2}) {
     DataLoader resumed(data, all_indices(*data), opt);  // a fresh process after a restart
     resumed.set_cursor(saved[from]);
     for (size_t k = from; k < batches.size(); ++k) expect_same_batch(resumed.next(), batches[k]);
@@ -429,7 +439,10 @@ TEST(BundledData, SwissProt3k) {
   const auto data = std::make_shared<ProteinDataset>(ProteinDataset::from_fasta(path));
   EXPECT_EQ(data->size(), 3000);
   EXPECT_EQ(data->fasta_stats().skipped_total(), 0);
-  EXPECT_GT(data->total_residues(), 800000);
+  EXPECT_EQ(data->total_residues(), 1125081);
+  EXPECT_EQ(data->id_hash(0), hash_record_id("B0RED7"));  // record 0 of the database
+  const auto first = data->residues(0).subspan(0, 10);
+  EXPECT_EQ(esm_decode(std::vector<int32_t>(first.begin(), first.end())), "MGSASRASLD");
   const auto train = split_indices(*data, Split::kTrain, {.validation_fraction = 0.05});
   const auto valid = split_indices(*data, Split::kValidation, {.validation_fraction = 0.05});
   EXPECT_NEAR(double(valid.size()) / 3000.0, 0.05, 0.015);

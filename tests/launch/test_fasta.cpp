@@ -1,5 +1,5 @@
-// FASTA / FASTA.gz reader: wrapped lines, gzip, CRLF, every malformed case with its "FILE:LINE: what"
-// message, skip mode counts, and the dataset built on top.
+// FASTA / FASTA.gz reader: wrapped lines, gzip, CRLF, every malformed case with its "FILE:LINE:
+// what" message, skip mode counts, and the dataset built on top.
 #include <gtest/gtest.h>
 #include <unistd.h>
 #include <zlib.h>
@@ -38,8 +38,9 @@ class FastaTest : public ::testing::Test {
     if (name.ends_with(".gz")) {
       gzFile f = gzopen(path.c_str(), "wb");
       EXPECT_NE(f, nullptr);
-      if (!bytes.empty()) EXPECT_EQ(gzwrite(f, bytes.data(), static_cast<unsigned>(bytes.size())),
-                                    static_cast<int>(bytes.size()));
+      if (!bytes.empty())
+        EXPECT_EQ(gzwrite(f, bytes.data(), static_cast<unsigned>(bytes.size())),
+                  static_cast<int>(bytes.size()));
       gzclose(f);
     } else {
       std::ofstream(path, std::ios::binary) << bytes;
@@ -65,7 +66,8 @@ class FastaTest : public ::testing::Test {
       ADD_FAILURE() << "expected an error reading " << path;
     } catch (const Error& e) {
       const std::string msg = e.what();
-      for (const std::string& p : pieces) EXPECT_NE(msg.find(p), std::string::npos) << "'" << p << "' not in: " << msg;
+      for (const std::string& p : pieces)
+        EXPECT_NE(msg.find(p), std::string::npos) << "'" << p << "' not in: " << msg;
     }
   }
 
@@ -137,7 +139,8 @@ TEST_F(FastaTest, BinaryData) {
                {"nul.fasta:3: binary data: byte 0x00 at column 3 in record 'a'"});
   expect_error(write("hdr.fasta", std::string(">a\x01z\nMKT\n")),
                {"hdr.fasta:1: binary data: byte 0x01 at column 3 of a header line"});
-  expect_error(write("high.fasta", ">a\nMK\xC3\xA9T\n"), {"high.fasta:2: binary data: byte 0xC3 at column 3"});
+  expect_error(write("high.fasta", ">a\nMK\xC3\xA9T\n"),
+               {"high.fasta:2: binary data: byte 0xC3 at column 3"});
 }
 
 TEST_F(FastaTest, RecordWithoutSequence) {
@@ -149,17 +152,20 @@ TEST_F(FastaTest, RecordWithoutSequence) {
 }
 
 TEST_F(FastaTest, CharactersOutsideTheAlphabet) {
-  expect_error(write("digit.fasta", ">a\nMKT\nMK1T\n"),
-               {"digit.fasta:3: character '1' at column 3 in record 'a' is outside the ESM alphabet"});
+  expect_error(
+      write("digit.fasta", ">a\nMKT\nMK1T\n"),
+      {"digit.fasta:3: character '1' at column 3 in record 'a' is outside the ESM alphabet"});
   expect_error(write("j.fasta", ">x\nMJ\n"), {"j.fasta:2: character 'J' at column 2"});
-  expect_error(write("stop.fasta", ">a\nMK*\nT\n"), {"stop.fasta:3: residue 'T' at column 1 in record 'a' follows a '*'"});
+  expect_error(write("stop.fasta", ">a\nMK*\nT\n"),
+               {"stop.fasta:3: residue 'T' at column 1 in record 'a' follows a '*'"});
   expect_error(write("stop2.fasta", ">a\nMK**\n"), {"stop2.fasta:2: character '*' at column 4"});
 }
 
 TEST_F(FastaTest, TooLong) {
   // The default limit, 1 MiB per line: a 3 MiB line stops after 1 MiB, the rest is never held.
   const std::string huge = ">a\n" + std::string(3u << 20, 'A') + "\n";
-  expect_error(write("huge.fasta.gz", huge), {"huge.fasta.gz:2: line longer than 1048576 bytes (max_line_bytes)"});
+  expect_error(write("huge.fasta.gz", huge),
+               {"huge.fasta.gz:2: line longer than 1048576 bytes (max_line_bytes)"});
   expect_error(write("line.fasta", ">a\n" + std::string(40, 'A') + "\n"),
                {"line.fasta:2: line longer than 16 bytes"}, {.max_line_bytes = 16});
   expect_error(write("hline.fasta", ">" + std::string(40, 'h') + "\nMKT\n"),
@@ -177,7 +183,8 @@ TEST_F(FastaTest, TooLong) {
 TEST_F(FastaTest, HeaderProblems) {
   expect_error(write("noid.fasta", ">\nMKT\n"), {"noid.fasta:1: header line with no id"});
   expect_error(write("noid2.fasta", "> desc\nMKT\n"), {"noid2.fasta:1: header line with no id"});
-  expect_error(write("nohdr.fasta", "\nMKT\n>a\nMKT\n"), {"nohdr.fasta:2: expected a '>' header line, got 'MKT'"});
+  expect_error(write("nohdr.fasta", "\nMKT\n>a\nMKT\n"),
+               {"nohdr.fasta:2: expected a '>' header line, got 'MKT'"});
 }
 
 TEST_F(FastaTest, UnreadableFiles) {
@@ -185,7 +192,8 @@ TEST_F(FastaTest, UnreadableFiles) {
   expect_error(dir_.string(), {"expected a FASTA file, got a directory"});
   // A truncated .gz stops even in skip mode: damaged data is not a bad record.
   std::string text;
-  for (int r = 0; r < 2000; ++r) text += ">r" + std::to_string(r) + "\nMKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQ\n";
+  for (int r = 0; r < 2000; ++r)
+    text += ">r" + std::to_string(r) + "\nMKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQ\n";
   const std::string path = write("cut.fasta.gz", text);
   const auto size = fs::file_size(path);
   fs::resize_file(path, size / 2);
@@ -194,15 +202,16 @@ TEST_F(FastaTest, UnreadableFiles) {
 
 TEST_F(FastaTest, SkipModeCountsEachKind) {
   const std::string text = std::string("junk before the first header\n") +  // no header, line 1
-                           ">good1\nMKT\n" +                                  // good
-                           ">nul\nMK" + std::string(1, '\0') + "T\n" +        // binary
-                           ">noseq\n" +                                       // no sequence
-                           ">digit\nMK1\nMKT\n" +                             // bad character
-                           ">long\n" + std::string(40, 'A') + "\n" +          // too long
-                           ">\nMKT\n" +                                       // no id
-                           ">good2 two\nLLL\nAA\n";                           // good
+                           ">good1\nMKT\n" +                                // good
+                           ">nul\nMK" + std::string(1, '\0') + "T\n" +      // binary
+                           ">noseq\n" +                                     // no sequence
+                           ">digit\nMK1\nMKT\n" +                           // bad character
+                           ">long\n" + std::string(40, 'A') + "\n" +        // too long
+                           ">\nMKT\n" +                                     // no id
+                           ">good2 two\nLLL\nAA\n";                         // good
   FastaStats stats;
-  const auto recs = read_all(write("mixed.fasta", text), {.skip_bad_records = true, .max_line_bytes = 32}, &stats);
+  const auto recs = read_all(write("mixed.fasta", text),
+                             {.skip_bad_records = true, .max_line_bytes = 32}, &stats);
   ASSERT_EQ(recs.size(), 2u);
   EXPECT_EQ(recs[0].id, "good1");
   EXPECT_EQ(recs[1].id, "good2");
@@ -218,8 +227,15 @@ TEST_F(FastaTest, SkipModeCountsEachKind) {
   EXPECT_EQ(stats.skipped_total(), 6);
   EXPECT_EQ(stats.records, 2);
   EXPECT_EQ(stats.residues, 8);
-  EXPECT_NE(stats.first_problem.find("mixed.fasta:1: expected a '>' header line"), std::string::npos)
+  EXPECT_NE(stats.first_problem.find("mixed.fasta:1: expected a '>' header line"),
+            std::string::npos)
       << stats.first_problem;
+  EXPECT_NE(
+      stats.skipped_summary().find(
+          "6 records skipped: 1 binary data, 1 no sequence, 1 character outside the alphabet, "
+          "1 too long, 1 no id, 1 no header; first: "),
+      std::string::npos)
+      << stats.skipped_summary();
   // Strict mode stops at the first of them.
   expect_error(write("mixed2.fasta", text), {"mixed2.fasta:1: expected a '>' header line"});
 }
@@ -230,7 +246,8 @@ TEST_F(FastaTest, DatasetFromFasta) {
   ASSERT_EQ(data.size(), 3);
   EXPECT_EQ(data.length(1), 4);
   const auto r = data.residues(1);
-  EXPECT_EQ(std::vector<uint8_t>(r.begin(), r.end()), (std::vector<uint8_t>{4, 5, 6, 7}));  // L A G V
+  EXPECT_EQ(std::vector<uint8_t>(r.begin(), r.end()),
+            (std::vector<uint8_t>{4, 5, 6, 7}));  // L A G V
   EXPECT_EQ(data.total_residues(), 8);
   EXPECT_EQ(data.max_length(), 4);
   EXPECT_EQ(data.id_hash(2), hash_record_id("c"));
@@ -241,9 +258,10 @@ TEST_F(FastaTest, DatasetFromFasta) {
     ADD_FAILURE() << "expected an error";
   } catch (const Error& e) {
     const std::string msg = e.what();
-    EXPECT_NE(msg.find("bad.fasta: expected at least one good FASTA record, got none (2 records skipped: "
-                       "1 no sequence, 1 character outside the alphabet"),
-              std::string::npos)
+    EXPECT_NE(
+        msg.find("bad.fasta: expected at least one good FASTA record, got none (2 records skipped: "
+                 "1 no sequence, 1 character outside the alphabet"),
+        std::string::npos)
         << msg;
   }
 }

@@ -16,11 +16,12 @@ using Ids = std::vector<int32_t>;
 
 TEST(Tokenizer, VocabOrderMatchesEsm2) {
   const std::vector<std::string> expected = {
-      "<cls>", "<pad>", "<eos>", "<unk>", "L", "A", "G", "V", "S", "E", "R",
-      "T",     "I",     "D",     "P",     "K", "Q", "N", "F", "Y", "M", "H",
+      "<cls>", "<pad>", "<eos>", "<unk>", "L", "A", "G", "V", "S", "E",        "R",
+      "T",     "I",     "D",     "P",     "K", "Q", "N", "F", "Y", "M",        "H",
       "W",     "C",     "X",     "B",     "U", "Z", "O", ".", "-", "<null_1>", "<mask>"};
   ASSERT_EQ(static_cast<int32_t>(expected.size()), kEsmVocabSize);
-  for (int32_t id = 0; id < kEsmVocabSize; ++id) EXPECT_EQ(esm_token(id), expected[id]) << "id " << id;
+  for (int32_t id = 0; id < kEsmVocabSize; ++id)
+    EXPECT_EQ(esm_token(id), expected[id]) << "id " << id;
   EXPECT_EQ(kEsmClsId, 0);
   EXPECT_EQ(kEsmPadId, 1);
   EXPECT_EQ(kEsmEosId, 2);
@@ -40,12 +41,14 @@ TEST(Tokenizer, EveryTokenWrittenOut) {
   Ids with_specials = {0};
   with_specials.insert(with_specials.end(), expected.begin(), expected.end());
   with_specials.push_back(2);
-  EXPECT_EQ(esm_encode("<cls><pad><eos><unk>LAGVSERTIDPKQNFYMHWCXBUZO.-<null_1><mask>"), with_specials);
+  EXPECT_EQ(esm_encode("<cls><pad><eos><unk>LAGVSERTIDPKQNFYMHWCXBUZO.-<null_1><mask>"),
+            with_specials);
 }
 
 TEST(Tokenizer, MatchesEsmTokenizer) {
   EXPECT_EQ(esm_encode("MKTAYIAK"), (Ids{0, 20, 15, 11, 5, 19, 12, 5, 15, 2}));
-  EXPECT_EQ(esm_encode("MKTAYIAK", {.add_special_tokens = false}), (Ids{20, 15, 11, 5, 19, 12, 5, 15}));
+  EXPECT_EQ(esm_encode("MKTAYIAK", {.add_special_tokens = false}),
+            (Ids{20, 15, 11, 5, 19, 12, 5, 15}));
   EXPECT_EQ(esm_encode("A<mask>C"), (Ids{0, 5, 32, 23, 2}));
   EXPECT_EQ(esm_encode("<mask><mask>"), (Ids{0, 32, 32, 2}));
   EXPECT_EQ(esm_encode("X-."), (Ids{0, 24, 30, 29, 2}));
@@ -73,14 +76,16 @@ TEST(Tokenizer, ResidueTable) {
   for (int b = 0; b < 256; ++b) {
     const char c = static_cast<char>(b);
     const size_t at = residues.find(static_cast<char>((c >= 'a' && c <= 'z') ? c - 32 : c));
-    const int32_t expected = (b != 0 && at != std::string::npos) ? static_cast<int32_t>(at) + 4 : -1;
+    const int32_t expected =
+        (b != 0 && at != std::string::npos) ? static_cast<int32_t>(at) + 4 : -1;
     EXPECT_EQ(esm_residue_id(c), expected) << "byte " << b;
   }
   EXPECT_EQ(esm_residue_id('J'), -1);  // not in the ESM-2 vocab
   EXPECT_EQ(esm_residue_id('*'), -1);
   // The 20 standard amino acids are ids 4..23.
-  EXPECT_EQ(esm_decode(Ids{4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23}),
-            "LAGVSERTIDPKQNFYMHWC");
+  EXPECT_EQ(
+      esm_decode(Ids{4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23}),
+      "LAGVSERTIDPKQNFYMHWC");
 }
 
 TEST(Tokenizer, DecodeRoundTrip) {
