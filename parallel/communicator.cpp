@@ -52,7 +52,7 @@ std::string GroupInfo::describe() const {
 }
 
 std::string Communicator::what(std::string_view op, const Tensor& t) const {
-  return fmt::format("{}({}) on {}", op, t.defined() ? t.str() : std::string("-"), describe());
+  return fmt::format("{} of {} on {}", op, t.defined() ? t.str() : std::string("-"), describe());
 }
 
 void Communicator::check_tensor(std::string_view op, std::string_view role, const Tensor& t) const {

@@ -89,7 +89,7 @@ class Communicator {
   virtual void do_all_to_all(const Tensor& in, const Tensor& out, const Stream& stream) = 0;
   virtual void do_barrier() = 0;
 
-  // "all_reduce(sum, f32[1000003] cpu) on tp group 0 (world ranks 0,1)", for the watchdog.
+  // "all_reduce(sum) of f32[1000003] cpu on tp group 0 (world ranks 0,1)", for the watchdog.
   std::string what(std::string_view op, const Tensor& t) const;
 
  private:

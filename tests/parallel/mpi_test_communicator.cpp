@@ -1,7 +1,10 @@
-// Every collective of the MPI backend (CPU tensors, and CUDA tensors staged through the host when a
-// GPU is present) on odd sizes (1, 7, 1000003) for f32, bf16 and i32, over the world and over
-// sub-groups (tp and dp of a tp=2 context), each compared element by element against the result
-// computed locally from the formula every rank uses to fill its inputs.
+// Every collective of both backends on odd sizes (1, 7, 1000003) for f32, bf16 and i32, over the
+// world and over sub-groups (tp and dp of a tp=2 context), each compared element by element against
+// the result computed locally from the formula every rank fills its inputs with:
+//  * MPI: CPU tensors, and CUDA tensors staged through the host (CUDA builds with a GPU; ranks may
+//    share one GPU);
+//  * NCCL (CUDA builds): CUDA tensors on one GPU per rank (skipped with fewer GPUs than ranks), and
+//    CPU tensors, which the NCCL communicator hands to its MPI twin.
 #include <cmath>
 #include <limits>
 #include <memory>
@@ -14,72 +17,42 @@
 namespace helix {
 namespace {
 
+using testing::equals;
+using testing::make_input;
+using testing::value;
 using testing::world_rank;
 using testing::world_size;
-
-// Element i of world rank r's input: exact in f32, bf16 and i32, and small enough that sums and
-// averages over 4 ranks stay exact in every one of them (quarters in [-12.5, 12.5]; integers).
-double value(DType t, int r, int64_t i, int seed) {
-  const int64_t k = (i * 7919 + int64_t{r} * 104729 + seed * 31) % 101;
-  return t == DType::kI32 ? double(k * 13 - 650) : double(k - 50) / 4.0;
-}
-
-// A tensor [n] on `device` with element i = value(t, r, offset + i, seed).
-Tensor make_input(DType t, int64_t n, int r, int seed, int64_t offset, Device device) {
-  Tensor h = Tensor::empty({n}, t);
-  for (int64_t i = 0; i < n; ++i) {
-    const double v = value(t, r, offset + i, seed);
-    switch (t) {
-      case DType::kF32: h.data<float>()[i] = static_cast<float>(v); break;
-      case DType::kBF16: h.data<bf16_t>()[i] = bf16_t::from_float(static_cast<float>(v)); break;
-      case DType::kI32: h.data<int32_t>()[i] = static_cast<int32_t>(v); break;
-      default: HELIX_FAIL("make_input: dtype {}", dtype_name(t));
-    }
-  }
-  return device.is_cpu() ? h : h.to(device);
-}
-
-// Exact comparison (every expected value is representable); reports the first mismatch.
-::testing::AssertionResult equals(const Tensor& actual, const std::vector<double>& expected) {
-  const Tensor h = actual.is_cpu() ? actual : actual.to(Device::cpu());
-  if (h.numel() != static_cast<int64_t>(expected.size()))
-    return ::testing::AssertionFailure() << "numel " << h.numel() << " vs " << expected.size();
-  int64_t bad = 0, first = -1;
-  for (int64_t i = 0; i < h.numel(); ++i) {
-    const double a = cpu_value(h, i), e = expected[static_cast<size_t>(i)];
-    if (!(a == e || (std::isnan(a) && std::isnan(e)))) {
-      if (first < 0) first = i;
-      ++bad;
-    }
-  }
-  if (bad == 0) return ::testing::AssertionSuccess();
-  return ::testing::AssertionFailure() << bad << " of " << h.numel() << " elements differ; first at "
-                                       << first << ": " << cpu_value(h, first) << " vs expected "
-                                       << expected[static_cast<size_t>(first)];
-}
 
 enum class Which { kWorld, kTP, kDP };
 const char* which_name(Which w) { return w == Which::kWorld ? "world" : w == Which::kTP ? "tp" : "dp"; }
 
-using Param = std::tuple<DType, int64_t, Which, DeviceType>;
+using Param = std::tuple<DType, int64_t, Which, DeviceType, CommBackend>;
 
 class Collectives : public ::testing::TestWithParam<Param> {
  protected:
-  static void SetUpTestSuite() {
-    // tp = 2 when the world allows: tp groups are pairs of consecutive ranks, dp groups the rest.
-    ctx_ = std::make_unique<ParallelContext>(
-        testing::make_context({.tp = world_size() % 2 == 0 ? 2 : 1}));
+  static void TearDownTestSuite() {
+    for (auto& c : ctx_) c.reset();
   }
-  static void TearDownTestSuite() { ctx_.reset(); }
 
   void SetUp() override {
-    std::tie(dtype_, n_, which_, device_type_) = GetParam();
+    std::tie(dtype_, n_, which_, device_type_, backend_) = GetParam();
     if (device_type_ == DeviceType::kCUDA) {
       HELIX_REQUIRE_CUDA();
       device_ = testing::rank_gpu();
       stream_ = Stream::create(device_);
     }
-    comm_ = which_ == Which::kWorld ? &ctx_->world() : which_ == Which::kTP ? &ctx_->tp() : &ctx_->dp();
+    if (backend_ == CommBackend::kNccl) HELIX_REQUIRE_GPU_PER_RANK();
+    // One context per backend for the whole suite, made by the first test that needs it (every rank
+    // runs the same tests and skips alike, so every rank makes it at the same point). tp = 2 when the
+    // world allows: tp groups are pairs of consecutive ranks, dp groups the others.
+    auto& ctx = ctx_[static_cast<size_t>(backend_)];
+    if (!ctx) {
+      ctx = std::make_unique<ParallelContext>(testing::make_context(
+          {.tp = world_size() % 2 == 0 ? 2 : 1}, backend_,
+          backend_ == CommBackend::kNccl ? testing::rank_gpu() : Device::cpu()));
+    }
+    comm_ = which_ == Which::kWorld ? &ctx->world() : which_ == Which::kTP ? &ctx->tp() : &ctx->dp();
+    ASSERT_EQ(comm_->backend_name(), backend_ == CommBackend::kNccl ? "nccl" : "mpi");
   }
   // World rank of group rank g.
   int member(int g) const { return comm_->group().ranks[static_cast<size_t>(g)]; }
@@ -93,16 +66,17 @@ class Collectives : public ::testing::TestWithParam<Param> {
   }
   void sync() const { stream_.synchronize(); }
 
-  static std::unique_ptr<ParallelContext> ctx_;
+  static std::unique_ptr<ParallelContext> ctx_[2];
   DType dtype_ = DType::kF32;
   int64_t n_ = 0;
   Which which_ = Which::kWorld;
   DeviceType device_type_ = DeviceType::kCPU;
+  CommBackend backend_ = CommBackend::kMpi;
   Device device_ = Device::cpu();
   Stream stream_;
   Communicator* comm_ = nullptr;
 };
-std::unique_ptr<ParallelContext> Collectives::ctx_;
+std::unique_ptr<ParallelContext> Collectives::ctx_[2];
 
 TEST_P(Collectives, AllReduceSumMaxAvg) {
   for (ReduceOp op : {ReduceOp::kSum, ReduceOp::kMax, ReduceOp::kAvg}) {
@@ -217,22 +191,31 @@ TEST_P(Collectives, AllToAll) {
 TEST_P(Collectives, Barrier) { comm_->barrier(); }
 
 std::string param_name(const ::testing::TestParamInfo<Param>& info) {
-  const auto [t, n, w, d] = info.param;
-  return std::string(dtype_name(t)) + "_n" + std::to_string(n) + "_" + which_name(w) +
-         (d == DeviceType::kCPU ? "_cpu" : "_cuda_staged");
+  const auto [t, n, w, d, b] = info.param;
+  return std::string(b == CommBackend::kMpi ? "mpi_" : "nccl_") + std::string(dtype_name(t)) + "_n" +
+         std::to_string(n) + "_" + which_name(w) + (d == DeviceType::kCPU ? "_cpu" : "_cuda");
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    Mpi, Collectives,
-    ::testing::Combine(::testing::Values(DType::kF32, DType::kBF16, DType::kI32),
-                       ::testing::Values(int64_t{1}, int64_t{7}, int64_t{1000003}),
-                       ::testing::Values(Which::kWorld, Which::kTP, Which::kDP),
+const auto kDtypes = ::testing::Values(DType::kF32, DType::kBF16, DType::kI32);
+const auto kSizes = ::testing::Values(int64_t{1}, int64_t{7}, int64_t{1000003});
+const auto kGroups = ::testing::Values(Which::kWorld, Which::kTP, Which::kDP);
+
+INSTANTIATE_TEST_SUITE_P(Mpi, Collectives,
+                         ::testing::Combine(kDtypes, kSizes, kGroups,
 #if HELIX_WITH_CUDA
-                       ::testing::Values(DeviceType::kCPU, DeviceType::kCUDA)),
+                                            ::testing::Values(DeviceType::kCPU, DeviceType::kCUDA),
 #else
-                       ::testing::Values(DeviceType::kCPU)),  // CUDA cases exist in CUDA builds
+                                            ::testing::Values(DeviceType::kCPU),  // CUDA cases exist in CUDA builds
 #endif
-    param_name);
+                                            ::testing::Values(CommBackend::kMpi)),
+                         param_name);
+#if HELIX_WITH_NCCL
+INSTANTIATE_TEST_SUITE_P(Nccl, Collectives,
+                         ::testing::Combine(kDtypes, kSizes, kGroups,
+                                            ::testing::Values(DeviceType::kCUDA, DeviceType::kCPU),
+                                            ::testing::Values(CommBackend::kNccl)),
+                         param_name);
+#endif
 
 // ---- Specific behaviour ------------------------------------------------------------------------
 class MpiBackend : public ::testing::Test {

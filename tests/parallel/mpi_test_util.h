@@ -4,12 +4,21 @@
 #include <gtest/gtest.h>
 #include <mpi.h>
 
+#include <cmath>
 #include <cstdint>
+#include <ostream>
 #include <string>
+#include <vector>
 
 #include "core/device.h"
 #include "parallel/context.h"
 #include "test_util.h"
+
+namespace helix {
+// Readable test parameters in gtest's messages.
+inline void PrintTo(DType t, std::ostream* os) { *os << dtype_name(t); }
+inline void PrintTo(DeviceType d, std::ostream* os) { *os << (d == DeviceType::kCPU ? "cpu" : "cuda"); }
+}  // namespace helix
 
 namespace helix::testing {
 
@@ -52,6 +61,47 @@ inline bool all_ranks(bool ok) {
   int v = ok ? 1 : 0, all = 0;
   MPI_Allreduce(&v, &all, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
   return all == 1;
+}
+
+// Element i of world rank r's input: exact in f32, bf16 and i32, and small enough that sums and
+// averages over 4 ranks stay exact in every one of them (quarters in [-12.5, 12.5]; integers).
+inline double value(DType t, int r, int64_t i, int seed) {
+  const int64_t k = (i * 7919 + int64_t{r} * 104729 + seed * 31) % 101;
+  return t == DType::kI32 ? double(k * 13 - 650) : double(k - 50) / 4.0;
+}
+
+// A tensor [n] on `device` with element i = value(t, r, offset + i, seed).
+inline Tensor make_input(DType t, int64_t n, int r, int seed, int64_t offset, Device device) {
+  Tensor h = Tensor::empty({n}, t);
+  for (int64_t i = 0; i < n; ++i) {
+    const double v = value(t, r, offset + i, seed);
+    switch (t) {
+      case DType::kF32: h.data<float>()[i] = static_cast<float>(v); break;
+      case DType::kBF16: h.data<bf16_t>()[i] = bf16_t::from_float(static_cast<float>(v)); break;
+      case DType::kI32: h.data<int32_t>()[i] = static_cast<int32_t>(v); break;
+      default: HELIX_FAIL("make_input: dtype {}", dtype_name(t));
+    }
+  }
+  return device.is_cpu() ? h : h.to(device);
+}
+
+// Exact comparison (every expected value is representable); reports the first mismatch.
+inline ::testing::AssertionResult equals(const Tensor& actual, const std::vector<double>& expected) {
+  const Tensor h = actual.is_cpu() ? actual : actual.to(Device::cpu());
+  if (h.numel() != static_cast<int64_t>(expected.size()))
+    return ::testing::AssertionFailure() << "numel " << h.numel() << " vs " << expected.size();
+  int64_t bad = 0, first = -1;
+  for (int64_t i = 0; i < h.numel(); ++i) {
+    const double a = cpu_value(h, i), e = expected[static_cast<size_t>(i)];
+    if (!(a == e || (std::isnan(a) && std::isnan(e)))) {
+      if (first < 0) first = i;
+      ++bad;
+    }
+  }
+  if (bad == 0) return ::testing::AssertionSuccess();
+  return ::testing::AssertionFailure() << bad << " of " << h.numel() << " elements differ; first at "
+                                       << first << ": " << cpu_value(h, first) << " vs expected "
+                                       << expected[static_cast<size_t>(first)];
 }
 
 }  // namespace helix::testing
