@@ -27,9 +27,9 @@ void launch(const Tensor& dst, const Tensor& src, const Stream& stream) {
   const int64_t n = dst.numel();
   constexpr int kThreads = 256;
   const int64_t blocks = std::min<int64_t>((n + kThreads - 1) / kThreads, 4096);
-  accumulate_kernel<D, S><<<static_cast<unsigned>(blocks), kThreads, 0,
-                            static_cast<cudaStream_t>(stream.handle())>>>(
-      static_cast<D*>(dst.data_ptr()), static_cast<const S*>(src.data_ptr()), n);
+  accumulate_kernel<D, S>
+      <<<static_cast<unsigned>(blocks), kThreads, 0, static_cast<cudaStream_t>(stream.handle())>>>(
+          static_cast<D*>(dst.data_ptr()), static_cast<const S*>(src.data_ptr()), n);
   HELIX_LAUNCH_CHECK();
 }
 
@@ -40,8 +40,10 @@ void accumulate_cuda(const Tensor& dst, const Tensor& src, const Stream& stream)
   const DType d = dst.dtype(), s = src.dtype();
   if (d == DType::kF64) return launch<double, double>(dst, src, stream);
   if (d == DType::kF32)
-    return s == DType::kF32 ? launch<float, float>(dst, src, stream) : launch<float, bf16_t>(dst, src, stream);
-  return s == DType::kF32 ? launch<bf16_t, float>(dst, src, stream) : launch<bf16_t, bf16_t>(dst, src, stream);
+    return s == DType::kF32 ? launch<float, float>(dst, src, stream)
+                            : launch<float, bf16_t>(dst, src, stream);
+  return s == DType::kF32 ? launch<bf16_t, float>(dst, src, stream)
+                          : launch<bf16_t, bf16_t>(dst, src, stream);
 }
 
 }  // namespace helix::detail

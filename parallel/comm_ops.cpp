@@ -13,7 +13,8 @@ const Tensor& only_input(const std::vector<Tensor>& in, const char* node) {
 
 const Tensor& only_grad(const std::vector<Tensor>& gout, const char* node) {
   HELIX_CHECK(gout.size() == 1 && gout[0].defined(),
-              "{}: expected the output gradient (every rank of the group runs this backward)", node);
+              "{}: expected the output gradient (every rank of the group runs this backward)",
+              node);
   return gout[0];
 }
 
@@ -32,7 +33,8 @@ Tensor own_rows(const Tensor& x, const Communicator& comm, const char* node) {
 std::vector<Tensor> CopyToTP::forward(const std::vector<Tensor>& in, const Stream&) {
   return {only_input(in, "copy_to_tp")};
 }
-void CopyToTP::backward(const std::vector<Tensor>& gout, std::vector<Tensor>& gin, const Stream& stream) {
+void CopyToTP::backward(const std::vector<Tensor>& gout, std::vector<Tensor>& gin,
+                        const Stream& stream) {
   if (!gin[0].defined()) return;
   Tensor g = only_grad(gout, "copy_to_tp").clone(stream);
   comm_->all_reduce(g, ReduceOp::kSum, stream);
@@ -45,7 +47,8 @@ std::vector<Tensor> ReduceFromTP::forward(const std::vector<Tensor>& in, const S
   comm_->all_reduce(y, ReduceOp::kSum, stream);
   return {y};
 }
-void ReduceFromTP::backward(const std::vector<Tensor>& gout, std::vector<Tensor>& gin, const Stream& stream) {
+void ReduceFromTP::backward(const std::vector<Tensor>& gout, std::vector<Tensor>& gin,
+                            const Stream& stream) {
   if (!gin[0].defined()) return;
   accumulate(gin[0], only_grad(gout, "reduce_from_tp"), stream);
 }
@@ -54,7 +57,8 @@ void ReduceFromTP::backward(const std::vector<Tensor>& gout, std::vector<Tensor>
 std::vector<Tensor> ScatterToSP::forward(const std::vector<Tensor>& in, const Stream&) {
   return {own_rows(only_input(in, "scatter_to_sp"), *comm_, "scatter_to_sp")};
 }
-void ScatterToSP::backward(const std::vector<Tensor>& gout, std::vector<Tensor>& gin, const Stream& stream) {
+void ScatterToSP::backward(const std::vector<Tensor>& gout, std::vector<Tensor>& gin,
+                           const Stream& stream) {
   if (!gin[0].defined()) return;
   accumulate(gin[0], all_gather(*comm_, only_grad(gout, "scatter_to_sp"), stream), stream);
 }
@@ -63,7 +67,8 @@ void ScatterToSP::backward(const std::vector<Tensor>& gout, std::vector<Tensor>&
 std::vector<Tensor> GatherFromSP::forward(const std::vector<Tensor>& in, const Stream& stream) {
   return {all_gather(*comm_, only_input(in, "gather_from_sp"), stream)};
 }
-void GatherFromSP::backward(const std::vector<Tensor>& gout, std::vector<Tensor>& gin, const Stream& stream) {
+void GatherFromSP::backward(const std::vector<Tensor>& gout, std::vector<Tensor>& gin,
+                            const Stream& stream) {
   if (!gin[0].defined()) return;
   const Tensor& g = only_grad(gout, "gather_from_sp");
   if (grad_ == GatherGrad::kReduceScatter) {
@@ -74,7 +79,8 @@ void GatherFromSP::backward(const std::vector<Tensor>& gout, std::vector<Tensor>
 }
 
 // ---- reduce_scatter_to_sp: reduce-scatter / all-gather -----------------------------------------
-std::vector<Tensor> ReduceScatterToSP::forward(const std::vector<Tensor>& in, const Stream& stream) {
+std::vector<Tensor> ReduceScatterToSP::forward(const std::vector<Tensor>& in,
+                                               const Stream& stream) {
   return {reduce_scatter(*comm_, only_input(in, "reduce_scatter_to_sp"), ReduceOp::kSum, stream)};
 }
 void ReduceScatterToSP::backward(const std::vector<Tensor>& gout, std::vector<Tensor>& gin,

@@ -1,11 +1,11 @@
 #pragma once
-// Communication as autograd pairs (Megatron's tensor_parallel/mappings.py): every node's backward is
-// the adjoint of its forward, so column- and row-parallel layers and sequence-parallel regions are
-// compositions of these nodes and plain compute nodes. docs/parallel.md holds the table of pairs.
-// Splits and gathers are along dimension 0 (T of packed [T, hidden] activations); T must be divisible
-// by the group size. Identity forwards and the split return views of their input (no copy).
-// Every rank of the group must run the same nodes in the same order, forward and backward, and agree
-// on which inputs need a gradient (a backward collective runs only where one is needed).
+// Communication as autograd pairs (Megatron's tensor_parallel/mappings.py): every node's backward
+// is the adjoint of its forward, so column- and row-parallel layers and sequence-parallel regions
+// are compositions of these nodes and plain compute nodes. docs/parallel.md holds the table of
+// pairs. Splits and gathers are along dimension 0 (T of packed [T, hidden] activations); T must be
+// divisible by the group size. Identity forwards and the split return views of their input (no
+// copy). Every rank of the group must run the same nodes in the same order, forward and backward,
+// and agree on which inputs need a gradient (a backward collective runs only where one is needed).
 #include <memory>
 
 #include "core/autograd.h"
@@ -20,7 +20,8 @@ class CopyToTP final : public Node {
   explicit CopyToTP(Communicator& comm) : comm_(&comm) {}
   std::string name() const override { return "copy_to_tp"; }
   std::vector<Tensor> forward(const std::vector<Tensor>& in, const Stream& stream) override;
-  void backward(const std::vector<Tensor>& gout, std::vector<Tensor>& gin, const Stream& stream) override;
+  void backward(const std::vector<Tensor>& gout, std::vector<Tensor>& gin,
+                const Stream& stream) override;
 
  private:
   Communicator* comm_;
@@ -33,20 +34,22 @@ class ReduceFromTP final : public Node {
   explicit ReduceFromTP(Communicator& comm) : comm_(&comm) {}
   std::string name() const override { return "reduce_from_tp"; }
   std::vector<Tensor> forward(const std::vector<Tensor>& in, const Stream& stream) override;
-  void backward(const std::vector<Tensor>& gout, std::vector<Tensor>& gin, const Stream& stream) override;
+  void backward(const std::vector<Tensor>& gout, std::vector<Tensor>& gin,
+                const Stream& stream) override;
 
  private:
   Communicator* comm_;
 };
 
-// Forward: keep this rank's rows [r*T/n, (r+1)*T/n). Backward: all-gather. Enters a sequence-parallel
-// region from a replicated tensor (e.g. the embedding output).
+// Forward: keep this rank's rows [r*T/n, (r+1)*T/n). Backward: all-gather. Enters a
+// sequence-parallel region from a replicated tensor (e.g. the embedding output).
 class ScatterToSP final : public Node {
  public:
   explicit ScatterToSP(Communicator& comm) : comm_(&comm) {}
   std::string name() const override { return "scatter_to_sp"; }
   std::vector<Tensor> forward(const std::vector<Tensor>& in, const Stream& stream) override;
-  void backward(const std::vector<Tensor>& gout, std::vector<Tensor>& gin, const Stream& stream) override;
+  void backward(const std::vector<Tensor>& gout, std::vector<Tensor>& gin,
+                const Stream& stream) override;
 
  private:
   Communicator* comm_;
@@ -55,7 +58,7 @@ class ScatterToSP final : public Node {
 // What the backward of a gather from a sequence-parallel region does with the full gradient.
 enum class GatherGrad : uint8_t {
   kReduceScatter,  // the gathered tensor feeds a column-parallel linear: gradients are partial sums
-  kSplit,          // the gathered tensor is used replicated (e.g. the loss on full T): keep own rows
+  kSplit,  // the gathered tensor is used replicated (e.g. the loss on full T): keep own rows
 };
 
 // Forward: all-gather along T. Backward: reduce-scatter(sum) or split (see GatherGrad).
@@ -64,21 +67,23 @@ class GatherFromSP final : public Node {
   GatherFromSP(Communicator& comm, GatherGrad grad) : comm_(&comm), grad_(grad) {}
   std::string name() const override { return "gather_from_sp"; }
   std::vector<Tensor> forward(const std::vector<Tensor>& in, const Stream& stream) override;
-  void backward(const std::vector<Tensor>& gout, std::vector<Tensor>& gin, const Stream& stream) override;
+  void backward(const std::vector<Tensor>& gout, std::vector<Tensor>& gin,
+                const Stream& stream) override;
 
  private:
   Communicator* comm_;
   GatherGrad grad_;
 };
 
-// Forward: reduce-scatter(sum) along T. Backward: all-gather. Leaves a tensor-parallel region into a
-// sequence-parallel one (after a row-parallel linear under SP).
+// Forward: reduce-scatter(sum) along T. Backward: all-gather. Leaves a tensor-parallel region into
+// a sequence-parallel one (after a row-parallel linear under SP).
 class ReduceScatterToSP final : public Node {
  public:
   explicit ReduceScatterToSP(Communicator& comm) : comm_(&comm) {}
   std::string name() const override { return "reduce_scatter_to_sp"; }
   std::vector<Tensor> forward(const std::vector<Tensor>& in, const Stream& stream) override;
-  void backward(const std::vector<Tensor>& gout, std::vector<Tensor>& gin, const Stream& stream) override;
+  void backward(const std::vector<Tensor>& gout, std::vector<Tensor>& gin,
+                const Stream& stream) override;
 
  private:
   Communicator* comm_;

@@ -9,10 +9,13 @@ bool reducible(DType t, ReduceOp op) {
   switch (t) {
     case DType::kF32:
     case DType::kF64:
-    case DType::kBF16: return true;
+    case DType::kBF16:
+      return true;
     case DType::kI32:
-    case DType::kI64: return op != ReduceOp::kAvg;
-    default: return false;
+    case DType::kI64:
+      return op != ReduceOp::kAvg;
+    default:
+      return false;
   }
 }
 
@@ -36,9 +39,12 @@ bool same_rows(const Tensor& a, const Tensor& b) {
 
 std::string_view reduce_op_name(ReduceOp op) {
   switch (op) {
-    case ReduceOp::kSum: return "sum";
-    case ReduceOp::kMax: return "max";
-    case ReduceOp::kAvg: return "avg";
+    case ReduceOp::kSum:
+      return "sum";
+    case ReduceOp::kMax:
+      return "max";
+    case ReduceOp::kAvg:
+      return "avg";
   }
   return "?";
 }
@@ -57,15 +63,15 @@ std::string Communicator::what(std::string_view op, const Tensor& t) const {
 
 void Communicator::check_tensor(std::string_view op, std::string_view role, const Tensor& t) const {
   HELIX_CHECK(t.defined(), "{} on {}: {} tensor is undefined", op, describe(), role);
-  HELIX_CHECK(t.is_contiguous(), "{} on {}: expected a contiguous {} tensor, got {}", op, describe(),
-              role, t.str());
+  HELIX_CHECK(t.is_contiguous(), "{} on {}: expected a contiguous {} tensor, got {}", op,
+              describe(), role, t.str());
   HELIX_CHECK(supports(t.device()), "{} on {}: the {} backend cannot take {} tensor {}", op,
               describe(), backend_name(), role, t.str());
 }
 
 void Communicator::check_peer(std::string_view op, std::string_view role, int peer) const {
-  HELIX_CHECK(peer >= 0 && peer < size(), "{} on {}: expected a {} group rank in [0, {}), got {}", op,
-              describe(), role, size(), peer);
+  HELIX_CHECK(peer >= 0 && peer < size(), "{} on {}: expected a {} group rank in [0, {}), got {}",
+              op, describe(), role, size(), peer);
 }
 
 void Communicator::all_reduce(const Tensor& t, ReduceOp op, const Stream& stream) {
@@ -85,7 +91,8 @@ void Communicator::all_gather(const Tensor& in, const Tensor& out, const Stream&
               describe(), dtype_name(in.dtype()), size(), in.ndim() ? in.dim(0) : 0,
               in.device().str(), in.str(), out.str());
   if (overlaps(in, out)) {
-    const auto* slot = static_cast<const char*>(out.data_ptr()) + static_cast<size_t>(rank()) * in.nbytes();
+    const auto* slot =
+        static_cast<const char*>(out.data_ptr()) + static_cast<size_t>(rank()) * in.nbytes();
     HELIX_CHECK(in.data_ptr() == slot,
                 "all_gather on {}: the input overlaps the output but is not rank {}'s slot of it",
                 describe(), rank());
@@ -98,15 +105,16 @@ void Communicator::reduce_scatter(const Tensor& in, const Tensor& out, ReduceOp 
                                   const Stream& stream) {
   check_tensor("reduce_scatter", "input", in);
   check_tensor("reduce_scatter", "output", out);
-  HELIX_CHECK(reducible(in.dtype(), op), "reduce_scatter({}) on {}: dtype {} cannot be reduced with {}",
-              reduce_op_name(op), describe(), dtype_name(in.dtype()), reduce_op_name(op));
+  HELIX_CHECK(reducible(in.dtype(), op),
+              "reduce_scatter({}) on {}: dtype {} cannot be reduced with {}", reduce_op_name(op),
+              describe(), dtype_name(in.dtype()), reduce_op_name(op));
   HELIX_CHECK(in.ndim() >= 1 && same_rows(in, out) && in.dim(0) == size() * out.dim(0) &&
                   in.dtype() == out.dtype() && in.device() == out.device(),
               "reduce_scatter on {}: expected input rows = {} x output rows with equal trailing "
               "dims, dtype and device, got input {} and output {}",
               describe(), size(), in.str(), out.str());
-  HELIX_CHECK(!overlaps(in, out), "reduce_scatter on {}: input {} and output {} overlap", describe(),
-              in.str(), out.str());
+  HELIX_CHECK(!overlaps(in, out), "reduce_scatter on {}: input {} and output {} overlap",
+              describe(), in.str(), out.str());
   if (out.numel() == 0) return;
   do_reduce_scatter(in, out, op, stream);
 }
@@ -147,9 +155,10 @@ void Communicator::send_recv(const SendRecvParams& p, const Stream& stream) {
     if (p.recv.numel() == 0) q.recv = Tensor();
   }
   if (p.send.defined() && p.recv.defined()) {
-    HELIX_CHECK(p.send.device() == p.recv.device() && !overlaps(p.send, p.recv),
-                "send_recv on {}: expected distinct send and recv tensors on one device, got {} and {}",
-                describe(), p.send.str(), p.recv.str());
+    HELIX_CHECK(
+        p.send.device() == p.recv.device() && !overlaps(p.send, p.recv),
+        "send_recv on {}: expected distinct send and recv tensors on one device, got {} and {}",
+        describe(), p.send.str(), p.recv.str());
   }
   if (!q.send.defined() && !q.recv.defined()) return;
   do_send_recv(q, stream);
@@ -158,11 +167,12 @@ void Communicator::send_recv(const SendRecvParams& p, const Stream& stream) {
 void Communicator::all_to_all(const Tensor& in, const Tensor& out, const Stream& stream) {
   check_tensor("all_to_all", "input", in);
   check_tensor("all_to_all", "output", out);
-  HELIX_CHECK(in.ndim() >= 1 && in.shape() == out.shape() && in.dim(0) % size() == 0 &&
-                  in.dtype() == out.dtype() && in.device() == out.device(),
-              "all_to_all on {}: expected input and output of one shape, dtype and device with rows "
-              "divisible by {}, got {} and {}",
-              describe(), size(), in.str(), out.str());
+  HELIX_CHECK(
+      in.ndim() >= 1 && in.shape() == out.shape() && in.dim(0) % size() == 0 &&
+          in.dtype() == out.dtype() && in.device() == out.device(),
+      "all_to_all on {}: expected input and output of one shape, dtype and device with rows "
+      "divisible by {}, got {} and {}",
+      describe(), size(), in.str(), out.str());
   HELIX_CHECK(!overlaps(in, out), "all_to_all on {}: input {} and output {} overlap", describe(),
               in.str(), out.str());
   if (in.numel() == 0) return;
@@ -172,8 +182,9 @@ void Communicator::all_to_all(const Tensor& in, const Tensor& out, const Stream&
 void Communicator::barrier() { do_barrier(); }
 
 Tensor all_gather(Communicator& comm, const Tensor& in, const Stream& stream) {
-  HELIX_CHECK(in.defined() && in.ndim() >= 1, "all_gather on {}: expected a tensor with >= 1 dims, got {}",
-              comm.describe(), in.defined() ? in.str() : std::string("undefined"));
+  HELIX_CHECK(in.defined() && in.ndim() >= 1,
+              "all_gather on {}: expected a tensor with >= 1 dims, got {}", comm.describe(),
+              in.defined() ? in.str() : std::string("undefined"));
   std::vector<int64_t> dims = in.shape().vec();
   dims[0] *= comm.size();
   Tensor out = Tensor::empty(Shape(dims), in.dtype(), in.device(), stream);

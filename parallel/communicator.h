@@ -1,19 +1,20 @@
 #pragma once
 // Communicator: the collectives of one rank group on helix Tensors, with an explicit Stream. The
 // public calls validate shapes, dtypes and devices once ("expected X, got Y") and hand over to a
-// backend: MpiCommunicator (CPU tensors; CUDA tensors staged through host memory) or NcclCommunicator
-// (CUDA tensors on the GPU; CPU tensors forwarded to its MPI twin). Collectives along a dimension
-// work on dimension 0, the token dimension T of packed [T, hidden] activations.
+// backend: MpiCommunicator (CPU tensors; CUDA tensors staged through host memory) or
+// NcclCommunicator (CUDA tensors on the GPU; CPU tensors forwarded to its MPI twin). Collectives
+// along a dimension work on dimension 0, the token dimension T of packed [T, hidden] activations.
 //
 // Every member of the group must call the same collectives in the same order with matching
 // arguments. Ranks are group ranks (0 .. size-1), not world ranks.
 //
 // Numerics: f32, f64, i32 and i64 reduce in their own type. bf16 reduces in fp32: the MPI backend
-// converts to f32 on the host, reduces and rounds once back to bf16; NCCL reduces bf16 natively with
-// fp32 arithmetic per step and bf16 storage between steps (so NCCL's bf16 sums may differ from MPI's by
-// a few bf16 ulps). kAvg divides the sum by the group size (floats only). MAX with a NaN operand is NaN
-// in the MPI backend; NCCL leaves it unspecified, so a caller that must see NaN (FP8 amax) maps NaN
-// to +inf before reducing. FP8 and u8 tensors move (gather, broadcast, send, ...) but do not reduce.
+// converts to f32 on the host, reduces and rounds once back to bf16; NCCL reduces bf16 natively
+// with fp32 arithmetic per step and bf16 storage between steps (so NCCL's bf16 sums may differ from
+// MPI's by a few bf16 ulps). kAvg divides the sum by the group size (floats only). MAX with a NaN
+// operand is NaN in the MPI backend; NCCL leaves it unspecified, so a caller that must see NaN (FP8
+// amax) maps NaN to +inf before reducing. FP8 and u8 tensors move (gather, broadcast, send, ...)
+// but do not reduce.
 #include <cstdint>
 #include <string>
 #include <string_view>
@@ -29,10 +30,10 @@ std::string_view reduce_op_name(ReduceOp op);  // "sum", "max", "avg"
 
 // Which world ranks a communicator spans and what it is called in messages.
 struct GroupInfo {
-  std::string name;        // "tp", "dp_cp", or "cp/pp" when two kinds share one partition
-  int index = 0;           // which group of the kind (RankGroups::group_index)
-  std::vector<int> ranks;  // world ranks of the members, in group-rank order
-  int rank = 0;            // this process's group rank
+  std::string name;              // "tp", "dp_cp", or "cp/pp" when two kinds share one partition
+  int index = 0;                 // which group of the kind (RankGroups::group_index)
+  std::vector<int> ranks;        // world ranks of the members, in group-rank order
+  int rank = 0;                  // this process's group rank
   std::string describe() const;  // "tp group 3 (world ranks 6,7)"
 };
 
@@ -62,7 +63,8 @@ class Communicator {
 
   // t = op(t over the group), in place.
   void all_reduce(const Tensor& t, ReduceOp op, const Stream& stream);
-  // in [n, ...] -> out [size*n, ...], rank r's rows at [r*n, (r+1)*n). `in` may be that slot of `out`.
+  // in [n, ...] -> out [size*n, ...], rank r's rows at [r*n, (r+1)*n). `in` may be that slot of
+  // `out`.
   void all_gather(const Tensor& in, const Tensor& out, const Stream& stream);
   // in [size*n, ...] -> out [n, ...] = op over ranks of rows [rank*n, (rank+1)*n) of their `in`.
   void reduce_scatter(const Tensor& in, const Tensor& out, ReduceOp op, const Stream& stream);

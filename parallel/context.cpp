@@ -11,9 +11,10 @@ ParallelContext ParallelContext::create(MPI_Comm world, const ParallelOptions& o
   MPI_CHECK(MPI_Comm_rank(world, &rank));
   MPI_CHECK(MPI_Comm_size(world, &size));
 #if !HELIX_WITH_NCCL
-  HELIX_CHECK(options.backend != CommBackend::kNccl,
-              "NCCL backend requested, but helix was built without NCCL (HELIX_CUDA=OFF): use the MPI "
-              "backend");
+  HELIX_CHECK(
+      options.backend != CommBackend::kNccl,
+      "NCCL backend requested, but helix was built without NCCL (HELIX_CUDA=OFF): use the MPI "
+      "backend");
 #endif
   HELIX_CHECK(options.backend != CommBackend::kNccl || options.device.is_cuda(),
               "NCCL backend: expected this rank's CUDA device, got {}", options.device.str());
@@ -49,7 +50,8 @@ ParallelContext ParallelContext::create(MPI_Comm world, const ParallelOptions& o
     GroupInfo info;
     for (size_t j = k; j < kAllGroupKinds.size(); ++j)
       if (g.groups(kAllGroupKinds[j]) == g.groups(kind))
-        info.name += (info.name.empty() ? "" : "/") + std::string(group_kind_name(kAllGroupKinds[j]));
+        info.name +=
+            (info.name.empty() ? "" : "/") + std::string(group_kind_name(kAllGroupKinds[j]));
     info.index = g.group_index(kind, rank);
     info.ranks = g.group_of(kind, rank);
     info.rank = g.rank_in_group(kind, rank);
@@ -58,7 +60,8 @@ ParallelContext ParallelContext::create(MPI_Comm world, const ParallelOptions& o
     auto mpi = std::make_unique<MpiCommunicator>(sub, std::move(info), ctx.watchdog_);
 #if HELIX_WITH_NCCL
     if (options.backend == CommBackend::kNccl) {
-      ctx.comms_[k] = std::make_shared<NcclCommunicator>(std::move(mpi), options.device, ctx.watchdog_);
+      ctx.comms_[k] =
+          std::make_shared<NcclCommunicator>(std::move(mpi), options.device, ctx.watchdog_);
       continue;
     }
 #endif

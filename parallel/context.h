@@ -1,8 +1,8 @@
 #pragma once
 // ParallelContext: built once at start-up from the world communicator and the parallel sizes, then
-// passed down by reference (helix keeps no global parallel state). Holds this rank's coordinates, the
-// rank groups, one watchdog, and one communicator per group kind (tp, cp, dp, pp, dp_cp, amax, world).
-// Kinds whose groups coincide (e.g. amax and world when pp = 1) share one communicator.
+// passed down by reference (helix keeps no global parallel state). Holds this rank's coordinates,
+// the rank groups, one watchdog, and one communicator per group kind (tp, cp, dp, pp, dp_cp, amax,
+// world). Kinds whose groups coincide (e.g. amax and world when pp = 1) share one communicator.
 #include <mpi.h>
 
 #include <array>
@@ -28,8 +28,8 @@ struct ParallelOptions {
 
 class ParallelContext {
  public:
-  // Collective over `world` (which is duplicated, not kept): every rank calls it with the same sizes
-  // and backend. Throws (on every rank alike) when the sizes do not fit the world size.
+  // Collective over `world` (which is duplicated, not kept): every rank calls it with the same
+  // sizes and backend. Throws (on every rank alike) when the sizes do not fit the world size.
   static ParallelContext create(MPI_Comm world, const ParallelOptions& options);
 
   ParallelContext(ParallelContext&&) = default;

@@ -9,9 +9,9 @@ namespace helix {
 struct DpGradReducer::Bucket {
   DType dtype = DType::kF32;
   int64_t numel = 0;
-  Tensor buffer;               // [numel], the slots of its parameters (128-byte aligned) back to back
-  std::vector<size_t> params;  // slot order
-  size_t pending = 0;          // gradients not ready yet in this step
+  Tensor buffer;  // [numel], the slots of its parameters (128-byte aligned) back to back
+  std::vector<size_t> params;    // slot order
+  size_t pending = 0;            // gradients not ready yet in this step
   std::unique_ptr<Event> ready;  // compute stream: the bucket's gradients are written
   std::unique_ptr<Event> done;   // comm stream: the reduction finished
 };
@@ -22,7 +22,8 @@ constexpr size_t kSlotAlignBytes = 128;  // vectorised kernels writing into a sl
 
 DpGradReducer::DpGradReducer(Communicator& comm, std::vector<Var> params, DpReducerOptions options)
     : comm_(&comm), opts_(std::move(options)) {
-  HELIX_CHECK(opts_.bucket_bytes > 0, "bucket size: expected > 0 bytes, got {}", opts_.bucket_bytes);
+  HELIX_CHECK(opts_.bucket_bytes > 0, "bucket size: expected > 0 bytes, got {}",
+              opts_.bucket_bytes);
   for (size_t i = 0; i < params.size(); ++i) {
     HELIX_CHECK(params[i].defined(), "DpGradReducer: parameter {} is undefined", i);
     cells_.push_back(params[i].cell());
@@ -32,10 +33,11 @@ DpGradReducer::DpGradReducer(Communicator& comm, std::vector<Var> params, DpRedu
                 device_.str(), i, cells_[i]->name, cells_[i]->device.str());
     const DType t = cells_[i]->grad_dtype;
     HELIX_CHECK(t == DType::kF32 || t == DType::kBF16 || t == DType::kF64,
-                "DpGradReducer: parameter {} ('{}'): expected an f32, bf16 or f64 gradient, got {}", i,
-                cells_[i]->name, dtype_name(t));
+                "DpGradReducer: parameter {} ('{}'): expected an f32, bf16 or f64 gradient, got {}",
+                i, cells_[i]->name, dtype_name(t));
   }
-  if (device_.is_cuda() && opts_.comm_stream.device().is_cpu()) opts_.comm_stream = Stream::create(device_);
+  if (device_.is_cuda() && opts_.comm_stream.device().is_cpu())
+    opts_.comm_stream = Stream::create(device_);
 
   // Fill buckets from the last parameter backwards; one open bucket per gradient dtype.
   slots_.resize(cells_.size());
@@ -58,12 +60,14 @@ DpGradReducer::DpGradReducer(Communicator& comm, std::vector<Var> params, DpRedu
     if (static_cast<size_t>(b.numel) * dtype_size(t) >= opts_.bucket_bytes) open.erase(it);
   }
   for (auto& b : buckets_) {
-    b->buffer = Tensor::zeros({b->numel}, b->dtype, device_, device_.is_cuda() ? opts_.comm_stream : Stream());
+    b->buffer = Tensor::zeros({b->numel}, b->dtype, device_,
+                              device_.is_cuda() ? opts_.comm_stream : Stream());
     b->pending = b->params.size();
     b->ready = std::make_unique<Event>(device_);
     b->done = std::make_unique<Event>(device_);
   }
-  if (device_.is_cuda()) opts_.comm_stream.synchronize();  // buffers zeroed before first use anywhere
+  if (device_.is_cuda())
+    opts_.comm_stream.synchronize();  // buffers zeroed before first use anywhere
   ready_.assign(cells_.size(), false);
 }
 
@@ -81,15 +85,18 @@ Tensor DpGradReducer::slot_view(size_t param) const {
 }
 
 void DpGradReducer::zero_grad(const Stream& stream) {
-  HELIX_CHECK(next_launch_ == 0, "DpGradReducer::zero_grad: {} buckets are being reduced; call finish() first",
+  HELIX_CHECK(next_launch_ == 0,
+              "DpGradReducer::zero_grad: {} buckets are being reduced; call finish() first",
               next_launch_);
   for (auto& b : buckets_) b->buffer.zero(stream);
   for (size_t i = 0; i < cells_.size(); ++i) cells_[i]->grad = slot_view(i);
 }
 
 void DpGradReducer::mark_ready(size_t param, const Stream& compute_stream) {
-  HELIX_CHECK(param < cells_.size(), "DpGradReducer::mark_ready: parameter {} of {}", param, cells_.size());
-  HELIX_CHECK(!ready_[param], "DpGradReducer::mark_ready: parameter {} ('{}') marked ready twice in one step",
+  HELIX_CHECK(param < cells_.size(), "DpGradReducer::mark_ready: parameter {} of {}", param,
+              cells_.size());
+  HELIX_CHECK(!ready_[param],
+              "DpGradReducer::mark_ready: parameter {} ('{}') marked ready twice in one step",
               param, cells_[param]->name);
   ready_[param] = true;
   --buckets_[slots_[param].bucket]->pending;

@@ -1,13 +1,13 @@
 #pragma once
 // Data-parallel gradient reduction in buckets (PyTorch DDP, Megatron's grad buffer). Parameters'
 // gradients live in flat per-dtype buffers of ~25 MB ("buckets"): zero_grad() points every gradient
-// at its slot, so backward accumulates straight into the bucket. One all-reduce per bucket (averaged
-// over the group by default). The overlap hook: mark_ready(i) says parameter i's gradient is final;
-// a bucket launches as soon as all its gradients are, on a separate communication stream that waits
-// for an event of the compute stream, so on the GPU the reduction of late layers overlaps the backward
-// of early ones. On CPU ranks (and for the host-staged MPI backend) a launch runs to completion inline.
-// Buckets launch in one fixed order on every rank (bucket 0 first), which keeps the collectives
-// matched even when ranks mark gradients ready in different orders.
+// at its slot, so backward accumulates straight into the bucket. One all-reduce per bucket
+// (averaged over the group by default). The overlap hook: mark_ready(i) says parameter i's gradient
+// is final; a bucket launches as soon as all its gradients are, on a separate communication stream
+// that waits for an event of the compute stream, so on the GPU the reduction of late layers
+// overlaps the backward of early ones. On CPU ranks (and for the host-staged MPI backend) a launch
+// runs to completion inline. Buckets launch in one fixed order on every rank (bucket 0 first),
+// which keeps the collectives matched even when ranks mark gradients ready in different orders.
 #include <cstddef>
 #include <memory>
 #include <vector>
@@ -38,8 +38,9 @@ class DpGradReducer {
   // Parameter i's gradient is final for this step (the last micro-batch's backward is past its last
   // use). Launches, in bucket order, every bucket whose gradients are all ready.
   void mark_ready(size_t param, const Stream& compute_stream);
-  // Marks the rest ready, launches what is left and makes `compute_stream` wait for every reduction.
-  // Afterwards every gradient is the reduced one, a view into its bucket. Starts the next step.
+  // Marks the rest ready, launches what is left and makes `compute_stream` wait for every
+  // reduction. Afterwards every gradient is the reduced one, a view into its bucket. Starts the
+  // next step.
   void finish(const Stream& compute_stream);
 
   size_t num_buckets() const { return buckets_.size(); }

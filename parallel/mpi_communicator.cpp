@@ -17,21 +17,28 @@ constexpr int64_t kMaxChunk = int64_t{1} << 30;
 
 MPI_Datatype mpi_type(DType t) {
   switch (t) {
-    case DType::kF32: return MPI_FLOAT;
-    case DType::kF64: return MPI_DOUBLE;
-    case DType::kI32: return MPI_INT32_T;
-    case DType::kI64: return MPI_INT64_T;
-    case DType::kBF16: return MPI_UINT16_T;  // moves only; reductions go through f32
+    case DType::kF32:
+      return MPI_FLOAT;
+    case DType::kF64:
+      return MPI_DOUBLE;
+    case DType::kI32:
+      return MPI_INT32_T;
+    case DType::kI64:
+      return MPI_INT64_T;
+    case DType::kBF16:
+      return MPI_UINT16_T;  // moves only; reductions go through f32
     case DType::kE4M3:
     case DType::kE5M2:
-    case DType::kU8: return MPI_UINT8_T;
+    case DType::kU8:
+      return MPI_UINT8_T;
   }
   HELIX_FAIL("no MPI datatype for dtype {}", dtype_name(t));
 }
 
 int checked_count(int64_t n, std::string_view op) {
-  HELIX_CHECK(n <= INT_MAX, "{}: expected at most {} elements per rank block in one MPI call, got {}",
-              op, INT_MAX, n);
+  HELIX_CHECK(n <= INT_MAX,
+              "{}: expected at most {} elements per rank block in one MPI call, got {}", op,
+              INT_MAX, n);
   return static_cast<int>(n);
 }
 
@@ -41,8 +48,10 @@ void nan_max(void* in, void* inout, int* len, MPI_Datatype*) {
   T* b = static_cast<T*>(inout);
   for (int i = 0; i < *len; ++i) {
     // Commutative: any NaN gives the canonical quiet NaN, so every rank sees the same bits.
-    if (std::isnan(a[i]) || std::isnan(b[i])) b[i] = std::numeric_limits<T>::quiet_NaN();
-    else if (a[i] > b[i]) b[i] = a[i];
+    if (std::isnan(a[i]) || std::isnan(b[i]))
+      b[i] = std::numeric_limits<T>::quiet_NaN();
+    else if (a[i] > b[i])
+      b[i] = a[i];
   }
 }
 
@@ -79,9 +88,12 @@ void divide(T* p, int64_t n, int by) {
 }
 // kAvg on a host buffer of the tensor's own dtype (f32 or f64).
 void divide_host(const Tensor& h, int by) {
-  if (h.dtype() == DType::kF32) divide(static_cast<float*>(h.data_ptr()), h.numel(), by);
-  else if (h.dtype() == DType::kF64) divide(static_cast<double*>(h.data_ptr()), h.numel(), by);
-  else HELIX_FAIL("avg: unexpected dtype {}", dtype_name(h.dtype()));
+  if (h.dtype() == DType::kF32)
+    divide(static_cast<float*>(h.data_ptr()), h.numel(), by);
+  else if (h.dtype() == DType::kF64)
+    divide(static_cast<double*>(h.data_ptr()), h.numel(), by);
+  else
+    HELIX_FAIL("avg: unexpected dtype {}", dtype_name(h.dtype()));
 }
 
 }  // namespace
@@ -97,8 +109,10 @@ MpiSession::MpiSession(int* argc, char*** argv) {
   MPI_CHECK(MPI_Comm_size(MPI_COMM_WORLD, &size_));
   set_log_rank(rank_);
   if (thread_level_ < MPI_THREAD_MULTIPLE && rank_ == 0)
-    log_warn("MPI provides thread level {} < MPI_THREAD_MULTIPLE: the watchdog still calls MPI_Abort "
-             "from its thread (works with Open MPI and MPICH)", thread_level_);
+    log_warn(
+        "MPI provides thread level {} < MPI_THREAD_MULTIPLE: the watchdog still calls MPI_Abort "
+        "from its thread (works with Open MPI and MPICH)",
+        thread_level_);
 }
 
 MpiSession::~MpiSession() {
@@ -115,9 +129,10 @@ MpiCommunicator::MpiCommunicator(MPI_Comm comm, GroupInfo info, std::shared_ptr<
   int size = 0, rank = 0;
   MPI_CHECK(MPI_Comm_size(comm_, &size));
   MPI_CHECK(MPI_Comm_rank(comm_, &rank));
-  HELIX_CHECK(size == this->size() && rank == this->rank(),
-              "MpiCommunicator for {}: expected size {} and rank {}, the MPI communicator has {} and {}",
-              describe(), this->size(), this->rank(), size, rank);
+  HELIX_CHECK(
+      size == this->size() && rank == this->rank(),
+      "MpiCommunicator for {}: expected size {} and rank {}, the MPI communicator has {} and {}",
+      describe(), this->size(), this->rank(), size, rank);
   MPI_CHECK(MPI_Op_create(&nan_max<float>, 1, &max_f32_));
   MPI_CHECK(MPI_Op_create(&nan_max<double>, 1, &max_f64_));
 }
@@ -146,7 +161,8 @@ void MpiCommunicator::do_all_reduce(const Tensor& t, ReduceOp op, const Stream& 
     std::vector<float> f = bf16_to_f32(h);
     for (int64_t off = 0; off < n; off += kMaxChunk) {
       const int c = static_cast<int>(std::min(kMaxChunk, n - off));
-      MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, f.data() + off, c, MPI_FLOAT, mpi_op(op, DType::kBF16), comm_));
+      MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, f.data() + off, c, MPI_FLOAT, mpi_op(op, DType::kBF16),
+                              comm_));
     }
     if (op == ReduceOp::kAvg) divide(f.data(), n, size());
     f32_to_bf16(f, h);
@@ -167,9 +183,9 @@ void MpiCommunicator::do_all_gather(const Tensor& in, const Tensor& out, const S
   WatchScope watch(watchdog_.get(), what("all_gather", in));
   const int n = checked_count(in.numel(), "all_gather");
   const MPI_Datatype type = mpi_type(in.dtype());
-  const bool in_slot = in.shares_storage(out) &&
-                       in.data_ptr() == static_cast<const char*>(out.data_ptr()) +
-                                            static_cast<size_t>(rank()) * in.nbytes();
+  const bool in_slot =
+      in.shares_storage(out) && in.data_ptr() == static_cast<const char*>(out.data_ptr()) +
+                                                     static_cast<size_t>(rank()) * in.nbytes();
   if (in_slot) {
     // The output holds this rank's block already: gather in place.
     Tensor h = host_copy(out, stream);
@@ -185,7 +201,8 @@ void MpiCommunicator::do_all_gather(const Tensor& in, const Tensor& out, const S
 
 void MpiCommunicator::do_reduce_scatter(const Tensor& in, const Tensor& out, ReduceOp op,
                                         const Stream& stream) {
-  WatchScope watch(watchdog_.get(), what(fmt::format("reduce_scatter({})", reduce_op_name(op)), in));
+  WatchScope watch(watchdog_.get(),
+                   what(fmt::format("reduce_scatter({})", reduce_op_name(op)), in));
   const int n = checked_count(out.numel(), "reduce_scatter");
   Tensor hin = host_copy(in, stream);
   Tensor hout = host_output(out);
@@ -218,10 +235,10 @@ void MpiCommunicator::do_broadcast(const Tensor& t, int root, const Stream& stre
 }
 
 void MpiCommunicator::do_send_recv(const SendRecvParams& p, const Stream& stream) {
-  const std::string op =
-      p.send.defined() && p.recv.defined()
-          ? fmt::format("send_recv(to {}, from {})", p.dst, p.src)
-          : p.send.defined() ? fmt::format("send(to {})", p.dst) : fmt::format("recv(from {})", p.src);
+  const std::string op = p.send.defined() && p.recv.defined()
+                             ? fmt::format("send_recv(to {}, from {})", p.dst, p.src)
+                         : p.send.defined() ? fmt::format("send(to {})", p.dst)
+                                            : fmt::format("recv(from {})", p.src);
   WatchScope watch(watchdog_.get(), what(op, p.send.defined() ? p.send : p.recv));
   constexpr int kTag = 7;
   std::vector<MPI_Request> requests;
@@ -236,8 +253,10 @@ void MpiCommunicator::do_send_recv(const SendRecvParams& p, const Stream& stream
       const int c = static_cast<int>(std::min(kMaxChunk, n - off));
       MPI_Request r;
       void* ptr = base + static_cast<size_t>(off) * esize;
-      if (is_send) MPI_CHECK(MPI_Isend(ptr, c, mpi_type(h.dtype()), peer, kTag, comm_, &r));
-      else MPI_CHECK(MPI_Irecv(ptr, c, mpi_type(h.dtype()), peer, kTag, comm_, &r));
+      if (is_send)
+        MPI_CHECK(MPI_Isend(ptr, c, mpi_type(h.dtype()), peer, kTag, comm_, &r));
+      else
+        MPI_CHECK(MPI_Irecv(ptr, c, mpi_type(h.dtype()), peer, kTag, comm_, &r));
       requests.push_back(r);
     }
   };
@@ -258,8 +277,9 @@ void MpiCommunicator::do_send_recv(const SendRecvParams& p, const Stream& stream
       MPI_CHECK(MPI_Get_count(&statuses[i], mpi_type(hrecv.dtype()), &c));
       received += c;
     }
-    HELIX_CHECK(received == hrecv.numel(), "recv on {}: expected {} elements from group rank {}, got {}",
-                describe(), hrecv.numel(), p.src, received);
+    HELIX_CHECK(received == hrecv.numel(),
+                "recv on {}: expected {} elements from group rank {}, got {}", describe(),
+                hrecv.numel(), p.src, received);
     write_back(p.recv, hrecv, stream);
   }
 }

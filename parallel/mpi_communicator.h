@@ -3,8 +3,8 @@
 // (copy to host on the given stream, MPI, copy back), so several ranks can share one GPU for
 // correctness runs: slow, simple and exact. bf16 reduces by converting to f32 on the host, reducing
 // in f32 and rounding once back to bf16. Blocking: a call returns when the collective is done.
-// Every communicator uses MPI_ERRORS_RETURN (errors throw through MPI_CHECK) and reports its calls to
-// the watchdog. MpiSession is the start-up and shut-down of MPI itself.
+// Every communicator uses MPI_ERRORS_RETURN (errors throw through MPI_CHECK) and reports its calls
+// to the watchdog. MpiSession is the start-up and shut-down of MPI itself.
 #include <mpi.h>
 
 #include <memory>

@@ -11,20 +11,29 @@ namespace {
 
 ncclDataType_t nccl_reduce_type(DType t) {
   switch (t) {
-    case DType::kF32: return ncclFloat32;
-    case DType::kF64: return ncclFloat64;
-    case DType::kBF16: return ncclBfloat16;
-    case DType::kI32: return ncclInt32;
-    case DType::kI64: return ncclInt64;
-    default: HELIX_FAIL("NCCL: dtype {} cannot be reduced", dtype_name(t));
+    case DType::kF32:
+      return ncclFloat32;
+    case DType::kF64:
+      return ncclFloat64;
+    case DType::kBF16:
+      return ncclBfloat16;
+    case DType::kI32:
+      return ncclInt32;
+    case DType::kI64:
+      return ncclInt64;
+    default:
+      HELIX_FAIL("NCCL: dtype {} cannot be reduced", dtype_name(t));
   }
 }
 
 ncclRedOp_t nccl_op(ReduceOp op) {
   switch (op) {
-    case ReduceOp::kSum: return ncclSum;
-    case ReduceOp::kMax: return ncclMax;
-    case ReduceOp::kAvg: return ncclAvg;
+    case ReduceOp::kSum:
+      return ncclSum;
+    case ReduceOp::kMax:
+      return ncclMax;
+    case ReduceOp::kAvg:
+      return ncclAvg;
   }
   HELIX_FAIL("NCCL: unknown reduce op");
 }
@@ -37,9 +46,12 @@ char* bytes(const Tensor& t) { return static_cast<char*>(t.data_ptr()); }
 
 NcclCommunicator::NcclCommunicator(std::unique_ptr<MpiCommunicator> mpi, Device device,
                                    std::shared_ptr<Watchdog> watchdog)
-    : Communicator(mpi->group()), mpi_(std::move(mpi)), device_(device), watchdog_(std::move(watchdog)) {
-  HELIX_CHECK(device_.is_cuda(), "NCCL communicator for {}: expected a CUDA device, got {}", describe(),
-              device_.str());
+    : Communicator(mpi->group()),
+      mpi_(std::move(mpi)),
+      device_(device),
+      watchdog_(std::move(watchdog)) {
+  HELIX_CHECK(device_.is_cuda(), "NCCL communicator for {}: expected a CUDA device, got {}",
+              describe(), device_.str());
   CUDA_CHECK(cudaSetDevice(device_.index));
   ncclUniqueId id;
   {
@@ -54,7 +66,8 @@ NcclCommunicator::NcclCommunicator(std::unique_ptr<MpiCommunicator> mpi, Device 
     resource_id_ = watchdog_->add_resource(
         [comm, name]() -> std::string {
           ncclResult_t st = ncclSuccess;
-          if (ncclCommGetAsyncError(comm, &st) != ncclSuccess) return "ncclCommGetAsyncError failed on " + name;
+          if (ncclCommGetAsyncError(comm, &st) != ncclSuccess)
+            return "ncclCommGetAsyncError failed on " + name;
           if (st != ncclSuccess && st != ncclInProgress)
             return fmt::format("NCCL asynchronous error on {}: {}", name, ncclGetErrorString(st));
           return {};
@@ -74,7 +87,8 @@ void NcclCommunicator::watch(std::string what, const Stream& stream) {
   CUDA_CHECK(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming));
   std::shared_ptr<void> owner(ev, [](void* e) { cudaEventDestroy(static_cast<cudaEvent_t>(e)); });
   CUDA_CHECK(cudaEventRecord(ev, cuda_stream(stream)));
-  watchdog_->track(std::move(what), [ev, owner]() { return cudaEventQuery(ev) != cudaErrorNotReady; });
+  watchdog_->track(std::move(what),
+                   [ev, owner]() { return cudaEventQuery(ev) != cudaErrorNotReady; });
 }
 
 void NcclCommunicator::do_all_reduce(const Tensor& t, ReduceOp op, const Stream& stream) {
@@ -96,7 +110,8 @@ void NcclCommunicator::do_reduce_scatter(const Tensor& in, const Tensor& out, Re
                                          const Stream& stream) {
   if (in.is_cpu()) return mpi_->reduce_scatter(in, out, op, stream);
   NCCL_CHECK(ncclReduceScatter(in.data_ptr(), out.data_ptr(), static_cast<size_t>(out.numel()),
-                               nccl_reduce_type(in.dtype()), nccl_op(op), comm_, cuda_stream(stream)));
+                               nccl_reduce_type(in.dtype()), nccl_op(op), comm_,
+                               cuda_stream(stream)));
   watch(what(fmt::format("reduce_scatter({})", reduce_op_name(op)), in), stream);
 }
 
@@ -113,9 +128,11 @@ void NcclCommunicator::do_send_recv(const SendRecvParams& p, const Stream& strea
   // Grouped, so a ring step (everyone sends, everyone receives) cannot deadlock.
   NCCL_CHECK(ncclGroupStart());
   if (p.send.defined())
-    NCCL_CHECK(ncclSend(p.send.data_ptr(), p.send.nbytes(), ncclUint8, p.dst, comm_, cuda_stream(stream)));
+    NCCL_CHECK(
+        ncclSend(p.send.data_ptr(), p.send.nbytes(), ncclUint8, p.dst, comm_, cuda_stream(stream)));
   if (p.recv.defined())
-    NCCL_CHECK(ncclRecv(p.recv.data_ptr(), p.recv.nbytes(), ncclUint8, p.src, comm_, cuda_stream(stream)));
+    NCCL_CHECK(
+        ncclRecv(p.recv.data_ptr(), p.recv.nbytes(), ncclUint8, p.src, comm_, cuda_stream(stream)));
   NCCL_CHECK(ncclGroupEnd());
   watch(what(fmt::format("send_recv(to {}, from {})", p.dst, p.src), any), stream);
 }

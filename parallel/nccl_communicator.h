@@ -2,10 +2,10 @@
 // The NCCL backend, compiled only when HELIX_WITH_NCCL. CUDA tensors on this rank's GPU go to NCCL,
 // enqueued on the given stream (a call returns once enqueued). Bootstrapped from MPI: group rank 0
 // makes the ncclUniqueId, MPI broadcasts it over the group's MPI communicator, every member calls
-// ncclCommInitRank. CPU tensors go to the MPI twin, so one context serves both. Each NCCL call records
-// an event the watchdog polls; the watchdog also polls ncclCommGetAsyncError and calls ncclCommAbort
-// before it aborts the job. NCCL refuses two ranks of one communicator on the same GPU: ranks that
-// share a GPU use the MPI backend (host staging).
+// ncclCommInitRank. CPU tensors go to the MPI twin, so one context serves both. Each NCCL call
+// records an event the watchdog polls; the watchdog also polls ncclCommGetAsyncError and calls
+// ncclCommAbort before it aborts the job. NCCL refuses two ranks of one communicator on the same
+// GPU: ranks that share a GPU use the MPI backend (host staging).
 #if HELIX_WITH_NCCL
 #include <nccl.h>
 

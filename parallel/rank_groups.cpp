@@ -13,13 +13,20 @@ struct VaryingDims {
 };
 constexpr VaryingDims varying(GroupKind kind) {
   switch (kind) {
-    case GroupKind::kTP: return {true, false, false, false};
-    case GroupKind::kCP: return {false, true, false, false};
-    case GroupKind::kDP: return {false, false, true, false};
-    case GroupKind::kPP: return {false, false, false, true};
-    case GroupKind::kDpCp: return {false, true, true, false};
-    case GroupKind::kAmax: return {true, true, true, false};
-    case GroupKind::kWorld: return {true, true, true, true};
+    case GroupKind::kTP:
+      return {true, false, false, false};
+    case GroupKind::kCP:
+      return {false, true, false, false};
+    case GroupKind::kDP:
+      return {false, false, true, false};
+    case GroupKind::kPP:
+      return {false, false, false, true};
+    case GroupKind::kDpCp:
+      return {false, true, true, false};
+    case GroupKind::kAmax:
+      return {true, true, true, false};
+    case GroupKind::kWorld:
+      return {true, true, true, true};
   }
   return {false, false, false, false};
 }
@@ -28,13 +35,20 @@ constexpr VaryingDims varying(GroupKind kind) {
 
 std::string_view group_kind_name(GroupKind kind) {
   switch (kind) {
-    case GroupKind::kTP: return "tp";
-    case GroupKind::kCP: return "cp";
-    case GroupKind::kDP: return "dp";
-    case GroupKind::kPP: return "pp";
-    case GroupKind::kDpCp: return "dp_cp";
-    case GroupKind::kAmax: return "amax";
-    case GroupKind::kWorld: return "world";
+    case GroupKind::kTP:
+      return "tp";
+    case GroupKind::kCP:
+      return "cp";
+    case GroupKind::kDP:
+      return "dp";
+    case GroupKind::kPP:
+      return "pp";
+    case GroupKind::kDpCp:
+      return "dp_cp";
+    case GroupKind::kAmax:
+      return "amax";
+    case GroupKind::kWorld:
+      return "world";
   }
   return "?";
 }
@@ -83,9 +97,10 @@ RankGroups make_rank_groups(int world, ParallelSizes sizes) {
               "multiple of {} ranks or change the sizes",
               sizes.tp, sizes.cp, sizes.pp, model, world, model);
   const int dp = static_cast<int>(world / model);
-  HELIX_CHECK(sizes.dp == 0 || sizes.dp == dp,
-              "--dp {}: expected world / (tp*cp*pp) = {} / {} = {}, got {} (leave --dp out to derive it)",
-              sizes.dp, world, model, dp, sizes.dp);
+  HELIX_CHECK(
+      sizes.dp == 0 || sizes.dp == dp,
+      "--dp {}: expected world / (tp*cp*pp) = {} / {} = {}, got {} (leave --dp out to derive it)",
+      sizes.dp, world, model, dp, sizes.dp);
   sizes.dp = dp;
 
   RankGroups g;

@@ -1,7 +1,7 @@
 #pragma once
-// Rank groups as a pure function of the world size and the parallel sizes (no MPI, no state), so the
-// layout is unit-tested on one process. Rank order is tp-cp-dp-pp, TP fastest: the ranks of a TP group
-// are consecutive and stay inside a node. Every kind of group partitions the world.
+// Rank groups as a pure function of the world size and the parallel sizes (no MPI, no state), so
+// the layout is unit-tested on one process. Rank order is tp-cp-dp-pp, TP fastest: the ranks of a
+// TP group are consecutive and stay inside a node. Every kind of group partitions the world.
 #include <array>
 #include <cstdint>
 #include <string_view>
@@ -9,7 +9,8 @@
 
 namespace helix {
 
-// The parallel sizes a user asks for (--tp, --cp, --pp, --dp). dp = 0 means "derived": world / (tp*cp*pp).
+// The parallel sizes a user asks for (--tp, --cp, --pp, --dp). dp = 0 means "derived": world /
+// (tp*cp*pp).
 struct ParallelSizes {
   int tp = 1;
   int cp = 1;
@@ -25,7 +26,8 @@ inline constexpr int kNumGroupKinds = 7;
 inline constexpr std::array<GroupKind, kNumGroupKinds> kAllGroupKinds = {
     GroupKind::kTP,   GroupKind::kCP,   GroupKind::kDP,   GroupKind::kPP,
     GroupKind::kDpCp, GroupKind::kAmax, GroupKind::kWorld};
-std::string_view group_kind_name(GroupKind kind);  // "tp", "cp", "dp", "pp", "dp_cp", "amax", "world"
+std::string_view group_kind_name(
+    GroupKind kind);  // "tp", "cp", "dp", "pp", "dp_cp", "amax", "world"
 
 // Where a rank sits: rank = tp + TP * (cp + CP * (dp + DP * pp)).
 struct RankCoords {
@@ -64,7 +66,8 @@ class RankGroups {
 };
 
 // Builds every group of every kind. Throws helix::Error naming the flag and the rule when the sizes
-// do not fit the world (a size < 1, world not divisible by tp*cp*pp, a given --dp that does not match).
+// do not fit the world (a size < 1, world not divisible by tp*cp*pp, a given --dp that does not
+// match).
 //
 // Worked example: world = 16, tp = 2, cp = 2, pp = 2, so dp = 16 / (2*2*2) = 2 and
 // rank = tp + 2*(cp + 2*(dp + 2*pp)):

@@ -24,8 +24,10 @@ void abort_all(const std::string& message) {
   const bool mpi_up = initialized && !finalized;
   int rank = -1;
   if (mpi_up) MPI_Comm_rank(MPI_COMM_WORLD, &rank);
-  if (rank >= 0) std::fprintf(stderr, "helix: error: rank %d: %s\n", rank, message.c_str());
-  else std::fprintf(stderr, "helix: error: %s\n", message.c_str());
+  if (rank >= 0)
+    std::fprintf(stderr, "helix: error: rank %d: %s\n", rank, message.c_str());
+  else
+    std::fprintf(stderr, "helix: error: %s\n", message.c_str());
   std::fflush(stderr);
   std::fflush(stdout);
   if (mpi_up) MPI_Abort(MPI_COMM_WORLD, 1);
@@ -77,7 +79,8 @@ void Watchdog::track(std::string what, std::function<bool()> done) {
     return;
   }
   std::lock_guard<std::mutex> lock(mu_);
-  pending_.emplace(next_id_++, Pending{std::move(what), std::chrono::steady_clock::now(), std::move(done)});
+  pending_.emplace(next_id_++,
+                   Pending{std::move(what), std::chrono::steady_clock::now(), std::move(done)});
 }
 
 uint64_t Watchdog::add_resource(std::function<std::string()> check, std::function<void()> abort) {

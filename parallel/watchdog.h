@@ -2,7 +2,8 @@
 // How a failing rank ends the whole job instead of leaving the others hanging in a collective:
 // abort_all(message) prints one line and calls MPI_Abort; a Watchdog thread aborts the job when a
 // collective does not finish within the timeout (HELIX_COMM_TIMEOUT_S, default 600 s, 0 = off) or a
-// registered resource reports a failure (NCCL's asynchronous errors), naming the collective and group.
+// registered resource reports a failure (NCCL's asynchronous errors), naming the collective and
+// group.
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
@@ -23,9 +24,10 @@ namespace helix {
 double comm_timeout_from_env(double fallback = 600.0);
 
 struct WatchdogOptions {
-  double timeout_s = 600.0;  // a collective in flight longer than this aborts the job; 0 = no thread
-  double poll_s = 0.1;       // how often the thread looks
-  int world_rank = 0;        // for the message
+  double timeout_s =
+      600.0;            // a collective in flight longer than this aborts the job; 0 = no thread
+  double poll_s = 0.1;  // how often the thread looks
+  int world_rank = 0;   // for the message
 };
 
 class Watchdog {
@@ -45,9 +47,9 @@ class Watchdog {
   // thread until it returns true, then destroyed (so it can own a CUDA event).
   void track(std::string what, std::function<bool()> done);
 
-  // A resource checked on every poll: `check` returns a non-empty message when it failed (e.g. a NCCL
-  // communicator's async error); `abort` is called on every registered resource before the job is
-  // aborted for any reason (e.g. ncclCommAbort, so no kernel keeps spinning).
+  // A resource checked on every poll: `check` returns a non-empty message when it failed (e.g. a
+  // NCCL communicator's async error); `abort` is called on every registered resource before the job
+  // is aborted for any reason (e.g. ncclCommAbort, so no kernel keeps spinning).
   uint64_t add_resource(std::function<std::string()> check, std::function<void()> abort);
   void remove_resource(uint64_t id);
 

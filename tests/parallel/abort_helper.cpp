@@ -2,7 +2,8 @@
 // main() is shaped like the CLI's: errors reach one top-level catch that calls abort_all.
 //   throw      rank 1 throws before an all-reduce that rank 0 is already waiting in
 //   timeout    rank 1 never joins the all-reduce; rank 0's watchdog must abort the job
-//   mpi_error  rank 1 sends to a rank that does not exist (MPI_CHECK throws); rank 0 waits in a barrier
+//   mpi_error  rank 1 sends to a rank that does not exist (MPI_CHECK throws); rank 0 waits in a
+//   barrier
 #include <chrono>
 #include <cstdio>
 #include <string>
@@ -17,7 +18,8 @@ namespace {
 
 int run(const std::string& mode, int rank) {
   using namespace helix;
-  ParallelContext ctx = ParallelContext::create(MPI_COMM_WORLD, ParallelOptions{.sizes = {.tp = 2}});
+  ParallelContext ctx =
+      ParallelContext::create(MPI_COMM_WORLD, ParallelOptions{.sizes = {.tp = 2}});
   Tensor t = Tensor::zeros({1000}, DType::kF32);
   if (mode == "throw") {
     if (rank == 1) HELIX_FAIL("rank 1 failed on purpose before all_reduce");

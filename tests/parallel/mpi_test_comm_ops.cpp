@@ -1,8 +1,8 @@
 // The communication autograd pairs: each node's forward and backward against values computed
 // locally (f32 and bf16, CPU and, in CUDA builds with a GPU, CUDA tensors through the staged MPI
 // backend), backward accumulating into a pre-filled gradient; then Megatron-style compositions
-// (tensor-parallel MLP, the same under sequence parallelism, scatter/gather along T) in f64 on the CPU,
-// whose loss and every gradient equal a single-rank run of the same model within 1e-10.
+// (tensor-parallel MLP, the same under sequence parallelism, scatter/gather along T) in f64 on the
+// CPU, whose loss and every gradient equal a single-rank run of the same model within 1e-10.
 #include <memory>
 #include <tuple>
 
@@ -30,7 +30,8 @@ class CommPairs : public ::testing::TestWithParam<Param> {
  protected:
   void SetUp() override {
     std::tie(dtype_, device_type_, tp_) = GetParam();
-    if (tp_ > world_size() || world_size() % tp_ != 0) GTEST_SKIP() << "tp " << tp_ << " does not fit " << world_size() << " ranks";
+    if (tp_ > world_size() || world_size() % tp_ != 0)
+      GTEST_SKIP() << "tp " << tp_ << " does not fit " << world_size() << " ranks";
     if (device_type_ == DeviceType::kCUDA) {
       HELIX_REQUIRE_CUDA();
       device_ = testing::rank_gpu();
@@ -44,7 +45,9 @@ class CommPairs : public ::testing::TestWithParam<Param> {
   Tensor values(int r, int64_t rows, int seed) const {
     return make_input(dtype_, rows * kHidden, r, seed, 0, device_).view({rows, kHidden});
   }
-  double v(int r, int64_t row, int64_t col, int seed) const { return value(dtype_, r, row * kHidden + col, seed); }
+  double v(int r, int64_t row, int64_t col, int seed) const {
+    return value(dtype_, r, row * kHidden + col, seed);
+  }
 
   // Runs node on leaf x (whose gradient starts as `prefill`) with output gradient `gout`; returns
   // {y, x's gradient}.
@@ -74,8 +77,8 @@ class CommPairs : public ::testing::TestWithParam<Param> {
 TEST_P(CommPairs, CopyToTpIsIdentityForwardAllReduceBackward) {
   const int n = comm_->size(), me = world_rank();
   const int64_t T = n * kRowsPerRank;
-  auto [y, g] = run([&](Tape& t, const Var& x) { return copy_to_tp(t, *comm_, x); }, values(me, T, 1),
-                    values(me, T, 2), values(me, T, 3));
+  auto [y, g] = run([&](Tape& t, const Var& x) { return copy_to_tp(t, *comm_, x); },
+                    values(me, T, 1), values(me, T, 2), values(me, T, 3));
   std::vector<double> want_y, want_g;
   for (int64_t i = 0; i < T; ++i)
     for (int64_t c = 0; c < kHidden; ++c) {
@@ -91,8 +94,8 @@ TEST_P(CommPairs, CopyToTpIsIdentityForwardAllReduceBackward) {
 TEST_P(CommPairs, ReduceFromTpIsAllReduceForwardIdentityBackward) {
   const int n = comm_->size(), me = world_rank();
   const int64_t T = n * kRowsPerRank;
-  auto [y, g] = run([&](Tape& t, const Var& x) { return reduce_from_tp(t, *comm_, x); }, values(me, T, 4),
-                    values(me, T, 5), values(me, T, 6));
+  auto [y, g] = run([&](Tape& t, const Var& x) { return reduce_from_tp(t, *comm_, x); },
+                    values(me, T, 4), values(me, T, 5), values(me, T, 6));
   std::vector<double> want_y, want_g;
   for (int64_t i = 0; i < T; ++i)
     for (int64_t c = 0; c < kHidden; ++c) {
@@ -108,14 +111,15 @@ TEST_P(CommPairs, ReduceFromTpIsAllReduceForwardIdentityBackward) {
 TEST_P(CommPairs, ScatterToSpIsSplitForwardAllGatherBackward) {
   const int n = comm_->size(), me = world_rank(), r = comm_->rank();
   const int64_t T = n * kRowsPerRank, m = kRowsPerRank;
-  auto [y, g] = run([&](Tape& t, const Var& x) { return scatter_to_sp(t, *comm_, x); }, values(me, T, 7),
-                    values(me, T, 8), values(me, m, 9));
+  auto [y, g] = run([&](Tape& t, const Var& x) { return scatter_to_sp(t, *comm_, x); },
+                    values(me, T, 7), values(me, T, 8), values(me, m, 9));
   ASSERT_EQ(y.shape(), (Shape{m, kHidden}));
   std::vector<double> want_y, want_g;
   for (int64_t i = 0; i < m; ++i)
     for (int64_t c = 0; c < kHidden; ++c) want_y.push_back(v(me, r * m + i, c, 7));
   for (int64_t i = 0; i < T; ++i)  // row i of the gathered gradient is row i % m of rank i / m
-    for (int64_t c = 0; c < kHidden; ++c) want_g.push_back(v(me, i, c, 8) + v(member(int(i / m)), i % m, c, 9));
+    for (int64_t c = 0; c < kHidden; ++c)
+      want_g.push_back(v(me, i, c, 8) + v(member(int(i / m)), i % m, c, 9));
   EXPECT_TRUE(equals(y, want_y));
   EXPECT_TRUE(equals(g, want_g));
 }
@@ -134,8 +138,10 @@ TEST_P(CommPairs, GatherFromSpIsAllGatherForwardReduceScatterOrSplitBackward) {
     for (int64_t i = 0; i < m; ++i)
       for (int64_t c = 0; c < kHidden; ++c) {
         double s = v(me, i, c, 11);
-        if (mode == GatherGrad::kSplit) s += v(me, r * m + i, c, 12);
-        else for (int k = 0; k < n; ++k) s += v(member(k), r * m + i, c, 12);
+        if (mode == GatherGrad::kSplit)
+          s += v(me, r * m + i, c, 12);
+        else
+          for (int k = 0; k < n; ++k) s += v(member(k), r * m + i, c, 12);
         want_g.push_back(s);
       }
     EXPECT_TRUE(equals(y, want_y));
@@ -157,7 +163,8 @@ TEST_P(CommPairs, ReduceScatterToSpIsReduceScatterForwardAllGatherBackward) {
       want_y.push_back(s);
     }
   for (int64_t i = 0; i < T; ++i)
-    for (int64_t c = 0; c < kHidden; ++c) want_g.push_back(v(me, i, c, 14) + v(member(int(i / m)), i % m, c, 15));
+    for (int64_t c = 0; c < kHidden; ++c)
+      want_g.push_back(v(me, i, c, 14) + v(member(int(i / m)), i % m, c, 15));
   EXPECT_TRUE(equals(y, want_y));
   EXPECT_TRUE(equals(g, want_g));
 }
@@ -185,7 +192,8 @@ INSTANTIATE_TEST_SUITE_P(Pairs, CommPairs,
                                             ::testing::Values(2, 4)),
                          pair_name);
 
-// ---- Compositions against one rank (f64, CPU) ----------------------------------------------------
+// ---- Compositions against one rank (f64, CPU)
+// ----------------------------------------------------
 using testing::LayerNormRef;
 using testing::LinearRef;
 using testing::SumRef;
@@ -203,7 +211,8 @@ Tensor cols(const Tensor& t, int64_t begin, int64_t end) {
   const int64_t R = t.dim(0), C = t.dim(1);
   Tensor o = Tensor::empty({R, end - begin}, DType::kF64);
   for (int64_t i = 0; i < R; ++i)
-    for (int64_t j = begin; j < end; ++j) o.data<double>()[i * (end - begin) + j - begin] = t.data<double>()[i * C + j];
+    for (int64_t j = begin; j < end; ++j)
+      o.data<double>()[i * (end - begin) + j - begin] = t.data<double>()[i * C + j];
   return o;
 }
 
@@ -234,16 +243,24 @@ class TensorParallelMlp : public ::testing::Test {
   };
   Ref reference(bool layernorm) const {
     Tape tape;
-    Var x = Var::leaf(x_.clone(), true), w1 = Var::leaf(w1_.clone(), true), b1 = Var::leaf(b1_.clone(), true);
-    Var w2 = Var::leaf(w2_.clone(), true), zero = Var::leaf(Tensor::zeros({kH}, DType::kF64), false);
+    Var x = Var::leaf(x_.clone(), true), w1 = Var::leaf(w1_.clone(), true),
+        b1 = Var::leaf(b1_.clone(), true);
+    Var w2 = Var::leaf(w2_.clone(), true),
+        zero = Var::leaf(Tensor::zeros({kH}, DType::kF64), false);
     Var g = Var::leaf(g_.clone(), true), b = Var::leaf(b_.clone(), true);
     Var in = layernorm ? tape.apply1(std::make_shared<LayerNormRef<double>>(), {x, g, b}) : x;
     Var h = tape.apply1(std::make_shared<TanhRef<double>>(),
                         {tape.apply1(std::make_shared<LinearRef<double>>(), {in, w1, b1})});
     Var z = tape.apply1(std::make_shared<LinearRef<double>>(), {h, w2, zero});
-    Var loss = tape.apply1(std::make_shared<SumRef<double>>(), {tape.apply1(std::make_shared<TanhRef<double>>(), {z})});
+    Var loss = tape.apply1(std::make_shared<SumRef<double>>(),
+                           {tape.apply1(std::make_shared<TanhRef<double>>(), {z})});
     tape.backward(loss);
-    return {scalar(loss), x.grad(), w1.grad(), b1.grad(), w2.grad(), layernorm ? g.grad() : Tensor(),
+    return {scalar(loss),
+            x.grad(),
+            w1.grad(),
+            b1.grad(),
+            w2.grad(),
+            layernorm ? g.grad() : Tensor(),
             layernorm ? b.grad() : Tensor()};
   }
   std::unique_ptr<ParallelContext> ctx_;
@@ -258,13 +275,17 @@ TEST_F(TensorParallelMlp, ColumnThenRowParallelEqualsOneRank) {
   const int64_t f = kF / n_;  // this rank's FFN columns [r*f, (r+1)*f)
   Tape tape;
   Var x = Var::leaf(x_.clone(), true);
-  Var w1 = Var::leaf(rows(w1_, r_ * f, (r_ + 1) * f), true), b1 = Var::leaf(rows(b1_, r_ * f, (r_ + 1) * f), true);
-  Var w2 = Var::leaf(cols(w2_, r_ * f, (r_ + 1) * f), true), zero = Var::leaf(Tensor::zeros({kH}, DType::kF64), false);
+  Var w1 = Var::leaf(rows(w1_, r_ * f, (r_ + 1) * f), true),
+      b1 = Var::leaf(rows(b1_, r_ * f, (r_ + 1) * f), true);
+  Var w2 = Var::leaf(cols(w2_, r_ * f, (r_ + 1) * f), true),
+      zero = Var::leaf(Tensor::zeros({kH}, DType::kF64), false);
   Var xin = copy_to_tp(tape, tp, x);
-  Var h = tape.apply1(std::make_shared<TanhRef<double>>(), {tape.apply1(std::make_shared<LinearRef<double>>(), {xin, w1, b1})});
+  Var h = tape.apply1(std::make_shared<TanhRef<double>>(),
+                      {tape.apply1(std::make_shared<LinearRef<double>>(), {xin, w1, b1})});
   Var zp = tape.apply1(std::make_shared<LinearRef<double>>(), {h, w2, zero});  // partial sums
   Var z = reduce_from_tp(tape, tp, zp);
-  Var loss = tape.apply1(std::make_shared<SumRef<double>>(), {tape.apply1(std::make_shared<TanhRef<double>>(), {z})});
+  Var loss = tape.apply1(std::make_shared<SumRef<double>>(),
+                         {tape.apply1(std::make_shared<TanhRef<double>>(), {z})});
   tape.backward(loss);
   EXPECT_NEAR(scalar(loss), ref.loss, 1e-10 * std::abs(ref.loss));
   EXPECT_TRUE(near(x.grad(), ref.dx)) << "dx (replicated input)";
@@ -280,14 +301,19 @@ TEST_F(TensorParallelMlp, SequenceParallelLayerNormAndMlpEqualOneRank) {
   Tape tape;
   Var x = Var::leaf(rows(x_, r_ * m, (r_ + 1) * m), true);  // the SP shard of the input
   Var g = Var::leaf(g_.clone(), true), b = Var::leaf(b_.clone(), true);
-  Var w1 = Var::leaf(rows(w1_, r_ * f, (r_ + 1) * f), true), b1 = Var::leaf(rows(b1_, r_ * f, (r_ + 1) * f), true);
-  Var w2 = Var::leaf(cols(w2_, r_ * f, (r_ + 1) * f), true), zero = Var::leaf(Tensor::zeros({kH}, DType::kF64), false);
+  Var w1 = Var::leaf(rows(w1_, r_ * f, (r_ + 1) * f), true),
+      b1 = Var::leaf(rows(b1_, r_ * f, (r_ + 1) * f), true);
+  Var w2 = Var::leaf(cols(w2_, r_ * f, (r_ + 1) * f), true),
+      zero = Var::leaf(Tensor::zeros({kH}, DType::kF64), false);
   Var ln = tape.apply1(std::make_shared<LayerNormRef<double>>(), {x, g, b});  // on m rows
-  Var full = gather_from_sp(tape, tp, ln, GatherGrad::kReduceScatter);     // [T, H]
-  Var h = tape.apply1(std::make_shared<TanhRef<double>>(), {tape.apply1(std::make_shared<LinearRef<double>>(), {full, w1, b1})});
-  Var zp = tape.apply1(std::make_shared<LinearRef<double>>(), {h, w2, zero});  // [T, H] partial sums
-  Var z = reduce_scatter_to_sp(tape, tp, zp);                                  // [m, H]
-  Var loss = tape.apply1(std::make_shared<SumRef<double>>(), {tape.apply1(std::make_shared<TanhRef<double>>(), {z})});
+  Var full = gather_from_sp(tape, tp, ln, GatherGrad::kReduceScatter);        // [T, H]
+  Var h = tape.apply1(std::make_shared<TanhRef<double>>(),
+                      {tape.apply1(std::make_shared<LinearRef<double>>(), {full, w1, b1})});
+  Var zp =
+      tape.apply1(std::make_shared<LinearRef<double>>(), {h, w2, zero});  // [T, H] partial sums
+  Var z = reduce_scatter_to_sp(tape, tp, zp);                             // [m, H]
+  Var loss = tape.apply1(std::make_shared<SumRef<double>>(),
+                         {tape.apply1(std::make_shared<TanhRef<double>>(), {z})});
   tape.backward(loss);
   // The loss is a sum over tokens: the ranks' partial losses add up to the whole.
   Tensor total = loss.data().clone();
@@ -310,13 +336,15 @@ TEST_F(TensorParallelMlp, ScatterThenGatherAlongTEqualsOneRank) {
   // Replicated x -> scatter_to_sp -> tanh on own rows -> gather_from_sp(split) -> sum.
   Tape ref_tape;
   Var xr = Var::leaf(x_.clone(), true);
-  Var lr = ref_tape.apply1(std::make_shared<SumRef<double>>(), {ref_tape.apply1(std::make_shared<TanhRef<double>>(), {xr})});
+  Var lr = ref_tape.apply1(std::make_shared<SumRef<double>>(),
+                           {ref_tape.apply1(std::make_shared<TanhRef<double>>(), {xr})});
   ref_tape.backward(lr);
 
   Tape tape;
   Var x = Var::leaf(x_.clone(), true);
   Var part = scatter_to_sp(tape, ctx_->tp(), x);
-  Var y = gather_from_sp(tape, ctx_->tp(), tape.apply1(std::make_shared<TanhRef<double>>(), {part}), GatherGrad::kSplit);
+  Var y = gather_from_sp(tape, ctx_->tp(), tape.apply1(std::make_shared<TanhRef<double>>(), {part}),
+                         GatherGrad::kSplit);
   Var loss = tape.apply1(std::make_shared<SumRef<double>>(), {y});
   tape.backward(loss);
   EXPECT_NEAR(scalar(loss), scalar(lr), 1e-10 * std::abs(scalar(lr)));

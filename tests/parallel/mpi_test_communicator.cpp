@@ -24,7 +24,9 @@ using testing::world_rank;
 using testing::world_size;
 
 enum class Which { kWorld, kTP, kDP };
-const char* which_name(Which w) { return w == Which::kWorld ? "world" : w == Which::kTP ? "tp" : "dp"; }
+const char* which_name(Which w) {
+  return w == Which::kWorld ? "world" : w == Which::kTP ? "tp" : "dp";
+}
 
 using Param = std::tuple<DType, int64_t, Which, DeviceType, CommBackend>;
 
@@ -43,15 +45,17 @@ class Collectives : public ::testing::TestWithParam<Param> {
     }
     if (backend_ == CommBackend::kNccl) HELIX_REQUIRE_GPU_PER_RANK();
     // One context per backend for the whole suite, made by the first test that needs it (every rank
-    // runs the same tests and skips alike, so every rank makes it at the same point). tp = 2 when the
-    // world allows: tp groups are pairs of consecutive ranks, dp groups the others.
+    // runs the same tests and skips alike, so every rank makes it at the same point). tp = 2 when
+    // the world allows: tp groups are pairs of consecutive ranks, dp groups the others.
     auto& ctx = ctx_[static_cast<size_t>(backend_)];
     if (!ctx) {
       ctx = std::make_unique<ParallelContext>(testing::make_context(
           {.tp = world_size() % 2 == 0 ? 2 : 1}, backend_,
           backend_ == CommBackend::kNccl ? testing::rank_gpu() : Device::cpu()));
     }
-    comm_ = which_ == Which::kWorld ? &ctx->world() : which_ == Which::kTP ? &ctx->tp() : &ctx->dp();
+    comm_ = which_ == Which::kWorld ? &ctx->world()
+            : which_ == Which::kTP  ? &ctx->tp()
+                                    : &ctx->dp();
     ASSERT_EQ(comm_->backend_name(), backend_ == CommBackend::kNccl ? "nccl" : "mpi");
   }
   // World rank of group rank g.
@@ -107,7 +111,8 @@ TEST_P(Collectives, AllGather) {
   sync();
   std::vector<double> want(static_cast<size_t>(size * n_));
   for (int g = 0; g < size; ++g)
-    for (int64_t i = 0; i < n_; ++i) want[static_cast<size_t>(g * n_ + i)] = value(dtype_, member(g), i, 11);
+    for (int64_t i = 0; i < n_; ++i)
+      want[static_cast<size_t>(g * n_ + i)] = value(dtype_, member(g), i, 11);
   EXPECT_TRUE(equals(out, want));
 
   // In place: the input is this rank's slot of the output.
@@ -138,7 +143,8 @@ TEST_P(Collectives, Broadcast) {
   comm_->broadcast(t, root, stream_);
   sync();
   std::vector<double> want(static_cast<size_t>(n_));
-  for (int64_t i = 0; i < n_; ++i) want[static_cast<size_t>(i)] = value(dtype_, member(root), i, 13);
+  for (int64_t i = 0; i < n_; ++i)
+    want[static_cast<size_t>(i)] = value(dtype_, member(root), i, 13);
   EXPECT_TRUE(equals(t, want));
 }
 
@@ -152,7 +158,8 @@ TEST_P(Collectives, SendRecvRing) {
   comm_->send_recv(p, stream_);
   sync();
   std::vector<double> want(static_cast<size_t>(n_));
-  for (int64_t i = 0; i < n_; ++i) want[static_cast<size_t>(i)] = value(dtype_, member(p.src), i, 14);
+  for (int64_t i = 0; i < n_; ++i)
+    want[static_cast<size_t>(i)] = value(dtype_, member(p.src), i, 14);
   EXPECT_TRUE(equals(p.recv, want));
 }
 
@@ -167,7 +174,8 @@ TEST_P(Collectives, SendThenRecvBetweenTwoRanks) {
       comm_->recv(got, from, stream_);
       sync();
       std::vector<double> want(static_cast<size_t>(n_));
-      for (int64_t i = 0; i < n_; ++i) want[static_cast<size_t>(i)] = value(dtype_, member(from), i, 15 + from);
+      for (int64_t i = 0; i < n_; ++i)
+        want[static_cast<size_t>(i)] = value(dtype_, member(from), i, 15 + from);
       EXPECT_TRUE(equals(got, want)) << "from group rank " << from;
     }
   }
@@ -192,8 +200,9 @@ TEST_P(Collectives, Barrier) { comm_->barrier(); }
 
 std::string param_name(const ::testing::TestParamInfo<Param>& info) {
   const auto [t, n, w, d, b] = info.param;
-  return std::string(b == CommBackend::kMpi ? "mpi_" : "nccl_") + std::string(dtype_name(t)) + "_n" +
-         std::to_string(n) + "_" + which_name(w) + (d == DeviceType::kCPU ? "_cpu" : "_cuda");
+  return std::string(b == CommBackend::kMpi ? "mpi_" : "nccl_") + std::string(dtype_name(t)) +
+         "_n" + std::to_string(n) + "_" + which_name(w) +
+         (d == DeviceType::kCPU ? "_cpu" : "_cuda");
 }
 
 const auto kDtypes = ::testing::Values(DType::kF32, DType::kBF16, DType::kI32);
@@ -205,7 +214,9 @@ INSTANTIATE_TEST_SUITE_P(Mpi, Collectives,
 #if HELIX_WITH_CUDA
                                             ::testing::Values(DeviceType::kCPU, DeviceType::kCUDA),
 #else
-                                            ::testing::Values(DeviceType::kCPU),  // CUDA cases exist in CUDA builds
+                                            ::testing::Values(
+                                                DeviceType::kCPU),  // CUDA cases exist in CUDA
+                                                                    // builds
 #endif
                                             ::testing::Values(CommBackend::kMpi)),
                          param_name);
@@ -297,12 +308,15 @@ TEST_F(MpiBackend, MultiDimensionalRowsGatherAndScatter) {
   for (int k = 0; k < w; ++k)
     for (int row = 0; row < 2; ++row)
       for (int c = 0; c < 3; ++c)
-        EXPECT_EQ(out.to_floats()[static_cast<size_t>((k * 2 + row) * 3 + c)], float(100 * k + 10 * row + c));
-  Tensor rs = reduce_scatter(ctx_->world(), out, ReduceOp::kSum, Stream());  // every rank holds `out`
+        EXPECT_EQ(out.to_floats()[static_cast<size_t>((k * 2 + row) * 3 + c)],
+                  float(100 * k + 10 * row + c));
+  Tensor rs =
+      reduce_scatter(ctx_->world(), out, ReduceOp::kSum, Stream());  // every rank holds `out`
   ASSERT_EQ(rs.shape(), (Shape{2, 3}));
   for (int row = 0; row < 2; ++row)
     for (int c = 0; c < 3; ++c)
-      EXPECT_EQ(rs.to_floats()[static_cast<size_t>(row * 3 + c)], float(w * (100 * r + 10 * row + c)));
+      EXPECT_EQ(rs.to_floats()[static_cast<size_t>(row * 3 + c)],
+                float(w * (100 * r + 10 * row + c)));
 }
 
 // Errors every rank raises alike, before any communication.
@@ -318,25 +332,37 @@ TEST_F(MpiBackend, BadArgumentsThrowWithExpectedAndGot) {
   };
   const int w = c.size();
   Tensor i32 = Tensor::zeros({4}, DType::kI32);
-  EXPECT_NE(message([&] { c.all_reduce(i32, ReduceOp::kAvg, Stream()); }).find("dtype i32 cannot be reduced with avg"),
+  EXPECT_NE(message([&] {
+              c.all_reduce(i32, ReduceOp::kAvg, Stream());
+            }).find("dtype i32 cannot be reduced with avg"),
             std::string::npos);
   Tensor in = Tensor::zeros({3, 2}, DType::kF32);
   Tensor wrong = Tensor::zeros({3 * w + 1, 2}, DType::kF32);
-  EXPECT_NE(message([&] { c.all_gather(in, wrong, Stream()); }).find("expected output f32["), std::string::npos);
+  EXPECT_NE(message([&] { c.all_gather(in, wrong, Stream()); }).find("expected output f32["),
+            std::string::npos);
   Tensor bf = Tensor::zeros({3 * w, 2}, DType::kBF16);
-  EXPECT_NE(message([&] { c.all_gather(in, bf, Stream()); }).find("all_gather on "), std::string::npos);
-  EXPECT_NE(message([&] { c.reduce_scatter(wrong, in, ReduceOp::kSum, Stream()); }).find("reduce_scatter on"),
+  EXPECT_NE(message([&] { c.all_gather(in, bf, Stream()); }).find("all_gather on "),
             std::string::npos);
-  EXPECT_NE(message([&] { c.broadcast(in, w, Stream()); }).find(fmt::format("expected a root group rank in [0, {}), got {}", w, w)),
+  EXPECT_NE(message([&] {
+              c.reduce_scatter(wrong, in, ReduceOp::kSum, Stream());
+            }).find("reduce_scatter on"),
             std::string::npos);
-  EXPECT_NE(message([&] { c.send(in, -1, Stream()); }).find("expected a destination group rank"), std::string::npos);
+  EXPECT_NE(message([&] {
+              c.broadcast(in, w, Stream());
+            }).find(fmt::format("expected a root group rank in [0, {}), got {}", w, w)),
+            std::string::npos);
+  EXPECT_NE(message([&] { c.send(in, -1, Stream()); }).find("expected a destination group rank"),
+            std::string::npos);
   Tensor odd = Tensor::zeros({w * 2 + 1}, DType::kF32);
   if (w > 1)
-    EXPECT_NE(message([&] { c.all_to_all(odd, odd.clone(), Stream()); }).find("rows divisible by"), std::string::npos);
+    EXPECT_NE(message([&] { c.all_to_all(odd, odd.clone(), Stream()); }).find("rows divisible by"),
+              std::string::npos);
   Tensor big = Tensor::zeros({w * 4}, DType::kF32);
   EXPECT_NE(message([&] { c.all_gather(big.slice(1, 5), big, Stream()); }).find("not rank"),
-            std::string::npos) << "an overlapping input that is not this rank's slot";
-  EXPECT_NE(message([&] { c.all_reduce(Tensor(), ReduceOp::kSum, Stream()); }).find("undefined"), std::string::npos);
+            std::string::npos)
+      << "an overlapping input that is not this rank's slot";
+  EXPECT_NE(message([&] { c.all_reduce(Tensor(), ReduceOp::kSum, Stream()); }).find("undefined"),
+            std::string::npos);
 }
 
 TEST_F(MpiBackend, MpiCheckThrowsWithTheMpiMessage) {
@@ -354,8 +380,8 @@ TEST_F(MpiBackend, MpiCheckThrowsWithTheMpiMessage) {
 }
 
 TEST_F(MpiBackend, RecvOfTheWrongSizeIsAnError) {
-  // A message shorter than the receiving tensor is caught by helix (a longer one is MPI_ERR_TRUNCATE,
-  // after which MPI's state is undefined, so it is not exercised here).
+  // A message shorter than the receiving tensor is caught by helix (a longer one is
+  // MPI_ERR_TRUNCATE, after which MPI's state is undefined, so it is not exercised here).
   if (world_size() < 2) GTEST_SKIP() << "needs 2 ranks";
   const int r = world_rank();
   if (r == 0) ctx_->world().send(Tensor::zeros({3}, DType::kF32), 1, Stream());
@@ -365,7 +391,8 @@ TEST_F(MpiBackend, RecvOfTheWrongSizeIsAnError) {
       ctx_->world().recv(got, 0, Stream());
       ADD_FAILURE() << "a 3-element message into a 4-element tensor was accepted";
     } catch (const Error& e) {
-      EXPECT_NE(std::string(e.what()).find("expected 4 elements from group rank 0, got 3"), std::string::npos)
+      EXPECT_NE(std::string(e.what()).find("expected 4 elements from group rank 0, got 3"),
+                std::string::npos)
           << e.what();
     }
   }

@@ -1,7 +1,8 @@
 // ParallelContext: coordinates and communicators match make_rank_groups for every kind, kinds with
-// the same partition share one communicator, every communicator is wired to its group (an all-reduce
-// of world ranks gives the group's sum), bad sizes throw alike on every rank. Watchdog bookkeeping
-// and HELIX_COMM_TIMEOUT_S parsing (the abort itself is tested by the parallel.abort.* ctest cases).
+// the same partition share one communicator, every communicator is wired to its group (an
+// all-reduce of world ranks gives the group's sum), bad sizes throw alike on every rank. Watchdog
+// bookkeeping and HELIX_COMM_TIMEOUT_S parsing (the abort itself is tested by the parallel.abort.*
+// ctest cases).
 #include <chrono>
 #include <cstdlib>
 #include <numeric>
@@ -16,7 +17,8 @@ using testing::world_rank;
 using testing::world_size;
 
 void check_context(ParallelSizes sizes) {
-  SCOPED_TRACE(::testing::Message() << "tp " << sizes.tp << " cp " << sizes.cp << " pp " << sizes.pp);
+  SCOPED_TRACE(::testing::Message()
+               << "tp " << sizes.tp << " cp " << sizes.cp << " pp " << sizes.pp);
   ParallelContext ctx = testing::make_context(sizes);
   const RankGroups want = make_rank_groups(world_size(), sizes);
   const int me = world_rank();
@@ -36,7 +38,7 @@ void check_context(ParallelSizes sizes) {
     c.all_reduce(t, ReduceOp::kSum, Stream());
     const auto& g = want.group_of(kind, me);
     EXPECT_EQ(t.to_vector<int32_t>(), (std::vector<int32_t>{std::accumulate(g.begin(), g.end(), 0),
-                                                           static_cast<int32_t>(g.size())}));
+                                                            static_cast<int32_t>(g.size())}));
   }
 }
 
@@ -74,7 +76,9 @@ TEST(ParallelContext, SizesThatDoNotFitThrowOnEveryRank) {
     testing::make_context({.tp = w + 1});
     ADD_FAILURE() << "tp larger than the world was accepted";
   } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find(fmt::format("--tp {} x --cp 1 x --pp 1", w + 1)), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find(fmt::format("--tp {} x --cp 1 x --pp 1", w + 1)),
+              std::string::npos)
+        << e.what();
   }
   EXPECT_THROW(testing::make_context({.tp = 1, .dp = w + 1}), Error);
 #if !HELIX_WITH_NCCL
@@ -103,12 +107,19 @@ TEST(Watchdog, TracksHostAndDeviceOperations) {
   dog.track("device op", [flag] { return flag->load(); });
   EXPECT_EQ(dog.num_pending(), 1u);
   flag->store(true);
-  for (int i = 0; i < 500 && dog.num_pending() > 0; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  for (int i = 0; i < 500 && dog.num_pending() > 0; ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
   EXPECT_EQ(dog.num_pending(), 0u);
   // Resources are polled: a healthy one says nothing.
   auto polls = std::make_shared<std::atomic<int>>(0);
-  const uint64_t res = dog.add_resource([polls] { ++*polls; return std::string(); }, [] {});
-  for (int i = 0; i < 500 && polls->load() < 3; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  const uint64_t res = dog.add_resource(
+      [polls] {
+        ++*polls;
+        return std::string();
+      },
+      [] {});
+  for (int i = 0; i < 500 && polls->load() < 3; ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
   EXPECT_GE(polls->load(), 3);
   dog.remove_resource(res);
 }
@@ -134,8 +145,9 @@ TEST(Watchdog, TimeoutFromTheEnvironment) {
       comm_timeout_from_env();
       ADD_FAILURE() << "accepted '" << bad << "'";
     } catch (const Error& e) {
-      EXPECT_NE(std::string(e.what()).find("HELIX_COMM_TIMEOUT_S: expected a number of seconds >= 0"),
-                std::string::npos);
+      EXPECT_NE(
+          std::string(e.what()).find("HELIX_COMM_TIMEOUT_S: expected a number of seconds >= 0"),
+          std::string::npos);
     }
   }
   unsetenv("HELIX_COMM_TIMEOUT_S");

@@ -1,7 +1,8 @@
 // Data-parallel bucketed gradient reduction: equals a plain per-tensor all-reduce averaged over dp,
 // for f32 and bf16 gradients of odd sizes, many small buckets or one big one, gradients written
-// through their bucket slots, replaced or missing, two steps in a row, ranks marking gradients ready
-// in different orders; buckets launch in order as soon as they are complete; and through a real tape.
+// through their bucket slots, replaced or missing, two steps in a row, ranks marking gradients
+// ready in different orders; buckets launch in order as soon as they are complete; and through a
+// real tape.
 #include <algorithm>
 #include <memory>
 #include <numeric>
@@ -26,9 +27,9 @@ struct ParamSpec {
   DType grad_dtype;
 };
 const std::vector<ParamSpec> kParams = {
-    {{1}, DType::kF32},     {{7}, DType::kF32},       {{33, 5}, DType::kF32}, {{13}, DType::kBF16},
-    {{1000}, DType::kF32},  {{3, 3, 3}, DType::kF32}, {{64}, DType::kBF16},   {{257}, DType::kF32},
-    {{129, 3}, DType::kBF16}};
+    {{1}, DType::kF32},   {{7}, DType::kF32},    {{33, 5}, DType::kF32},
+    {{13}, DType::kBF16}, {{1000}, DType::kF32}, {{3, 3, 3}, DType::kF32},
+    {{64}, DType::kBF16}, {{257}, DType::kF32},  {{129, 3}, DType::kBF16}};
 
 using Param = std::tuple<DeviceType, int /*tp*/, size_t /*bucket bytes*/>;
 
@@ -37,7 +38,8 @@ class DpBuckets : public ::testing::TestWithParam<Param> {
   void SetUp() override {
     size_t bytes;
     std::tie(device_type_, tp_, bytes) = GetParam();
-    if (world_size() % tp_ != 0) GTEST_SKIP() << "tp " << tp_ << " does not divide " << world_size();
+    if (world_size() % tp_ != 0)
+      GTEST_SKIP() << "tp " << tp_ << " does not divide " << world_size();
     if (device_type_ == DeviceType::kCUDA) {
       HELIX_REQUIRE_CUDA();
       device_ = testing::rank_gpu();
@@ -52,15 +54,17 @@ class DpBuckets : public ::testing::TestWithParam<Param> {
   // This rank's gradient of parameter p in step `step` (exact quarters: sums and means are exact).
   Tensor grad(size_t p, int step, int rank) const {
     const ParamSpec& s = kParams[p];
-    return make_input(s.grad_dtype, s.shape.numel(), rank, 100 * step + static_cast<int>(p), 0, device_).view(s.shape);
+    return make_input(s.grad_dtype, s.shape.numel(), rank, 100 * step + static_cast<int>(p), 0,
+                      device_)
+        .view(s.shape);
   }
   std::vector<double> mean_grad(size_t p, int step) const {
     const Communicator& dp = ctx_->dp();
     std::vector<double> m(static_cast<size_t>(kParams[p].shape.numel()), 0.0);
     for (size_t i = 0; i < m.size(); ++i) {
       for (int k = 0; k < dp.size(); ++k)
-        m[i] += value(kParams[p].grad_dtype, dp.group().ranks[static_cast<size_t>(k)], static_cast<int64_t>(i),
-                      100 * step + static_cast<int>(p));
+        m[i] += value(kParams[p].grad_dtype, dp.group().ranks[static_cast<size_t>(k)],
+                      static_cast<int64_t>(i), 100 * step + static_cast<int>(p));
       m[i] /= dp.size();
     }
     return m;
@@ -94,7 +98,8 @@ TEST_P(DpBuckets, EqualsPerTensorAllReduceOverTwoSteps) {
     }
     reducer.finish(stream_);
     stream_.synchronize();
-    for (size_t p = 0; p < kParams.size(); ++p) EXPECT_TRUE(equals(params_[p].grad(), mean_grad(p, step))) << "param " << p;
+    for (size_t p = 0; p < kParams.size(); ++p)
+      EXPECT_TRUE(equals(params_[p].grad(), mean_grad(p, step))) << "param " << p;
   }
 }
 
@@ -103,12 +108,14 @@ TEST_P(DpBuckets, ReplacedAndMissingGradientsAreCopiedInOrZeroed) {
   reducer.zero_grad(stream_);
   for (size_t p = 0; p < kParams.size(); ++p) {
     if (p == 2) continue;  // never reached by backward: its gradient is zero
-    if (p % 2) params_[p].cell()->grad = grad(p, 0, world_rank());  // a fresh tensor, not the slot
-    else accumulate(params_[p].cell()->grad, grad(p, 0, world_rank()), stream_);
+    if (p % 2)
+      params_[p].cell()->grad = grad(p, 0, world_rank());  // a fresh tensor, not the slot
+    else
+      accumulate(params_[p].cell()->grad, grad(p, 0, world_rank()), stream_);
   }
   params_[2].zero_grad();  // undefined
   params_[4].cell()->grad.fill(99.0, stream_);
-  params_[4].zero_grad();  // dropped after being written: must count as zero, not 99
+  params_[4].zero_grad();   // dropped after being written: must count as zero, not 99
   reducer.finish(stream_);  // marks everything ready
   stream_.synchronize();
   for (size_t p = 0; p < kParams.size(); ++p) {
@@ -158,7 +165,8 @@ INSTANTIATE_TEST_SUITE_P(Dp, DpBuckets,
 #else
                              ::testing::Values(DeviceType::kCPU),
 #endif
-                             ::testing::Values(1, 2), ::testing::Values(size_t{512}, size_t{25} << 20)),
+                             ::testing::Values(1, 2),
+                             ::testing::Values(size_t{512}, size_t{25} << 20)),
                          dp_name);
 
 // Through a tape: each dp rank runs a linear layer on its own data; the bucketed, averaged gradient
@@ -171,11 +179,13 @@ TEST(DpBucketsWithTape, LinearLayerGradientsEqualPlainAllReduce) {
   const int me = world_rank();
   Tensor w0 = make_input(DType::kF32, 4 * 3, 0, 1, 0, Device::cpu()).view({4, 3});
   Tensor b0 = make_input(DType::kF32, 4, 0, 2, 0, Device::cpu());
-  Tensor x = make_input(DType::kF32, 5 * 3, me, 3, 0, Device::cpu()).view({5, 3});  // this rank's data
+  Tensor x =
+      make_input(DType::kF32, 5 * 3, me, 3, 0, Device::cpu()).view({5, 3});  // this rank's data
   auto run = [&](Var& w, Var& b) {
     Tape tape;
     Var xv = Var::leaf(x, false);
-    Var loss = tape.apply1(std::make_shared<SumRef<float>>(), {tape.apply1(std::make_shared<LinearRef<float>>(), {xv, w, b})});
+    Var loss = tape.apply1(std::make_shared<SumRef<float>>(),
+                           {tape.apply1(std::make_shared<LinearRef<float>>(), {xv, w, b})});
     tape.backward(loss);
   };
   // Plain: local gradients, then one all-reduce per tensor and a division.

@@ -17,7 +17,9 @@
 namespace helix {
 // Readable test parameters in gtest's messages.
 inline void PrintTo(DType t, std::ostream* os) { *os << dtype_name(t); }
-inline void PrintTo(DeviceType d, std::ostream* os) { *os << (d == DeviceType::kCPU ? "cpu" : "cuda"); }
+inline void PrintTo(DeviceType d, std::ostream* os) {
+  *os << (d == DeviceType::kCPU ? "cpu" : "cuda");
+}
 }  // namespace helix
 
 namespace helix::testing {
@@ -46,14 +48,14 @@ inline ParallelContext make_context(ParallelSizes sizes, CommBackend backend = C
 }
 
 // NCCL needs one GPU per rank of a communicator.
-#define HELIX_REQUIRE_GPU_PER_RANK()                                                              \
-  do {                                                                                            \
-    if (::helix::cuda_device_count() < ::helix::testing::world_size())                            \
-      GTEST_SKIP() << "NCCL needs one GPU per rank: " << ::helix::testing::world_size()           \
-                   << " ranks, " << ::helix::cuda_device_count() << " GPUs ("                     \
-                   << (::helix::cuda_available() ? std::string("too few")                         \
-                                                 : ::helix::cuda_unavailable_reason())            \
-                   << ")";                                                                        \
+#define HELIX_REQUIRE_GPU_PER_RANK()                                                    \
+  do {                                                                                  \
+    if (::helix::cuda_device_count() < ::helix::testing::world_size())                  \
+      GTEST_SKIP() << "NCCL needs one GPU per rank: " << ::helix::testing::world_size() \
+                   << " ranks, " << ::helix::cuda_device_count() << " GPUs ("           \
+                   << (::helix::cuda_available() ? std::string("too few")               \
+                                                 : ::helix::cuda_unavailable_reason())  \
+                   << ")";                                                              \
   } while (0)
 
 // True on every rank when the condition holds on every rank (for EXPECTs that must agree).
@@ -76,17 +78,25 @@ inline Tensor make_input(DType t, int64_t n, int r, int seed, int64_t offset, De
   for (int64_t i = 0; i < n; ++i) {
     const double v = value(t, r, offset + i, seed);
     switch (t) {
-      case DType::kF32: h.data<float>()[i] = static_cast<float>(v); break;
-      case DType::kBF16: h.data<bf16_t>()[i] = bf16_t::from_float(static_cast<float>(v)); break;
-      case DType::kI32: h.data<int32_t>()[i] = static_cast<int32_t>(v); break;
-      default: HELIX_FAIL("make_input: dtype {}", dtype_name(t));
+      case DType::kF32:
+        h.data<float>()[i] = static_cast<float>(v);
+        break;
+      case DType::kBF16:
+        h.data<bf16_t>()[i] = bf16_t::from_float(static_cast<float>(v));
+        break;
+      case DType::kI32:
+        h.data<int32_t>()[i] = static_cast<int32_t>(v);
+        break;
+      default:
+        HELIX_FAIL("make_input: dtype {}", dtype_name(t));
     }
   }
   return device.is_cpu() ? h : h.to(device);
 }
 
 // Exact comparison (every expected value is representable); reports the first mismatch.
-inline ::testing::AssertionResult equals(const Tensor& actual, const std::vector<double>& expected) {
+inline ::testing::AssertionResult equals(const Tensor& actual,
+                                         const std::vector<double>& expected) {
   const Tensor h = actual.is_cpu() ? actual : actual.to(Device::cpu());
   if (h.numel() != static_cast<int64_t>(expected.size()))
     return ::testing::AssertionFailure() << "numel " << h.numel() << " vs " << expected.size();
@@ -99,9 +109,9 @@ inline ::testing::AssertionResult equals(const Tensor& actual, const std::vector
     }
   }
   if (bad == 0) return ::testing::AssertionSuccess();
-  return ::testing::AssertionFailure() << bad << " of " << h.numel() << " elements differ; first at "
-                                       << first << ": " << cpu_value(h, first) << " vs expected "
-                                       << expected[static_cast<size_t>(first)];
+  return ::testing::AssertionFailure()
+         << bad << " of " << h.numel() << " elements differ; first at " << first << ": "
+         << cpu_value(h, first) << " vs expected " << expected[static_cast<size_t>(first)];
 }
 
 }  // namespace helix::testing

@@ -51,18 +51,18 @@ void check_shape(int world, ParallelSizes sizes) {
   for (const auto& grp : g.groups(GroupKind::kTP))
     for (size_t i = 1; i < grp.size(); ++i) EXPECT_EQ(grp[i], grp[0] + static_cast<int>(i));
 
-  auto coord = [](const RankCoords& c, int d) { return d == 0 ? c.tp : d == 1 ? c.cp : d == 2 ? c.dp : c.pp; };
+  auto coord = [](const RankCoords& c, int d) {
+    return d == 0 ? c.tp : d == 1 ? c.cp : d == 2 ? c.dp : c.pp;
+  };
   struct KindDims {
     GroupKind kind;
     std::array<bool, 4> varies;  // tp, cp, dp, pp
   };
-  const KindDims kinds[] = {{GroupKind::kTP, {true, false, false, false}},
-                            {GroupKind::kCP, {false, true, false, false}},
-                            {GroupKind::kDP, {false, false, true, false}},
-                            {GroupKind::kPP, {false, false, false, true}},
-                            {GroupKind::kDpCp, {false, true, true, false}},
-                            {GroupKind::kAmax, {true, true, true, false}},
-                            {GroupKind::kWorld, {true, true, true, true}}};
+  const KindDims kinds[] = {
+      {GroupKind::kTP, {true, false, false, false}},  {GroupKind::kCP, {false, true, false, false}},
+      {GroupKind::kDP, {false, false, true, false}},  {GroupKind::kPP, {false, false, false, true}},
+      {GroupKind::kDpCp, {false, true, true, false}}, {GroupKind::kAmax, {true, true, true, false}},
+      {GroupKind::kWorld, {true, true, true, true}}};
   const int dims[4] = {s.tp, s.cp, s.dp, s.pp};
   for (const KindDims& k : kinds) {
     SCOPED_TRACE(std::string(group_kind_name(k.kind)));
@@ -131,8 +131,8 @@ std::string error_of(int world, ParallelSizes sizes) {
 
 void expect_error(int world, ParallelSizes sizes, const std::string& needle) {
   const std::string msg = error_of(world, sizes);
-  EXPECT_NE(msg.find(needle), std::string::npos) << "expected an error containing '" << needle
-                                                 << "', got '" << msg << "'";
+  EXPECT_NE(msg.find(needle), std::string::npos)
+      << "expected an error containing '" << needle << "', got '" << msg << "'";
 }
 
 TEST(RankGroups, EveryErrorNamesTheFlagAndRule) {
@@ -141,8 +141,10 @@ TEST(RankGroups, EveryErrorNamesTheFlagAndRule) {
   expect_error(4, {.cp = -1}, "--cp: expected a size >= 1, got -1");
   expect_error(4, {.pp = 0}, "--pp: expected a size >= 1, got 0");
   expect_error(4, {.dp = -2}, "--dp: expected a size >= 1 (or 0 to derive it), got -2");
-  expect_error(6, {.tp = 4}, "--tp 4 x --cp 1 x --pp 1 = 4 must divide the world size, got 6 ranks");
-  expect_error(8, {.tp = 2, .cp = 3}, "--tp 2 x --cp 3 x --pp 1 = 6 must divide the world size, got 8");
+  expect_error(6, {.tp = 4},
+               "--tp 4 x --cp 1 x --pp 1 = 4 must divide the world size, got 6 ranks");
+  expect_error(8, {.tp = 2, .cp = 3},
+               "--tp 2 x --cp 3 x --pp 1 = 6 must divide the world size, got 8");
   expect_error(4, {.tp = 8}, "= 8 must divide the world size, got 4 ranks");
   expect_error(8, {.tp = 2, .dp = 3}, "--dp 3: expected world / (tp*cp*pp) = 8 / 2 = 4, got 3");
   EXPECT_EQ(error_of(8, {.tp = 2, .dp = 4}), "");
