@@ -64,8 +64,9 @@ class Collectives : public ::testing::TestWithParam<Param> {
     return make_input(dtype_, n, world_rank(), seed, offset, device_);
   }
   Tensor output(int64_t n) const {
-    Tensor t = Tensor::empty({n}, dtype_, device_);
-    t.fill(dtype_ == DType::kI32 ? -7 : std::nan(""));  // poisoned: unwritten elements fail
+    // Poisoned (unwritten elements fail), on the stream the collective runs on.
+    Tensor t = Tensor::empty({n}, dtype_, device_, stream_);
+    t.fill(dtype_ == DType::kI32 ? -7 : std::nan(""), stream_);
     return t;
   }
   void sync() const { stream_.synchronize(); }
