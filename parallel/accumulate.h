@@ -1,8 +1,8 @@
 #pragma once
-// dst += src, elementwise: the one arithmetic op the communication pairs and the gradient buckets
-// need (backward nodes accumulate into their input gradients). Any mix of f32 and bf16 (computed in
-// fp32, rounded once), or f64 with f64; CPU loop or CUDA kernel by device. If kernels/ grows a
-// general elementwise add, this moves there.
+// dst += src, elementwise: the one arithmetic op the communication pairs need (their backward
+// nodes accumulate into the input gradients). Any mix of f32 and bf16 (computed in fp32, rounded
+// once), or f64 with f64; CPU loop or CUDA kernel by device. If kernels/ grows a general elementwise
+// add, this moves there.
 #include "core/tensor.h"
 
 namespace helix {
