@@ -6,10 +6,17 @@
 #include <cstdint>
 
 #include "core/cuda_check.h"
+#include "kernels/common/elem.h"
 #include "kernels/layernorm/layernorm.h"
 
 namespace helix {
 namespace {
+
+using elem::from_float;
+using elem::load_floats;
+using elem::Pack;
+using elem::store_floats;
+using elem::to_float;
 
 // Row elements one thread holds in registers (the backward also keeps column partial sums, so it
 // spreads a row over more threads). With at most 1024 threads a row, C <= 1024 * kBwdElemsPerThread.
@@ -18,36 +25,6 @@ constexpr int kBwdElemsPerThread = 16;
 constexpr int kMaxCols = 1024 * kBwdElemsPerThread;
 constexpr int kRowsPerBlockMax = 8;     // 256 threads / 32 threads per row
 constexpr int64_t kMaxPartialFloats = int64_t{1} << 22;  // per parameter partial buffer (16 MiB)
-
-template <typename T>
-__device__ __forceinline__ float to_float(T v) {
-  if constexpr (std::is_same_v<T, float>) return v;
-  else return v.to_float();
-}
-template <typename T>
-__device__ __forceinline__ T from_float(float v) {
-  if constexpr (std::is_same_v<T, float>) return v;
-  else return T::from_float(v);
-}
-
-// N consecutive elements moved as one aligned access (16 bytes for 8 bf16 or 4 f32).
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Pack {
-  T v[N];
-};
-template <int N, typename T>
-__device__ __forceinline__ void load_floats(const T* p, float (&out)[N]) {
-  const Pack<T, N> pk = *reinterpret_cast<const Pack<T, N>*>(p);
-#pragma unroll
-  for (int e = 0; e < N; ++e) out[e] = to_float(pk.v[e]);
-}
-template <int N, typename T>
-__device__ __forceinline__ void store_floats(T* p, const float (&in)[N]) {
-  Pack<T, N> pk;
-#pragma unroll
-  for (int e = 0; e < N; ++e) pk.v[e] = from_float<T>(in[e]);
-  *reinterpret_cast<Pack<T, N>*>(p) = pk;
-}
 
 // Sum of v over the blockDim.x threads of this thread's row (all of them get the same bits: the xor
 // butterfly pairs commute and the per-warp sums are added in warp order). `red` holds 32 slots per
@@ -69,20 +46,6 @@ __device__ __forceinline__ float2 row_sum(float2 v, float2* red) {
     s.y += r[w].y;
   }
   return s;
-}
-
-// Block-wide max of non-negative float bits, then one atomicMax (max is order-free: deterministic).
-__device__ __forceinline__ void block_amax(unsigned v, unsigned* red, unsigned* out) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = max(v, __shfl_xor_sync(0xFFFFFFFFu, v, o));
-  const int lin = threadIdx.y * blockDim.x + threadIdx.x;
-  if ((lin & 31) == 0) red[lin >> 5] = v;
-  __syncthreads();
-  if (lin == 0) {
-    unsigned m = 0;
-    for (int w = 0; w < static_cast<int>((blockDim.x * blockDim.y) >> 5); ++w) m = max(m, red[w]);
-    atomicMax(out, m);
-  }
 }
 
 struct FwdArgs {
@@ -107,7 +70,7 @@ struct FwdArgs {
 template <typename X, typename W, typename Y, int kVec>
 __global__ void layernorm_fwd_kernel(FwdArgs a) {
   constexpr int kVecs = kFwdElemsPerThread / kVec;
-  constexpr bool kFp8 = !std::is_same_v<Y, float> && !std::is_same_v<Y, bf16_t>;
+  constexpr bool kFp8 = elem::kIsFp8<Y>;
   __shared__ float2 red[kRowsPerBlockMax * 32];
   __shared__ unsigned amax_red[32];
   const X* x = static_cast<const X*>(a.x);
@@ -163,7 +126,7 @@ __global__ void layernorm_fwd_kernel(FwdArgs a) {
 #pragma unroll
         for (int e = 0; e < kVec; ++e) {
           const float o = (v[i][e] - mean) * rstd * g[e] + b[e];
-          amax = max(amax, float_bits(o) & 0x7FFFFFFFu);
+          amax = max(amax, elem::abs_bits(o));
           out[e] = kFp8 ? o * scale : o;
         }
         store_floats(y + off + j * kVec, out);
@@ -174,7 +137,7 @@ __global__ void layernorm_fwd_kernel(FwdArgs a) {
       if (a.rstd) a.rstd[row] = rstd;
     }
   }
-  if (a.amax) block_amax(amax, amax_red, a.amax);
+  if (a.amax) elem::block_amax(amax, amax_red, a.amax);
 }
 
 struct BwdArgs {
@@ -336,21 +299,6 @@ void launch_fwd(const FwdArgs& args, const RowLayout& l, int sms, cudaStream_t s
   HELIX_LAUNCH_CHECK();
 }
 
-template <typename F>
-void visit_float(DType t, F&& f) {
-  if (t == DType::kF32) f(float{});
-  else f(bf16_t{});
-}
-template <typename F>
-void visit_output(DType t, F&& f) {
-  switch (t) {
-    case DType::kF32: f(float{}); break;
-    case DType::kBF16: f(bf16_t{}); break;
-    case DType::kE4M3: f(e4m3_t{}); break;
-    default: f(e5m2_t{}); break;
-  }
-}
-
 }  // namespace
 
 void detail::layernorm_fwd_cuda(const LayerNormFwdParams& p, const Stream& stream) {
@@ -374,11 +322,11 @@ void detail::layernorm_fwd_cuda(const LayerNormFwdParams& p, const Stream& strea
                static_cast<int>(C),
                p.eps};
   const int sms = sm_count(p.x);
-  visit_float(p.x.dtype(), [&](auto xt) {
+  elem::visit_f32_bf16(p.x.dtype(), "layernorm_fwd", "x", [&](auto xt) {
     using X = decltype(xt);
-    visit_float(p.gamma.dtype(), [&](auto wt) {
+    elem::visit_f32_bf16(p.gamma.dtype(), "layernorm_fwd", "gamma", [&](auto wt) {
       using W = decltype(wt);
-      visit_output(p.y.dtype(), [&](auto yt) {
+      elem::visit_output(p.y.dtype(), "layernorm_fwd", "y", [&](auto yt) {
         using Y = decltype(yt);
         constexpr int kVec = 16 / sizeof(X);
         const bool vec_ok = C % kVec == 0 && aligned(p.x, 16) && aligned(p.residual, 16) &&
@@ -396,9 +344,9 @@ void detail::layernorm_bwd_cuda(const LayerNormBwdParams& p, const Stream& strea
   HELIX_CHECK(C <= kMaxCols, "layernorm_bwd: expected C <= {}, got x {}", kMaxCols, p.x.str());
   if (T == 0) return;
   cudaStream_t st = static_cast<cudaStream_t>(stream.handle());
-  visit_float(p.x.dtype(), [&](auto xt) {
+  elem::visit_f32_bf16(p.x.dtype(), "layernorm_bwd", "x", [&](auto xt) {
     using X = decltype(xt);
-    visit_float(p.gamma.dtype(), [&](auto wt) {
+    elem::visit_f32_bf16(p.gamma.dtype(), "layernorm_bwd", "gamma", [&](auto wt) {
       using W = decltype(wt);
       constexpr int kVec = 16 / sizeof(X);
       const bool vec_ok = C % kVec == 0 && aligned(p.x, 16) && aligned(p.dy, 16) &&
