@@ -1,6 +1,7 @@
 #pragma once
 // Launcher-side validation shared by the ops: every message names the op and the input and reads
 // "expected X, got Y". Kernels assume what these check.
+#include <cstdint>
 #include <initializer_list>
 #include <utility>
 
@@ -26,6 +27,11 @@ inline void shape_dtype(const char* op, const Tensor& t, const char* name, const
               shape.str());
   HELIX_CHECK(t.shape() == shape && t.dtype() == dtype, "{}: expected {} {} {}, got {}", op, name,
               dtype_name(dtype), shape.str(), t.str());
+}
+
+// True when t is undefined or its data starts on a multiple of `bytes` (vectorised access).
+inline bool aligned_to(const Tensor& t, size_t bytes) {
+  return !t.defined() || reinterpret_cast<uintptr_t>(t.data_ptr()) % bytes == 0;
 }
 
 }  // namespace helix::checks

@@ -7,6 +7,9 @@
 #include <type_traits>
 
 #include "core/convert.h"
+#if defined(__CUDACC__)
+#include "core/cuda_check.h"
+#endif
 #include "core/dtype.h"
 #include "core/error.h"
 
@@ -52,6 +55,13 @@ void visit_output(DType t, const char* op, const char* what, F&& f) {
 }
 
 #if defined(__CUDACC__)
+// Multiprocessors of a device (sizes grid-stride launches).
+inline int sm_count(int device) {
+  int n = 0;
+  CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
+  return n;
+}
+
 // N consecutive elements moved as one aligned access (16 bytes for 8 bf16 or 4 f32).
 template <typename T, int N>
 struct alignas(sizeof(T) * N) Pack {

@@ -5,73 +5,29 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
-#include <cstdlib>
-#include <cstring>
-#include <limits>
 #include <random>
 #include <string>
 #include <vector>
 
-#include "core/random.h"
 #include "kernels/layernorm/layernorm.h"
-#include "test_util.h"
+#include "kernel_test_util.h"
 
 namespace helix {
 namespace {
 
 using testing::all_close;
+using testing::bitwise_equal;
+using testing::close_within;
+using testing::doubles;
+using testing::fresh_seed;
+using testing::host;
+using testing::kNaN;
+using testing::near_doubles;
+using testing::on;
+using testing::on_misaligned;
+using testing::poisoned;
+using testing::random_tensor;
 using testing::tolerance_for;
-
-constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
-
-// Fresh inputs every run; HELIX_TEST_SEED=<n> replays a failing run (the seed is in the trace).
-uint64_t fresh_seed() {
-  if (const char* s = std::getenv("HELIX_TEST_SEED")) return std::stoull(s);
-  static std::random_device rd;
-  return (uint64_t{rd()} << 32) | rd();
-}
-
-Tensor random_tensor(const Shape& shape, DType dtype, uint64_t seed, uint64_t sub, float lo, float hi) {
-  Tensor t = Tensor::empty(shape, dtype);
-  fill_uniform(t, seed, sub, lo, hi);
-  return t;
-}
-Tensor poisoned(const Shape& shape, DType dtype, Device dev) {
-  Tensor t = Tensor::empty(shape, dtype, dev);
-  t.fill(kNaN);
-  return t;
-}
-Tensor on(const Tensor& t, Device dev) { return t.defined() ? t.to(dev) : Tensor(); }
-Tensor host(const Tensor& t) { return t.defined() ? t.to(Device::cpu()) : Tensor(); }
-// A copy on `dev` that starts one element into its storage (not 16-byte aligned).
-Tensor on_misaligned(const Tensor& t, Device dev) {
-  const int64_t n = t.numel();
-  Tensor flat = Tensor::zeros({n + 1}, t.dtype(), dev);
-  flat.slice(1, n + 1).copy_from(t.view({n}).to(dev));
-  return flat.slice(1, n + 1).view(t.shape());
-}
-
-// |a - b| <= atol + rtol * abs_sum: the error bound of a floating-point sum is relative to the sum
-// of the magnitudes of its terms, not to the (possibly cancelled) result.
-::testing::AssertionResult sums_close(const Tensor& actual, const std::vector<double>& expected,
-                                      const std::vector<double>& abs_sum, testing::Tolerance tol) {
-  const std::vector<float> a = actual.to_floats();
-  if (a.size() != expected.size()) return ::testing::AssertionFailure() << "size " << a.size();
-  for (size_t i = 0; i < a.size(); ++i) {
-    const double d = std::abs(a[i] - expected[i]);
-    if (!(d <= tol.atol + tol.rtol * abs_sum[i]))
-      return ::testing::AssertionFailure() << "element " << i << ": " << a[i] << " vs expected "
-                                           << expected[i] << " (|diff| " << d << ", sum |terms| "
-                                           << abs_sum[i] << ")";
-  }
-  return ::testing::AssertionSuccess();
-}
-::testing::AssertionResult near_doubles(const Tensor& actual, const std::vector<double>& expected,
-                                        testing::Tolerance tol) {
-  std::vector<double> mag(expected.size());
-  for (size_t i = 0; i < mag.size(); ++i) mag[i] = std::abs(expected[i]);
-  return sums_close(actual, expected, mag, tol);
-}
 
 // ---- plain double-loop references --------------------------------------------------------------
 struct RefFwd {
@@ -133,11 +89,6 @@ RefBwd ref_bwd(const std::vector<double>& x, const std::vector<double>& g, const
     }
   }
   return r;
-}
-
-std::vector<double> doubles(const Tensor& t) {
-  const std::vector<float> f = t.to_floats();
-  return {f.begin(), f.end()};
 }
 
 TEST(LayerNormRef, BackwardFormulaMatchesFiniteDifferences) {
@@ -308,8 +259,8 @@ TEST(LayerNormCpu, BackwardMatchesDoubleLoops) {
         testing::Tolerance tol = tolerance_for(xt);
         tol.atol = std::max(tol.atol, 1e-5);
         EXPECT_TRUE(near_doubles(p.dx, r.dx, tol));
-        EXPECT_TRUE(sums_close(p.dgamma, r.dgamma, r.dgamma_abs, tolerance_for(DType::kF32)));
-        EXPECT_TRUE(sums_close(p.dbeta, r.dbeta, r.dbeta_abs, tolerance_for(DType::kF32)));
+        EXPECT_TRUE(close_within(p.dgamma, r.dgamma, r.dgamma_abs, tolerance_for(DType::kF32)));
+        EXPECT_TRUE(close_within(p.dbeta, r.dbeta, r.dbeta_abs, tolerance_for(DType::kF32)));
       }
     }
   }
@@ -441,8 +392,8 @@ void expect_param_grads_close(const BwdOutputs& got, const BwdOutputs& ref, cons
       gabs[c] += std::abs(dy[t * C + c] * (x[t * C + c] - m[t]) * rs[t]);
       babs[c] += std::abs(dy[t * C + c]);
     }
-  EXPECT_TRUE(sums_close(got.dgamma, doubles(ref.dgamma), gabs, tolerance_for(DType::kF32)));
-  EXPECT_TRUE(sums_close(got.dbeta, doubles(ref.dbeta), babs, tolerance_for(DType::kF32)));
+  EXPECT_TRUE(close_within(got.dgamma, doubles(ref.dgamma), gabs, tolerance_for(DType::kF32)));
+  EXPECT_TRUE(close_within(got.dbeta, doubles(ref.dbeta), babs, tolerance_for(DType::kF32)));
 }
 
 void expect_bwd_matches(DType xt, DType wt, int64_t T, int64_t C, bool accumulate) {
@@ -472,10 +423,6 @@ TEST(LayerNormCuda, BackwardMatchesCpuOnLargeInputs) {
   expect_bwd_matches(DType::kBF16, DType::kF32, 4096, 5120, true);
   expect_bwd_matches(DType::kF32, DType::kF32, 8192, 1280, false);
   expect_bwd_matches(DType::kBF16, DType::kBF16, 65536, 33, true);
-}
-
-bool bitwise_equal(const Tensor& a, const Tensor& b) {
-  return a.nbytes() == b.nbytes() && std::memcmp(a.data_ptr(), b.data_ptr(), a.nbytes()) == 0;
 }
 
 TEST(LayerNormCuda, BackwardIsBitwiseDeterministic) {
