@@ -29,6 +29,19 @@ inline void shape_dtype(const char* op, const Tensor& t, const char* name, const
               dtype_name(dtype), shape.str(), t.str());
 }
 
+// Values of a CPU cu_seqlens [b+1] i32 for T tokens: 0 = cu[0] <= cu[1] <= ... <= cu[b] <= T.
+// (CUDA tensors are not read: that would synchronise the stream.)
+inline void cu_seqlens_values(const char* op, const Tensor& cu_seqlens, int64_t T) {
+  if (!cu_seqlens.is_cpu()) return;
+  const int32_t* cu = cu_seqlens.data<int32_t>();
+  const int64_t b = cu_seqlens.numel() - 1;
+  HELIX_CHECK(cu[0] == 0, "{}: expected cu_seqlens[0] == 0, got {}", op, cu[0]);
+  for (int64_t i = 0; i < b; ++i)
+    HELIX_CHECK(cu[i] <= cu[i + 1], "{}: expected non-decreasing cu_seqlens, got cu_seqlens[{}] = {} > "
+                "cu_seqlens[{}] = {}", op, i, cu[i], i + 1, cu[i + 1]);
+  HELIX_CHECK(cu[b] <= T, "{}: expected cu_seqlens[b] <= T = {}, got {}", op, T, cu[b]);
+}
+
 // True when t is undefined or its data starts on a multiple of `bytes` (vectorised access).
 inline bool aligned_to(const Tensor& t, size_t bytes) {
   return !t.defined() || reinterpret_cast<uintptr_t>(t.data_ptr()) % bytes == 0;

@@ -6,6 +6,7 @@
 #include <cstdint>
 
 #include "core/cuda_check.h"
+#include "kernels/common/checks.h"
 #include "kernels/common/elem.h"
 #include "kernels/layernorm/layernorm.h"
 
@@ -274,15 +275,7 @@ RowLayout row_layout(int64_t cols, int vec, int elems_per_thread) {
   return {static_cast<int>(tpr), static_cast<int>(std::max<int64_t>(1, 256 / tpr))};
 }
 
-bool aligned(const Tensor& t, size_t bytes) {
-  return !t.defined() || reinterpret_cast<uintptr_t>(t.data_ptr()) % bytes == 0;
-}
-
-int sm_count(const Tensor& t) {
-  int n = 0;
-  CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, t.device().index));
-  return n;
-}
+using checks::aligned_to;
 
 const void* ptr_or_null(const Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
 void* mut_ptr_or_null(const Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
@@ -321,7 +314,7 @@ void detail::layernorm_fwd_cuda(const LayerNormFwdParams& p, const Stream& strea
                T,
                static_cast<int>(C),
                p.eps};
-  const int sms = sm_count(p.x);
+  const int sms = elem::sm_count(p.x.device().index);
   elem::visit_f32_bf16(p.x.dtype(), "layernorm_fwd", "x", [&](auto xt) {
     using X = decltype(xt);
     elem::visit_f32_bf16(p.gamma.dtype(), "layernorm_fwd", "gamma", [&](auto wt) {
@@ -329,9 +322,9 @@ void detail::layernorm_fwd_cuda(const LayerNormFwdParams& p, const Stream& strea
       elem::visit_output(p.y.dtype(), "layernorm_fwd", "y", [&](auto yt) {
         using Y = decltype(yt);
         constexpr int kVec = 16 / sizeof(X);
-        const bool vec_ok = C % kVec == 0 && aligned(p.x, 16) && aligned(p.residual, 16) &&
-                            aligned(p.residual_out, 16) && aligned(p.gamma, kVec * sizeof(W)) &&
-                            aligned(p.beta, kVec * sizeof(W)) && aligned(p.y, kVec * sizeof(Y));
+        const bool vec_ok = C % kVec == 0 && aligned_to(p.x, 16) && aligned_to(p.residual, 16) &&
+                            aligned_to(p.residual_out, 16) && aligned_to(p.gamma, kVec * sizeof(W)) &&
+                            aligned_to(p.beta, kVec * sizeof(W)) && aligned_to(p.y, kVec * sizeof(Y));
         if (vec_ok) launch_fwd<X, W, Y, kVec>(args, row_layout(C, kVec, kFwdElemsPerThread), sms, st);
         else launch_fwd<X, W, Y, 1>(args, row_layout(C, 1, kFwdElemsPerThread), sms, st);
       });
@@ -349,8 +342,8 @@ void detail::layernorm_bwd_cuda(const LayerNormBwdParams& p, const Stream& strea
     elem::visit_f32_bf16(p.gamma.dtype(), "layernorm_bwd", "gamma", [&](auto wt) {
       using W = decltype(wt);
       constexpr int kVec = 16 / sizeof(X);
-      const bool vec_ok = C % kVec == 0 && aligned(p.x, 16) && aligned(p.dy, 16) &&
-                          aligned(p.dx, 16) && aligned(p.gamma, kVec * sizeof(W));
+      const bool vec_ok = C % kVec == 0 && aligned_to(p.x, 16) && aligned_to(p.dy, 16) &&
+                          aligned_to(p.dx, 16) && aligned_to(p.gamma, kVec * sizeof(W));
       const int vec = vec_ok ? kVec : 1;
       const RowLayout l = row_layout(C, vec, kBwdElemsPerThread);
       // The partial layout depends on T and C only (never on the GPU), so results are reproducible.

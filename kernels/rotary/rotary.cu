@@ -8,6 +8,7 @@
 #include "core/cuda_check.h"
 #include "kernels/common/checks.h"
 #include "kernels/common/elem.h"
+#include "kernels/common/thd.h"
 #include "kernels/rotary/rotary.h"
 
 namespace helix {
@@ -35,16 +36,6 @@ struct RotaryArgs {
   InvFreq inv_freq;
 };
 
-__device__ __forceinline__ int32_t sequence_start(const int32_t* cu, int num_seqs, int64_t t) {
-  int lo = 0, hi = num_seqs;
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) / 2;
-    if (cu[mid] <= t) lo = mid;
-    else hi = mid - 1;
-  }
-  return cu[lo];
-}
-
 // Grid: ceil(T / 8) blocks of 256 threads. Work items of a block are (token, head of a or b,
 // vector of kVec pairs), consecutive threads on consecutive vectors of one head.
 template <typename T, int kVec>
@@ -58,7 +49,7 @@ __global__ void rotary_kernel(RotaryArgs a) {
   if (static_cast<int>(threadIdx.x) < nt) {
     const int64_t t = t0 + threadIdx.x;
     pos_s[threadIdx.x] = a.positions ? a.positions[t]
-                                     : static_cast<int32_t>(t - sequence_start(a.cu_seqlens, a.num_seqs, t));
+                                     : static_cast<int32_t>(t - a.cu_seqlens[thd::sequence_of(a.cu_seqlens, a.num_seqs, t)]);
   }
   __syncthreads();
   for (int i = threadIdx.x; i < nt * a.half; i += blockDim.x) {

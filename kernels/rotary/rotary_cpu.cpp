@@ -3,6 +3,7 @@
 
 #include "kernels/common/checks.h"
 #include "kernels/common/elem.h"
+#include "kernels/common/thd.h"
 #include "kernels/rotary/rotary.h"
 
 namespace helix {
@@ -44,17 +45,6 @@ void validate(const detail::RotaryApply& p) {
   HELIX_CHECK(p.base > 0.f, "{}: expected base > 0, got {}", op, p.base);
 }
 
-// Start of the sequence that holds token t: cu[i] for the largest i with cu[i] <= t.
-int64_t sequence_start(const int32_t* cu, int64_t num_seqs, int64_t t) {
-  int64_t lo = 0, hi = num_seqs;
-  while (lo < hi) {
-    const int64_t mid = (lo + hi + 1) / 2;
-    if (cu[mid] <= t) lo = mid;
-    else hi = mid - 1;
-  }
-  return cu[lo];
-}
-
 template <typename T>
 void rotate(T* x, int64_t heads, int64_t D, const float* cs, const float* sn) {
   const int64_t half = D / 2;
@@ -76,16 +66,10 @@ void apply_cpu(const detail::RotaryApply& p) {
   const int32_t* positions = p.pos.positions.defined() ? p.pos.positions.data<int32_t>() : nullptr;
   const int32_t* cu = p.pos.cu_seqlens.defined() ? p.pos.cu_seqlens.data<int32_t>() : nullptr;
   const int64_t num_seqs = cu ? p.pos.cu_seqlens.dim(0) - 1 : 0;
-  if (cu) {
-    HELIX_CHECK(cu[0] == 0, "{}: expected cu_seqlens[0] == 0, got {}", p.op, cu[0]);
-    for (int64_t i = 0; i < num_seqs; ++i)
-      HELIX_CHECK(cu[i] <= cu[i + 1], "{}: expected non-decreasing cu_seqlens, got cu_seqlens[{}] = {} > "
-                  "cu_seqlens[{}] = {}", p.op, i, cu[i], i + 1, cu[i + 1]);
-    HELIX_CHECK(cu[num_seqs] <= T_, "{}: expected cu_seqlens[b] <= T = {}, got {}", p.op, T_, cu[num_seqs]);
-  }
+  if (cu) checks::cu_seqlens_values(p.op, p.pos.cu_seqlens, T_);
   std::vector<float> cs(static_cast<size_t>(half)), sn(static_cast<size_t>(half));
   for (int64_t t = 0; t < T_; ++t) {
-    const int64_t pos = positions ? positions[t] : t - sequence_start(cu, num_seqs, t);
+    const int64_t pos = positions ? positions[t] : t - cu[thd::sequence_of(cu, num_seqs, t)];
     HELIX_CHECK(pos >= 0 && pos < (int64_t{1} << 24), "{}: expected positions in [0, 2^24), got {} for token {}",
                 p.op, pos, t);
     for (int64_t i = 0; i < half; ++i) {

@@ -4,6 +4,7 @@
 // comparison of sums whose error bound is relative to the sum of the magnitudes of their terms.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -86,6 +87,28 @@ inline ::testing::AssertionResult near_doubles(const Tensor& actual, const std::
   std::vector<double> mag(expected.size());
   for (size_t i = 0; i < mag.size(); ++i) mag[i] = std::abs(expected[i]);
   return close_within(actual, expected, mag, tol);
+}
+
+// cu_seqlens [b+1] of random sequence lengths in [0, max_len] (0: T / 3; empty sequences included)
+// summing to at most T - T/10, so that some tokens are padding; optionally the positions they imply.
+inline std::vector<int32_t> random_cu_seqlens(int64_t T, uint64_t seed, std::vector<int32_t>* positions,
+                                              int64_t max_len = 0) {
+  std::mt19937_64 rng(seed);
+  std::uniform_int_distribution<int64_t> length(0, std::max<int64_t>(1, max_len > 0 ? max_len : T / 3));
+  std::vector<int32_t> cu = {0};
+  while (cu.back() < T) {
+    const int64_t len = length(rng);
+    if (cu.back() + len > T - T / 10) break;  // leave some padding
+    cu.push_back(static_cast<int32_t>(cu.back() + len));
+  }
+  if (!positions) return cu;
+  positions->assign(static_cast<size_t>(T), 0);
+  size_t s = 0;
+  for (int64_t t = 0; t < T; ++t) {
+    while (s + 1 < cu.size() && cu[s + 1] <= t) ++s;
+    (*positions)[t] = static_cast<int32_t>(t - cu[s]);
+  }
+  return cu;
 }
 
 }  // namespace helix::testing

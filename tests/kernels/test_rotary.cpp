@@ -24,6 +24,7 @@ using testing::host;
 using testing::near_doubles;
 using testing::on;
 using testing::on_misaligned;
+using testing::random_cu_seqlens;
 using testing::random_tensor;
 using testing::tolerance_for;
 
@@ -88,24 +89,6 @@ std::vector<double> ref_rotate(const Tensor& x, const std::vector<int32_t>& pos,
       }
     }
   return out;
-}
-
-// Random sequence lengths summing to at most T (the rest is padding), and the positions they imply.
-std::vector<int32_t> random_cu_seqlens(int64_t T, uint64_t seed, std::vector<int32_t>* positions) {
-  std::mt19937_64 rng(seed);
-  std::vector<int32_t> cu = {0};
-  while (cu.back() < T) {
-    const int32_t len = static_cast<int32_t>(std::uniform_int_distribution<int64_t>(0, std::max<int64_t>(1, T / 3))(rng));
-    if (cu.back() + len > T - T / 10) break;  // leave some padding
-    cu.push_back(cu.back() + len);
-  }
-  positions->assign(static_cast<size_t>(T), 0);
-  size_t s = 0;
-  for (int64_t t = 0; t < T; ++t) {
-    while (s + 1 < cu.size() && cu[s + 1] <= t) ++s;
-    (*positions)[t] = static_cast<int32_t>(t - cu[s]);
-  }
-  return cu;
 }
 
 TEST(RotaryCpu, ForwardAndBackwardMatchDoubleLoops) {
