@@ -20,10 +20,13 @@ using elem::store_floats;
 using elem::to_float;
 
 // Row elements one thread holds in registers (the backward also keeps column partial sums, so it
-// spreads a row over more threads). With at most 1024 threads a row, C <= 1024 * kBwdElemsPerThread.
+// spreads a row over more threads). Rows take at most kMaxRowThreads threads, so C <= kMaxCols; the
+// kernels are compiled for blocks of kMaxRowThreads (at most 128 registers a thread, no launch
+// failure for any C up to the limit).
 constexpr int kFwdElemsPerThread = 32;
 constexpr int kBwdElemsPerThread = 16;
-constexpr int kMaxCols = 1024 * kBwdElemsPerThread;
+constexpr int kMaxRowThreads = 512;
+constexpr int kMaxCols = kMaxRowThreads * kBwdElemsPerThread;  // 8192
 constexpr int kRowsPerBlockMax = 8;     // 256 threads / 32 threads per row
 constexpr int64_t kMaxPartialFloats = int64_t{1} << 22;  // per parameter partial buffer (16 MiB)
 
@@ -69,7 +72,7 @@ struct FwdArgs {
 // rows_per_block rows. Block (threads_per_row, rows_per_block): thread x of a row owns the vectors
 // x, x + threads_per_row, ... of kVec elements (at most kFwdElemsPerThread elements).
 template <typename X, typename W, typename Y, int kVec>
-__global__ void layernorm_fwd_kernel(FwdArgs a) {
+__global__ void __launch_bounds__(kMaxRowThreads) layernorm_fwd_kernel(FwdArgs a) {
   constexpr int kVecs = kFwdElemsPerThread / kVec;
   constexpr bool kFp8 = elem::kIsFp8<Y>;
   __shared__ float2 red[kRowsPerBlockMax * 32];
@@ -160,7 +163,7 @@ struct BwdArgs {
 // rows_per_block), writes dx for each, and its column sums of dy * xhat and dy to partial row p.
 // x and dy stay in registers in their storage type between the reduction and the dx pass.
 template <typename X, typename W, int kVec>
-__global__ void layernorm_bwd_kernel(BwdArgs a) {
+__global__ void __launch_bounds__(kMaxRowThreads) layernorm_bwd_kernel(BwdArgs a) {
   constexpr int kVecs = kBwdElemsPerThread / kVec;
   __shared__ float2 red[kRowsPerBlockMax * 32];
   const X* x = static_cast<const X*>(a.x);
@@ -263,7 +266,7 @@ __global__ void layernorm_param_reduce_kernel(const float* dgamma_part, const fl
 // ---- host side ---------------------------------------------------------------------------------
 
 struct RowLayout {
-  int threads_per_row;  // a multiple of 32, at most 1024
+  int threads_per_row;  // a multiple of 32, at most kMaxRowThreads for C <= kMaxCols
   int rows_per_block;   // 256 / threads_per_row, at least 1
 };
 
