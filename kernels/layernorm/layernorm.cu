@@ -28,7 +28,10 @@ constexpr int kBwdElemsPerThread = 16;
 constexpr int kMaxRowThreads = 512;
 constexpr int kMaxCols = kMaxRowThreads * kBwdElemsPerThread;  // 8192
 constexpr int kRowsPerBlockMax = 8;     // 256 threads / 32 threads per row
-constexpr int64_t kMaxPartialFloats = int64_t{1} << 22;  // per parameter partial buffer (16 MiB)
+// Backward partial rows (row slices): enough slices to fill the GPU, few enough that the second pass
+// stays short, at most 16 MiB per parameter. A function of C only, never of the device.
+constexpr int64_t kMaxPartialRows = 2048;
+constexpr int64_t kMaxPartialFloats = int64_t{1} << 22;
 
 // Sum of v over the blockDim.x threads of this thread's row (all of them get the same bits: the xor
 // butterfly pairs commute and the per-warp sums are added in warp order). `red` holds 32 slots per
@@ -350,7 +353,8 @@ void detail::layernorm_bwd_cuda(const LayerNormBwdParams& p, const Stream& strea
       const int vec = vec_ok ? kVec : 1;
       const RowLayout l = row_layout(C, vec, kBwdElemsPerThread);
       // The partial layout depends on T and C only (never on the GPU), so results are reproducible.
-      const int64_t max_blocks = std::max<int64_t>(1, kMaxPartialFloats / C / l.rows_per_block);
+      const int64_t max_rows = std::min(kMaxPartialRows, kMaxPartialFloats / C);
+      const int64_t max_blocks = std::max<int64_t>(1, max_rows / l.rows_per_block);
       const int64_t grid = std::min<int64_t>((T + l.rows_per_block - 1) / l.rows_per_block, max_blocks);
       const int64_t parts = grid * l.rows_per_block;
       const bool need_params = p.dgamma.defined() || p.dbeta.defined();
