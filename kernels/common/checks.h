@@ -37,8 +37,10 @@ inline void cu_seqlens_values(const char* op, const Tensor& cu_seqlens, int64_t 
   const int64_t b = cu_seqlens.numel() - 1;
   HELIX_CHECK(cu[0] == 0, "{}: expected cu_seqlens[0] == 0, got {}", op, cu[0]);
   for (int64_t i = 0; i < b; ++i)
-    HELIX_CHECK(cu[i] <= cu[i + 1], "{}: expected non-decreasing cu_seqlens, got cu_seqlens[{}] = {} > "
-                "cu_seqlens[{}] = {}", op, i, cu[i], i + 1, cu[i + 1]);
+    HELIX_CHECK(cu[i] <= cu[i + 1],
+                "{}: expected non-decreasing cu_seqlens, got cu_seqlens[{}] = {} > "
+                "cu_seqlens[{}] = {}",
+                op, i, cu[i], i + 1, cu[i + 1]);
   HELIX_CHECK(cu[b] <= T, "{}: expected cu_seqlens[b] <= T = {}, got {}", op, T, cu[b]);
 }
 

@@ -1,8 +1,8 @@
 #pragma once
 // Element access shared by the elementwise and row-wise ops (layernorm, gelu, rotary, embedding):
-// float views of the storage types, the ordered bits used for amax, dtype dispatch to C++ types, and
-// (CUDA only) N-element packed loads and stores that compile to one 16-byte access where aligned.
-// The same helpers serve the CPU references and the kernels, so both round identically.
+// float views of the storage types, the ordered bits used for amax, dtype dispatch to C++ types,
+// and (CUDA only) N-element packed loads and stores that compile to one 16-byte access where
+// aligned. The same helpers serve the CPU references and the kernels, so both round identically.
 #include <cstdint>
 #include <type_traits>
 
@@ -17,13 +17,17 @@ namespace helix::elem {
 
 template <typename T>
 HELIX_HD float to_float(T v) {
-  if constexpr (std::is_same_v<T, float>) return v;
-  else return v.to_float();
+  if constexpr (std::is_same_v<T, float>)
+    return v;
+  else
+    return v.to_float();
 }
 template <typename T>
 HELIX_HD T from_float(float v) {
-  if constexpr (std::is_same_v<T, float>) return v;
-  else return T::from_float(v);
+  if constexpr (std::is_same_v<T, float>)
+    return v;
+  else
+    return T::from_float(v);
 }
 template <typename T>
 inline constexpr bool kIsFp8 = std::is_same_v<T, e4m3_t> || std::is_same_v<T, e5m2_t>;
@@ -37,20 +41,34 @@ HELIX_HD uint32_t abs_bits(float v) { return float_bits(v) & 0x7FFFFFFFu; }
 template <typename F>
 void visit_f32_bf16(DType t, const char* op, const char* what, F&& f) {
   switch (t) {
-    case DType::kF32: f(float{}); return;
-    case DType::kBF16: f(bf16_t{}); return;
-    default: HELIX_FAIL("{}: expected {} f32 or bf16, got {}", op, what, dtype_name(t));
+    case DType::kF32:
+      f(float{});
+      return;
+    case DType::kBF16:
+      f(bf16_t{});
+      return;
+    default:
+      HELIX_FAIL("{}: expected {} f32 or bf16, got {}", op, what, dtype_name(t));
   }
 }
 // Same for an output that may also be fp8 (e4m3, e5m2).
 template <typename F>
 void visit_output(DType t, const char* op, const char* what, F&& f) {
   switch (t) {
-    case DType::kF32: f(float{}); return;
-    case DType::kBF16: f(bf16_t{}); return;
-    case DType::kE4M3: f(e4m3_t{}); return;
-    case DType::kE5M2: f(e5m2_t{}); return;
-    default: HELIX_FAIL("{}: expected {} f32, bf16, e4m3 or e5m2, got {}", op, what, dtype_name(t));
+    case DType::kF32:
+      f(float{});
+      return;
+    case DType::kBF16:
+      f(bf16_t{});
+      return;
+    case DType::kE4M3:
+      f(e4m3_t{});
+      return;
+    case DType::kE5M2:
+      f(e5m2_t{});
+      return;
+    default:
+      HELIX_FAIL("{}: expected {} f32, bf16, e4m3 or e5m2, got {}", op, what, dtype_name(t));
   }
 }
 

@@ -14,8 +14,10 @@ HELIX_HD int64_t sequence_of(const int32_t* cu, int64_t num_seqs, int64_t t) {
   int64_t lo = 0, hi = num_seqs;
   while (lo < hi) {
     const int64_t mid = (lo + hi + 1) / 2;
-    if (cu[mid] <= t) lo = mid;
-    else hi = mid - 1;
+    if (cu[mid] <= t)
+      lo = mid;
+    else
+      hi = mid - 1;
   }
   return lo;
 }

@@ -8,10 +8,9 @@
 //   4. one block per (piece, column chunk) sums its <= kPieceRows rows in order into a partial row;
 //   5. one block per (id, column chunk) adds its pieces' partial rows in order into dtable (+=).
 // Every sum has a fixed order given the ids, so two runs give the same bits.
+#include <algorithm>
 #include <cub/device/device_radix_sort.cuh>
 #include <cub/device/device_scan.cuh>
-
-#include <algorithm>
 
 #include "core/cuda_check.h"
 #include "kernels/common/checks.h"
@@ -26,14 +25,14 @@ namespace {
 using elem::load_floats;
 using elem::store_floats;
 
-constexpr int kPieceRows = 128;     // rows one block of the backward sums before writing a partial
-constexpr int kColThreads = 128;    // threads across columns in the backward kernels
+constexpr int kPieceRows = 128;   // rows one block of the backward sums before writing a partial
+constexpr int kColThreads = 128;  // threads across columns in the backward kernels
 constexpr int kRowBlockThreads = 256;
 
 // Grid: b + 1 blocks (the last one the padding tail past cu[b]) of 256 threads: count the segment's
 // mask tokens and write its denominator.
-__global__ void segment_denoms_kernel(const int32_t* ids, int64_t T, const int32_t* cu, int num_seqs,
-                                      int32_t mask_id, float* denoms) {
+__global__ void segment_denoms_kernel(const int32_t* ids, int64_t T, const int32_t* cu,
+                                      int num_seqs, int32_t mask_id, float* denoms) {
   __shared__ int64_t red[kRowBlockThreads / 32];
   const int s = blockIdx.x;
   const int64_t start = cu[s], end = s < num_seqs ? cu[s + 1] : T;
@@ -51,9 +50,9 @@ __global__ void segment_denoms_kernel(const int32_t* ids, int64_t T, const int32
 }
 
 struct FwdArgs {
-  const int32_t* ids;         // [T]
-  const void* table;          // [V, C]
-  void* out;                  // [T, C]
+  const int32_t* ids;  // [T]
+  const void* table;   // [V, C]
+  void* out;           // [T, C]
   int64_t tokens, vocab;
   int cols;
   const float* denoms;        // [b + 1] or null (no token dropout)
@@ -116,16 +115,19 @@ __device__ __forceinline__ int64_t lower_bound(const int32_t* sorted, int64_t n,
   int64_t lo = 0, hi = n;
   while (lo < hi) {
     const int64_t mid = (lo + hi) / 2;
-    if (sorted[mid] < key) lo = mid + 1;
-    else hi = mid;
+    if (sorted[mid] < key)
+      lo = mid + 1;
+    else
+      hi = mid;
   }
   return lo;
 }
 
 // Grid: ceil((V + 1) / 256) blocks of 256 threads. run_start[v] = first sorted position of id v
-// (run_start[V] = end of the kept tokens); pieces[v] = ceil(run length / kPieceRows), pieces[V] = 0.
-__global__ void run_bounds_kernel(const int32_t* sorted_keys, int64_t T, int64_t V, int32_t* run_start,
-                                  int32_t* pieces) {
+// (run_start[V] = end of the kept tokens); pieces[v] = ceil(run length / kPieceRows), pieces[V] =
+// 0.
+__global__ void run_bounds_kernel(const int32_t* sorted_keys, int64_t T, int64_t V,
+                                  int32_t* run_start, int32_t* pieces) {
   const int64_t v = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (v > V) return;
   const int64_t begin = lower_bound(sorted_keys, T, v);
@@ -150,8 +152,10 @@ __global__ void piece_sums_kernel(const int32_t* sorted_tokens, const int32_t* r
   int64_t lo = 0, hi = V;
   while (lo < hi) {
     const int64_t mid = (lo + hi + 1) / 2;
-    if (piece_start[mid] <= piece) lo = mid;
-    else hi = mid - 1;
+    if (piece_start[mid] <= piece)
+      lo = mid;
+    else
+      hi = mid - 1;
   }
   const int64_t v = lo;
   const int64_t r0 = run_start[v] + (piece - piece_start[v]) * kPieceRows;
@@ -204,8 +208,8 @@ Tensor segment_denoms(const Tensor& ids, const EmbeddingTokenDropout& td, const 
   Tensor denoms = Tensor::empty({segments}, DType::kF32, ids.device(), stream);
   segment_denoms_kernel<<<static_cast<unsigned>(segments), kRowBlockThreads, 0,
                           static_cast<cudaStream_t>(stream.handle())>>>(
-      ids.data<int32_t>(), ids.dim(0), td.cu_seqlens.data<int32_t>(), static_cast<int>(segments - 1),
-      td.mask_token_id, denoms.data<float>());
+      ids.data<int32_t>(), ids.dim(0), td.cu_seqlens.data<int32_t>(),
+      static_cast<int>(segments - 1), td.mask_token_id, denoms.data<float>());
   HELIX_LAUNCH_CHECK();
   return denoms;
 }
@@ -213,8 +217,8 @@ Tensor segment_denoms(const Tensor& ids, const EmbeddingTokenDropout& td, const 
 void check_sizes(const char* op, const Tensor& ids, const EmbeddingTokenDropout& td, int64_t C) {
   HELIX_CHECK(ids.dim(0) < (int64_t{1} << 31), "{}: expected T < 2^31, got ids {}", op, ids.str());
   HELIX_CHECK(C < (int64_t{1} << 31), "{}: expected C < 2^31, got {}", op, C);
-  HELIX_CHECK(!td.enabled || td.cu_seqlens.dim(0) < (int64_t{1} << 31), "{}: too many sequences in {}", op,
-              td.cu_seqlens.str());
+  HELIX_CHECK(!td.enabled || td.cu_seqlens.dim(0) < (int64_t{1} << 31),
+              "{}: too many sequences in {}", op, td.cu_seqlens.str());
 }
 
 }  // namespace
@@ -249,8 +253,10 @@ void detail::embedding_fwd_cuda(const EmbeddingFwdParams& p, const Stream& strea
       const int rpb = kRowBlockThreads / tpr;
       const dim3 block(tpr, rpb);
       const unsigned grid = static_cast<unsigned>((T + rpb - 1) / rpb);
-      if (vec_ok) embedding_fwd_kernel<W, O, kVec><<<grid, block, 0, st>>>(args);
-      else embedding_fwd_kernel<W, O, 1><<<grid, block, 0, st>>>(args);
+      if (vec_ok)
+        embedding_fwd_kernel<W, O, kVec><<<grid, block, 0, st>>>(args);
+      else
+        embedding_fwd_kernel<W, O, 1><<<grid, block, 0, st>>>(args);
       HELIX_LAUNCH_CHECK();
     });
   });
@@ -266,8 +272,8 @@ void detail::embedding_bwd_cuda(const EmbeddingBwdParams& p, const Stream& strea
   const Tensor denoms = segment_denoms(p.ids, td, stream);
 
   // 1. Keys, token indices, scales.
-  Tensor keys = Tensor::empty({2, T}, DType::kI32, dev, stream);       // in, sorted
-  Tensor tokens = Tensor::empty({2, T}, DType::kI32, dev, stream);     // in, sorted
+  Tensor keys = Tensor::empty({2, T}, DType::kI32, dev, stream);    // in, sorted
+  Tensor tokens = Tensor::empty({2, T}, DType::kI32, dev, stream);  // in, sorted
   Tensor scales = Tensor::empty({T}, DType::kF32, dev, stream);
   int32_t* keys_in = keys.data<int32_t>();
   int32_t* keys_out = keys_in + T;
@@ -276,8 +282,8 @@ void detail::embedding_bwd_cuda(const EmbeddingBwdParams& p, const Stream& strea
   make_keys_kernel<<<static_cast<unsigned>((T + 255) / 256), 256, 0, st>>>(
       p.ids.data<int32_t>(), T, V, denoms.defined() ? denoms.data<float>() : nullptr,
       td.enabled ? td.cu_seqlens.data<int32_t>() : nullptr,
-      td.enabled ? static_cast<int>(td.cu_seqlens.dim(0) - 1) : 0, td.mask_token_id, keys_in, tok_in,
-      scales.data<float>());
+      td.enabled ? static_cast<int>(td.cu_seqlens.dim(0) - 1) : 0, td.mask_token_id, keys_in,
+      tok_in, scales.data<float>());
   HELIX_LAUNCH_CHECK();
 
   // 2.-3. Sort by key (keys hold 0..V: end_bit bits suffice), run bounds, pieces, scan.
@@ -288,13 +294,14 @@ void detail::embedding_bwd_cuda(const EmbeddingBwdParams& p, const Stream& strea
   int32_t* piece_count = pieces.data<int32_t>();
   int32_t* piece_start = piece_count + (V + 1);
   size_t sort_bytes = 0, scan_bytes = 0;
-  CUDA_CHECK(cub::DeviceRadixSort::SortPairs(nullptr, sort_bytes, keys_in, keys_out, tok_in, tok_out,
-                                             static_cast<int>(T), 0, end_bit, st));
+  CUDA_CHECK(cub::DeviceRadixSort::SortPairs(nullptr, sort_bytes, keys_in, keys_out, tok_in,
+                                             tok_out, static_cast<int>(T), 0, end_bit, st));
   CUDA_CHECK(cub::DeviceScan::ExclusiveSum(nullptr, scan_bytes, piece_count, piece_start,
                                            static_cast<int>(V + 1), st));
-  Tensor temp = Tensor::empty({static_cast<int64_t>(std::max({sort_bytes, scan_bytes, size_t{1}}))}, DType::kU8, dev, stream);
-  CUDA_CHECK(cub::DeviceRadixSort::SortPairs(temp.data_ptr(), sort_bytes, keys_in, keys_out, tok_in, tok_out,
-                                             static_cast<int>(T), 0, end_bit, st));
+  Tensor temp = Tensor::empty({static_cast<int64_t>(std::max({sort_bytes, scan_bytes, size_t{1}}))},
+                              DType::kU8, dev, stream);
+  CUDA_CHECK(cub::DeviceRadixSort::SortPairs(temp.data_ptr(), sort_bytes, keys_in, keys_out, tok_in,
+                                             tok_out, static_cast<int>(T), 0, end_bit, st));
   run_bounds_kernel<<<static_cast<unsigned>((V + 1 + 255) / 256), 256, 0, st>>>(
       keys_out, T, V, run_start.data<int32_t>(), piece_count);
   HELIX_LAUNCH_CHECK();
@@ -319,15 +326,15 @@ void detail::embedding_bwd_cuda(const EmbeddingBwdParams& p, const Stream& strea
           tok_out, run_start.data<int32_t>(), piece_start, scales.data<float>(), dout, V,
           static_cast<int>(C), partial.data<float>());
       HELIX_LAUNCH_CHECK();
-      reduce_pieces_kernel<kVec><<<grid_ids, kColThreads, 0, st>>>(piece_start, partial.data<float>(),
-                                                                   static_cast<int>(C), p.dtable.data<float>());
+      reduce_pieces_kernel<kVec><<<grid_ids, kColThreads, 0, st>>>(
+          piece_start, partial.data<float>(), static_cast<int>(C), p.dtable.data<float>());
     } else {
       piece_sums_kernel<O, 1><<<grid_pieces, kColThreads, 0, st>>>(
           tok_out, run_start.data<int32_t>(), piece_start, scales.data<float>(), dout, V,
           static_cast<int>(C), partial.data<float>());
       HELIX_LAUNCH_CHECK();
-      reduce_pieces_kernel<1><<<grid_ids, kColThreads, 0, st>>>(piece_start, partial.data<float>(),
-                                                                static_cast<int>(C), p.dtable.data<float>());
+      reduce_pieces_kernel<1><<<grid_ids, kColThreads, 0, st>>>(
+          piece_start, partial.data<float>(), static_cast<int>(C), p.dtable.data<float>());
     }
     HELIX_LAUNCH_CHECK();
   });

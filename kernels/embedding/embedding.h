@@ -1,7 +1,7 @@
 #pragma once
 // Token embedding lookup out[t] = table[ids[t]], with ESM-2's token dropout as Hugging Face's
-// EsmEmbeddings applies it (optional): rows of mask tokens are zeroed and every row of a sequence is
-// scaled by (1 - 0.15*0.8) / (1 - fraction of that sequence's tokens that are mask tokens).
+// EsmEmbeddings applies it (optional): rows of mask tokens are zeroed and every row of a sequence
+// is scaled by (1 - 0.15*0.8) / (1 - fraction of that sequence's tokens that are mask tokens).
 // Backward accumulates dtable (f32) deterministically without float atomics: token indices are
 // radix-sorted by id (stable, so each id's tokens stay in token order), each id's run is cut into
 // pieces of at most 128 tokens summed in order, then the pieces of each id are added in order.
@@ -15,8 +15,8 @@ namespace helix {
 struct EmbeddingTokenDropout {
   bool enabled = false;
   int32_t mask_token_id = -1;  // required when enabled, in [0, V) (ESM-2's <mask> is 32)
-  Tensor cu_seqlens;           // [b+1] i32, required when enabled: the sequences whose masked fraction
-                               // scales their rows; tokens past cu_seqlens[b] form one more segment
+  Tensor cu_seqlens;  // [b+1] i32, required when enabled: the sequences whose masked fraction
+                      // scales their rows; tokens past cu_seqlens[b] form one more segment
 };
 
 // Forward numerics follow HF in fp32: v = table row value; with token dropout, mask rows are 0 and
@@ -30,13 +30,13 @@ struct EmbeddingFwdParams {
   EmbeddingTokenDropout token_dropout;
 };
 
-// dtable[v] += sum over tokens t with ids[t] == v of dout[t] * scale(t), in f32, where scale(t) is the
-// forward's factor 0.88f / (1 - masked fraction) (1 without token dropout) and mask tokens add
+// dtable[v] += sum over tokens t with ids[t] == v of dout[t] * scale(t), in f32, where scale(t) is
+// the forward's factor 0.88f / (1 - masked fraction) (1 without token dropout) and mask tokens add
 // nothing (their rows were zeroed). Out-of-range ids add nothing on CUDA and throw on the CPU.
 struct EmbeddingBwdParams {
-  Tensor ids;     // [T] i32
-  Tensor dout;    // [T, C] f32 or bf16
-  Tensor dtable;  // [V, C] f32, accumulated (+=)
+  Tensor ids;                           // [T] i32
+  Tensor dout;                          // [T, C] f32 or bf16
+  Tensor dtable;                        // [V, C] f32, accumulated (+=)
   EmbeddingTokenDropout token_dropout;  // the forward's
 };
 

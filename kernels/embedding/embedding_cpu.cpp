@@ -22,12 +22,13 @@ void validate_common(const char* op, const Tensor& ids, const Tensor& rows, cons
   HELIX_CHECK(ids.defined() && ids.ndim() == 1 && ids.dtype() == DType::kI32,
               "{}: expected ids i32 [T], got {}", op, ids.str());
   const int64_t T = ids.dim(0);
-  HELIX_CHECK(rows.defined() && rows.shape() == Shape({T, C}), "{}: expected {} of shape [{}, {}], got {}",
-              op, rows_name, T, C, rows.str());
+  HELIX_CHECK(rows.defined() && rows.shape() == Shape({T, C}),
+              "{}: expected {} of shape [{}, {}], got {}", op, rows_name, T, C, rows.str());
   elem::visit_f32_bf16(rows.dtype(), op, rows_name, [](auto) {});
   if (!td.enabled) return;
   HELIX_CHECK(td.mask_token_id >= 0 && td.mask_token_id < V,
-              "{}: token dropout expected mask_token_id in [0, {}), got {}", op, V, td.mask_token_id);
+              "{}: token dropout expected mask_token_id in [0, {}), got {}", op, V,
+              td.mask_token_id);
   HELIX_CHECK(td.cu_seqlens.defined() && td.cu_seqlens.ndim() == 1 && td.cu_seqlens.dim(0) >= 1 &&
                   td.cu_seqlens.dtype() == DType::kI32,
               "{}: token dropout expected cu_seqlens i32 [b+1], got {}", op, td.cu_seqlens.str());
@@ -38,10 +39,14 @@ void validate(const EmbeddingFwdParams& p) {
   HELIX_CHECK(p.table.defined() && p.table.ndim() == 2, "{}: expected table [V, C], got {}", kFwd,
               p.table.str());
   const int64_t V = p.table.dim(0), C = p.table.dim(1);
-  HELIX_CHECK(V > 0 && V < (int64_t{1} << 31), "{}: expected 0 < V < 2^31, got table {}", kFwd, p.table.str());
+  HELIX_CHECK(V > 0 && V < (int64_t{1} << 31), "{}: expected 0 < V < 2^31, got table {}", kFwd,
+              p.table.str());
   elem::visit_f32_bf16(p.table.dtype(), kFwd, "table", [](auto) {});
-  checks::same_device_contiguous(kFwd, p.table, {{&p.ids, "ids"}, {&p.table, "table"}, {&p.out, "out"},
-                                                 {&p.token_dropout.cu_seqlens, "cu_seqlens"}});
+  checks::same_device_contiguous(kFwd, p.table,
+                                 {{&p.ids, "ids"},
+                                  {&p.table, "table"},
+                                  {&p.out, "out"},
+                                  {&p.token_dropout.cu_seqlens, "cu_seqlens"}});
   validate_common(kFwd, p.ids, p.out, "out", V, C, p.token_dropout);
 }
 
@@ -49,9 +54,13 @@ void validate(const EmbeddingBwdParams& p) {
   HELIX_CHECK(p.dtable.defined() && p.dtable.ndim() == 2 && p.dtable.dtype() == DType::kF32,
               "{}: expected dtable f32 [V, C], got {}", kBwd, p.dtable.str());
   const int64_t V = p.dtable.dim(0), C = p.dtable.dim(1);
-  HELIX_CHECK(V > 0 && V < (int64_t{1} << 31), "{}: expected 0 < V < 2^31, got dtable {}", kBwd, p.dtable.str());
-  checks::same_device_contiguous(kBwd, p.dtable, {{&p.ids, "ids"}, {&p.dout, "dout"}, {&p.dtable, "dtable"},
-                                                  {&p.token_dropout.cu_seqlens, "cu_seqlens"}});
+  HELIX_CHECK(V > 0 && V < (int64_t{1} << 31), "{}: expected 0 < V < 2^31, got dtable {}", kBwd,
+              p.dtable.str());
+  checks::same_device_contiguous(kBwd, p.dtable,
+                                 {{&p.ids, "ids"},
+                                  {&p.dout, "dout"},
+                                  {&p.dtable, "dtable"},
+                                  {&p.token_dropout.cu_seqlens, "cu_seqlens"}});
   validate_common(kBwd, p.ids, p.dout, "dout", V, C, p.token_dropout);
 }
 
@@ -90,7 +99,8 @@ void fwd_cpu(const EmbeddingFwdParams& p) {
     } else if (ids[t] == td.mask_token_id) {
       for (int64_t c = 0; c < C; ++c) o[c] = from_float<O>(0.f);
     } else {
-      for (int64_t c = 0; c < C; ++c) o[c] = from_float<O>(token_dropout::apply<W>(to_float(row[c]), denoms[t]));
+      for (int64_t c = 0; c < C; ++c)
+        o[c] = from_float<O>(token_dropout::apply<W>(to_float(row[c]), denoms[t]));
     }
   }
 }
@@ -122,7 +132,8 @@ void bwd_cpu(const EmbeddingBwdParams& p) {
       const double s = td.enabled ? token_dropout::grad_scale(denoms[t]) : 1.0;
       for (int64_t c = 0; c < C; ++c) acc[c] += to_float(dout[t * C + c]) * s;
     }
-    for (int64_t c = 0; c < C; ++c) dtable[v * C + c] = static_cast<float>(dtable[v * C + c] + acc[c]);
+    for (int64_t c = 0; c < C; ++c)
+      dtable[v * C + c] = static_cast<float>(dtable[v * C + c] + acc[c]);
   }
 }
 
@@ -155,7 +166,8 @@ void embedding_bwd(const EmbeddingBwdParams& p, const Stream& stream) {
 #if HELIX_WITH_CUDA
   detail::embedding_bwd_cuda(p, stream);
 #else
-  HELIX_FAIL("{}: dtable is on {}, but helix was built without CUDA", kBwd, p.dtable.device().str());
+  HELIX_FAIL("{}: dtable is on {}, but helix was built without CUDA", kBwd,
+             p.dtable.device().str());
 #endif
 }
 

@@ -1,7 +1,7 @@
 #pragma once
-// ESM-2 token dropout arithmetic shared by the CPU reference and the CUDA kernels, in the op order of
-// Hugging Face's EsmEmbeddings (fp32): embeddings * 0.88 (in the embedding dtype), then divided by
-// (1 - masked / length) as an fp32 tensor.
+// ESM-2 token dropout arithmetic shared by the CPU reference and the CUDA kernels, in the op order
+// of Hugging Face's EsmEmbeddings (fp32): embeddings * 0.88 (in the embedding dtype), then divided
+// by (1 - masked / length) as an fp32 tensor.
 #include <cstdint>
 
 #include "kernels/common/elem.h"

@@ -96,7 +96,8 @@ void detail::gelu_fwd_cuda(const GeluFwdParams& p, const Stream& stream) {
         gelu_fwd_kernel<X, Y, kVec>
             <<<grid_for(n / kVec, p.x.device().index), kThreads, 0, st>>>(x, y, n, scale, amax);
       } else {
-        gelu_fwd_kernel<X, Y, 1><<<grid_for(n, p.x.device().index), kThreads, 0, st>>>(x, y, n, scale, amax);
+        gelu_fwd_kernel<X, Y, 1>
+            <<<grid_for(n, p.x.device().index), kThreads, 0, st>>>(x, y, n, scale, amax);
       }
       HELIX_LAUNCH_CHECK();
     });
@@ -113,9 +114,10 @@ void detail::gelu_bwd_cuda(const GeluBwdParams& p, const Stream& stream) {
     const X* x = static_cast<const X*>(p.x.data_ptr());
     const X* dy = static_cast<const X*>(p.dy.data_ptr());
     X* dx = static_cast<X*>(p.dx.data_ptr());
-    if (checks::aligned_to(p.x, 16) && checks::aligned_to(p.dy, 16) && checks::aligned_to(p.dx, 16)) {
-      gelu_bwd_kernel<X, kVec>
-          <<<grid_for(n / kVec, p.x.device().index), kThreads, 0, st>>>(x, dy, dx, n, p.accumulate_dx);
+    if (checks::aligned_to(p.x, 16) && checks::aligned_to(p.dy, 16) &&
+        checks::aligned_to(p.dx, 16)) {
+      gelu_bwd_kernel<X, kVec><<<grid_for(n / kVec, p.x.device().index), kThreads, 0, st>>>(
+          x, dy, dx, n, p.accumulate_dx);
     } else {
       gelu_bwd_kernel<X, 1>
           <<<grid_for(n, p.x.device().index), kThreads, 0, st>>>(x, dy, dx, n, p.accumulate_dx);

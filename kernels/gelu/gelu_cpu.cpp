@@ -19,10 +19,10 @@ constexpr const char* kBwd = "gelu_bwd";
 void validate(const GeluFwdParams& p) {
   HELIX_CHECK(p.x.defined(), "{}: expected an input x, got undefined", kFwd);
   elem::visit_f32_bf16(p.x.dtype(), kFwd, "x", [](auto) {});
-  checks::same_device_contiguous(kFwd, p.x, {{&p.x, "x"}, {&p.y, "y"}, {&p.y_scale, "y_scale"},
-                                             {&p.y_amax, "y_amax"}});
-  HELIX_CHECK(p.y.defined() && p.y.shape() == p.x.shape(), "{}: expected y of shape {}, got {}", kFwd,
-              p.x.shape().str(), p.y.str());
+  checks::same_device_contiguous(
+      kFwd, p.x, {{&p.x, "x"}, {&p.y, "y"}, {&p.y_scale, "y_scale"}, {&p.y_amax, "y_amax"}});
+  HELIX_CHECK(p.y.defined() && p.y.shape() == p.x.shape(), "{}: expected y of shape {}, got {}",
+              kFwd, p.x.shape().str(), p.y.str());
   elem::visit_output(p.y.dtype(), kFwd, "y", [](auto) {});
   if (dtype_is_fp8(p.y.dtype())) {
     checks::shape_dtype(kFwd, p.y_scale, "y_scale (needed by an fp8 y)", {1}, DType::kF32);

@@ -1,7 +1,7 @@
 // LayerNorm CUDA kernels. Forward: one row per group of threads_per_row threads (a multiple of 32),
-// the row in registers, 16-byte loads when C and the pointers allow, fp8 output with amax. Backward:
-// dx per row, and dgamma/dbeta without float atomics: every row slice writes its column sums to its
-// own partial row, and a second kernel adds the partial rows in a fixed order.
+// the row in registers, 16-byte loads when C and the pointers allow, fp8 output with amax.
+// Backward: dx per row, and dgamma/dbeta without float atomics: every row slice writes its column
+// sums to its own partial row, and a second kernel adds the partial rows in a fixed order.
 #include <algorithm>
 #include <cstdint>
 
@@ -27,9 +27,10 @@ constexpr int kFwdElemsPerThread = 32;
 constexpr int kBwdElemsPerThread = 16;
 constexpr int kMaxRowThreads = 512;
 constexpr int kMaxCols = kMaxRowThreads * kBwdElemsPerThread;  // 8192
-constexpr int kRowsPerBlockMax = 8;     // 256 threads / 32 threads per row
-// Backward partial rows (row slices): enough slices to fill the GPU, few enough that the second pass
-// stays short, at most 16 MiB per parameter. A function of C only, never of the device.
+
+constexpr int kRowsPerBlockMax = 8;  // 256 threads / 32 threads per row
+// Backward partial rows (row slices): enough slices to fill the GPU, few enough that the second
+// pass stays short, at most 16 MiB per parameter. A function of C only, never of the device.
 constexpr int64_t kMaxPartialRows = 2048;
 constexpr int64_t kMaxPartialFloats = int64_t{1} << 22;
 
@@ -56,16 +57,16 @@ __device__ __forceinline__ float2 row_sum(float2 v, float2* red) {
 }
 
 struct FwdArgs {
-  const void* x;        // [T, C]
-  const void* residual; // [T, C] or null
-  void* residual_out;   // [T, C] or null
-  const void* gamma;    // [C]
-  const void* beta;     // [C]
-  void* y;              // [T, C]
-  const float* scale;   // [1] or null (non-fp8 y)
-  unsigned* amax;       // [1] bits of a non-negative float, or null
-  float* mean;          // [T] or null
-  float* rstd;          // [T] or null
+  const void* x;         // [T, C]
+  const void* residual;  // [T, C] or null
+  void* residual_out;    // [T, C] or null
+  const void* gamma;     // [C]
+  const void* beta;      // [C]
+  void* y;               // [T, C]
+  const float* scale;    // [1] or null (non-fp8 y)
+  unsigned* amax;        // [1] bits of a non-negative float, or null
+  float* mean;           // [T] or null
+  float* rstd;           // [T] or null
   int64_t rows;
   int cols;
   float eps;
@@ -148,14 +149,14 @@ __global__ void __launch_bounds__(kMaxRowThreads) layernorm_fwd_kernel(FwdArgs a
 }
 
 struct BwdArgs {
-  const void* x;        // [T, C]
-  const void* gamma;    // [C]
-  const float* mean;    // [T]
-  const float* rstd;    // [T]
-  const void* dy;       // [T, C]
-  void* dx;             // [T, C] or null
-  float* dgamma_part;   // [P, C] or null
-  float* dbeta_part;    // [P, C] or null
+  const void* x;       // [T, C]
+  const void* gamma;   // [C]
+  const float* mean;   // [T]
+  const float* rstd;   // [T]
+  const void* dy;      // [T, C]
+  void* dx;            // [T, C] or null
+  float* dgamma_part;  // [P, C] or null
+  float* dbeta_part;   // [P, C] or null
   int64_t rows;
   int cols;
   bool accumulate;
@@ -243,7 +244,8 @@ __global__ void __launch_bounds__(kMaxRowThreads) layernorm_bwd_kernel(BwdArgs a
 // Grid: ceil(C / 32) blocks of (32, 32). Thread (tx, ty) adds partial rows ty, ty + 32, ... of
 // column blockIdx.x * 32 + tx; row ty == 0 then adds the 32 sums in order and accumulates (+=).
 __global__ void layernorm_param_reduce_kernel(const float* dgamma_part, const float* dbeta_part,
-                                              int64_t parts, int cols, float* dgamma, float* dbeta) {
+                                              int64_t parts, int cols, float* dgamma,
+                                              float* dbeta) {
   __shared__ float sg[32][33], sb[32][33];
   const int c = blockIdx.x * 32 + threadIdx.x;
   float g = 0.f, b = 0.f;
@@ -328,11 +330,14 @@ void detail::layernorm_fwd_cuda(const LayerNormFwdParams& p, const Stream& strea
       elem::visit_output(p.y.dtype(), "layernorm_fwd", "y", [&](auto yt) {
         using Y = decltype(yt);
         constexpr int kVec = 16 / sizeof(X);
-        const bool vec_ok = C % kVec == 0 && aligned_to(p.x, 16) && aligned_to(p.residual, 16) &&
-                            aligned_to(p.residual_out, 16) && aligned_to(p.gamma, kVec * sizeof(W)) &&
-                            aligned_to(p.beta, kVec * sizeof(W)) && aligned_to(p.y, kVec * sizeof(Y));
-        if (vec_ok) launch_fwd<X, W, Y, kVec>(args, row_layout(C, kVec, kFwdElemsPerThread), sms, st);
-        else launch_fwd<X, W, Y, 1>(args, row_layout(C, 1, kFwdElemsPerThread), sms, st);
+        const bool vec_ok =
+            C % kVec == 0 && aligned_to(p.x, 16) && aligned_to(p.residual, 16) &&
+            aligned_to(p.residual_out, 16) && aligned_to(p.gamma, kVec * sizeof(W)) &&
+            aligned_to(p.beta, kVec * sizeof(W)) && aligned_to(p.y, kVec * sizeof(Y));
+        if (vec_ok)
+          launch_fwd<X, W, Y, kVec>(args, row_layout(C, kVec, kFwdElemsPerThread), sms, st);
+        else
+          launch_fwd<X, W, Y, 1>(args, row_layout(C, 1, kFwdElemsPerThread), sms, st);
       });
     });
   });
@@ -355,7 +360,8 @@ void detail::layernorm_bwd_cuda(const LayerNormBwdParams& p, const Stream& strea
       // The partial layout depends on T and C only (never on the GPU), so results are reproducible.
       const int64_t max_rows = std::min(kMaxPartialRows, kMaxPartialFloats / C);
       const int64_t max_blocks = std::max<int64_t>(1, max_rows / l.rows_per_block);
-      const int64_t grid = std::min<int64_t>((T + l.rows_per_block - 1) / l.rows_per_block, max_blocks);
+      const int64_t grid =
+          std::min<int64_t>((T + l.rows_per_block - 1) / l.rows_per_block, max_blocks);
       const int64_t parts = grid * l.rows_per_block;
       const bool need_params = p.dgamma.defined() || p.dbeta.defined();
       Tensor partials;
@@ -372,14 +378,17 @@ void detail::layernorm_bwd_cuda(const LayerNormBwdParams& p, const Stream& strea
                    static_cast<int>(C),
                    p.accumulate_dx};
       const dim3 block(l.threads_per_row, l.rows_per_block);
-      if (vec_ok) layernorm_bwd_kernel<X, W, kVec><<<static_cast<unsigned>(grid), block, 0, st>>>(args);
-      else layernorm_bwd_kernel<X, W, 1><<<static_cast<unsigned>(grid), block, 0, st>>>(args);
+      if (vec_ok)
+        layernorm_bwd_kernel<X, W, kVec><<<static_cast<unsigned>(grid), block, 0, st>>>(args);
+      else
+        layernorm_bwd_kernel<X, W, 1><<<static_cast<unsigned>(grid), block, 0, st>>>(args);
       HELIX_LAUNCH_CHECK();
       if (need_params) {
-        layernorm_param_reduce_kernel<<<static_cast<unsigned>((C + 31) / 32), dim3(32, 32), 0, st>>>(
-            args.dgamma_part, args.dbeta_part, parts, static_cast<int>(C),
-            p.dgamma.defined() ? p.dgamma.data<float>() : nullptr,
-            p.dbeta.defined() ? p.dbeta.data<float>() : nullptr);
+        layernorm_param_reduce_kernel<<<static_cast<unsigned>((C + 31) / 32), dim3(32, 32), 0,
+                                        st>>>(args.dgamma_part, args.dbeta_part, parts,
+                                              static_cast<int>(C),
+                                              p.dgamma.defined() ? p.dgamma.data<float>() : nullptr,
+                                              p.dbeta.defined() ? p.dbeta.data<float>() : nullptr);
         HELIX_LAUNCH_CHECK();
       }
     });

@@ -1,12 +1,14 @@
 #pragma once
-// LayerNorm over the last dimension of packed activations [T, C], with an optional fused residual add
-// (s = x + r is written as the new residual stream, then y = LN(s)), bf16/f32 or FP8 output (scale in,
-// amax out), and a deterministic backward. Design: CUDA keeps each row in registers (16-byte loads, one
-// warp or a few warps per row); dgamma/dbeta are reduced without float atomics, as per-block partial
-// rows plus a fixed-order second pass, so two backward runs are bitwise equal on any GPU.
+// LayerNorm over the last dimension of packed activations [T, C], with an optional fused residual
+// add (s = x + r is written as the new residual stream, then y = LN(s)), bf16/f32 or FP8 output
+// (scale in, amax out), and a deterministic backward. Design: CUDA keeps each row in registers
+// (16-byte loads, one warp or a few warps per row); dgamma/dbeta are reduced without float atomics,
+// as per-block partial rows plus a fixed-order second pass, so two backward runs are bitwise equal
+// on any GPU.
 //
-// Weights: gamma and beta are f32 or bf16 (both the same), read as float. helix passes the bf16 model
-// copy in mixed-precision training and the f32 master in f32 runs; either works, nothing is cast.
+// Weights: gamma and beta are f32 or bf16 (both the same), read as float. helix passes the bf16
+// model copy in mixed-precision training and the f32 master in f32 runs; either works, nothing is
+// cast.
 #include "core/device.h"
 #include "core/tensor.h"
 
@@ -15,29 +17,29 @@ namespace helix {
 struct LayerNormFwdParams {
   Tensor x;             // [T, C] f32 or bf16
   Tensor residual;      // [T, C] x's dtype; optional: when defined, s = x + residual is normalised
-  Tensor residual_out;  // [T, C] x's dtype; required with residual: receives s, rounded to x's dtype
-                        // (LN is computed from the rounded s, so backward can take residual_out as x)
+  Tensor residual_out;  // [T, C] x's dtype; required with residual: receives s rounded to x's
+                        // dtype (LN uses the rounded s, so backward can take residual_out as x)
   Tensor gamma;         // [C] f32 or bf16
   Tensor beta;          // [C] gamma's dtype
   float eps = 1e-5f;
-  Tensor y;             // [T, C] f32, bf16, e4m3 or e5m2
-  Tensor y_scale;       // [1] f32; required for fp8 y, which receives fp8(LN(s) * scale); unused otherwise
-  Tensor y_amax;        // [1] f32; optional: OVERWRITTEN with max |LN(s)| over [T, C] before scaling;
-                        // NaN wins (a NaN anywhere makes amax NaN, so the scaling keeps its old scale)
-  Tensor mean;          // [T] f32; optional: saved for backward
-  Tensor rstd;          // [T] f32; optional: 1 / sqrt(var + eps), saved for backward
+  Tensor y;        // [T, C] f32, bf16, e4m3 or e5m2
+  Tensor y_scale;  // [1] f32; fp8 y only (required there): y = fp8(LN(s) * scale)
+  Tensor y_amax;   // [1] f32; optional: OVERWRITTEN with max |LN(s)| before scaling; NaN wins
+                   // (any NaN makes amax NaN, so the scaling manager keeps its old scale)
+  Tensor mean;     // [T] f32; optional: saved for backward
+  Tensor rstd;     // [T] f32; optional: 1 / sqrt(var + eps), saved for backward
 };
 
 struct LayerNormBwdParams {
-  Tensor x;       // [T, C] f32 or bf16: the tensor that was normalised (residual_out with a fused add)
-  Tensor gamma;   // [C] f32 or bf16
-  Tensor mean;    // [T] f32 from the forward
-  Tensor rstd;    // [T] f32 from the forward
-  Tensor dy;      // [T, C] x's dtype
-  Tensor dx;      // [T, C] x's dtype; optional (skipped when undefined)
+  Tensor x;      // [T, C] f32 or bf16: what was normalised (residual_out with a fused add)
+  Tensor gamma;  // [C] f32 or bf16
+  Tensor mean;   // [T] f32 from the forward
+  Tensor rstd;   // [T] f32 from the forward
+  Tensor dy;     // [T, C] x's dtype
+  Tensor dx;     // [T, C] x's dtype; optional (skipped when undefined)
   bool accumulate_dx = true;  // true: dx += grad (the autograd contract); false: dx = grad
-  Tensor dgamma;  // [C] f32; optional; always accumulated: dgamma += sum_t dy * xhat
-  Tensor dbeta;   // [C] f32; optional; always accumulated: dbeta += sum_t dy
+  Tensor dgamma;              // [C] f32; optional; accumulated: dgamma += sum_t dy * xhat
+  Tensor dbeta;               // [C] f32; optional; accumulated: dbeta += sum_t dy
 };
 
 // Dispatch on the tensors' device (all must be on one device; CUDA work is ordered on `stream`).

@@ -24,14 +24,21 @@ void validate(const LayerNormFwdParams& p) {
   const DType xt = p.x.dtype();
   elem::visit_f32_bf16(xt, kFwd, "x", [](auto) {});
   HELIX_CHECK(C > 0, "{}: expected C > 0, got x {}", kFwd, p.x.str());
-  checks::same_device_contiguous(
-      kFwd, p.x,
-      {{&p.x, "x"}, {&p.residual, "residual"}, {&p.residual_out, "residual_out"}, {&p.gamma, "gamma"},
-       {&p.beta, "beta"}, {&p.y, "y"}, {&p.y_scale, "y_scale"}, {&p.y_amax, "y_amax"},
-       {&p.mean, "mean"}, {&p.rstd, "rstd"}});
-  HELIX_CHECK(p.residual.defined() == p.residual_out.defined(),
-              "{}: expected residual and residual_out both defined or both undefined, got {} and {}",
-              kFwd, p.residual.str(), p.residual_out.str());
+  checks::same_device_contiguous(kFwd, p.x,
+                                 {{&p.x, "x"},
+                                  {&p.residual, "residual"},
+                                  {&p.residual_out, "residual_out"},
+                                  {&p.gamma, "gamma"},
+                                  {&p.beta, "beta"},
+                                  {&p.y, "y"},
+                                  {&p.y_scale, "y_scale"},
+                                  {&p.y_amax, "y_amax"},
+                                  {&p.mean, "mean"},
+                                  {&p.rstd, "rstd"}});
+  HELIX_CHECK(
+      p.residual.defined() == p.residual_out.defined(),
+      "{}: expected residual and residual_out both defined or both undefined, got {} and {}", kFwd,
+      p.residual.str(), p.residual_out.str());
   if (p.residual.defined()) {
     checks::shape_dtype(kFwd, p.residual, "residual", {T, C}, xt);
     checks::shape_dtype(kFwd, p.residual_out, "residual_out", {T, C}, xt);
@@ -40,8 +47,8 @@ void validate(const LayerNormFwdParams& p) {
   elem::visit_f32_bf16(p.gamma.dtype(), kFwd, "gamma", [](auto) {});
   checks::shape_dtype(kFwd, p.gamma, "gamma", {C}, p.gamma.dtype());
   checks::shape_dtype(kFwd, p.beta, "beta", {C}, p.gamma.dtype());
-  HELIX_CHECK(p.y.defined() && p.y.shape() == Shape({T, C}), "{}: expected y of shape [{}, {}], got {}",
-              kFwd, T, C, p.y.str());
+  HELIX_CHECK(p.y.defined() && p.y.shape() == Shape({T, C}),
+              "{}: expected y of shape [{}, {}], got {}", kFwd, T, C, p.y.str());
   elem::visit_output(p.y.dtype(), kFwd, "y", [](auto) {});
   if (dtype_is_fp8(p.y.dtype())) {
     checks::shape_dtype(kFwd, p.y_scale, "y_scale (needed by an fp8 y)", {1}, DType::kF32);
@@ -63,8 +70,14 @@ void validate(const LayerNormBwdParams& p) {
   elem::visit_f32_bf16(xt, kBwd, "x", [](auto) {});
   HELIX_CHECK(C > 0, "{}: expected C > 0, got x {}", kBwd, p.x.str());
   checks::same_device_contiguous(kBwd, p.x,
-                                 {{&p.x, "x"}, {&p.gamma, "gamma"}, {&p.mean, "mean"}, {&p.rstd, "rstd"},
-                                  {&p.dy, "dy"}, {&p.dx, "dx"}, {&p.dgamma, "dgamma"}, {&p.dbeta, "dbeta"}});
+                                 {{&p.x, "x"},
+                                  {&p.gamma, "gamma"},
+                                  {&p.mean, "mean"},
+                                  {&p.rstd, "rstd"},
+                                  {&p.dy, "dy"},
+                                  {&p.dx, "dx"},
+                                  {&p.dgamma, "dgamma"},
+                                  {&p.dbeta, "dbeta"}});
   HELIX_CHECK(p.gamma.defined(), "{}: expected gamma [{}], got undefined", kBwd, C);
   elem::visit_f32_bf16(p.gamma.dtype(), kBwd, "gamma", [](auto) {});
   checks::shape_dtype(kBwd, p.gamma, "gamma", {C}, p.gamma.dtype());
@@ -164,9 +177,8 @@ void bwd_cpu(const LayerNormBwdParams& p) {
 void detail::layernorm_fwd_cpu(const LayerNormFwdParams& p) {
   elem::visit_f32_bf16(p.x.dtype(), kFwd, "x", [&](auto xt) {
     elem::visit_f32_bf16(p.gamma.dtype(), kFwd, "gamma", [&](auto wt) {
-      elem::visit_output(p.y.dtype(), kFwd, "y", [&](auto yt) {
-        fwd_cpu<decltype(xt), decltype(wt), decltype(yt)>(p);
-      });
+      elem::visit_output(p.y.dtype(), kFwd, "y",
+                         [&](auto yt) { fwd_cpu<decltype(xt), decltype(wt), decltype(yt)>(p); });
     });
   });
 }

@@ -1,8 +1,9 @@
 // Rotary embedding CUDA kernel: a block takes 8 tokens, stages their positions and the cos/sin of
 // every frequency in shared memory (computed once per token and frequency, in double from the fp32
-// angle, then rounded, as the CPU does), and rotates all heads of q and k in place with kVec-element
-// vectors of each half. Products and sums use __fmul_rn/__fadd_rn so that nothing is fused into an
-// FMA: the kernel rounds exactly as the CPU reference and Hugging Face's unfused fp32 ops.
+// angle, then rounded, as the CPU does), and rotates all heads of q and k in place with
+// kVec-element vectors of each half. Products and sums use __fmul_rn/__fadd_rn so that nothing is
+// fused into an FMA: the kernel rounds exactly as the CPU reference and Hugging Face's unfused fp32
+// ops.
 #include <algorithm>
 
 #include "core/cuda_check.h"
@@ -25,8 +26,8 @@ struct InvFreq {
 };
 
 struct RotaryArgs {
-  void* a;                // [T, ha, D] or null
-  void* b;                // [T, hb, D] or null
+  void* a;  // [T, ha, D] or null
+  void* b;  // [T, hb, D] or null
   int64_t tokens;
   int ha, hb, half;
   const int32_t* positions;   // [T] or null
@@ -48,8 +49,10 @@ __global__ void rotary_kernel(RotaryArgs a) {
   const int nt = left < kTokensPerBlock ? static_cast<int>(left) : kTokensPerBlock;
   if (static_cast<int>(threadIdx.x) < nt) {
     const int64_t t = t0 + threadIdx.x;
-    pos_s[threadIdx.x] = a.positions ? a.positions[t]
-                                     : static_cast<int32_t>(t - a.cu_seqlens[thd::sequence_of(a.cu_seqlens, a.num_seqs, t)]);
+    pos_s[threadIdx.x] =
+        a.positions
+            ? a.positions[t]
+            : static_cast<int32_t>(t - a.cu_seqlens[thd::sequence_of(a.cu_seqlens, a.num_seqs, t)]);
   }
   __syncthreads();
   for (int i = threadIdx.x; i < nt * a.half; i += blockDim.x) {
@@ -90,7 +93,8 @@ __global__ void rotary_kernel(RotaryArgs a) {
 
 template <typename T, int kVec>
 void launch(const RotaryArgs& args, cudaStream_t st) {
-  const unsigned grid = static_cast<unsigned>((args.tokens + kTokensPerBlock - 1) / kTokensPerBlock);
+  const unsigned grid =
+      static_cast<unsigned>((args.tokens + kTokensPerBlock - 1) / kTokensPerBlock);
   rotary_kernel<T, kVec><<<grid, kThreads, 0, st>>>(args);
   HELIX_LAUNCH_CHECK();
 }
@@ -102,10 +106,11 @@ void detail::rotary_apply_cuda(const RotaryApply& p, const Stream& stream) {
   const int64_t T = ref.dim(0), D = ref.dim(2), half = D / 2;
   HELIX_CHECK(half <= kMaxHalf, "{}: expected D <= {}, got {}", p.op, 2 * kMaxHalf, ref.str());
   const int64_t ha = p.a.defined() ? p.a.dim(1) : 0, hb = p.b.defined() ? p.b.dim(1) : 0;
-  HELIX_CHECK(kTokensPerBlock * (ha + hb) * half < (int64_t{1} << 31), "{}: expected fewer heads, got {} and {}",
-              p.op, p.a.str(), p.b.str());
+  HELIX_CHECK(kTokensPerBlock * (ha + hb) * half < (int64_t{1} << 31),
+              "{}: expected fewer heads, got {} and {}", p.op, p.a.str(), p.b.str());
   const int64_t num_seqs = p.pos.cu_seqlens.defined() ? p.pos.cu_seqlens.dim(0) - 1 : 0;
-  HELIX_CHECK(num_seqs < (int64_t{1} << 31), "{}: too many sequences in {}", p.op, p.pos.cu_seqlens.str());
+  HELIX_CHECK(num_seqs < (int64_t{1} << 31), "{}: too many sequences in {}", p.op,
+              p.pos.cu_seqlens.str());
   if (T == 0 || ha + hb == 0) return;
   RotaryArgs args{};
   args.a = p.a.defined() ? p.a.data_ptr() : nullptr;

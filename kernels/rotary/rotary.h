@@ -2,9 +2,10 @@
 // Rotary position embedding with the numerics of Hugging Face's EsmRotaryEmbedding: rotate_half
 // pairs (i, i + D/2) (not interleaved), inv_freq[i] = 1 / base^(2i/D) in fp32, angle =
 // fp32(position * inv_freq[i]), cos/sin of that fp32 angle, x*cos + rotate_half(x)*sin in fp32 with
-// one rounding to the storage type. Design: IN PLACE on q and k [T, heads, D] (the rotation needs no
-// saved input for backward, so no copies); positions either restart at each cu_seqlens boundary or
-// come from an explicit int32 tensor (context parallelism). Backward rotates dq, dk back in place.
+// one rounding to the storage type. Design: IN PLACE on q and k [T, heads, D] (the rotation needs
+// no saved input for backward, so no copies); positions either restart at each cu_seqlens boundary
+// or come from an explicit int32 tensor (context parallelism). Backward rotates dq, dk back in
+// place.
 #include <vector>
 
 #include "core/device.h"
@@ -14,10 +15,11 @@ namespace helix {
 
 // Where token positions come from: exactly one of the two must be defined.
 struct RotaryPositions {
-  Tensor cu_seqlens;  // [b+1] i32: 0 = cu[0] <= cu[1] <= ... <= cu[b] <= T; position = token index
-                      // minus the start of its sequence; tokens at or past cu[b] (padding) count
-                      // from cu[b]. Values are checked on the CPU only (reading them on CUDA syncs).
-  Tensor positions;   // [T] i32, each in [0, 2^24): explicit positions (e.g. global ones under CP)
+  // [b+1] i32 with 0 = cu[0] <= cu[1] <= ... <= cu[b] <= T: position = token index minus the
+  // start of its sequence; tokens at or past cu[b] (padding) count from cu[b]. The values are
+  // checked on the CPU only (reading them from a CUDA tensor would synchronise the stream).
+  Tensor cu_seqlens;
+  Tensor positions;  // [T] i32 in [0, 2^24): explicit positions (e.g. global ones under CP)
 };
 
 struct RotaryFwdParams {
@@ -43,7 +45,8 @@ void rotary_bwd(const RotaryBwdParams& p, const Stream& stream);
 std::vector<float> rotary_inv_freq(int64_t head_dim, float base = 10000.f);
 
 namespace detail {
-// One entry point per backend for both directions: sin_sign = +1 rotates (forward), -1 rotates back.
+// One entry point per backend for both directions: sin_sign = +1 rotates (forward), -1 rotates
+// back.
 struct RotaryApply {
   Tensor a;  // [T, Ha, D]; optional
   Tensor b;  // [T, Hb, D]; optional

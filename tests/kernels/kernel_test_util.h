@@ -21,7 +21,8 @@ namespace helix::testing {
 
 inline constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 
-// Fresh inputs every run; HELIX_TEST_SEED=<n> replays a failing run (tests print the seed they use).
+// Fresh inputs every run; HELIX_TEST_SEED=<n> replays a failing run (tests print the seed they
+// use).
 inline uint64_t fresh_seed() {
   if (const char* s = std::getenv("HELIX_TEST_SEED")) return std::stoull(s);
   static std::random_device rd;
@@ -65,36 +66,41 @@ inline bool bitwise_equal(const Tensor& a, const Tensor& b) {
          std::memcmp(ha.data_ptr(), hb.data_ptr(), ha.nbytes()) == 0;
 }
 
-// |actual - expected| <= atol + rtol * bound, element-wise. With bound = |expected| this is the usual
-// relative test; for sums, bound = sum of |terms| is the scale of the rounding error of any order.
-inline ::testing::AssertionResult close_within(const Tensor& actual, const std::vector<double>& expected,
+// |actual - expected| <= atol + rtol * bound, element-wise. With bound = |expected| this is the
+// usual relative test; for sums, bound = sum of |terms| is the scale of the rounding error of any
+// order.
+inline ::testing::AssertionResult close_within(const Tensor& actual,
+                                               const std::vector<double>& expected,
                                                const std::vector<double>& bound, Tolerance tol) {
   const std::vector<float> a = actual.to_floats();
   if (a.size() != expected.size() || a.size() != bound.size())
-    return ::testing::AssertionFailure() << "sizes " << a.size() << ", " << expected.size() << ", "
-                                         << bound.size();
+    return ::testing::AssertionFailure()
+           << "sizes " << a.size() << ", " << expected.size() << ", " << bound.size();
   for (size_t i = 0; i < a.size(); ++i) {
     const double d = std::abs(a[i] - expected[i]);
     if (!(d <= tol.atol + tol.rtol * bound[i]))
-      return ::testing::AssertionFailure() << "element " << i << ": " << a[i] << " vs expected "
-                                           << expected[i] << " (|diff| " << d << ", bound " << bound[i]
-                                           << ")";
+      return ::testing::AssertionFailure()
+             << "element " << i << ": " << a[i] << " vs expected " << expected[i] << " (|diff| "
+             << d << ", bound " << bound[i] << ")";
   }
   return ::testing::AssertionSuccess();
 }
-inline ::testing::AssertionResult near_doubles(const Tensor& actual, const std::vector<double>& expected,
-                                               Tolerance tol) {
+inline ::testing::AssertionResult near_doubles(const Tensor& actual,
+                                               const std::vector<double>& expected, Tolerance tol) {
   std::vector<double> mag(expected.size());
   for (size_t i = 0; i < mag.size(); ++i) mag[i] = std::abs(expected[i]);
   return close_within(actual, expected, mag, tol);
 }
 
 // cu_seqlens [b+1] of random sequence lengths in [0, max_len] (0: T / 3; empty sequences included)
-// summing to at most T - T/10, so that some tokens are padding; optionally the positions they imply.
-inline std::vector<int32_t> random_cu_seqlens(int64_t T, uint64_t seed, std::vector<int32_t>* positions,
+// summing to at most T - T/10, so that some tokens are padding; optionally the positions they
+// imply.
+inline std::vector<int32_t> random_cu_seqlens(int64_t T, uint64_t seed,
+                                              std::vector<int32_t>* positions,
                                               int64_t max_len = 0) {
   std::mt19937_64 rng(seed);
-  std::uniform_int_distribution<int64_t> length(0, std::max<int64_t>(1, max_len > 0 ? max_len : T / 3));
+  std::uniform_int_distribution<int64_t> length(
+      0, std::max<int64_t>(1, max_len > 0 ? max_len : T / 3));
   std::vector<int32_t> cu = {0};
   while (cu.back() < T) {
     const int64_t len = length(rng);

@@ -1,7 +1,8 @@
-// Embedding with ESM-2 token dropout: Hugging Face's numbers on a hand-made batch, the CPU reference
-// against plain double loops (forward, backward with accumulation), backward as the adjoint of
-// forward, CUDA against the CPU (forward bit-exact) on odd, large-vocabulary and large shapes,
-// out-of-range ids on CUDA, bitwise determinism of the CUDA backward, and validation messages.
+// Embedding with ESM-2 token dropout: Hugging Face's numbers on a hand-made batch, the CPU
+// reference against plain double loops (forward, backward with accumulation), backward as the
+// adjoint of forward, CUDA against the CPU (forward bit-exact) on odd, large-vocabulary and large
+// shapes, out-of-range ids on CUDA, bitwise determinism of the CUDA backward, and validation
+// messages.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -49,9 +50,10 @@ TEST(EmbeddingCpu, TokenDropoutFollowsHuggingFace) {
   const float keep = static_cast<float>(1.0 - 0.15 * 0.8);
   const float d1 = 1.f - 1.f / 4.f, d2 = 1.f, d3 = 1.f;
   auto hf = [&](int v, int c, float d) { return (table.data<float>()[v * 2 + c] * keep) / d; };
-  const std::vector<float> expected = {hf(5, 0, d1), hf(5, 1, d1), 0.f, 0.f, hf(7, 0, d1), hf(7, 1, d1),
-                                       hf(9, 0, d1), hf(9, 1, d1), hf(5, 0, d2), hf(5, 1, d2), hf(7, 0, d2),
-                                       hf(7, 1, d2), hf(1, 0, d3), hf(1, 1, d3)};
+  const std::vector<float> expected = {hf(5, 0, d1), hf(5, 1, d1), 0.f,          0.f,
+                                       hf(7, 0, d1), hf(7, 1, d1), hf(9, 0, d1), hf(9, 1, d1),
+                                       hf(5, 0, d2), hf(5, 1, d2), hf(7, 0, d2), hf(7, 1, d2),
+                                       hf(1, 0, d3), hf(1, 1, d3)};
   EXPECT_EQ(y, expected);
   EXPECT_NEAR(y[0], 6.0 * 0.88 / 0.75, 1e-5);
 }
@@ -78,7 +80,8 @@ Inputs make_inputs(const Case& c, uint64_t seed) {
   std::vector<int32_t> ids(static_cast<size_t>(c.T));
   for (int32_t& id : ids) {
     const bool masked = c.dropout && std::uniform_real_distribution<double>(0, 1)(rng) < 0.12;
-    id = masked ? mask : static_cast<int32_t>(std::uniform_int_distribution<int64_t>(0, c.V - 1)(rng));
+    id = masked ? mask
+                : static_cast<int32_t>(std::uniform_int_distribution<int64_t>(0, c.V - 1)(rng));
   }
   in.ids = Tensor::from_vector<int32_t>(ids, {c.T});
   in.table = random_tensor({c.V, c.C}, c.table, seed, 0, -1.f, 1.f);
@@ -152,17 +155,22 @@ Tensor run_bwd(const Case& c, const Inputs& in, Device dev, bool misaligned = fa
 }
 
 TEST(EmbeddingCpu, ForwardAndBackwardMatchDoubleLoops) {
-  for (Case c : {Case{71, 33, 229, DType::kF32, DType::kF32, true}, Case{71, 33, 229, DType::kBF16, DType::kBF16, true},
-                 Case{29, 7, 541, DType::kF32, DType::kBF16, false}, Case{1, 1, 1, DType::kBF16, DType::kF32, false},
-                 Case{300, 33, 64, DType::kF32, DType::kF32, true}, Case{300, 33, 64, DType::kBF16, DType::kF32, true}}) {
+  for (Case c : {Case{71, 33, 229, DType::kF32, DType::kF32, true},
+                 Case{71, 33, 229, DType::kBF16, DType::kBF16, true},
+                 Case{29, 7, 541, DType::kF32, DType::kBF16, false},
+                 Case{1, 1, 1, DType::kBF16, DType::kF32, false},
+                 Case{300, 33, 64, DType::kF32, DType::kF32, true},
+                 Case{300, 33, 64, DType::kBF16, DType::kF32, true}}) {
     const uint64_t seed = fresh_seed();
     SCOPED_TRACE(fmt::format("{} seed={}", name(c), seed));
     const Inputs in = make_inputs(c, seed);
     const Ref r = reference(c, in);
     // A bf16 table rounds x * 0.88 to bf16 before the division (as HF does in the model dtype).
-    const testing::Tolerance tol = tolerance_for(c.table == DType::kBF16 || c.out == DType::kBF16 ? DType::kBF16 : DType::kF32);
+    const testing::Tolerance tol = tolerance_for(
+        c.table == DType::kBF16 || c.out == DType::kBF16 ? DType::kBF16 : DType::kF32);
     EXPECT_TRUE(near_doubles(run_fwd(c, in, Device::cpu()), r.out, tol));
-    EXPECT_TRUE(close_within(run_bwd(c, in, Device::cpu()), r.dtable, r.dtable_bound, tolerance_for(DType::kF32)));
+    EXPECT_TRUE(close_within(run_bwd(c, in, Device::cpu()), r.dtable, r.dtable_bound,
+                             tolerance_for(DType::kF32)));
   }
 }
 
@@ -194,7 +202,9 @@ TEST(EmbeddingCpu, RejectsBadInputs) {
     embedding_fwd(p, Stream());
     FAIL() << "expected a throw";
   } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("expected ids in [0, 33), got 40 at token 2"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("expected ids in [0, 33), got 40 at token 2"),
+              std::string::npos)
+        << e.what();
   }
   p.ids = Tensor::from_vector<int32_t>({0, 1, 2}, {3});
   p.out = Tensor::zeros({3, 7}, DType::kBF16);
@@ -227,8 +237,10 @@ void expect_cuda_matches(const Case& c, bool misaligned = false) {
 TEST(EmbeddingCuda, MatchesCpuOnOddShapes) {
   HELIX_REQUIRE_CUDA();
   for (bool dropout : {false, true}) {
-    for (auto [wt, ot] : {std::pair<DType, DType>{DType::kBF16, DType::kBF16}, {DType::kF32, DType::kF32},
-                          {DType::kF32, DType::kBF16}, {DType::kBF16, DType::kF32}}) {
+    for (auto [wt, ot] : {std::pair<DType, DType>{DType::kBF16, DType::kBF16},
+                          {DType::kF32, DType::kF32},
+                          {DType::kF32, DType::kBF16},
+                          {DType::kBF16, DType::kF32}}) {
       expect_cuda_matches({71, 33, 229, wt, ot, dropout});
       expect_cuda_matches({29, 33, 541, wt, ot, dropout});
       expect_cuda_matches({1, 33, 1, wt, ot, dropout});
@@ -277,7 +289,8 @@ TEST(EmbeddingCuda, OutOfRangeIdsGiveNaNRowsAndNoGradient) {
     for (int64_t k = 0; k < c.C; ++k) in.dout.data<bf16_t>()[t * c.C + k] = bf16_t::from_float(0.f);
   }
   const Ref r = reference(c, in);
-  EXPECT_TRUE(close_within(got, doubles(run_bwd(c, in, Device::cpu())), r.dtable_bound, tolerance_for(DType::kF32)));
+  EXPECT_TRUE(close_within(got, doubles(run_bwd(c, in, Device::cpu())), r.dtable_bound,
+                           tolerance_for(DType::kF32)));
 }
 
 }  // namespace

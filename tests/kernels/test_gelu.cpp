@@ -28,7 +28,8 @@ using testing::tolerance_for;
 
 double gelu_d(double x) { return 0.5 * x * (1.0 + std::erf(x / std::sqrt(2.0))); }
 double gelu_grad_d(double x) {
-  return 0.5 * (1.0 + std::erf(x / std::sqrt(2.0))) + x * std::exp(-0.5 * x * x) / std::sqrt(2.0 * M_PI);
+  return 0.5 * (1.0 + std::erf(x / std::sqrt(2.0))) +
+         x * std::exp(-0.5 * x * x) / std::sqrt(2.0 * M_PI);
 }
 
 TEST(GeluRef, KnownValuesAndDerivative) {
@@ -45,7 +46,8 @@ struct Shape2 {
   int64_t rows, cols;
 };
 
-Tensor run_fwd(const Tensor& x, DType yt, const Tensor& scale, Tensor* amax, Device dev, bool misaligned = false) {
+Tensor run_fwd(const Tensor& x, DType yt, const Tensor& scale, Tensor* amax, Device dev,
+               bool misaligned = false) {
   GeluFwdParams p;
   p.x = misaligned ? on_misaligned(x, dev) : on(x, dev);
   p.y = poisoned(x.shape(), yt, dev);
@@ -81,7 +83,8 @@ TEST(GeluCpu, ForwardMatchesDoubleLoops) {
     for (DType yt : {DType::kF32, DType::kBF16, DType::kE4M3, DType::kE5M2}) {
       for (Shape2 s : {Shape2{71, 229}, {1, 1}, {3, 5}}) {
         const uint64_t seed = fresh_seed();
-        SCOPED_TRACE(fmt::format("x {} y {} [{}, {}] seed={}", dtype_name(xt), dtype_name(yt), s.rows, s.cols, seed));
+        SCOPED_TRACE(fmt::format("x {} y {} [{}, {}] seed={}", dtype_name(xt), dtype_name(yt),
+                                 s.rows, s.cols, seed));
         const Tensor x = random_tensor({s.rows, s.cols}, xt, seed, 0, -6.f, 6.f);
         const Tensor scale = scale_for(yt);
         Tensor amax;
@@ -111,7 +114,8 @@ TEST(GeluCpu, BackwardMatchesDoubleLoops) {
       const Tensor dx = run_bwd(x, dy, dx0, accumulate, Device::cpu());
       const std::vector<double> xv = doubles(x), dyv = doubles(dy), base = doubles(dx0);
       std::vector<double> ref(xv.size());
-      for (size_t i = 0; i < ref.size(); ++i) ref[i] = dyv[i] * gelu_grad_d(xv[i]) + (accumulate ? base[i] : 0.0);
+      for (size_t i = 0; i < ref.size(); ++i)
+        ref[i] = dyv[i] * gelu_grad_d(xv[i]) + (accumulate ? base[i] : 0.0);
       EXPECT_TRUE(near_doubles(dx, ref, tolerance_for(xt)));
     }
   }
@@ -125,7 +129,8 @@ TEST(GeluCpu, RejectsMismatchedInputs) {
     gelu_fwd(p, Stream());
     FAIL() << "expected a throw";
   } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("expected y of shape [4, 8], got bf16[4, 7]"), std::string::npos)
+    EXPECT_NE(std::string(e.what()).find("expected y of shape [4, 8], got bf16[4, 7]"),
+              std::string::npos)
         << e.what();
   }
   p.y = Tensor::zeros({4, 8}, DType::kE4M3);
@@ -139,8 +144,8 @@ TEST(GeluCpu, RejectsMismatchedInputs) {
 
 void expect_cuda_matches(DType xt, DType yt, Shape2 s, bool misaligned) {
   const uint64_t seed = fresh_seed();
-  SCOPED_TRACE(fmt::format("x {} y {} [{}, {}]{} seed={}", dtype_name(xt), dtype_name(yt), s.rows, s.cols,
-                           misaligned ? " misaligned" : "", seed));
+  SCOPED_TRACE(fmt::format("x {} y {} [{}, {}]{} seed={}", dtype_name(xt), dtype_name(yt), s.rows,
+                           s.cols, misaligned ? " misaligned" : "", seed));
   const Tensor x = random_tensor({s.rows, s.cols}, xt, seed, 0, -6.f, 6.f);
   const Tensor scale = scale_for(yt);
   Tensor amax_ref, amax_got;

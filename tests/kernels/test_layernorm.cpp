@@ -9,8 +9,8 @@
 #include <string>
 #include <vector>
 
-#include "kernels/layernorm/layernorm.h"
 #include "kernel_test_util.h"
+#include "kernels/layernorm/layernorm.h"
 
 namespace helix {
 namespace {
@@ -34,8 +34,8 @@ struct RefFwd {
   std::vector<double> y, mean, rstd;
   double amax = 0;
 };
-RefFwd ref_fwd(const std::vector<double>& s, const std::vector<double>& g, const std::vector<double>& b,
-               int64_t T, int64_t C, double eps) {
+RefFwd ref_fwd(const std::vector<double>& s, const std::vector<double>& g,
+               const std::vector<double>& b, int64_t T, int64_t C, double eps) {
   RefFwd r;
   r.y.resize(static_cast<size_t>(T * C));
   for (int64_t t = 0; t < T; ++t) {
@@ -57,8 +57,8 @@ RefFwd ref_fwd(const std::vector<double>& s, const std::vector<double>& g, const
 struct RefBwd {
   std::vector<double> dx, dgamma, dbeta, dgamma_abs, dbeta_abs;
 };
-RefBwd ref_bwd(const std::vector<double>& x, const std::vector<double>& g, const std::vector<double>& dy,
-               int64_t T, int64_t C, double eps) {
+RefBwd ref_bwd(const std::vector<double>& x, const std::vector<double>& g,
+               const std::vector<double>& dy, int64_t T, int64_t C, double eps) {
   RefBwd r;
   r.dx.resize(static_cast<size_t>(T * C));
   r.dgamma.assign(C, 0);
@@ -101,7 +101,8 @@ TEST(LayerNormRef, BackwardFormulaMatchesFiniteDifferences) {
   for (auto& v : b) v = n01(rng);
   for (auto& v : w) v = n01(rng);
   const double eps = 1e-5, h = 1e-6;
-  auto loss = [&](const std::vector<double>& xx, const std::vector<double>& gg, const std::vector<double>& bb) {
+  auto loss = [&](const std::vector<double>& xx, const std::vector<double>& gg,
+                  const std::vector<double>& bb) {
     const RefFwd f = ref_fwd(xx, gg, bb, T, C, eps);
     double l = 0;
     for (size_t i = 0; i < w.size(); ++i) l += w[i] * f.y[i];
@@ -147,7 +148,8 @@ FwdInputs make_fwd_inputs(const FwdConfig& c, int64_t T, int64_t C, uint64_t see
   if (c.residual) in.r = random_tensor({T, C}, c.x, seed, 1, -2.f, 2.f);
   in.g = random_tensor({C}, c.w, seed, 2, 0.5f, 1.5f);
   in.b = random_tensor({C}, c.w, seed, 3, -0.5f, 0.5f);
-  if (dtype_is_fp8(c.y)) in.scale = Tensor::from_floats({c.y == DType::kE4M3 ? 96.f : 4096.f}, {1}, DType::kF32);
+  if (dtype_is_fp8(c.y))
+    in.scale = Tensor::from_floats({c.y == DType::kE4M3 ? 96.f : 4096.f}, {1}, DType::kF32);
   return in;
 }
 
@@ -199,11 +201,13 @@ TEST(LayerNormCpu, ForwardMatchesDoubleLoops) {
       // The normalised tensor is s = x + r rounded to x's dtype.
       std::vector<double> s = doubles(in.x);
       if (c.residual) {
-        const Tensor sum_f = Tensor::from_floats([&] {
-          std::vector<float> v = in.x.to_floats(), r = in.r.to_floats();
-          for (size_t i = 0; i < v.size(); ++i) v[i] += r[i];
-          return v;
-        }(), {T, C}, c.x);
+        const Tensor sum_f = Tensor::from_floats(
+            [&] {
+              std::vector<float> v = in.x.to_floats(), r = in.r.to_floats();
+              for (size_t i = 0; i < v.size(); ++i) v[i] += r[i];
+              return v;
+            }(),
+            {T, C}, c.x);
         s = doubles(sum_f);
         EXPECT_TRUE(all_close(out.s, sum_f, {0, 0}));
       }
@@ -224,7 +228,8 @@ TEST(LayerNormCpu, BackwardMatchesDoubleLoops) {
     for (bool accumulate : {false, true}) {
       for (auto [T, C] : {std::pair<int64_t, int64_t>{71, 229}, {1, 1}, {2, 3}, {4, 1280}}) {
         const uint64_t seed = fresh_seed();
-        SCOPED_TRACE(fmt::format("x {} accumulate {} T={} C={} seed={}", dtype_name(xt), accumulate, T, C, seed));
+        SCOPED_TRACE(fmt::format("x {} accumulate {} T={} C={} seed={}", dtype_name(xt), accumulate,
+                                 T, C, seed));
         const FwdConfig c{xt, DType::kF32, xt, false, false};
         const FwdInputs in = make_fwd_inputs(c, T, C, seed);
         const FwdOutputs f = run_fwd(c, in, Device::cpu(), 1e-5f);
@@ -276,7 +281,8 @@ TEST(LayerNormCpu, RejectsBadShapesNamingTheInput) {
     layernorm_fwd(p, Stream());
     FAIL() << "expected a throw";
   } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("expected beta f32 [8], got f32[7]"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("expected beta f32 [8], got f32[7]"), std::string::npos)
+        << e.what();
   }
   p.beta = Tensor::zeros({8}, DType::kF32);
   p.y = Tensor::zeros({4, 8}, DType::kE4M3);
@@ -304,7 +310,8 @@ TEST(LayerNormCpu, AmaxPropagatesNaN) {
 // ---- CUDA against the CPU reference ------------------------------------------------------------
 void expect_fwd_matches(const FwdConfig& c, int64_t T, int64_t C, bool misaligned) {
   const uint64_t seed = fresh_seed();
-  SCOPED_TRACE(fmt::format("{} T={} C={}{} seed={}", name(c), T, C, misaligned ? " misaligned" : "", seed));
+  SCOPED_TRACE(
+      fmt::format("{} T={} C={}{} seed={}", name(c), T, C, misaligned ? " misaligned" : "", seed));
   FwdInputs in = make_fwd_inputs(c, T, C, seed);
   const FwdOutputs ref = run_fwd(c, in, Device::cpu(), 1e-5f);
   in.misaligned_x = misaligned;  // the kernel must notice and take its scalar path
@@ -327,8 +334,15 @@ const FwdConfig kCudaConfigs[] = {
 TEST(LayerNormCuda, ForwardMatchesCpuOnOddAndAlignedShapes) {
   HELIX_REQUIRE_CUDA();
   for (const FwdConfig& c : kCudaConfigs)
-    for (auto [T, C] : {std::pair<int64_t, int64_t>{71, 229}, {29, 541}, {1, 1}, {33, 320}, {17, 1280},
-                        {5, 5120}, {3, 6144}, {2, 8192}, {3, 8191}})
+    for (auto [T, C] : {std::pair<int64_t, int64_t>{71, 229},
+                        {29, 541},
+                        {1, 1},
+                        {33, 320},
+                        {17, 1280},
+                        {5, 5120},
+                        {3, 6144},
+                        {2, 8192},
+                        {3, 8191}})
       expect_fwd_matches(c, T, C, false);
 }
 
@@ -398,8 +412,8 @@ void expect_param_grads_close(const BwdOutputs& got, const BwdOutputs& ref, cons
 
 void expect_bwd_matches(DType xt, DType wt, int64_t T, int64_t C, bool accumulate) {
   const uint64_t seed = fresh_seed();
-  SCOPED_TRACE(fmt::format("x {} w {} T={} C={} accumulate {} seed={}", dtype_name(xt), dtype_name(wt),
-                           T, C, accumulate, seed));
+  SCOPED_TRACE(fmt::format("x {} w {} T={} C={} accumulate {} seed={}", dtype_name(xt),
+                           dtype_name(wt), T, C, accumulate, seed));
   const BwdCase k = make_bwd_case(xt, wt, T, C, seed);
   const BwdOutputs ref = run_bwd(k, accumulate, Device::cpu());
   const BwdOutputs got = run_bwd(k, accumulate, Device::cuda());
@@ -411,10 +425,19 @@ void expect_bwd_matches(DType xt, DType wt, int64_t T, int64_t C, bool accumulat
 
 TEST(LayerNormCuda, BackwardMatchesCpu) {
   HELIX_REQUIRE_CUDA();
-  for (auto [xt, wt] : {std::pair<DType, DType>{DType::kBF16, DType::kF32}, {DType::kF32, DType::kF32},
-                        {DType::kBF16, DType::kBF16}, {DType::kF32, DType::kBF16}})
-    for (auto [T, C] : {std::pair<int64_t, int64_t>{71, 229}, {29, 541}, {1, 1}, {33, 320}, {17, 1280},
-                        {5, 5120}, {3, 6144}, {2, 8192}, {3, 8191}})
+  for (auto [xt, wt] : {std::pair<DType, DType>{DType::kBF16, DType::kF32},
+                        {DType::kF32, DType::kF32},
+                        {DType::kBF16, DType::kBF16},
+                        {DType::kF32, DType::kBF16}})
+    for (auto [T, C] : {std::pair<int64_t, int64_t>{71, 229},
+                        {29, 541},
+                        {1, 1},
+                        {33, 320},
+                        {17, 1280},
+                        {5, 5120},
+                        {3, 6144},
+                        {2, 8192},
+                        {3, 8191}})
       for (bool accumulate : {false, true}) expect_bwd_matches(xt, wt, T, C, accumulate);
 }
 

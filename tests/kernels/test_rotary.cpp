@@ -30,16 +30,25 @@ using testing::tolerance_for;
 
 TEST(RotaryCpu, RotateHalfConventionOnHandValues) {
   // D = 4: inv_freq = [1, 1/100]; pairs are (0, 2) and (1, 3), not (0, 1) and (2, 3).
-  Tensor q = Tensor::from_floats({1, 0, 0, 0, /* token 1 */ 1, 0, 0, 0, /* token 2 */ 0, 1, 0, 0}, {3, 1, 4},
-                                 DType::kF32);
+  Tensor q = Tensor::from_floats({1, 0, 0, 0, /* token 1 */ 1, 0, 0, 0, /* token 2 */ 0, 1, 0, 0},
+                                 {3, 1, 4}, DType::kF32);
   RotaryFwdParams p;
   p.q = q;
   p.pos.positions = Tensor::from_vector<int32_t>({0, 1, 100}, {3});
   rotary_fwd(p, Stream());
   const std::vector<float> y = q.to_floats();
-  const std::vector<float> expected = {1, 0, 0, 0,  // position 0: identity
-                                       std::cos(1.f), 0, std::sin(1.f), 0,
-                                       0, std::cos(1.f), 0, std::sin(1.f)};  // 100 * 0.01 = 1 rad
+  const std::vector<float> expected = {1,
+                                       0,
+                                       0,
+                                       0,  // position 0: identity
+                                       std::cos(1.f),
+                                       0,
+                                       std::sin(1.f),
+                                       0,
+                                       0,
+                                       std::cos(1.f),
+                                       0,
+                                       std::sin(1.f)};  // 100 * 0.01 = 1 rad
   for (size_t i = 0; i < y.size(); ++i) EXPECT_NEAR(y[i], expected[i], 1e-6) << i;
 }
 
@@ -49,7 +58,9 @@ TEST(RotaryCpu, InvFreqFollowsTheFormula) {
     ASSERT_EQ(static_cast<int64_t>(inv.size()), D / 2);
     EXPECT_EQ(inv[0], 1.f);
     for (int64_t i = 0; i < D / 2; ++i)
-      EXPECT_NEAR(inv[i], 1.0 / std::pow(10000.0, 2.0 * i / D), 3e-7 / std::pow(10000.0, 2.0 * i / D)) << D << " " << i;
+      EXPECT_NEAR(inv[i], 1.0 / std::pow(10000.0, 2.0 * i / D),
+                  3e-7 / std::pow(10000.0, 2.0 * i / D))
+          << D << " " << i;
   }
 }
 
@@ -61,7 +72,8 @@ TEST(RotaryCpu, CuSeqlensPositionsEqualExplicitPositions) {
   RotaryFwdParams a;
   a.q = q.clone();
   a.k = k.clone();
-  a.pos.cu_seqlens = Tensor::from_vector<int32_t>({0, 3, 3, 7}, {4});  // an empty sequence, 3 padding tokens
+  a.pos.cu_seqlens =
+      Tensor::from_vector<int32_t>({0, 3, 3, 7}, {4});  // an empty sequence, 3 padding tokens
   rotary_fwd(a, Stream());
   RotaryFwdParams b;
   b.q = q.clone();
@@ -136,7 +148,8 @@ TEST(RotaryCpu, BackwardIsTheAdjointOfForward) {
   b.dq = w.clone();
   b.pos.positions = f.pos.positions;
   rotary_bwd(b, Stream());
-  const std::vector<double> rx = doubles(f.q), wv = doubles(w), xv = doubles(x), rtw = doubles(b.dq);
+  const std::vector<double> rx = doubles(f.q), wv = doubles(w), xv = doubles(x),
+                            rtw = doubles(b.dq);
   double lhs = 0, rhs = 0, mag = 0;
   for (size_t i = 0; i < rx.size(); ++i) {
     lhs += rx[i] * wv[i];
@@ -153,7 +166,9 @@ TEST(RotaryCpu, RejectsBadInputs) {
     rotary_fwd(p, Stream());
     FAIL() << "expected a throw";
   } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("exactly one of cu_seqlens and positions"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("exactly one of cu_seqlens and positions"),
+              std::string::npos)
+        << e.what();
   }
   p.pos.positions = Tensor::from_vector<int32_t>({0, 1, 2, 3}, {4});
   p.k = Tensor::zeros({4, 2, 16}, DType::kBF16);
@@ -177,15 +192,16 @@ struct Case {
 
 void expect_cuda_matches(const Case& c) {
   const uint64_t seed = fresh_seed();
-  SCOPED_TRACE(fmt::format("T={} hq={} hk={} D={} {}{}{} seed={}", c.T, c.hq, c.hk, c.D, dtype_name(c.dt),
-                           c.explicit_positions ? " positions" : " cu_seqlens", c.misaligned ? " misaligned" : "",
-                           seed));
+  SCOPED_TRACE(fmt::format("T={} hq={} hk={} D={} {}{}{} seed={}", c.T, c.hq, c.hk, c.D,
+                           dtype_name(c.dt), c.explicit_positions ? " positions" : " cu_seqlens",
+                           c.misaligned ? " misaligned" : "", seed));
   std::vector<int32_t> pos;
   const std::vector<int32_t> cu = random_cu_seqlens(c.T, seed, &pos);
   RotaryPositions positions;
   if (c.explicit_positions) {  // global positions as context parallelism produces them
     std::mt19937_64 rng(seed);
-    for (int32_t& p : pos) p = static_cast<int32_t>(std::uniform_int_distribution<int32_t>(0, 200000)(rng));
+    for (int32_t& p : pos)
+      p = static_cast<int32_t>(std::uniform_int_distribution<int32_t>(0, 200000)(rng));
     positions.positions = Tensor::from_vector<int32_t>(pos, {c.T});
   } else {
     positions.cu_seqlens = Tensor::from_vector<int32_t>(cu, {static_cast<int64_t>(cu.size())});
