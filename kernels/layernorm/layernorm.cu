@@ -1,0 +1,398 @@
+// LayerNorm CUDA kernels. Forward: one row per group of threads_per_row threads (a multiple of 32),
+// the row in registers, 16-byte loads when C and the pointers allow, fp8 output with amax.
+// Backward: dx per row, and dgamma/dbeta without float atomics: every row slice writes its column
+// sums to its own partial row, and a second kernel adds the partial rows in a fixed order.
+#include <algorithm>
+#include <cstdint>
+
+#include "core/cuda_check.h"
+#include "kernels/common/checks.h"
+#include "kernels/common/elem.h"
+#include "kernels/layernorm/layernorm.h"
+
+namespace helix {
+namespace {
+
+using elem::from_float;
+using elem::load_floats;
+using elem::Pack;
+using elem::store_floats;
+using elem::to_float;
+
+// Row elements one thread holds in registers (the backward also keeps column partial sums, so it
+// spreads a row over more threads). Rows take at most kMaxRowThreads threads, so C <= kMaxCols; the
+// kernels are compiled for blocks of kMaxRowThreads (at most 128 registers a thread, no launch
+// failure for any C up to the limit).
+constexpr int kFwdElemsPerThread = 32;
+constexpr int kBwdElemsPerThread = 16;
+constexpr int kMaxRowThreads = 512;
+constexpr int kMaxCols = kMaxRowThreads * kBwdElemsPerThread;  // 8192
+
+constexpr int kRowsPerBlockMax = 8;  // 256 threads / 32 threads per row
+// Backward partial rows (row slices): enough slices to fill the GPU, few enough that the second
+// pass stays short, at most 16 MiB per parameter. A function of C only, never of the device.
+constexpr int64_t kMaxPartialRows = 2048;
+constexpr int64_t kMaxPartialFloats = int64_t{1} << 22;
+
+// Sum of v over the blockDim.x threads of this thread's row (all of them get the same bits: the xor
+// butterfly pairs commute and the per-warp sums are added in warp order). `red` holds 32 slots per
+// row of the block. Called uniformly by the whole block.
+__device__ __forceinline__ float2 row_sum(float2 v, float2* red) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    v.x += __shfl_xor_sync(0xFFFFFFFFu, v.x, o);
+    v.y += __shfl_xor_sync(0xFFFFFFFFu, v.y, o);
+  }
+  if (blockDim.x == 32) return v;
+  float2* r = red + threadIdx.y * 32;
+  __syncthreads();  // the previous call's reads of `red` are done
+  if ((threadIdx.x & 31) == 0) r[threadIdx.x >> 5] = v;
+  __syncthreads();
+  float2 s = r[0];
+  for (int w = 1; w < static_cast<int>(blockDim.x >> 5); ++w) {
+    s.x += r[w].x;
+    s.y += r[w].y;
+  }
+  return s;
+}
+
+struct FwdArgs {
+  const void* x;         // [T, C]
+  const void* residual;  // [T, C] or null
+  void* residual_out;    // [T, C] or null
+  const void* gamma;     // [C]
+  const void* beta;      // [C]
+  void* y;               // [T, C]
+  const float* scale;    // [1] or null (non-fp8 y)
+  unsigned* amax;        // [1] bits of a non-negative float, or null
+  float* mean;           // [T] or null
+  float* rstd;           // [T] or null
+  int64_t rows;
+  int cols;
+  float eps;
+};
+
+// Grid: min(ceil(T / rows_per_block), resident blocks), each block looping over groups of
+// rows_per_block rows. Block (threads_per_row, rows_per_block): thread x of a row owns the vectors
+// x, x + threads_per_row, ... of kVec elements (at most kFwdElemsPerThread elements).
+template <typename X, typename W, typename Y, int kVec>
+__global__ void __launch_bounds__(kMaxRowThreads) layernorm_fwd_kernel(FwdArgs a) {
+  constexpr int kVecs = kFwdElemsPerThread / kVec;
+  constexpr bool kFp8 = elem::kIsFp8<Y>;
+  __shared__ float2 red[kRowsPerBlockMax * 32];
+  __shared__ unsigned amax_red[32];
+  const X* x = static_cast<const X*>(a.x);
+  const X* res = static_cast<const X*>(a.residual);
+  X* res_out = static_cast<X*>(a.residual_out);
+  const W* gamma = static_cast<const W*>(a.gamma);
+  const W* beta = static_cast<const W*>(a.beta);
+  Y* y = static_cast<Y*>(a.y);
+  const int nvec = a.cols / kVec;
+  const float scale = kFp8 ? *a.scale : 1.f;
+  unsigned amax = 0;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.y;
+  for (int64_t row0 = static_cast<int64_t>(blockIdx.x) * blockDim.y; row0 < a.rows; row0 += step) {
+    const int64_t row = row0 + threadIdx.y;
+    const bool active = row < a.rows;
+    const int64_t off = row * a.cols;
+    float v[kVecs][kVec];
+    float sum = 0.f;
+#pragma unroll
+    for (int i = 0; i < kVecs; ++i) {
+      const int j = threadIdx.x + i * blockDim.x;
+      if (active && j < nvec) {
+        load_floats(x + off + j * kVec, v[i]);
+        if (res) {
+          float r[kVec];
+          load_floats(res + off + j * kVec, r);
+#pragma unroll
+          for (int e = 0; e < kVec; ++e) v[i][e] = to_float(from_float<X>(v[i][e] + r[e]));
+          store_floats(res_out + off + j * kVec, v[i]);
+        }
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) sum += v[i][e];
+      }
+    }
+    const float mean = row_sum(make_float2(sum, 0.f), red).x / a.cols;
+    float sq = 0.f;
+#pragma unroll
+    for (int i = 0; i < kVecs; ++i) {
+      const int j = threadIdx.x + i * blockDim.x;
+      if (active && j < nvec) {
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) sq += (v[i][e] - mean) * (v[i][e] - mean);
+      }
+    }
+    const float rstd = 1.f / sqrtf(row_sum(make_float2(sq, 0.f), red).x / a.cols + a.eps);
+#pragma unroll
+    for (int i = 0; i < kVecs; ++i) {
+      const int j = threadIdx.x + i * blockDim.x;
+      if (active && j < nvec) {
+        float g[kVec], b[kVec], out[kVec];
+        load_floats(gamma + j * kVec, g);
+        load_floats(beta + j * kVec, b);
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) {
+          const float o = (v[i][e] - mean) * rstd * g[e] + b[e];
+          amax = max(amax, elem::abs_bits(o));
+          out[e] = kFp8 ? o * scale : o;
+        }
+        store_floats(y + off + j * kVec, out);
+      }
+    }
+    if (active && threadIdx.x == 0) {
+      if (a.mean) a.mean[row] = mean;
+      if (a.rstd) a.rstd[row] = rstd;
+    }
+  }
+  if (a.amax) elem::block_amax(amax, amax_red, a.amax);
+}
+
+struct BwdArgs {
+  const void* x;       // [T, C]
+  const void* gamma;   // [C]
+  const float* mean;   // [T]
+  const float* rstd;   // [T]
+  const void* dy;      // [T, C]
+  void* dx;            // [T, C] or null
+  float* dgamma_part;  // [P, C] or null
+  float* dbeta_part;   // [P, C] or null
+  int64_t rows;
+  int cols;
+  bool accumulate;
+};
+
+// Grid: G blocks (a function of T and C only), block (threads_per_row, rows_per_block). Row slice
+// p = blockIdx.x * rows_per_block + threadIdx.y takes rows p, p + P, p + 2P, ... (P = G *
+// rows_per_block), writes dx for each, and its column sums of dy * xhat and dy to partial row p.
+// x and dy stay in registers in their storage type between the reduction and the dx pass.
+template <typename X, typename W, int kVec>
+__global__ void __launch_bounds__(kMaxRowThreads) layernorm_bwd_kernel(BwdArgs a) {
+  constexpr int kVecs = kBwdElemsPerThread / kVec;
+  __shared__ float2 red[kRowsPerBlockMax * 32];
+  const X* x = static_cast<const X*>(a.x);
+  const X* dy = static_cast<const X*>(a.dy);
+  X* dx = static_cast<X*>(a.dx);
+  const W* gamma = static_cast<const W*>(a.gamma);
+  const int nvec = a.cols / kVec;
+  float dg[kVecs][kVec], db[kVecs][kVec];
+#pragma unroll
+  for (int i = 0; i < kVecs; ++i) {
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) dg[i][e] = db[i][e] = 0.f;
+  }
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.y;
+  for (int64_t row0 = static_cast<int64_t>(blockIdx.x) * blockDim.y; row0 < a.rows; row0 += step) {
+    const int64_t row = row0 + threadIdx.y;
+    const bool active = row < a.rows;
+    const int64_t off = row * a.cols;
+    const float mean = active ? a.mean[row] : 0.f;
+    const float rstd = active ? a.rstd[row] : 0.f;
+    Pack<X, kVec> xs[kVecs], dys[kVecs];
+    float s1 = 0.f, s2 = 0.f;
+#pragma unroll
+    for (int i = 0; i < kVecs; ++i) {
+      const int j = threadIdx.x + i * blockDim.x;
+      if (active && j < nvec) {
+        xs[i] = *reinterpret_cast<const Pack<X, kVec>*>(x + off + j * kVec);
+        dys[i] = *reinterpret_cast<const Pack<X, kVec>*>(dy + off + j * kVec);
+        float g[kVec];
+        load_floats(gamma + j * kVec, g);
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) {
+          const float d = to_float(dys[i].v[e]);
+          const float xh = (to_float(xs[i].v[e]) - mean) * rstd;
+          const float gd = d * g[e];
+          s1 += gd;
+          s2 += gd * xh;
+          dg[i][e] += d * xh;
+          db[i][e] += d;
+        }
+      }
+    }
+    if (!dx) continue;  // uniform across the block
+    const float2 s = row_sum(make_float2(s1, s2), red);
+    const float m1 = s.x / a.cols, m2 = s.y / a.cols;
+#pragma unroll
+    for (int i = 0; i < kVecs; ++i) {
+      const int j = threadIdx.x + i * blockDim.x;
+      if (active && j < nvec) {
+        float g[kVec], out[kVec];
+        load_floats(gamma + j * kVec, g);
+        if (a.accumulate) load_floats(dx + off + j * kVec, out);
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) {
+          const float xh = (to_float(xs[i].v[e]) - mean) * rstd;
+          const float v = rstd * (to_float(dys[i].v[e]) * g[e] - m1 - xh * m2);
+          out[e] = a.accumulate ? out[e] + v : v;
+        }
+        store_floats(dx + off + j * kVec, out);
+      }
+    }
+  }
+  const int64_t p = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
+#pragma unroll
+  for (int i = 0; i < kVecs; ++i) {
+    const int j = threadIdx.x + i * blockDim.x;
+    if (j < nvec) {
+      if (a.dgamma_part) store_floats(a.dgamma_part + p * a.cols + j * kVec, dg[i]);
+      if (a.dbeta_part) store_floats(a.dbeta_part + p * a.cols + j * kVec, db[i]);
+    }
+  }
+}
+
+// Grid: ceil(C / 32) blocks of (32, 32). Thread (tx, ty) adds partial rows ty, ty + 32, ... of
+// column blockIdx.x * 32 + tx; row ty == 0 then adds the 32 sums in order and accumulates (+=).
+__global__ void layernorm_param_reduce_kernel(const float* dgamma_part, const float* dbeta_part,
+                                              int64_t parts, int cols, float* dgamma,
+                                              float* dbeta) {
+  __shared__ float sg[32][33], sb[32][33];
+  const int c = blockIdx.x * 32 + threadIdx.x;
+  float g = 0.f, b = 0.f;
+  if (c < cols) {
+    for (int64_t p = threadIdx.y; p < parts; p += 32) {
+      if (dgamma) g += dgamma_part[p * cols + c];
+      if (dbeta) b += dbeta_part[p * cols + c];
+    }
+  }
+  sg[threadIdx.y][threadIdx.x] = g;
+  sb[threadIdx.y][threadIdx.x] = b;
+  __syncthreads();
+  if (threadIdx.y == 0 && c < cols) {
+    for (int k = 1; k < 32; ++k) {
+      g += sg[k][threadIdx.x];
+      b += sb[k][threadIdx.x];
+    }
+    if (dgamma) dgamma[c] += g;
+    if (dbeta) dbeta[c] += b;
+  }
+}
+
+// ---- host side ---------------------------------------------------------------------------------
+
+struct RowLayout {
+  int threads_per_row;  // a multiple of 32, at most kMaxRowThreads for C <= kMaxCols
+  int rows_per_block;   // 256 / threads_per_row, at least 1
+};
+
+RowLayout row_layout(int64_t cols, int vec, int elems_per_thread) {
+  const int64_t nvec = cols / vec;
+  const int64_t per_thread = elems_per_thread / vec;
+  int64_t tpr = (nvec + per_thread - 1) / per_thread;
+  tpr = std::max<int64_t>(32, (tpr + 31) / 32 * 32);
+  return {static_cast<int>(tpr), static_cast<int>(std::max<int64_t>(1, 256 / tpr))};
+}
+
+using checks::aligned_to;
+
+const void* ptr_or_null(const Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
+void* mut_ptr_or_null(const Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
+
+template <typename X, typename W, typename Y, int kVec>
+void launch_fwd(const FwdArgs& args, const RowLayout& l, int sms, cudaStream_t st) {
+  const dim3 block(l.threads_per_row, l.rows_per_block);
+  int per_sm = 0;
+  CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+      &per_sm, layernorm_fwd_kernel<X, W, Y, kVec>, l.threads_per_row * l.rows_per_block, 0));
+  const int64_t needed = (args.rows + l.rows_per_block - 1) / l.rows_per_block;
+  const int64_t grid = std::min<int64_t>(needed, static_cast<int64_t>(std::max(per_sm, 1)) * sms);
+  layernorm_fwd_kernel<X, W, Y, kVec><<<static_cast<unsigned>(grid), block, 0, st>>>(args);
+  HELIX_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+void detail::layernorm_fwd_cuda(const LayerNormFwdParams& p, const Stream& stream) {
+  const int64_t T = p.x.dim(0), C = p.x.dim(1);
+  HELIX_CHECK(C <= kMaxCols, "layernorm_fwd: expected C <= {}, got x {}", kMaxCols, p.x.str());
+  HELIX_CHECK(T * C < (int64_t{1} << 62), "layernorm_fwd: x {} too large", p.x.str());
+  cudaStream_t st = static_cast<cudaStream_t>(stream.handle());
+  if (p.y_amax.defined()) CUDA_CHECK(cudaMemsetAsync(p.y_amax.data_ptr(), 0, sizeof(float), st));
+  if (T == 0) return;
+  FwdArgs args{p.x.data_ptr(),
+               ptr_or_null(p.residual),
+               mut_ptr_or_null(p.residual_out),
+               p.gamma.data_ptr(),
+               p.beta.data_ptr(),
+               p.y.data_ptr(),
+               p.y_scale.defined() ? p.y_scale.data<float>() : nullptr,
+               p.y_amax.defined() ? static_cast<unsigned*>(p.y_amax.data_ptr()) : nullptr,
+               p.mean.defined() ? p.mean.data<float>() : nullptr,
+               p.rstd.defined() ? p.rstd.data<float>() : nullptr,
+               T,
+               static_cast<int>(C),
+               p.eps};
+  const int sms = elem::sm_count(p.x.device().index);
+  elem::visit_f32_bf16(p.x.dtype(), "layernorm_fwd", "x", [&](auto xt) {
+    using X = decltype(xt);
+    elem::visit_f32_bf16(p.gamma.dtype(), "layernorm_fwd", "gamma", [&](auto wt) {
+      using W = decltype(wt);
+      elem::visit_output(p.y.dtype(), "layernorm_fwd", "y", [&](auto yt) {
+        using Y = decltype(yt);
+        constexpr int kVec = 16 / sizeof(X);
+        const bool vec_ok =
+            C % kVec == 0 && aligned_to(p.x, 16) && aligned_to(p.residual, 16) &&
+            aligned_to(p.residual_out, 16) && aligned_to(p.gamma, kVec * sizeof(W)) &&
+            aligned_to(p.beta, kVec * sizeof(W)) && aligned_to(p.y, kVec * sizeof(Y));
+        if (vec_ok)
+          launch_fwd<X, W, Y, kVec>(args, row_layout(C, kVec, kFwdElemsPerThread), sms, st);
+        else
+          launch_fwd<X, W, Y, 1>(args, row_layout(C, 1, kFwdElemsPerThread), sms, st);
+      });
+    });
+  });
+}
+
+void detail::layernorm_bwd_cuda(const LayerNormBwdParams& p, const Stream& stream) {
+  const int64_t T = p.x.dim(0), C = p.x.dim(1);
+  HELIX_CHECK(C <= kMaxCols, "layernorm_bwd: expected C <= {}, got x {}", kMaxCols, p.x.str());
+  if (T == 0) return;
+  cudaStream_t st = static_cast<cudaStream_t>(stream.handle());
+  elem::visit_f32_bf16(p.x.dtype(), "layernorm_bwd", "x", [&](auto xt) {
+    using X = decltype(xt);
+    elem::visit_f32_bf16(p.gamma.dtype(), "layernorm_bwd", "gamma", [&](auto wt) {
+      using W = decltype(wt);
+      constexpr int kVec = 16 / sizeof(X);
+      const bool vec_ok = C % kVec == 0 && aligned_to(p.x, 16) && aligned_to(p.dy, 16) &&
+                          aligned_to(p.dx, 16) && aligned_to(p.gamma, kVec * sizeof(W));
+      const int vec = vec_ok ? kVec : 1;
+      const RowLayout l = row_layout(C, vec, kBwdElemsPerThread);
+      // The partial layout depends on T and C only (never on the GPU), so results are reproducible.
+      const int64_t max_rows = std::min(kMaxPartialRows, kMaxPartialFloats / C);
+      const int64_t max_blocks = std::max<int64_t>(1, max_rows / l.rows_per_block);
+      const int64_t grid =
+          std::min<int64_t>((T + l.rows_per_block - 1) / l.rows_per_block, max_blocks);
+      const int64_t parts = grid * l.rows_per_block;
+      const bool need_params = p.dgamma.defined() || p.dbeta.defined();
+      Tensor partials;
+      if (need_params) partials = Tensor::empty({2, parts, C}, DType::kF32, p.x.device(), stream);
+      BwdArgs args{p.x.data_ptr(),
+                   p.gamma.data_ptr(),
+                   p.mean.data<float>(),
+                   p.rstd.data<float>(),
+                   p.dy.data_ptr(),
+                   mut_ptr_or_null(p.dx),
+                   p.dgamma.defined() ? partials.data<float>() : nullptr,
+                   p.dbeta.defined() ? partials.data<float>() + parts * C : nullptr,
+                   T,
+                   static_cast<int>(C),
+                   p.accumulate_dx};
+      const dim3 block(l.threads_per_row, l.rows_per_block);
+      if (vec_ok)
+        layernorm_bwd_kernel<X, W, kVec><<<static_cast<unsigned>(grid), block, 0, st>>>(args);
+      else
+        layernorm_bwd_kernel<X, W, 1><<<static_cast<unsigned>(grid), block, 0, st>>>(args);
+      HELIX_LAUNCH_CHECK();
+      if (need_params) {
+        layernorm_param_reduce_kernel<<<static_cast<unsigned>((C + 31) / 32), dim3(32, 32), 0,
+                                        st>>>(args.dgamma_part, args.dbeta_part, parts,
+                                              static_cast<int>(C),
+                                              p.dgamma.defined() ? p.dgamma.data<float>() : nullptr,
+                                              p.dbeta.defined() ? p.dbeta.data<float>() : nullptr);
+        HELIX_LAUNCH_CHECK();
+      }
+    });
+  });
+}
+
+}  // namespace helix
