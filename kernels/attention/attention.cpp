@@ -29,6 +29,15 @@ CuSeqlens CuSeqlens::from_lengths(const std::vector<int32_t>& lengths, Device de
   return make(cu, device);
 }
 
+CuSeqlens CuSeqlens::wrap(const Tensor& device, const Tensor& host_copy) {
+  HELIX_CHECK(host_copy.defined() && host_copy.is_cpu() && host_copy.dtype() == DType::kI32,
+              "CuSeqlens::wrap: expected an i32 CPU tensor as the host copy, got {}", host_copy.str());
+  CuSeqlens c;
+  c.host = host_copy.to_vector<int32_t>();
+  c.device = device;
+  return c;
+}
+
 namespace detail {
 
 std::vector<std::pair<int64_t, int64_t>> thd_gap_rows(const CuSeqlens& cu, const CuSeqlens& padded,
@@ -143,7 +152,7 @@ void check_side(const CuSeqlens& cu, const CuSeqlens& padded, int max_seqlen, in
               side, longest, longest_at, max_seqlen);
 }
 
-void check_common(const Tensor& q, const Tensor& k, const Tensor& v, const ThdBatch& batch,
+void check_common(const Tensor& q, const Tensor& k, const Tensor& v, const ThdAttentionLayout& layout,
                   float softmax_scale) {
   HELIX_CHECK(q.defined() && q.ndim() == 3, "q: expected a [Tq, H, D] tensor, got {}", q.str());
   const Device dev = q.device();
@@ -157,20 +166,20 @@ void check_common(const Tensor& q, const Tensor& k, const Tensor& v, const ThdBa
   check_operand(v, "v", k.dim(0), heads, dim, dev);
   HELIX_CHECK(std::isfinite(softmax_scale) && softmax_scale > 0.f,
               "softmax_scale: expected a positive finite value, got {}", softmax_scale);
-  check_side(batch.cu_seqlens_q, batch.cu_seqlens_q_padded, batch.max_seqlen_q, q.dim(0), "q", "q",
+  check_side(layout.cu_seqlens_q, layout.cu_seqlens_q_padded, layout.max_seqlen_q, q.dim(0), "q", "q",
              -1, dev);
-  check_side(batch.cu_seqlens_kv, batch.cu_seqlens_kv_padded, batch.max_seqlen_kv, k.dim(0), "kv",
-             "k", batch.cu_seqlens_q.batch(), dev);
+  check_side(layout.cu_seqlens_kv, layout.cu_seqlens_kv_padded, layout.max_seqlen_kv, k.dim(0), "kv",
+             "k", layout.cu_seqlens_q.batch(), dev);
 }
 
 void validate_fwd(const ThdAttentionFwdParams& p) {
-  check_common(p.q, p.k, p.v, p.batch, p.softmax_scale);
+  check_common(p.q, p.k, p.v, p.layout, p.softmax_scale);
   check_operand(p.o, "o", p.q.dim(0), p.q.dim(1), p.q.dim(2), p.q.device());
   check_lse(p.lse, "lse", p.q.dim(1), p.q.dim(0), p.q.device());
 }
 
 void validate_bwd(const ThdAttentionBwdParams& p) {
-  check_common(p.q, p.k, p.v, p.batch, p.softmax_scale);
+  check_common(p.q, p.k, p.v, p.layout, p.softmax_scale);
   const Device dev = p.q.device();
   const int64_t tq = p.q.dim(0), tk = p.k.dim(0), h = p.q.dim(1), d = p.q.dim(2);
   check_operand(p.o, "o", tq, h, d, dev);
@@ -281,10 +290,10 @@ void lse_merge_bwd(const LseMergeBwdParams& p, const Stream& stream) {
 #endif
 }
 
-double thd_attention_fwd_flops(const ThdBatch& batch, int heads, int head_dim, AttentionMask mask) {
+double thd_attention_fwd_flops(const ThdAttentionLayout& layout, int heads, int head_dim, AttentionMask mask) {
   double pairs = 0;
-  const auto& q = batch.cu_seqlens_q.host;
-  const auto& kv = batch.cu_seqlens_kv.host;
+  const auto& q = layout.cu_seqlens_q.host;
+  const auto& kv = layout.cu_seqlens_kv.host;
   for (size_t i = 0; i + 1 < q.size() && i + 1 < kv.size(); ++i)
     pairs += double(q[i + 1] - q[i]) * double(kv[i + 1] - kv[i]);
   const double flops = 4.0 * heads * head_dim * pairs;

@@ -221,7 +221,7 @@ void launch_fwd(const AttnArgs& a, int max_seqlen_q, int heads, int batch, cudaS
 
 namespace detail {
 
-AttnArgs make_attn_args(const Tensor& q, const Tensor& k, const ThdBatch& b, float scale,
+AttnArgs make_attn_args(const Tensor& q, const Tensor& k, const ThdAttentionLayout& b, float scale,
                         AttentionMask mask) {
   AttnArgs a{};
   a.q = reinterpret_cast<const __nv_bfloat16*>(q.data_ptr());
@@ -252,20 +252,20 @@ void zero_gap_rows_cuda(const CuSeqlens& cu, const CuSeqlens& padded, int64_t to
 void thd_attention_fwd_cuda(const ThdAttentionFwdParams& p, const Stream& stream) {
   const int64_t tq = p.q.dim(0);
   const int heads = static_cast<int>(p.q.dim(1)), dim = static_cast<int>(p.q.dim(2));
-  AttnArgs a = make_attn_args(p.q, p.k, p.batch, p.softmax_scale, p.mask);
+  AttnArgs a = make_attn_args(p.q, p.k, p.layout, p.softmax_scale, p.mask);
   a.v = reinterpret_cast<const __nv_bfloat16*>(p.v.data_ptr());
   a.out = reinterpret_cast<__nv_bfloat16*>(p.o.data_ptr());
   a.lse = p.lse.data<float>();
   cudaStream_t st = static_cast<cudaStream_t>(stream.handle());
-  const int batch = p.batch.cu_seqlens_q.batch();
+  const int batch = p.layout.cu_seqlens_q.batch();
   if (tq > 0 && batch > 0) {  // a sequence without keys reads no K/V: its rows get O = 0, LSE = -inf
-    if (dim == 64) launch_fwd<64, 4>(a, p.batch.max_seqlen_q, heads, batch, st);
-    else launch_fwd<128, 4>(a, p.batch.max_seqlen_q, heads, batch, st);
+    if (dim == 64) launch_fwd<64, 4>(a, p.layout.max_seqlen_q, heads, batch, st);
+    else launch_fwd<128, 4>(a, p.layout.max_seqlen_q, heads, batch, st);
   }
   GapTargets gaps;
   gaps.x0 = a.out;
   gaps.lse = a.lse;
-  zero_gap_rows_cuda(p.batch.cu_seqlens_q, p.batch.cu_seqlens_q_padded, tq, a.row_stride, gaps, heads,
+  zero_gap_rows_cuda(p.layout.cu_seqlens_q, p.layout.cu_seqlens_q_padded, tq, a.row_stride, gaps, heads,
                      stream);
 }
 

@@ -37,12 +37,16 @@ struct CuSeqlens {
   static CuSeqlens make(const std::vector<int32_t>& values, Device device);
   // Cumulative offsets of `lengths`, each rounded up to a multiple of `multiple` (padded layouts).
   static CuSeqlens from_lengths(const std::vector<int32_t>& lengths, Device device, int multiple = 1);
+  // Wraps an existing device tensor and its CPU copy (i32 [b+1] both; no copy, no sync).
+  static CuSeqlens wrap(const Tensor& device, const Tensor& host_copy);
   bool defined() const { return !host.empty(); }
   int batch() const { return static_cast<int>(host.size()) - 1; }
 };
 
-// The packed batch: true lengths, optional padded offsets, and the longest lengths (from the host).
-struct ThdBatch {
+// Which rows of q and k/v belong to which sequence: true lengths, optional padded offsets, and the
+// longest lengths (from the host). Layers build it from the packed batch (core ThdBatch, when
+// present) and, under context parallelism, from the per-rank shard.
+struct ThdAttentionLayout {
   CuSeqlens cu_seqlens_q;          // [b+1] cumulative true query lengths
   CuSeqlens cu_seqlens_kv;         // [b+1] cumulative true key/value lengths
   CuSeqlens cu_seqlens_q_padded;   // [b+1] query row offsets incl. padding; empty: cu_seqlens_q
@@ -63,7 +67,7 @@ struct ThdAttentionFwdParams {
   Tensor q;  // [Tq, H, D] bf16, D in {64, 128}, contiguous, 16-byte aligned
   Tensor k;  // [Tk, H, D] bf16
   Tensor v;  // [Tk, H, D] bf16
-  ThdBatch batch;
+  ThdAttentionLayout layout;
   float softmax_scale = 0.f;  // > 0, usually 1/sqrt(D)
   AttentionMask mask = AttentionMask::kBidirectional;
   Tensor o;    // [Tq, H, D] bf16, written
@@ -78,7 +82,7 @@ struct ThdAttentionBwdParams {
   Tensor d_o;    // [Tq, H, D] bf16, gradient of the loss w.r.t. o
   Tensor lse;    // [H, Tq] f32, the forward's log-sum-exp
   Tensor d_lse;  // [H, Tq] f32 gradient w.r.t. lse (from lse_merge_bwd); undefined: zero
-  ThdBatch batch;
+  ThdAttentionLayout layout;
   float softmax_scale = 0.f;
   AttentionMask mask = AttentionMask::kBidirectional;
   AttentionBwdMode mode = AttentionBwdMode::kAtomic;
@@ -119,7 +123,7 @@ void lse_merge_bwd(const LseMergeBwdParams& p, const Stream& stream);
 
 // Attention FLOPs of a forward pass (4 * H * D * sum_i len_q[i] * len_kv[i]; halved for causal
 // when len_q == len_kv, the count the benchmarks report). The backward does 2.5x that.
-double thd_attention_fwd_flops(const ThdBatch& batch, int heads, int head_dim, AttentionMask mask);
+double thd_attention_fwd_flops(const ThdAttentionLayout& layout, int heads, int head_dim, AttentionMask mask);
 
 namespace detail {
 // The device-specific implementations behind the public functions (parameters already validated).

@@ -468,7 +468,7 @@ void launch_dq(const AttnArgs& a, int max_seqlen_q, int heads, int batch, cudaSt
 }
 
 template <int D, int kBlockM>
-void launch_bwd(const AttnArgs& a, const ThdBatch& b, int heads, bool atomic_dq, cudaStream_t st) {
+void launch_bwd(const AttnArgs& a, const ThdAttentionLayout& b, int heads, bool atomic_dq, cudaStream_t st) {
   const int batch = b.cu_seqlens_q.batch();
   if (atomic_dq) {
     launch_dkdv<D, kBlockM, true>(a, b.max_seqlen_kv, heads, batch, st);
@@ -489,7 +489,7 @@ void thd_attention_bwd_cuda(const ThdAttentionBwdParams& p, const Stream& stream
   cudaStream_t st = static_cast<cudaStream_t>(stream.handle());
   const Device dev = p.q.device();
 
-  attention_tiles::AttnArgs a = make_attn_args(p.q, p.k, p.batch, p.softmax_scale, p.mask);
+  attention_tiles::AttnArgs a = make_attn_args(p.q, p.k, p.layout, p.softmax_scale, p.mask);
   a.v = reinterpret_cast<const __nv_bfloat16*>(p.v.data_ptr());
   a.o = reinterpret_cast<const __nv_bfloat16*>(p.o.data_ptr());
   a.d_o = reinterpret_cast<const __nv_bfloat16*>(p.d_o.data_ptr());
@@ -511,9 +511,9 @@ void thd_attention_bwd_cuda(const ThdAttentionBwdParams& p, const Stream& stream
     else bwd_delta_kernel<128><<<blocks, 256, 0, st>>>(a.o, a.d_o, d_lse, delta.data<float>(), tq, heads);
     HELIX_LAUNCH_CHECK();
   }
-  if (p.batch.cu_seqlens_q.batch() > 0 && (tq > 0 || tk > 0)) {
-    if (dim == 64) launch_bwd<64, 64>(a, p.batch, heads, atomic_dq, st);
-    else launch_bwd<128, 32>(a, p.batch, heads, atomic_dq, st);
+  if (p.layout.cu_seqlens_q.batch() > 0 && (tq > 0 || tk > 0)) {
+    if (dim == 64) launch_bwd<64, 64>(a, p.layout, heads, atomic_dq, st);
+    else launch_bwd<128, 32>(a, p.layout, heads, atomic_dq, st);
   }
   if (atomic_dq && tq > 0) {
     const int64_t n4 = tq * heads * dim / 4;
@@ -523,13 +523,13 @@ void thd_attention_bwd_cuda(const ThdAttentionBwdParams& p, const Stream& stream
   } else {
     GapTargets q_gaps;
     q_gaps.x0 = a.out;
-    zero_gap_rows_cuda(p.batch.cu_seqlens_q, p.batch.cu_seqlens_q_padded, tq, a.row_stride, q_gaps,
+    zero_gap_rows_cuda(p.layout.cu_seqlens_q, p.layout.cu_seqlens_q_padded, tq, a.row_stride, q_gaps,
                        heads, stream);
   }
   GapTargets kv_gaps;
   kv_gaps.x0 = a.d_k;
   kv_gaps.x1 = a.d_v;
-  zero_gap_rows_cuda(p.batch.cu_seqlens_kv, p.batch.cu_seqlens_kv_padded, tk, a.row_stride, kv_gaps,
+  zero_gap_rows_cuda(p.layout.cu_seqlens_kv, p.layout.cu_seqlens_kv_padded, tk, a.row_stride, kv_gaps,
                      heads, stream);
 }
 

@@ -39,7 +39,7 @@ struct Seq {
   int64_t lq, lk;  // true lengths
 };
 
-std::vector<Seq> sequences(const ThdBatch& b) {
+std::vector<Seq> sequences(const ThdAttentionLayout& b) {
   const auto& cq = b.cu_seqlens_q.host;
   const auto& ck = b.cu_seqlens_kv.host;
   const auto& oq = b.cu_seqlens_q_padded.defined() ? b.cu_seqlens_q_padded.host : cq;
@@ -75,12 +75,12 @@ void thd_attention_fwd_cpu(const ThdAttentionFwdParams& p) {
   const std::vector<float> q = floats_of(p.q), k = floats_of(p.k), v = floats_of(p.v);
   bf16_t* o = p.o.data<bf16_t>();
   float* lse = p.lse.data<float>();
-  for (auto [b, e] : thd_gap_rows(p.batch.cu_seqlens_q, p.batch.cu_seqlens_q_padded, tq)) {
+  for (auto [b, e] : thd_gap_rows(p.layout.cu_seqlens_q, p.layout.cu_seqlens_q_padded, tq)) {
     zero_rows(o, h * d, b, e);
     for (int64_t hh = 0; hh < h; ++hh)
       std::fill(lse + hh * tq + b, lse + hh * tq + e, -std::numeric_limits<float>::infinity());
   }
-  const std::vector<Seq> seqs = sequences(p.batch);
+  const std::vector<Seq> seqs = sequences(p.layout);
   parallel_for(static_cast<int64_t>(seqs.size()) * h, [&](int64_t task) {
     const Seq& s = seqs[task / h];
     const int64_t hh = task % h;
@@ -123,13 +123,13 @@ void thd_attention_bwd_cpu(const ThdAttentionBwdParams& p) {
   bf16_t* dq = p.d_q.data<bf16_t>();
   bf16_t* dk = p.d_k.data<bf16_t>();
   bf16_t* dv = p.d_v.data<bf16_t>();
-  for (auto [b, e] : thd_gap_rows(p.batch.cu_seqlens_q, p.batch.cu_seqlens_q_padded, tq))
+  for (auto [b, e] : thd_gap_rows(p.layout.cu_seqlens_q, p.layout.cu_seqlens_q_padded, tq))
     zero_rows(dq, h * d, b, e);
-  for (auto [b, e] : thd_gap_rows(p.batch.cu_seqlens_kv, p.batch.cu_seqlens_kv_padded, tk)) {
+  for (auto [b, e] : thd_gap_rows(p.layout.cu_seqlens_kv, p.layout.cu_seqlens_kv_padded, tk)) {
     zero_rows(dk, h * d, b, e);
     zero_rows(dv, h * d, b, e);
   }
-  const std::vector<Seq> seqs = sequences(p.batch);
+  const std::vector<Seq> seqs = sequences(p.layout);
   parallel_for(static_cast<int64_t>(seqs.size()) * h, [&](int64_t task) {
     const Seq& s = seqs[task / h];
     const int64_t hh = task % h;

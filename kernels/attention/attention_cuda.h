@@ -9,7 +9,7 @@
 namespace helix::detail {
 
 // Device pointers of q, k, cu_seqlens and offsets, strides and scales; the caller fills the rest.
-attention_tiles::AttnArgs make_attn_args(const Tensor& q, const Tensor& k, const ThdBatch& b,
+attention_tiles::AttnArgs make_attn_args(const Tensor& q, const Tensor& k, const ThdAttentionLayout& b,
                                          float scale, AttentionMask mask);
 
 // Tensors whose gap rows (rows in no sequence) are zeroed; null entries are skipped.

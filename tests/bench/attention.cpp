@@ -109,10 +109,10 @@ void run_case(const Case& c, int dim, AttentionMask mask, AttentionBwdMode mode,
   const int heads = heads_for(dim);
   int64_t tokens = 0;
   for (int32_t l : c.lengths) tokens += l;
-  ThdBatch batch;
-  batch.cu_seqlens_q = CuSeqlens::from_lengths(c.lengths, dev);
-  batch.cu_seqlens_kv = batch.cu_seqlens_q;
-  batch.max_seqlen_q = batch.max_seqlen_kv = *std::max_element(c.lengths.begin(), c.lengths.end());
+  ThdAttentionLayout layout;
+  layout.cu_seqlens_q = CuSeqlens::from_lengths(c.lengths, dev);
+  layout.cu_seqlens_kv = layout.cu_seqlens_q;
+  layout.max_seqlen_q = layout.max_seqlen_kv = *std::max_element(c.lengths.begin(), c.lengths.end());
   auto make = [&](uint64_t sub) {
     Tensor t = Tensor::empty({tokens, heads, dim}, DType::kBF16, dev, s);
     fill_normal(t, 42, sub, 0.f, 1.f, s);
@@ -122,7 +122,7 @@ void run_case(const Case& c, int dim, AttentionMask mask, AttentionBwdMode mode,
   f.q = make(1);
   f.k = make(2);
   f.v = make(3);
-  f.batch = batch;
+  f.layout = layout;
   f.softmax_scale = static_cast<float>(1.0 / std::sqrt(double(dim)));
   f.mask = mask;
   f.o = Tensor::empty({tokens, heads, dim}, DType::kBF16, dev, s);
@@ -134,7 +134,7 @@ void run_case(const Case& c, int dim, AttentionMask mask, AttentionBwdMode mode,
   b.o = f.o;
   b.d_o = make(4);
   b.lse = f.lse;
-  b.batch = batch;
+  b.layout = layout;
   b.softmax_scale = f.softmax_scale;
   b.mask = mask;
   b.mode = mode;
@@ -149,14 +149,14 @@ void run_case(const Case& c, int dim, AttentionMask mask, AttentionBwdMode mode,
         thd_attention_bwd(b, s);
       },
       s, warmup, iters);
-  const double flops = thd_attention_fwd_flops(batch, heads, dim, mask);
+  const double flops = thd_attention_fwd_flops(layout, heads, dim, mask);
   std::printf(
       "{\"impl\": \"helix\", \"case\": \"%s\", \"mask\": \"%s\", \"head_dim\": %d, \"heads\": %d, "
       "\"seqs\": %zu, \"tokens\": %lld, \"max_seqlen\": %d, \"bwd_mode\": \"%s\", "
       "\"fwd_ms\": %.4f, \"fwd_tflops\": %.2f, \"fwdbwd_ms\": %.4f, \"fwdbwd_tflops\": %.2f, "
       "\"device\": \"%s\"}\n",
       c.name.c_str(), mask == AttentionMask::kCausal ? "causal" : "bidirectional", dim, heads,
-      c.lengths.size(), static_cast<long long>(tokens), batch.max_seqlen_q,
+      c.lengths.size(), static_cast<long long>(tokens), layout.max_seqlen_q,
       mode == AttentionBwdMode::kAtomic ? "atomic" : "deterministic", fwd_ms, flops / fwd_ms * 1e-9,
       fwdbwd_ms, 3.5 * flops / fwdbwd_ms * 1e-9, device_name.c_str());
   std::fflush(stdout);

@@ -149,9 +149,9 @@ void check_merge_equals_full(Device dev, const Stream& s) {
     for (size_t i = 0; i < lk.size(); ++i) cu[i + 1] = cu[i] + lk[i];
     part.len_kv = lk;
     part.tk = cu.back();
-    part.batch.cu_seqlens_kv = CuSeqlens::make(cu, dev);
-    part.batch.cu_seqlens_kv_padded = CuSeqlens();
-    part.batch.max_seqlen_kv = *std::max_element(lk.begin(), lk.end());
+    part.layout.cu_seqlens_kv = CuSeqlens::make(cu, dev);
+    part.layout.cu_seqlens_kv_padded = CuSeqlens();
+    part.layout.max_seqlen_kv = *std::max_element(lk.begin(), lk.end());
     // Gather the piece's rows of k, v into packed tensors.
     Tensor hk = full.k.to(Device::cpu()), hv = full.v.to(Device::cpu());
     Tensor pk = Tensor::empty({std::max<int64_t>(part.tk, 1), heads, dim}, DType::kBF16);
@@ -288,18 +288,18 @@ TEST(AttentionCpu, LauncherRefusesInvalidInput) {
   const Device cpu = Device::cpu();
   const std::vector<Bad> cases = {
       {"cu_seqlens_q: expected non-decreasing offsets, got entry 2 = 3 after entry 1 = 5",
-       [&](auto& f) { f.batch.cu_seqlens_q = CuSeqlens::make({0, 5, 3}, cpu); }},
-      {"cu_seqlens_kv: expected offsets within k", [&](auto& f) { f.batch.cu_seqlens_kv = CuSeqlens::make({0, 5, 40}, cpu); }},
-      {"cu_seqlens_q: expected entry 0 to be 0, got 1", [&](auto& f) { f.batch.cu_seqlens_q = CuSeqlens::make({1, 5, 14}, cpu); }},
-      {"cu_seqlens_kv: expected 3 entries", [&](auto& f) { f.batch.cu_seqlens_kv = CuSeqlens::make({0, 14}, cpu); }},
-      {"cu_seqlens_q: the device copy is undefined", [&](auto& f) { f.batch.cu_seqlens_q.device = Tensor(); }},
+       [&](auto& f) { f.layout.cu_seqlens_q = CuSeqlens::make({0, 5, 3}, cpu); }},
+      {"cu_seqlens_kv: expected offsets within k", [&](auto& f) { f.layout.cu_seqlens_kv = CuSeqlens::make({0, 5, 40}, cpu); }},
+      {"cu_seqlens_q: expected entry 0 to be 0, got 1", [&](auto& f) { f.layout.cu_seqlens_q = CuSeqlens::make({1, 5, 14}, cpu); }},
+      {"cu_seqlens_kv: expected 3 entries", [&](auto& f) { f.layout.cu_seqlens_kv = CuSeqlens::make({0, 14}, cpu); }},
+      {"cu_seqlens_q: the device copy is undefined", [&](auto& f) { f.layout.cu_seqlens_q.device = Tensor(); }},
       {"cu_seqlens_q: expected the device copy of shape [3]",
-       [&](auto& f) { f.batch.cu_seqlens_q.device = Tensor::from_vector<int32_t>({0, 5}, {2}); }},
+       [&](auto& f) { f.layout.cu_seqlens_q.device = Tensor::from_vector<int32_t>({0, 5}, {2}); }},
       {"cu_seqlens_q_padded: expected sequence 1 to span at least its true length 9",
-       [&](auto& f) { f.batch.cu_seqlens_q_padded = CuSeqlens::make({0, 8, 14}, cpu); }},
+       [&](auto& f) { f.layout.cu_seqlens_q_padded = CuSeqlens::make({0, 8, 14}, cpu); }},
       {"max_seqlen_q: expected at least the longest sequence (9 tokens, sequence 1), got 8",
-       [&](auto& f) { f.batch.max_seqlen_q = 8; }},
-      {"max_seqlen_kv: expected at least the longest sequence", [&](auto& f) { f.batch.max_seqlen_kv = 0; }},
+       [&](auto& f) { f.layout.max_seqlen_q = 8; }},
+      {"max_seqlen_kv: expected at least the longest sequence", [&](auto& f) { f.layout.max_seqlen_kv = 0; }},
       {"q: expected head dim 64 or 128, got 32",
        [&](auto& f) {
          f.q = Tensor::zeros({p.tq, 4, 32}, DType::kBF16);
@@ -330,7 +330,7 @@ TEST(AttentionCpu, MergeRefusesMismatchedParts) {
 }
 
 TEST(AttentionCpu, FlopCount) {
-  ThdBatch b;
+  ThdAttentionLayout b;
   b.cu_seqlens_q = CuSeqlens::make({0, 3, 10}, Device::cpu());
   b.cu_seqlens_kv = CuSeqlens::make({0, 4, 6}, Device::cpu());
   EXPECT_DOUBLE_EQ(thd_attention_fwd_flops(b, 2, 64, AttentionMask::kBidirectional), 4.0 * 2 * 64 * (12 + 14));

@@ -96,11 +96,11 @@ void check_flash_rule(const std::vector<int32_t>& lq, const std::vector<int32_t>
     hp.q = p.q.to(Device::cpu());
     hp.k = p.k.to(Device::cpu());
     hp.v = p.v.to(Device::cpu());
-    hp.batch.cu_seqlens_q = CuSeqlens::make(p.batch.cu_seqlens_q.host, Device::cpu());
-    hp.batch.cu_seqlens_kv = CuSeqlens::make(p.batch.cu_seqlens_kv.host, Device::cpu());
+    hp.layout.cu_seqlens_q = CuSeqlens::make(p.layout.cu_seqlens_q.host, Device::cpu());
+    hp.layout.cu_seqlens_kv = CuSeqlens::make(p.layout.cu_seqlens_kv.host, Device::cpu());
     if (padded) {
-      hp.batch.cu_seqlens_q_padded = CuSeqlens::make(p.batch.cu_seqlens_q_padded.host, Device::cpu());
-      hp.batch.cu_seqlens_kv_padded = CuSeqlens::make(p.batch.cu_seqlens_kv_padded.host, Device::cpu());
+      hp.layout.cu_seqlens_q_padded = CuSeqlens::make(p.layout.cu_seqlens_q_padded.host, Device::cpu());
+      hp.layout.cu_seqlens_kv_padded = CuSeqlens::make(p.layout.cu_seqlens_kv_padded.host, Device::cpu());
     }
     thd_attention_fwd(attn_test::fwd_params(hp, cpu_o, cpu_lse), Stream());
   }
@@ -209,9 +209,9 @@ TEST(AttentionGpu, LseMergeMatchesCpuAndConcatenatedKeys) {
     part.v = full.v.slice(shift, full.tk);
     part.tk = full.tk - shift;
     off.back() = static_cast<int32_t>(part.tk);
-    part.batch.cu_seqlens_kv = CuSeqlens::make(cu, Device::cuda());
-    part.batch.cu_seqlens_kv_padded = CuSeqlens::make(off, Device::cuda());
-    part.batch.max_seqlen_kv = *std::max_element(len.begin(), len.end());
+    part.layout.cu_seqlens_kv = CuSeqlens::make(cu, Device::cuda());
+    part.layout.cu_seqlens_kv_padded = CuSeqlens::make(off, Device::cuda());
+    part.layout.max_seqlen_kv = *std::max_element(len.begin(), len.end());
     part.len_kv = len;
     parts.push_back(run_fwd(part, s));
   }
@@ -282,7 +282,7 @@ TEST(AttentionGpu, LauncherRefusesMisalignedDevicePointers) {
   // Host-side cu_seqlens on the wrong device are refused too.
   f = attn_test::fwd_params(p, Tensor::empty(p.q.shape(), DType::kBF16, Device::cuda()),
                             Tensor::empty({2, p.tq}, DType::kF32, Device::cuda()));
-  f.batch.cu_seqlens_q = CuSeqlens::make(p.batch.cu_seqlens_q.host, Device::cpu());
+  f.layout.cu_seqlens_q = CuSeqlens::make(p.layout.cu_seqlens_q.host, Device::cpu());
   EXPECT_THROW(thd_attention_fwd(f, Stream()), Error);
 }
 

@@ -42,7 +42,7 @@ struct Problem {
   int heads = 0, dim = 0;
   float scale = 0.f;
   AttentionMask mask = AttentionMask::kBidirectional;
-  ThdBatch batch;                              // on the problem's device
+  ThdAttentionLayout layout;                              // on the problem's device
   Tensor q, k, v, d_o;                         // bf16 on the problem's device; gap rows are NaN
   std::vector<float> hq, hk, hv, hdo;          // host copies (same values)
   std::vector<char> q_valid, kv_valid;         // per row: belongs to a sequence
@@ -72,14 +72,14 @@ inline Problem make_problem(const std::vector<int32_t>& len_q, const std::vector
   p.off_kv.assign(pad_kv.begin(), pad_kv.end() - 1);
   p.tq = pad_q[b] + 2;
   p.tk = pad_kv[b] + 2;
-  p.batch.cu_seqlens_q = CuSeqlens::make(cu_q, device);
-  p.batch.cu_seqlens_kv = CuSeqlens::make(cu_kv, device);
+  p.layout.cu_seqlens_q = CuSeqlens::make(cu_q, device);
+  p.layout.cu_seqlens_kv = CuSeqlens::make(cu_kv, device);
   if (padded) {
-    p.batch.cu_seqlens_q_padded = CuSeqlens::make(pad_q, device);
-    p.batch.cu_seqlens_kv_padded = CuSeqlens::make(pad_kv, device);
+    p.layout.cu_seqlens_q_padded = CuSeqlens::make(pad_q, device);
+    p.layout.cu_seqlens_kv_padded = CuSeqlens::make(pad_kv, device);
   }
-  p.batch.max_seqlen_q = len_q.empty() ? 0 : *std::max_element(len_q.begin(), len_q.end());
-  p.batch.max_seqlen_kv = len_kv.empty() ? 0 : *std::max_element(len_kv.begin(), len_kv.end());
+  p.layout.max_seqlen_q = len_q.empty() ? 0 : *std::max_element(len_q.begin(), len_q.end());
+  p.layout.max_seqlen_kv = len_kv.empty() ? 0 : *std::max_element(len_kv.begin(), len_kv.end());
   p.q_valid.assign(p.tq, 0);
   p.kv_valid.assign(p.tk, 0);
   for (size_t i = 0; i < b; ++i) {
@@ -218,7 +218,7 @@ inline ThdAttentionFwdParams fwd_params(const Problem& p, Tensor o, Tensor lse) 
   f.q = p.q;
   f.k = p.k;
   f.v = p.v;
-  f.batch = p.batch;
+  f.layout = p.layout;
   f.softmax_scale = p.scale;
   f.mask = p.mask;
   f.o = std::move(o);
@@ -235,7 +235,7 @@ inline ThdAttentionBwdParams bwd_params(const Problem& p, const Tensor& o, const
   b.o = o;
   b.d_o = p.d_o;
   b.lse = lse;
-  b.batch = p.batch;
+  b.layout = p.layout;
   b.softmax_scale = p.scale;
   b.mask = p.mask;
   b.mode = mode;
