@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Attention benchmark, helix against PyTorch's varlen_attn on identical packed batches, one GPU:
+# runs build/tests/helix_bench_attention (which writes the lengths), then attention_torch.py on
+# those lengths, then prints the ratio table (helix TFLOP/s over PyTorch TFLOP/s, > 1 is faster).
+#   examples/bench/run_attention_bench.sh [BUILD_DIR] [--causal] [--iters N] [--cases ...] [--dims ...]
+# (the extra arguments go to both sides)
+# Results (JSON lines and the table) go to $OUT_DIR (default: a new temporary folder).
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$here/../.." && pwd)
+build=${1:-$root/build}
+shift || true
+out=${OUT_DIR:-$(mktemp -d)}
+mkdir -p "$out"
+bench="$build/tests/helix_bench_attention"
+[ -x "$bench" ] || { echo "run_attention_bench.sh: $bench not found (build the helix_bench_attention target)"; exit 1; }
+
+"$bench" --lengths-out "$out/lengths.json" "$@" | tee "$out/helix.jsonl"
+python3 "$here/attention_torch.py" --lengths "$out/lengths.json" "$@" | tee "$out/torch.jsonl"
+python3 - "$out/helix.jsonl" "$out/torch.jsonl" <<'PY' | tee "$out/table.txt"
+import json, sys
+def load(path):
+    rows = {}
+    for line in open(path):
+        line = line.strip()
+        if line.startswith("{"):
+            r = json.loads(line)
+            rows[(r["case"], r["head_dim"], r["mask"])] = r
+    return rows
+helix, torch = load(sys.argv[1]), load(sys.argv[2])
+backend = next(iter(torch.values()), {}).get("backend", "?")
+print(f"\nhelix vs PyTorch ({backend}), TFLOP/s (fwd: 4*H*D*sum s^2; fwd+bwd: 3.5x that)")
+print(f"{'case':<9} {'D':>4} {'H':>3} {'mask':<13} {'helix fwd':>9} {'torch fwd':>9} {'ratio':>6}"
+      f" {'helix f+b':>9} {'torch f+b':>9} {'ratio':>6}")
+for key in sorted(helix):
+    h, t = helix[key], torch.get(key)
+    if t is None:
+        continue
+    print(f"{key[0]:<9} {key[1]:>4} {h['heads']:>3} {key[2]:<13} {h['fwd_tflops']:>9.1f} {t['fwd_tflops']:>9.1f}"
+          f" {h['fwd_tflops'] / t['fwd_tflops']:>6.2f} {h['fwdbwd_tflops']:>9.1f} {t['fwdbwd_tflops']:>9.1f}"
+          f" {h['fwdbwd_tflops'] / t['fwdbwd_tflops']:>6.2f}")
+PY
+echo "results in $out"

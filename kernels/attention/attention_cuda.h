@@ -1,0 +1,27 @@
+#pragma once
+// Internal to kernels/attention (CUDA builds): the launch helpers the forward, backward and merge
+// translation units share. The kernel argument struct itself lives in attention_tiles.cuh.
+#include <cuda_bf16.h>
+
+#include "kernels/attention/attention.h"
+#include "kernels/attention/attention_tiles.cuh"
+
+namespace helix::detail {
+
+// Device pointers of q, k, cu_seqlens and offsets, strides and scales; the caller fills the rest.
+attention_tiles::AttnArgs make_attn_args(const Tensor& q, const Tensor& k, const ThdAttentionLayout& b,
+                                         float scale, AttentionMask mask);
+
+// Tensors whose gap rows (rows in no sequence) are zeroed; null entries are skipped.
+struct GapTargets {
+  __nv_bfloat16* x0 = nullptr;  // [T, H, D]
+  __nv_bfloat16* x1 = nullptr;  // [T, H, D]
+  __nv_bfloat16* x2 = nullptr;  // [T, H, D]
+  float* lse = nullptr;         // [H, T], set to -inf in the gaps
+};
+
+// Zeroes the gap rows of one side (q or kv) of the batch; launches nothing when there are none.
+void zero_gap_rows_cuda(const CuSeqlens& cu, const CuSeqlens& padded, int64_t total_rows,
+                        int64_t row_elems, const GapTargets& targets, int heads, const Stream& stream);
+
+}  // namespace helix::detail
