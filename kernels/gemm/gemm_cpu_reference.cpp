@@ -1,7 +1,8 @@
-// CPU reference of gemm(): plain loops, products summed in double, epilogue in double, one rounding
-// to the output dtype through convert.h (as the GPU rounds). fp8 inputs are decoded with convert.h
-// and multiplied by their scale_inv; an fp8 output is value * c_scale rounded with satfinite, and
-// the amax is max |value| before the scale, as cuBLASLt reports it.
+// Double-precision reference of gemm() on the CPU: plain loops, products summed in double, epilogue
+// in double, one rounding to the output dtype through convert.h (as the GPU rounds). gemm() uses it
+// for fp8 inputs; the tests check the BLAS path (gemm_cpu.cpp) and CUDA against it. fp8 inputs are
+// decoded with convert.h and multiplied by their scale_inv; an fp8 output is value * c_scale rounded
+// with satfinite, and the amax is max |value| before the scale, as cuBLASLt reports it.
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -46,7 +47,7 @@ void store(const Tensor& t, int64_t i, double v) {
       t.data<e5m2_t>()[i] = e5m2_t::from_float(f);
       break;
     default:
-      HELIX_FAIL("gemm_cpu: unexpected output dtype {}", dtype_name(t.dtype()));
+      HELIX_FAIL("gemm_cpu_reference: unexpected output dtype {}", dtype_name(t.dtype()));
   }
 }
 
@@ -58,7 +59,7 @@ float abs_max(float acc, float x) {
 
 }  // namespace
 
-void detail::gemm_cpu(const GemmParams& p, GemmShape s) {
+void detail::gemm_cpu_reference(const GemmParams& p, GemmShape s) {
   const std::vector<double> a = decode(p.a, p.op_a, p.a_scale_inv, false);  // op(A)   [M, K]
   const std::vector<double> bt = decode(p.b, p.op_b, p.b_scale_inv, true);  // op(B)^T [N, K]
   const bool fp8_out = dtype_is_fp8(p.c.dtype());
