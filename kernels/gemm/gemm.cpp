@@ -124,8 +124,7 @@ void validate_float(const GemmParams& p) {
   }
   HELIX_CHECK(!p.a_scale_inv.defined() && !p.b_scale_inv.defined() && !p.c_scale.defined() &&
                   !p.c_amax.defined(),
-              "gemm: scale / amax tensors apply only to fp8 GEMMs (got {} inputs)",
-              dtype_name(ta));
+              "gemm: scale / amax tensors apply only to fp8 GEMMs (got {} inputs)", dtype_name(ta));
   if (p.bias.defined()) {
     HELIX_CHECK(p.bias.dtype() == tc,
                 "gemm: cuBLASLt {} GEMMs take a bias of the output's dtype; expected bias {}, "

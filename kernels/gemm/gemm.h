@@ -1,7 +1,7 @@
 #pragma once
 // gemm: row-major C[M,N] = epilogue(alpha * op(A) * op(B) + beta * C) with f32, bf16 or fp8 inputs
-// and fp32 accumulation; on CUDA one cuBLASLt call (row-major mapped to column-major by swapping the
-// operands), on the CPU OpenBLAS sgemm plus f32 epilogue loops (fp8: the double reference). The
+// and fp32 accumulation; on CUDA one cuBLASLt call (row-major mapped to column-major by swapping
+// the operands), on the CPU OpenBLAS sgemm plus f32 epilogue loops (fp8: the double reference). The
 // same rules are checked on both devices, so a call that passes on the CPU is one cuBLASLt accepts.
 //
 // The three GEMMs of a linear layer y[T,out] = x[T,in] * W[out,in]^T + b:
@@ -29,8 +29,8 @@
 //     epilogues need C f32 (bias_grad f32) and alpha == 1.
 //   f32 x f32: C f32, bias f32, pre_gelu f32, bias_grad f32; every epilogue (bias gradients with
 //     alpha == 1). True fp32 on both devices: CUDA uses CUBLAS_COMPUTE_32F, never TF32, so CPU and
-//     CUDA runs of the model in f32 agree to fp32 rounding. On CUDA the bias gradient of an f32 GEMM
-//     is a separate column-sum kernel (double partial sums), not cuBLASLt's BGRAD epilogue.
+//     CUDA runs of the model in f32 agree to fp32 rounding. On CUDA the bias gradient of an f32
+//     GEMM is a separate column-sum kernel (double partial sums), not cuBLASLt's BGRAD epilogue.
 //   Mixed inputs (f32 x bf16, bf16 x fp8, ...) are rejected; c must not overlap a or b.
 //   fp8: (a, b) in {(e4m3,e4m3), (e5m2,e4m3), (e4m3,e5m2)}; op_a=kNone, op_b=kTranspose;
 //     M, N, K multiples of 16 (leading dimensions and the rows of the K-major operands);
@@ -39,16 +39,19 @@
 //     FP8 output: c = fp8(value * c_scale) with satfinite rounding, beta must be 0, c_amax
 //     (optional) is OVERWRITTEN with max |value| before c_scale is applied (cuBLASLt's AMAX_D
 //     semantics), the value being the epilogue's result. No GELU with an fp8 C.
-// CPU: f32 inputs go to cblas_sgemm as they are; bf16 inputs are widened to f32 buffers first
-// (exact), the product lands in an f32 buffer, the epilogue runs in f32 and rounds once to c's dtype.
-// The sums run in BLAS order, not in double: the tests hold this path to the double reference
-// (detail::gemm_cpu_reference) within |err| <= 1e-5 * sum |a*b| (bf16 outputs: one bf16 ulp).
-// Threads: OpenBLAS's own pool. OPENBLAS_NUM_THREADS (or GOTO_NUM_THREADS / OMP_NUM_THREADS, which
-// OpenBLAS also reads) is respected; helix never sets it. When none is set and the process was
-// started by mpirun with several ranks on this node (OMPI_COMM_WORLD_LOCAL_SIZE or MPI_LOCALNRANKS),
-// the first CPU GEMM sets OpenBLAS's pool to the CPUs this process is bound to, or, unbound,
-// max(1, node CPUs / local ranks), so that N ranks on one node do not each start a pool as large
-// as the node (oversubscription).
+//
+// CPU: f32 inputs go to cblas_sgemm as they are; bf16 inputs are widened to f32 first (exact), the
+// product lands in an f32 buffer, the epilogue runs in f32 and rounds once to c's dtype (buffers:
+// per thread, grown to the largest GEMM seen, kept). The sums run in BLAS order, not in double: the
+// tests hold this path to the double reference (detail::gemm_cpu_reference) within
+// |err| <= 1e-5 * sum |a*b| (bf16 outputs: plus one bf16 ulp, two for c after GELU).
+//
+// CPU threads: OpenBLAS's own pool. OPENBLAS_NUM_THREADS (or GOTO_NUM_THREADS / OMP_NUM_THREADS,
+// which OpenBLAS also reads) is respected; helix never sets it. When none is set and mpirun started
+// several ranks on this node (OMPI_COMM_WORLD_LOCAL_SIZE or MPI_LOCALNRANKS), the first CPU GEMM
+// sizes the pool to the CPUs the rank is bound to or, unbound, to max(1, node CPUs / local ranks),
+// so that N ranks on one node do not each start a pool as large as the node.
+//
 // CUDA: pointers 16-byte aligned, tensors contiguous. Algorithms come from
 // cublasLtMatmulAlgoGetHeuristic once per (device, shape, dtypes, transposes, epilogue, beta != 0,
 // accumulation) and are cached; one cuBLASLt handle per device; one 32 MiB workspace per (device,

@@ -43,7 +43,7 @@ detail::BlasThreadEnv read_thread_env() {
   detail::BlasThreadEnv env{};
   env.user_set =
       env_set("OPENBLAS_NUM_THREADS") || env_set("GOTO_NUM_THREADS") || env_set("OMP_NUM_THREADS");
-  env.local_ranks = env_int("OMPI_COMM_WORLD_LOCAL_SIZE");  // Open MPI
+  env.local_ranks = env_int("OMPI_COMM_WORLD_LOCAL_SIZE");                 // Open MPI
   if (env.local_ranks == 0) env.local_ranks = env_int("MPI_LOCALNRANKS");  // MPICH / Intel MPI
   cpu_set_t set;
   CPU_ZERO(&set);
@@ -111,20 +111,19 @@ inline float exp_nonpositive(float y) {
 // -ftrapping-math a float compare or a select around the division stops it). NaN propagates.
 inline float gelu_erf(float x) {
   const int32_t xb = std::bit_cast<int32_t>(x);
-  const int32_t zb = std::bit_cast<int32_t>(std::bit_cast<float>(xb & 0x7FFFFFFF) *
-                                            0.70710678118654752440f);
-  constexpr int32_t kNine = 0x41100000;                         // 9.0f
+  const int32_t zb =
+      std::bit_cast<int32_t>(std::bit_cast<float>(xb & 0x7FFFFFFF) * 0.70710678118654752440f);
+  constexpr int32_t kNine = 0x41100000;                        // 9.0f
   const int32_t in_range = -static_cast<int32_t>(zb < kNine);  // all ones while z < 9 (NaN: 0)
   const float z = std::bit_cast<float>((zb & in_range) | (kNine & ~in_range));
   const float p =
-      1.0f +
-      z * (1.228646993637085f +
-           z * (0.7214195132255554f + z * (0.22437913715839386f + z * 0.0317857600748539f)));
+      1.0f + z * (1.228646993637085f +
+                  z * (0.7214195132255554f + z * (0.22437913715839386f + z * 0.0317857600748539f)));
   const float q =
-      1.0f + z * (2.3570265769958496f +
-                  z * (2.3810315132141113f +
-                       z * (1.306361198425293f +
-                            z * (0.3977331817150116f + z * 0.05633791163563728f))));
+      1.0f +
+      z * (2.3570265769958496f +
+           z * (2.3810315132141113f +
+                z * (1.306361198425293f + z * (0.3977331817150116f + z * 0.05633791163563728f))));
   const int32_t half_erfc =
       std::bit_cast<int32_t>(0.5f * exp_nonpositive(-z * z) * p / q) & in_range;
   const int32_t one_minus = std::bit_cast<int32_t>(1.0f - std::bit_cast<float>(half_erfc));

@@ -1,8 +1,8 @@
 // Double-precision reference of gemm() on the CPU: plain loops, products summed in double, epilogue
 // in double, one rounding to the output dtype through convert.h (as the GPU rounds). gemm() uses it
 // for fp8 inputs; the tests check the BLAS path (gemm_cpu.cpp) and CUDA against it. fp8 inputs are
-// decoded with convert.h and multiplied by their scale_inv; an fp8 output is value * c_scale rounded
-// with satfinite, and the amax is max |value| before the scale, as cuBLASLt reports it.
+// decoded with convert.h and multiplied by their scale_inv; an fp8 output is value * c_scale
+// rounded with satfinite, and the amax is max |value| before the scale, as cuBLASLt reports it.
 #include <cmath>
 #include <cstdint>
 #include <vector>

@@ -393,7 +393,8 @@ TEST(GemmCpu, Fp8RunsTheReference) {
     gemm(fast, Stream::cpu());
     run_reference(ref);
     EXPECT_TRUE(testing::all_close(fast.c, ref.c, {0, 0}));
-    if (ref.pre_gelu.defined()) EXPECT_TRUE(testing::all_close(fast.pre_gelu, ref.pre_gelu, {0, 0}));
+    if (ref.pre_gelu.defined())
+      EXPECT_TRUE(testing::all_close(fast.pre_gelu, ref.pre_gelu, {0, 0}));
     if (ref.c_amax.defined()) EXPECT_EQ(fast.c_amax.to_floats()[0], ref.c_amax.to_floats()[0]);
   }
 }
@@ -445,8 +446,7 @@ void check_fast_against_reference(const Case& cs) {
   // which then rounds once more: two ulps for a bf16 c under kBiasGelu.
   const int c_ulps = cs.epilogue == GemmEpilogue::kBiasGelu ? 2 : 1;
   EXPECT_TRUE(fast_close(fast.c, ref.c, nv.magnitude, c_ulps));
-  if (ref.pre_gelu.defined())
-    EXPECT_TRUE(fast_close(fast.pre_gelu, ref.pre_gelu, nv.magnitude, 1));
+  if (ref.pre_gelu.defined()) EXPECT_TRUE(fast_close(fast.pre_gelu, ref.pre_gelu, nv.magnitude, 1));
   if (ref.bias_grad.defined())
     EXPECT_TRUE(fast_close(fast.bias_grad, ref.bias_grad, nv.grad_magnitude, 1));
 }
@@ -515,8 +515,8 @@ TEST(GemmCpu, LargeLinearLayerShapesMatchReference) {
 }
 
 TEST(GemmCpu, BlasThreadPolicy) {
-  using detail::BlasThreadEnv;
   using detail::blas_thread_count;
+  using detail::BlasThreadEnv;
   // Not under mpirun, or one rank per node: OpenBLAS keeps its own choice.
   EXPECT_EQ(blas_thread_count(BlasThreadEnv{false, 0, 16, 16}), 0);
   EXPECT_EQ(blas_thread_count(BlasThreadEnv{false, 1, 16, 16}), 0);
