@@ -3,7 +3,7 @@
 # The CUDA toolkit (nvcc, cuBLASLt, NCCL) is used when present; without it helix builds CPU-only.
 set -euo pipefail
 pkgs=(build-essential cmake ninja-build pkg-config libopenmpi-dev openmpi-bin libboost-program-options-dev
-      libfmt-dev libgtest-dev zlib1g-dev python3)
+      libfmt-dev libgtest-dev libopenblas-dev zlib1g-dev python3)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -1,5 +1,5 @@
-// gemm(): shape and type validation shared by both devices, then dispatch to the CPU reference
-// (gemm_cpu.cpp) or cuBLASLt (gemm.cu).
+// gemm(): shape and type validation shared by both devices, then dispatch to the CPU path
+// (gemm_cpu.cpp: OpenBLAS, or the reference for fp8) or cuBLASLt (gemm.cu).
 #include "kernels/gemm/gemm.h"
 
 #include <cmath>
@@ -47,7 +47,7 @@ void check_vector(const Tensor& t, const char* name, int64_t len, const char* wh
               len, t.str());
 }
 
-bool is_input_dtype(DType t) { return t == DType::kBF16 || dtype_is_fp8(t); }
+bool is_input_dtype(DType t) { return t == DType::kF32 || t == DType::kBF16 || dtype_is_fp8(t); }
 
 void check_same_device(const GemmParams& p) {
   const Device dev = p.c.device();
@@ -70,8 +70,8 @@ void check_same_device(const GemmParams& p) {
 void validate_fp8(const GemmParams& p, GemmShape s) {
   const DType ta = p.a.dtype(), tb = p.b.dtype(), tc = p.c.dtype();
   HELIX_CHECK(dtype_is_fp8(ta) && dtype_is_fp8(tb),
-              "gemm: expected both inputs fp8 or both bf16, got a {} and b {}", dtype_name(ta),
-              dtype_name(tb));
+              "gemm: expected both inputs fp8, both bf16 or both f32, got a {} and b {}",
+              dtype_name(ta), dtype_name(tb));
   HELIX_CHECK(!(ta == DType::kE5M2 && tb == DType::kE5M2),
               "gemm: e5m2 x e5m2 is not supported by cuBLASLt; expected at least one e4m3 input");
   HELIX_CHECK(p.op_a == GemmOp::kNone && p.op_b == GemmOp::kTranspose,
@@ -110,21 +110,26 @@ void validate_fp8(const GemmParams& p, GemmShape s) {
               "gemm: kBiasGelu needs a bf16 or f32 c, got {}", dtype_name(tc));
 }
 
-void validate_bf16(const GemmParams& p) {
-  const DType tc = p.c.dtype();
-  HELIX_CHECK(p.a.dtype() == DType::kBF16 && p.b.dtype() == DType::kBF16,
-              "gemm: expected both inputs fp8 or both bf16, got a {} and b {}",
-              dtype_name(p.a.dtype()), dtype_name(p.b.dtype()));
-  HELIX_CHECK(tc == DType::kBF16 || tc == DType::kF32,
-              "gemm: bf16 inputs: expected c bf16 or f32, got {}", dtype_name(tc));
+// bf16 x bf16 or f32 x f32.
+void validate_float(const GemmParams& p) {
+  const DType ta = p.a.dtype(), tc = p.c.dtype();
+  HELIX_CHECK(ta == p.b.dtype(),
+              "gemm: expected both inputs fp8, both bf16 or both f32, got a {} and b {}",
+              dtype_name(ta), dtype_name(p.b.dtype()));
+  if (ta == DType::kF32) {
+    HELIX_CHECK(tc == DType::kF32, "gemm: f32 inputs: expected c f32, got {}", dtype_name(tc));
+  } else {
+    HELIX_CHECK(tc == DType::kBF16 || tc == DType::kF32,
+                "gemm: bf16 inputs: expected c bf16 or f32, got {}", dtype_name(tc));
+  }
   HELIX_CHECK(!p.a_scale_inv.defined() && !p.b_scale_inv.defined() && !p.c_scale.defined() &&
                   !p.c_amax.defined(),
-              "gemm: scale / amax tensors apply only to fp8 GEMMs (got bf16 inputs)");
+              "gemm: scale / amax tensors apply only to fp8 GEMMs (got {} inputs)", dtype_name(ta));
   if (p.bias.defined()) {
     HELIX_CHECK(p.bias.dtype() == tc,
-                "gemm: cuBLASLt bf16 GEMMs take a bias of the output's dtype; expected bias {}, "
+                "gemm: cuBLASLt {} GEMMs take a bias of the output's dtype; expected bias {}, "
                 "got {}",
-                dtype_name(tc), p.bias.str());
+                dtype_name(ta), dtype_name(tc), p.bias.str());
   }
   if (p.epilogue == GemmEpilogue::kBiasGradA || p.epilogue == GemmEpilogue::kBiasGradB) {
     HELIX_CHECK(tc == DType::kF32,
@@ -166,7 +171,8 @@ void detail::validate_gemm(const GemmParams& p, GemmShape s) {
   HELIX_CHECK(p.c.dim(0) == s.m && p.c.dim(1) == s.n, "gemm: expected c of shape [{}, {}], got {}",
               s.m, s.n, p.c.str());
   HELIX_CHECK(is_input_dtype(p.a.dtype()) && is_input_dtype(p.b.dtype()),
-              "gemm: expected bf16, e4m3 or e5m2 inputs, got a {} and b {}", p.a.str(), p.b.str());
+              "gemm: expected f32, bf16, e4m3 or e5m2 inputs, got a {} and b {}", p.a.str(),
+              p.b.str());
   HELIX_CHECK(std::isfinite(p.alpha) && std::isfinite(p.beta),
               "gemm: expected finite alpha and beta, got {} and {}", p.alpha, p.beta);
   check_same_device(p);
@@ -206,7 +212,7 @@ void detail::validate_gemm(const GemmParams& p, GemmShape s) {
   if (dtype_is_fp8(p.a.dtype()) || dtype_is_fp8(p.b.dtype())) {
     validate_fp8(p, s);
   } else {
-    validate_bf16(p);
+    validate_float(p);
   }
 }
 

@@ -1,4 +1,5 @@
-// cuBLASLt implementation of gemm() plus the erf-GELU pass of kBiasGelu.
+// cuBLASLt implementation of gemm() plus the erf-GELU pass of kBiasGelu and the column sums that
+// give an f32 GEMM its bias gradient.
 // Row-major C[M,N] = op(A) op(B) is column-major C^T[N,M] = op(B)^T op(A)^T, so cuBLASLt sees
 // A' = b, B' = a, m' = N, n' = M, and a row-major operand's op is its column-major op unchanged
 // (a stored [r, c] row-major is a [c, r] column-major matrix, i.e. already transposed).
@@ -55,6 +56,30 @@ __global__ void gelu_erf_kernel(const T* __restrict__ in, T* __restrict__ out, i
     } else {
       out[i] = T::from_float(gelu_erf(in[i].to_float()));
     }
+  }
+}
+
+// out[c] = sum over r of x[r, c], x row-major [rows, cols] f32: the bias gradient of an f32 GEMM
+// (the stored a [K, M] or b [K, N]). grid (ceil(cols / 32)), block (32, 16): threadIdx.x picks the
+// column (a warp reads 32 consecutive floats of a row), threadIdx.y strides over the rows; each
+// thread sums in double, and the 16 partials of a column meet in shared memory in a fixed order,
+// so the result is deterministic.
+constexpr int kColSumX = 32, kColSumY = 16;
+__global__ void column_sum_kernel(const float* __restrict__ x, float* __restrict__ out,
+                                  int64_t rows, int64_t cols) {
+  __shared__ double partial[kColSumY][kColSumX];
+  const int64_t c = int64_t(blockIdx.x) * kColSumX + threadIdx.x;
+  double acc = 0.0;
+  if (c < cols) {
+    for (int64_t r = threadIdx.y; r < rows; r += kColSumY) acc += x[r * cols + c];
+  }
+  partial[threadIdx.y][threadIdx.x] = acc;
+  __syncthreads();
+  if (threadIdx.y == 0 && c < cols) {
+    double sum = 0.0;
+#pragma unroll
+    for (int y = 0; y < kColSumY; ++y) sum += partial[y][threadIdx.x];
+    out[c] = static_cast<float>(sum);
   }
 }
 
@@ -156,6 +181,8 @@ class LtState {
 };
 
 // RAII owners of the per-call descriptors (cheap host objects; only the algorithm is cached).
+// Compute type CUBLAS_COMPUTE_32F for every dtype: with f32 operands that is true fp32 math
+// (TF32 would need CUBLAS_COMPUTE_32F_FAST_TF32, which helix never asks for).
 struct MatmulDesc {
   cublasLtMatmulDesc_t d = nullptr;
   MatmulDesc() { CUBLAS_CHECK(cublasLtMatmulDescCreate(&d, CUBLAS_COMPUTE_32F, CUDA_R_32F)); }
@@ -216,6 +243,23 @@ void detail::gelu_erf_cuda(const Tensor& in, const Tensor& out, const Stream& st
   HELIX_LAUNCH_CHECK();
 }
 
+namespace {
+
+void column_sum_cuda(const Tensor& x, const Tensor& out, const Stream& stream) {
+  HELIX_CHECK(x.is_cuda() && out.is_cuda() && x.dtype() == DType::kF32 &&
+                  out.dtype() == DType::kF32 && x.ndim() == 2 && out.numel() == x.dim(1),
+              "gemm: column sums: expected f32 x [R, C] and f32 out [C] on CUDA, got {} and {}",
+              x.str(), out.str());
+  const int64_t rows = x.dim(0), cols = x.dim(1);
+  const dim3 grid(static_cast<unsigned>((cols + kColSumX - 1) / kColSumX));
+  const dim3 block(kColSumX, kColSumY);
+  column_sum_kernel<<<grid, block, 0, static_cast<cudaStream_t>(stream.handle())>>>(
+      x.data<float>(), out.data<float>(), rows, cols);
+  HELIX_LAUNCH_CHECK();
+}
+
+}  // namespace
+
 void detail::gemm_cuda(const GemmParams& p, GemmShape s, const Stream& stream) {
   const int device = p.c.device().index;
   DeviceGuard guard(device);
@@ -230,6 +274,11 @@ void detail::gemm_cuda(const GemmParams& p, GemmShape s, const Stream& stream) {
   const bool fp8 = dtype_is_fp8(p.a.dtype());
   const bool fp8_out = dtype_is_fp8(p.c.dtype());
   const bool gelu = p.epilogue == GemmEpilogue::kBiasGelu;
+  // f32 inputs: the bias gradient comes from column_sum_cuda after the GEMM, not from BGRAD.
+  const bool grad_epilogue =
+      p.epilogue == GemmEpilogue::kBiasGradA || p.epilogue == GemmEpilogue::kBiasGradB;
+  const bool separate_bias_grad = grad_epilogue && p.a.dtype() == DType::kF32;
+  const GemmEpilogue lt_epilogue = separate_bias_grad ? GemmEpilogue::kNone : p.epilogue;
   // kBiasGelu: cuBLASLt writes the pre-activation (bias epilogue) into pre_gelu, GELU follows.
   const Tensor& d = gelu ? p.pre_gelu : p.c;
 
@@ -251,7 +300,7 @@ void detail::gemm_cuda(const GemmParams& p, GemmShape s, const Stream& stream) {
   desc.set(CUBLASLT_MATMUL_DESC_TRANSB, trans_b);
   cublasLtEpilogue_t epilogue = CUBLASLT_EPILOGUE_DEFAULT;
   const void* bias_ptr = nullptr;
-  switch (p.epilogue) {
+  switch (lt_epilogue) {
     case GemmEpilogue::kNone:
       break;
     case GemmEpilogue::kBias:
@@ -298,7 +347,7 @@ void detail::gemm_cuda(const GemmParams& p, GemmShape s, const Stream& stream) {
                     p.bias.defined() ? p.bias.dtype() : DType::kU8,
                     p.op_a,
                     p.op_b,
-                    p.epilogue,
+                    lt_epilogue,
                     p.beta != 0.0f,
                     p.c_amax.defined(),
                     fp8 ? p.fp8_accumulation : Fp8Accumulation::kPrecise};
@@ -323,7 +372,7 @@ void detail::gemm_cuda(const GemmParams& p, GemmShape s, const Stream& stream) {
                 cublasLtGetStatusName(status), s.m, s.n, s.k, dtype_name(p.a.dtype()),
                 dtype_name(p.b.dtype()), dtype_name(p.c.dtype()),
                 p.op_a == GemmOp::kNone ? "kNone" : "kTranspose",
-                p.op_b == GemmOp::kNone ? "kNone" : "kTranspose", int(p.epilogue));
+                p.op_b == GemmOp::kNone ? "kNone" : "kTranspose", int(lt_epilogue));
     algo = result.algo;
     lt.store_algo(key, algo);
   }
@@ -335,6 +384,10 @@ void detail::gemm_cuda(const GemmParams& p, GemmShape s, const Stream& stream) {
                               workspace, kWorkspaceBytes,
                               static_cast<cudaStream_t>(stream.handle())));
   if (gelu) gelu_erf_cuda(p.pre_gelu, p.c, stream);
+  if (separate_bias_grad) {
+    // kBiasGradA: a stored [K, M] (op_a = kTranspose); kBiasGradB: b stored [K, N] (op_b = kNone).
+    column_sum_cuda(p.epilogue == GemmEpilogue::kBiasGradA ? p.a : p.b, p.bias_grad, stream);
+  }
 }
 
 }  // namespace helix

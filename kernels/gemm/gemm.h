@@ -1,8 +1,8 @@
 #pragma once
-// gemm: row-major C[M,N] = epilogue(alpha * op(A) * op(B) + beta * C) with bf16 or fp8 inputs and
-// fp32 accumulation; on CUDA one cuBLASLt call (row-major mapped to column-major by swapping the
-// operands), on the CPU a reference in double. The same rules are checked on both devices, so a
-// call that passes on the CPU is one cuBLASLt accepts.
+// gemm: row-major C[M,N] = epilogue(alpha * op(A) * op(B) + beta * C) with f32, bf16 or fp8 inputs
+// and fp32 accumulation; on CUDA one cuBLASLt call (row-major mapped to column-major by swapping
+// the operands), on the CPU OpenBLAS sgemm plus f32 epilogue loops (fp8: the double reference). The
+// same rules are checked on both devices, so a call that passes on the CPU is one cuBLASLt accepts.
 //
 // The three GEMMs of a linear layer y[T,out] = x[T,in] * W[out,in]^T + b:
 //   forward  y  = x  * W^T        a=x  [T,in],   b=W  [out,in], op_a=kNone,      op_b=kTranspose
@@ -27,6 +27,11 @@
 // Type rules (cuBLASLt's, enforced on both devices):
 //   bf16 x bf16: C bf16 or f32; bias dtype == C dtype; pre_gelu dtype == C dtype; bias-gradient
 //     epilogues need C f32 (bias_grad f32) and alpha == 1.
+//   f32 x f32: C f32, bias f32, pre_gelu f32, bias_grad f32; every epilogue (bias gradients with
+//     alpha == 1). True fp32 on both devices: CUDA uses CUBLAS_COMPUTE_32F, never TF32, so CPU and
+//     CUDA runs of the model in f32 agree to fp32 rounding. On CUDA the bias gradient of an f32
+//     GEMM is a separate column-sum kernel (double partial sums), not cuBLASLt's BGRAD epilogue.
+//   Mixed inputs (f32 x bf16, bf16 x fp8, ...) are rejected; c must not overlap a or b.
 //   fp8: (a, b) in {(e4m3,e4m3), (e5m2,e4m3), (e4m3,e5m2)}; op_a=kNone, op_b=kTranspose;
 //     M, N, K multiples of 16 (leading dimensions and the rows of the K-major operands);
 //     a_scale_inv / b_scale_inv f32 [1] required (value = code * scale_inv); C bf16, f32, e4m3,
@@ -34,6 +39,19 @@
 //     FP8 output: c = fp8(value * c_scale) with satfinite rounding, beta must be 0, c_amax
 //     (optional) is OVERWRITTEN with max |value| before c_scale is applied (cuBLASLt's AMAX_D
 //     semantics), the value being the epilogue's result. No GELU with an fp8 C.
+//
+// CPU: f32 inputs go to cblas_sgemm as they are; bf16 inputs are widened to f32 first (exact), the
+// product lands in an f32 buffer, the epilogue runs in f32 and rounds once to c's dtype (buffers:
+// per thread, grown to the largest GEMM seen, kept). The sums run in BLAS order, not in double: the
+// tests hold this path to the double reference (detail::gemm_cpu_reference) within
+// |err| <= 1e-5 * sum |a*b| (bf16 outputs: plus one bf16 ulp, two for c after GELU).
+//
+// CPU threads: OpenBLAS's own pool. OPENBLAS_NUM_THREADS (or GOTO_NUM_THREADS / OMP_NUM_THREADS,
+// which OpenBLAS also reads) is respected; helix never sets it. When none is set and mpirun started
+// several ranks on this node (OMPI_COMM_WORLD_LOCAL_SIZE or MPI_LOCALNRANKS), the first CPU GEMM
+// sizes the pool to the CPUs the rank is bound to or, unbound, to max(1, node CPUs / local ranks),
+// so that N ranks on one node do not each start a pool as large as the node.
+//
 // CUDA: pointers 16-byte aligned, tensors contiguous. Algorithms come from
 // cublasLtMatmulAlgoGetHeuristic once per (device, shape, dtypes, transposes, epilogue, beta != 0,
 // accumulation) and are cached; one cuBLASLt handle per device; one 32 MiB workspace per (device,
@@ -56,8 +74,8 @@ enum class GemmEpilogue : uint8_t { kNone, kBias, kBiasGelu, kBiasGradA, kBiasGr
 enum class Fp8Accumulation : uint8_t { kPrecise, kFast };
 
 struct GemmParams {
-  Tensor a;  // [M, K] (op_a = kNone) or [K, M] (op_a = kTranspose); bf16, e4m3 or e5m2
-  Tensor b;  // [K, N] (op_b = kNone) or [N, K] (op_b = kTranspose); bf16, e4m3 or e5m2
+  Tensor a;  // [M, K] (op_a = kNone) or [K, M] (op_a = kTranspose); f32, bf16, e4m3 or e5m2
+  Tensor b;  // [K, N] (op_b = kNone) or [N, K] (op_b = kTranspose); f32, bf16, e4m3 or e5m2
   Tensor c;  // [M, N] output; bf16, f32, e4m3 or e5m2; also read as input when beta != 0
   GemmOp op_a = GemmOp::kNone;
   GemmOp op_b = GemmOp::kNone;
@@ -86,7 +104,20 @@ GemmShape gemm_shape(const GemmParams& p);
 
 namespace detail {
 void validate_gemm(const GemmParams& p, GemmShape s);  // the rules above; throws helix::Error
+// CPU: OpenBLAS for f32 / bf16 inputs, the reference for fp8 (what gemm() runs on the CPU).
 void gemm_cpu(const GemmParams& p, GemmShape s);
+// CPU, every dtype: products and epilogue in double, one rounding. For the tests only.
+void gemm_cpu_reference(const GemmParams& p, GemmShape s);
+
+// The OpenBLAS thread count gemm_cpu() sets (see "Threads" above), as a pure function of the
+// environment; 0 = leave OpenBLAS's own choice.
+struct BlasThreadEnv {
+  bool user_set;    // OPENBLAS_NUM_THREADS, GOTO_NUM_THREADS or OMP_NUM_THREADS is set
+  int local_ranks;  // processes of this job on this node (0: not under mpirun)
+  int bound_cpus;   // CPUs this process may run on (its affinity mask)
+  int node_cpus;    // CPUs of the node
+};
+int blas_thread_count(const BlasThreadEnv& env);
 void gemm_cuda(const GemmParams& p, GemmShape s, const Stream& stream);
 // GELU(erf) in place of the cuBLASLt tanh epilogue: out = gelu(in), in/out bf16 or f32, n elements.
 void gelu_erf_cuda(const Tensor& in, const Tensor& out, const Stream& stream);

@@ -1,6 +1,8 @@
-// gemm: the CPU reference against hand-computed linear-layer GEMMs and against plain double loops
-// (every transpose, epilogue, output dtype, fp8 inputs and outputs), the validation rules, and on a
-// GPU cuBLASLt against the CPU reference on odd, tiny and large shapes with poisoned outputs.
+// gemm: the double CPU reference against hand-computed linear-layer GEMMs and against plain double
+// loops (every transpose, epilogue, output dtype, f32/bf16/fp8 inputs, fp8 outputs); the OpenBLAS
+// path that gemm() runs on the CPU against that reference; the OpenBLAS thread policy; the
+// validation rules; and on a GPU cuBLASLt against the CPU reference on odd, tiny and large shapes
+// with poisoned outputs.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -161,10 +163,14 @@ struct Case {
   }
 };
 
-// A random matrix of `dtype`: bf16 uniform in [-1, 1); fp8 codes of normal values cast with
+// A random matrix of `dtype`: f32 / bf16 uniform in [-1, 1); fp8 codes of normal values cast with
 // `scale` (so that scale_inv = 1/scale recovers them).
 Tensor random_matrix(int64_t r, int64_t c, DType dtype, uint64_t seed, uint64_t sub, float scale) {
   Tensor f = Tensor::empty({r, c}, DType::kF32);
+  if (dtype == DType::kF32) {
+    fill_uniform(f, seed, sub, -1.0f, 1.0f);
+    return f;
+  }
   if (dtype == DType::kBF16) {
     fill_uniform(f, seed, sub, -1.0f, 1.0f);
     return f.to(DType::kBF16);
@@ -257,6 +263,18 @@ std::vector<Case> bf16_cases(int64_t m, int64_t n, int64_t k, uint64_t seed) {
   return out;
 }
 
+// Every valid f32 combination (c f32) of transposes, epilogues and beta.
+std::vector<Case> f32_cases(int64_t m, int64_t n, int64_t k, uint64_t seed) {
+  std::vector<Case> out;
+  for (Case cs : bf16_cases(m, n, k, seed)) {
+    if (cs.c != DType::kF32) continue;
+    cs.a = cs.b = DType::kF32;
+    cs.seed = seed + out.size();
+    out.push_back(cs);
+  }
+  return out;
+}
+
 // Every valid fp8 combination of input formats, output dtypes and epilogues (TN layout).
 std::vector<Case> fp8_cases(int64_t m, int64_t n, int64_t k, uint64_t seed) {
   std::vector<Case> out;
@@ -276,13 +294,20 @@ std::vector<Case> fp8_cases(int64_t m, int64_t n, int64_t k, uint64_t seed) {
   return out;
 }
 
-// Runs `cs` on the CPU and checks it against the double loops.
-void check_cpu_against_naive(const Case& cs) {
+// The double reference, validated as gemm() validates.
+void run_reference(const GemmParams& p) {
+  const GemmShape s = gemm_shape(p);
+  detail::validate_gemm(p, s);
+  detail::gemm_cpu_reference(p, s);
+}
+
+// Runs `cs` through the double reference and checks it against the double loops.
+void check_reference_against_naive(const Case& cs) {
   SCOPED_TRACE(cs.str());
   GemmParams p = make_params(cs);
-  const Naive nv = naive_gemm(p);  // reads c before gemm() overwrites it
+  const Naive nv = naive_gemm(p);  // reads c before the reference overwrites it
   const Expected e = expected_outputs(p, nv);
-  gemm(p, Stream::cpu());
+  run_reference(p);
   EXPECT_TRUE(gemm_close(p.c, e.c, {}, 0.0));
   if (e.pre_gelu.defined()) EXPECT_TRUE(gemm_close(p.pre_gelu, e.pre_gelu, {}, 0.0));
   if (e.bias_grad.defined()) EXPECT_TRUE(gemm_close(p.bias_grad, e.bias_grad, {}, 0.0));
@@ -348,13 +373,162 @@ TEST(GemmCpu, GeluIsErfOfStoredPreActivation) {
   EXPECT_NEAR(p.c.to_floats()[0], -0.04550026, 1e-7);  // GELU(-2)
 }
 
-TEST(GemmCpu, MatchesDoubleLoopsForEveryTransposeEpilogueAndDtype) {
-  for (const Case& cs : bf16_cases(7, 5, 6, 100)) check_cpu_against_naive(cs);
-  for (const Case& cs : bf16_cases(3, 9, 13, 200)) check_cpu_against_naive(cs);
+TEST(GemmCpuReference, MatchesDoubleLoopsForEveryTransposeEpilogueAndDtype) {
+  for (const Case& cs : bf16_cases(7, 5, 6, 100)) check_reference_against_naive(cs);
+  for (const Case& cs : bf16_cases(3, 9, 13, 200)) check_reference_against_naive(cs);
+  for (const Case& cs : f32_cases(7, 5, 6, 250)) check_reference_against_naive(cs);
+  for (const Case& cs : f32_cases(3, 9, 13, 270)) check_reference_against_naive(cs);
 }
 
-TEST(GemmCpu, Fp8MatchesDoubleLoopsWithScalesAndAmax) {
-  for (const Case& cs : fp8_cases(16, 32, 48, 300)) check_cpu_against_naive(cs);
+TEST(GemmCpuReference, Fp8MatchesDoubleLoopsWithScalesAndAmax) {
+  for (const Case& cs : fp8_cases(16, 32, 48, 300)) check_reference_against_naive(cs);
+}
+
+TEST(GemmCpu, Fp8RunsTheReference) {
+  // gemm() on the CPU sends fp8 to the double reference: bit-identical outputs and amax.
+  for (const Case& cs : fp8_cases(16, 32, 48, 350)) {
+    SCOPED_TRACE(cs.str());
+    GemmParams fast = make_params(cs);
+    GemmParams ref = make_params(cs);
+    gemm(fast, Stream::cpu());
+    run_reference(ref);
+    EXPECT_TRUE(testing::all_close(fast.c, ref.c, {0, 0}));
+    if (ref.pre_gelu.defined())
+      EXPECT_TRUE(testing::all_close(fast.pre_gelu, ref.pre_gelu, {0, 0}));
+    if (ref.c_amax.defined()) EXPECT_EQ(fast.c_amax.to_floats()[0], ref.c_amax.to_floats()[0]);
+  }
+}
+
+// ---- the OpenBLAS path against the reference ---------------------------------------------------
+
+// One bf16 ulp at |x| (the spacing of bf16 values in x's binade; subnormals: 2^-133).
+double bf16_ulp(double x) {
+  int e = 0;
+  std::frexp(std::max(std::abs(x), std::ldexp(1.0, -126)), &e);  // |x| in [2^(e-1), 2^e)
+  return std::ldexp(1.0, e - 1 - 7);
+}
+
+// The OpenBLAS path sums in f32 in BLAS's order, the reference in double:
+//   f32 outputs:  |fast - ref| <= 1e-5 * magnitude + 1e-6 * |ref| + 1e-7
+//   bf16 outputs: |fast - ref| <= ulps * bf16_ulp + 1e-5 * magnitude
+// magnitude = sum |terms| of the element (|alpha a b| products, |beta c|, |bias|). The f32 rounding
+// terms cover the erf of the GELU (f32 on this path, double in the reference).
+::testing::AssertionResult fast_close(const Tensor& fast, const Tensor& ref,
+                                      const std::vector<double>& magnitude, int bf16_ulps) {
+  if (!(fast.shape() == ref.shape()) || fast.dtype() != ref.dtype())
+    return ::testing::AssertionFailure() << fast.str() << " vs reference " << ref.str();
+  const std::vector<float> a = fast.to_floats(), b = ref.to_floats();
+  for (size_t i = 0; i < a.size(); ++i) {
+    const double d = std::abs(double(a[i]) - double(b[i]));
+    const double mag = i < magnitude.size() ? magnitude[i] : 0.0;
+    const double allowed =
+        ref.dtype() == DType::kBF16
+            ? bf16_ulps * bf16_ulp(std::max(std::abs(a[i]), std::abs(b[i]))) + 1e-5 * mag
+            : 1e-5 * mag + 1e-6 * std::abs(double(b[i])) + 1e-7;
+    if (!(d <= allowed))
+      return ::testing::AssertionFailure()
+             << "element " << i << ": " << a[i] << " vs reference " << b[i] << " (|diff| " << d
+             << ", allowed " << allowed << ", magnitude " << mag << ")";
+  }
+  return ::testing::AssertionSuccess();
+}
+
+// gemm() on the CPU (OpenBLAS) against the double reference on the same inputs; outputs of both
+// are poisoned with NaN first (make_params), so an element either path leaves unwritten fails.
+void check_fast_against_reference(const Case& cs) {
+  SCOPED_TRACE(cs.str());
+  GemmParams fast = make_params(cs);
+  GemmParams ref = make_params(cs);
+  const Naive nv = naive_gemm(ref);  // magnitudes; reads c before it is overwritten
+  gemm(fast, Stream::cpu());
+  run_reference(ref);
+  // A bf16 pre-activation may round one ulp apart; GELU (slope <= 1.13) carries that into c,
+  // which then rounds once more: two ulps for a bf16 c under kBiasGelu.
+  const int c_ulps = cs.epilogue == GemmEpilogue::kBiasGelu ? 2 : 1;
+  EXPECT_TRUE(fast_close(fast.c, ref.c, nv.magnitude, c_ulps));
+  if (ref.pre_gelu.defined()) EXPECT_TRUE(fast_close(fast.pre_gelu, ref.pre_gelu, nv.magnitude, 1));
+  if (ref.bias_grad.defined())
+    EXPECT_TRUE(fast_close(fast.bias_grad, ref.bias_grad, nv.grad_magnitude, 1));
+}
+
+TEST(GemmCpu, F32MatchesReferenceForEveryTransposeAndEpilogue) {
+  for (const Case& cs : f32_cases(71, 229, 53, 400)) check_fast_against_reference(cs);
+  for (const Case& cs : f32_cases(29, 541, 67, 500)) check_fast_against_reference(cs);
+  for (const Case& cs : f32_cases(1, 1, 1, 600)) check_fast_against_reference(cs);
+  for (const Case& cs : f32_cases(7, 5, 6, 650)) check_fast_against_reference(cs);
+}
+
+TEST(GemmCpu, Bf16MatchesReferenceForEveryTransposeEpilogueAndDtype) {
+  for (const Case& cs : bf16_cases(71, 229, 53, 700)) check_fast_against_reference(cs);
+  for (const Case& cs : bf16_cases(29, 541, 67, 800)) check_fast_against_reference(cs);
+  for (const Case& cs : bf16_cases(1, 1, 1, 900)) check_fast_against_reference(cs);
+}
+
+TEST(GemmCpu, F32GeluAcrossTheRange) {
+  // pre_gelu = 1 x b, so c = GELU(b) for every x in [-14, 14] (steps of 1/64) and NaN. The f32
+  // GELU of the BLAS path keeps its relative accuracy in the negative tail, where 0.5 x (1 + erf)
+  // would cancel to nothing; past x = -12.7 the result (|y| < 1e-35) is flushed to 0.
+  std::vector<float> xs;
+  for (int i = -14 * 64; i <= 14 * 64; ++i) xs.push_back(static_cast<float>(i) / 64.0f);
+  xs.push_back(std::numeric_limits<float>::quiet_NaN());
+  const int64_t n = static_cast<int64_t>(xs.size());
+  GemmParams p;
+  p.a = Tensor::from_floats({1.0f}, {1, 1}, DType::kF32);
+  p.b = Tensor::from_floats(xs, {1, n}, DType::kF32);
+  p.c = poisoned({1, n}, DType::kF32);
+  p.pre_gelu = poisoned({1, n}, DType::kF32);
+  p.epilogue = GemmEpilogue::kBiasGelu;
+  p.bias = Tensor::from_floats(std::vector<float>(static_cast<size_t>(n), 0.0f), {n}, DType::kF32);
+  gemm(p, Stream::cpu());
+  const std::vector<float> c = p.c.to_floats(), pre = p.pre_gelu.to_floats();
+  for (int64_t i = 0; i + 1 < n; ++i) {
+    const double x = xs[i];
+    ASSERT_EQ(pre[i], xs[i]);
+    const double want = 0.5 * x * std::erfc(-x / std::sqrt(2.0));
+    // Relative: 2e-7; for x < 0 3e-7 x (1 + x^2/2), as e^(-x^2/2) carries the rounding of x^2/2
+    // (2.4e-5 at x = -12.5). 0.5 x (1 + erff) would be off by 2e-3 at x = -4 already.
+    const double rel = x >= 0 ? 2e-7 : 3e-7 * (1 + x * x / 2);
+    const double allowed = x >= -12.5 ? rel * std::abs(want) : 1e-35;
+    EXPECT_LE(std::abs(c[i] - want), allowed) << "x = " << x << ": " << c[i] << " vs " << want;
+  }
+  EXPECT_TRUE(std::isnan(c[n - 1])) << c[n - 1];
+}
+
+TEST(GemmCpu, LargeLinearLayerShapesMatchReference) {
+  // ESM-2 8M on a 256-token step (hidden 320, ffn 1280): FC1 forward with GELU, FC2 dgrad, and a
+  // wgrad with its bias gradient over all tokens, accumulated into an f32 gradient.
+  for (DType t : {DType::kF32, DType::kBF16}) {
+    Case fwd{256, 1280, 320, GemmOp::kNone, GemmOp::kTranspose, t, t};
+    fwd.epilogue = GemmEpilogue::kBiasGelu;
+    fwd.seed = 950;
+    check_fast_against_reference(fwd);
+    Case dgrad{256, 1280, 320, GemmOp::kNone, GemmOp::kNone, t, t};
+    dgrad.c = t;
+    dgrad.seed = 951;
+    check_fast_against_reference(dgrad);
+    Case wgrad{320, 1280, 256, GemmOp::kTranspose, GemmOp::kNone, t, t};
+    wgrad.beta = 1.0f;
+    wgrad.epilogue = GemmEpilogue::kBiasGradA;
+    wgrad.seed = 952;
+    check_fast_against_reference(wgrad);
+  }
+}
+
+TEST(GemmCpu, BlasThreadPolicy) {
+  using detail::blas_thread_count;
+  using detail::BlasThreadEnv;
+  // Not under mpirun, or one rank per node: OpenBLAS keeps its own choice.
+  EXPECT_EQ(blas_thread_count(BlasThreadEnv{false, 0, 16, 16}), 0);
+  EXPECT_EQ(blas_thread_count(BlasThreadEnv{false, 1, 16, 16}), 0);
+  // The user's OPENBLAS_NUM_THREADS (or OMP_NUM_THREADS) wins.
+  EXPECT_EQ(blas_thread_count(BlasThreadEnv{true, 4, 2, 2}), 0);
+  // Unbound ranks share the node; never fewer than one thread.
+  EXPECT_EQ(blas_thread_count(BlasThreadEnv{false, 2, 16, 16}), 8);
+  EXPECT_EQ(blas_thread_count(BlasThreadEnv{false, 3, 16, 16}), 5);
+  EXPECT_EQ(blas_thread_count(BlasThreadEnv{false, 4, 2, 2}), 1);
+  // A rank bound to some CPUs uses them.
+  EXPECT_EQ(blas_thread_count(BlasThreadEnv{false, 2, 1, 2}), 1);
+  EXPECT_EQ(blas_thread_count(BlasThreadEnv{false, 4, 4, 16}), 4);
 }
 
 TEST(GemmCpu, Fp8OutputSaturatesAndAmaxIsBeforeScale) {
@@ -453,6 +627,28 @@ TEST(GemmValidation, RejectsWhatCuBlasLtWouldReject) {
   }
   {
     GemmParams p = make_params(Case{8, 8, 8});
+    p.a = p.a.to(DType::kF32);  // f32 x bf16
+    expect_rejected(p, "both bf16 or both f32");
+  }
+  {
+    Case c{8, 8, 8, GemmOp::kNone, GemmOp::kNone, DType::kF32, DType::kF32};
+    c.c = DType::kBF16;
+    expect_rejected(make_params(c), "f32 inputs: expected c f32");
+  }
+  {
+    Case c{8, 8, 8, GemmOp::kNone, GemmOp::kNone, DType::kF32, DType::kF32};
+    c.epilogue = GemmEpilogue::kBias;
+    GemmParams p = make_params(c);
+    p.bias = p.bias.to(DType::kBF16);
+    expect_rejected(p, "expected bias f32");
+  }
+  {
+    Case c{16, 16, 16, GemmOp::kNone, GemmOp::kTranspose, DType::kF32, DType::kE4M3};
+    GemmParams p = make_params(c);
+    expect_rejected(p, "both bf16 or both f32");
+  }
+  {
+    GemmParams p = make_params(Case{8, 8, 8});
     p.c = Tensor::empty({8, 7}, DType::kF32);
     expect_rejected(p, "expected c of shape [8, 8]");
   }
@@ -468,7 +664,8 @@ TEST(GemmValidation, RejectsWhatCuBlasLtWouldReject) {
 // ---- CUDA against the CPU reference ------------------------------------------------------------
 
 // The fp32 accumulation of the GPU against the double sums of the reference: allowed error
-// f32-rtol x sum |a b|. A wrong rounding (say to bf16 in an f32 path) is ~100x larger.
+// f32-rtol x sum |a b|. A wrong rounding (say to bf16 in an f32 path, or TF32 products for f32
+// inputs: ~2^-11 relative) is ~100x larger.
 double accum_rtol(const Case& cs) {
   const double f32 = tolerance_for(DType::kF32).rtol;
   // Fast fp8 accumulation keeps partial sums in reduced precision (~2^-13 relative).
@@ -481,7 +678,7 @@ void check_cuda_against_cpu(const Case& cs) {
   GemmParams cpu = make_params(cs);
   GemmParams gpu = to_device(cpu, Device::cuda(0));
   const Naive nv = naive_gemm(cpu);  // magnitudes for the accumulation allowance
-  gemm(cpu, Stream::cpu());
+  run_reference(cpu);
   gemm(gpu, stream);
   const double ar = accum_rtol(cs);
   const double c_scale = dtype_is_fp8(cs.c) ? cs.c_scale : 1.0;
@@ -506,6 +703,34 @@ TEST(GemmCuda, MatchesCpuForEveryTransposeEpilogueAndDtype) {
   for (const Case& cs : bf16_cases(71, 229, 53, 1000)) check_cuda_against_cpu(cs);
   for (const Case& cs : bf16_cases(29, 541, 67, 2000)) check_cuda_against_cpu(cs);
   for (const Case& cs : bf16_cases(1, 1, 1, 3000)) check_cuda_against_cpu(cs);
+}
+
+// Short K keeps the allowance tight: TF32 products (inputs rounded to 10 mantissa bits, ~2^-11
+// relative each) would miss 1e-5 x sum|ab| by ~10x at K = 53 and ~50x at K = 1.
+TEST(GemmCuda, F32MatchesCpuReferenceForEveryTransposeAndEpilogue) {
+  HELIX_REQUIRE_CUDA();
+  for (const Case& cs : f32_cases(71, 229, 53, 1100)) check_cuda_against_cpu(cs);
+  for (const Case& cs : f32_cases(29, 541, 67, 2100)) check_cuda_against_cpu(cs);
+  for (const Case& cs : f32_cases(1, 1, 1, 3100)) check_cuda_against_cpu(cs);
+}
+
+TEST(GemmCuda, F32LargeShapes) {
+  HELIX_REQUIRE_CUDA();
+  // Long K accumulations, and bias gradients over many rows (the column-sum kernel: 2048 rows in
+  // 16 strides per column for the wgrad; 32 column blocks for the dgrad-shaped kBiasGradB).
+  Case fwd{128, 1280, 2048, GemmOp::kNone, GemmOp::kTranspose, DType::kF32, DType::kF32};
+  fwd.epilogue = GemmEpilogue::kBiasGelu;
+  fwd.seed = 4100;
+  check_cuda_against_cpu(fwd);
+  Case wgrad{640, 320, 2048, GemmOp::kTranspose, GemmOp::kNone, DType::kF32, DType::kF32};
+  wgrad.beta = 1.0f;
+  wgrad.epilogue = GemmEpilogue::kBiasGradA;
+  wgrad.seed = 4101;
+  check_cuda_against_cpu(wgrad);
+  Case dgrad{2048, 1000, 320, GemmOp::kNone, GemmOp::kNone, DType::kF32, DType::kF32};
+  dgrad.epilogue = GemmEpilogue::kBiasGradB;  // column sums of b stored [320, 1000]
+  dgrad.seed = 4102;
+  check_cuda_against_cpu(dgrad);
 }
 
 TEST(GemmCuda, LargeLinearLayerShapes) {
