@@ -1,7 +1,6 @@
 #pragma once
 // The `helix` CLI: subcommand dispatch and top-level options (Boost.Program_options).
-// Subcommands: info (build and device report). Training, planning and conversion arrive with
-// their issues and register here.
+// Subcommands: train (launch/trainer.h), info (build and device report).
 namespace helix {
 
 int run_cli(int argc, char** argv);

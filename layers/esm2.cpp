@@ -1,6 +1,12 @@
 #include "layers/esm2.h"
 
 #include "core/random.h"
+#include "layers/attention.h"
+#include "layers/embedding.h"
+#include "layers/layernorm_linear.h"
+#include "layers/layernorm_mlp.h"
+#include "layers/linear.h"
+#include "layers/masked_lm_loss.h"
 
 namespace helix {
 
@@ -120,6 +126,51 @@ void Esm2Model::load_hf(const SafetensorsReader& file) {
     p.master.copy_from(joined, Stream());
   }
   params_.sync_model_copies(Stream());
+}
+
+}  // namespace helix
+
+// ---- Forward graph --------------------------------------------------------------------------------
+namespace helix {
+
+Var Esm2Model::forward(Tape& tape, const ThdBatch& batch) {
+  const ModelConfig& c = config_;
+  const float eps = c.layer_norm_eps;
+  HELIX_CHECK(batch.tokens.device() == opts_.device, "forward: batch on {}, model on {}", batch.tokens.device().str(),
+              opts_.device.str());
+  // Captures by value: under recompute a segment's function runs again during backward.
+  const ParameterSet* params = &params_;
+  const auto w = [params](const std::string& n) -> const Var& { return params->get(n).var; };
+
+  EmbeddingOptions eo;
+  eo.token_dropout = c.token_dropout;
+  eo.mask_token_id = c.mask_token_id;
+  Var x = tape.apply1(std::make_shared<EmbeddingNode>(batch, eo, opts_.compute), {w(kEmbedding)});
+
+  auto attn = std::make_shared<const AttentionInputs>(AttentionInputs::from_batch(batch, c.heads, c.head_dim()));
+  for (int i = 0; i < c.layers; ++i) {
+    const std::string p = layer_prefix(i);
+    auto layer = [w, p, eps, attn](Tape& t, const std::vector<Var>& in) -> std::vector<Var> {
+      Var qkv = t.apply1(std::make_shared<LayerNormLinearNode>(eps),
+                         {in[0], w(p + "attention.LayerNorm.weight"), w(p + "attention.LayerNorm.bias"),
+                          w(p + "attention.self.qkv.weight"), w(p + "attention.self.qkv.bias")});
+      Var a = t.apply1(std::make_shared<AttentionNode>(attn), {qkv});
+      Var h = t.apply1(std::make_shared<LinearResidualNode>(),
+                       {a, w(p + "attention.output.dense.weight"), w(p + "attention.output.dense.bias"), in[0]});
+      return {t.apply1(std::make_shared<LayerNormMlpNode>(eps),
+                       {h, w(p + "LayerNorm.weight"), w(p + "LayerNorm.bias"), w(p + "intermediate.dense.weight"),
+                        w(p + "intermediate.dense.bias"), w(p + "output.dense.weight"), w(p + "output.dense.bias")})};
+    };
+    x = tape.segment("layer" + std::to_string(i), layer, {x})[0];
+  }
+  x = tape.apply1(std::make_shared<LayerNormNode>(eps), {x, w(kFinalLnW), w(kFinalLnB)});
+  return tape.apply1(std::make_shared<LmHeadNode>(eps),
+                     {x, w("lm_head.dense.weight"), w("lm_head.dense.bias"), w("lm_head.layer_norm.weight"),
+                      w("lm_head.layer_norm.bias"), w(kEmbedding), w("lm_head.bias")});
+}
+
+Var Esm2Model::loss(Tape& tape, const Var& logits, const ThdBatch& batch, float grad_scale) {
+  return tape.apply(std::make_shared<MaskedLmLossNode>(batch.labels, grad_scale), {logits})[0];
 }
 
 }  // namespace helix

@@ -65,8 +65,9 @@ constexpr int kMaxGridYZ = 65535;  // gridDim.y (heads) and gridDim.z (sequences
 void check_operand(const Tensor& t, std::string_view name, int64_t rows, int64_t heads, int64_t dim,
                    Device device) {
   HELIX_CHECK(t.defined(), "{}: expected a tensor, got an undefined one", name);
-  HELIX_CHECK(t.dtype() == DType::kBF16, "{}: expected dtype bf16, got {}", name,
-              dtype_name(t.dtype()));
+  // bf16 everywhere; f32 as well on the CPU (f32 reference runs of the model).
+  HELIX_CHECK(t.dtype() == DType::kBF16 || (t.dtype() == DType::kF32 && device.is_cpu()),
+              "{}: expected dtype bf16{}, got {}", name, device.is_cpu() ? " or f32" : "", dtype_name(t.dtype()));
   HELIX_CHECK(t.ndim() == 3, "{}: expected a [T, H, D] tensor, got {}", name, t.shape().str());
   if (rows >= 0) {
     HELIX_CHECK(t.dim(0) == rows && t.dim(1) == heads && t.dim(2) == dim,
@@ -157,7 +158,11 @@ void check_common(const Tensor& q, const Tensor& k, const Tensor& v, const ThdAt
   HELIX_CHECK(q.defined() && q.ndim() == 3, "q: expected a [Tq, H, D] tensor, got {}", q.str());
   const Device dev = q.device();
   const int64_t heads = q.dim(1), dim = q.dim(2);
-  HELIX_CHECK(dim == 64 || dim == 128, "q: expected head dim 64 or 128, got {}", dim);
+  if (dev.is_cuda()) {
+    HELIX_CHECK(dim == 64 || dim == 128, "q: expected head dim 64 or 128 on CUDA, got {}", dim);
+  } else {
+    HELIX_CHECK(dim >= 1 && dim <= 256, "q: expected head dim 1 to 256, got {}", dim);
+  }
   HELIX_CHECK(heads >= 1 && heads <= kMaxGridYZ, "q: expected 1 to {} heads, got {}", kMaxGridYZ,
               heads);
   check_operand(q, "q", -1, heads, dim, dev);

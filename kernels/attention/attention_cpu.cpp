@@ -57,13 +57,15 @@ int64_t key_end(int64_t row, const Seq& s, bool causal) {
   return causal ? std::clamp<int64_t>(row + s.lk - s.lq + 1, 0, s.lk) : s.lk;
 }
 
-void zero_rows(bf16_t* x, int64_t row_elems, int64_t begin, int64_t end) {
-  std::fill(x + begin * row_elems, x + end * row_elems, bf16_t::from_float(0.f));
-}
-
+// Outputs are bf16, or f32 in CPU f32 runs: one rounding from the double result (through float,
+// as a bf16 output always was).
 void store(const Tensor& t, int64_t i, double v) {
   if (t.dtype() == DType::kF32) t.data<float>()[i] = static_cast<float>(v);
   else t.data<bf16_t>()[i] = bf16_t::from_float(static_cast<float>(v));
+}
+
+void zero_rows(const Tensor& x, int64_t row_elems, int64_t begin, int64_t end) {
+  for (int64_t i = begin * row_elems; i < end * row_elems; ++i) store(x, i, 0.0);
 }
 
 }  // namespace
@@ -73,10 +75,9 @@ void thd_attention_fwd_cpu(const ThdAttentionFwdParams& p) {
   const bool causal = p.mask == AttentionMask::kCausal;
   const double scale = p.softmax_scale;
   const std::vector<float> q = floats_of(p.q), k = floats_of(p.k), v = floats_of(p.v);
-  bf16_t* o = p.o.data<bf16_t>();
   float* lse = p.lse.data<float>();
   for (auto [b, e] : thd_gap_rows(p.layout.cu_seqlens_q, p.layout.cu_seqlens_q_padded, tq)) {
-    zero_rows(o, h * d, b, e);
+    zero_rows(p.o, h * d, b, e);
     for (int64_t hh = 0; hh < h; ++hh)
       std::fill(lse + hh * tq + b, lse + hh * tq + e, -std::numeric_limits<float>::infinity());
   }
@@ -104,9 +105,8 @@ void thd_attention_fwd_cpu(const ThdAttentionFwdParams& p) {
         const float* vj = &v[((s.k0 + j) * h + hh) * d];
         for (int64_t c = 0; c < d; ++c) acc[c] += e * vj[c];
       }
-      bf16_t* orow = o + ((s.q0 + r) * h + hh) * d;
-      for (int64_t c = 0; c < d; ++c)
-        orow[c] = bf16_t::from_float(kend > 0 ? static_cast<float>(acc[c] / sum) : 0.f);
+      const int64_t orow = ((s.q0 + r) * h + hh) * d;
+      for (int64_t c = 0; c < d; ++c) store(p.o, orow + c, kend > 0 ? static_cast<float>(acc[c] / sum) : 0.f);
       lse[hh * tq + s.q0 + r] = kend > 0 ? static_cast<float>(mx + std::log(sum))
                                          : -std::numeric_limits<float>::infinity();
     }
@@ -120,9 +120,7 @@ void thd_attention_bwd_cpu(const ThdAttentionBwdParams& p) {
   const std::vector<float> q = floats_of(p.q), k = floats_of(p.k), v = floats_of(p.v);
   const std::vector<float> o = floats_of(p.o), d_o = floats_of(p.d_o), d_lse = floats_of(p.d_lse);
   const float* lse = p.lse.data<float>();
-  bf16_t* dq = p.d_q.data<bf16_t>();
-  bf16_t* dk = p.d_k.data<bf16_t>();
-  bf16_t* dv = p.d_v.data<bf16_t>();
+  const Tensor &dq = p.d_q, &dk = p.d_k, &dv = p.d_v;
   for (auto [b, e] : thd_gap_rows(p.layout.cu_seqlens_q, p.layout.cu_seqlens_q_padded, tq))
     zero_rows(dq, h * d, b, e);
   for (auto [b, e] : thd_gap_rows(p.layout.cu_seqlens_kv, p.layout.cu_seqlens_kv_padded, tk)) {
@@ -161,13 +159,13 @@ void thd_attention_bwd_cpu(const ThdAttentionBwdParams& p) {
           dv_acc[j * d + c] += prob * dor[c];
         }
       }
-      for (int64_t c = 0; c < d; ++c) dq[row * d + c] = bf16_t::from_float(float(dq_acc[c] * scale));
+      for (int64_t c = 0; c < d; ++c) store(dq, row * d + c, float(dq_acc[c] * scale));
     }
     for (int64_t j = 0; j < s.lk; ++j) {
       const int64_t row = (s.k0 + j) * h + hh;
       for (int64_t c = 0; c < d; ++c) {
-        dk[row * d + c] = bf16_t::from_float(float(dk_acc[j * d + c] * scale));
-        dv[row * d + c] = bf16_t::from_float(float(dv_acc[j * d + c]));
+        store(dk, row * d + c, float(dk_acc[j * d + c] * scale));
+        store(dv, row * d + c, float(dv_acc[j * d + c]));
       }
     }
   });

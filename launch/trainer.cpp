@@ -1,0 +1,222 @@
+#include "launch/trainer.h"
+
+#include <chrono>
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+
+#include "core/allocator.h"
+#include "core/json.h"
+#include "core/log.h"
+#include "launch/data/loader.h"
+#include "launch/metrics.h"
+#include "layers/esm2.h"
+#include "layers/optimizer.h"
+
+namespace helix {
+namespace {
+
+ThdBatch to_thd(const PackedBatch& b, Device device) {
+  ThdBatch t;
+  t.tokens = b.tokens;
+  t.labels = b.labels;
+  t.cu_seqlens = b.cu_seqlens;
+  t.cu_seqlens_padded = b.cu_seqlens_padded;
+  t.max_seqlen = b.max_seqlen;
+  t.num_tokens = b.num_tokens;
+  t.num_labels = b.num_labels;
+  return t.to(device);
+}
+
+std::vector<int> seqlens_of(const PackedBatch& b) {
+  const std::vector<int32_t> cu = b.cu_seqlens.to_vector<int32_t>();
+  std::vector<int> s;
+  for (size_t i = 0; i + 1 < cu.size(); ++i) s.push_back(cu[i + 1] - cu[i]);
+  return s;
+}
+
+// Hugging Face EsmConfig for the exported model, so transformers opens it as EsmForMaskedLM.
+Json hf_config(const ModelConfig& c) {
+  Json j;
+  j["architectures"] = Json(Json::Array{Json("EsmForMaskedLM")});
+  j["model_type"] = "esm";
+  j["vocab_size"] = c.vocab;
+  j["hidden_size"] = c.hidden;
+  j["num_hidden_layers"] = c.layers;
+  j["num_attention_heads"] = c.heads;
+  j["intermediate_size"] = c.ffn;
+  j["max_position_embeddings"] = c.max_positions;
+  j["position_embedding_type"] = "rotary";
+  j["layer_norm_eps"] = double(c.layer_norm_eps);
+  j["hidden_act"] = "gelu";
+  j["hidden_dropout_prob"] = 0.0;
+  j["attention_probs_dropout_prob"] = 0.0;
+  j["token_dropout"] = c.token_dropout;
+  j["emb_layer_norm_before"] = false;
+  j["mask_token_id"] = c.mask_token_id;
+  j["pad_token_id"] = c.pad_token_id;
+  j["tie_word_embeddings"] = true;
+  j["initializer_range"] = 0.02;
+  return j;
+}
+
+double evaluate(Esm2Model& model, const DataLoader& valid, int64_t batches, const Stream& stream, int64_t* tokens) {
+  const int64_t n = std::min(batches, valid.num_batches(0));
+  double loss_sum = 0, count = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const ThdBatch b = to_thd(valid.batch(0, i), model.options().device);
+    TapeOptions o;
+    o.stream = stream;
+    o.record = false;
+    Tape tape(o);
+    Var logits = model.forward(tape, b);
+    Var loss = model.loss(tape, logits, b, 1.0f);
+    loss_sum += loss.data().to_floats()[0];
+    count += b.num_labels;
+  }
+  *tokens = static_cast<int64_t>(count);
+  return count > 0 ? loss_sum / count : std::nan("");
+}
+
+}  // namespace
+
+TrainSummary run_train(const TrainOptions& o) {
+  validate_train_options(o);
+  // Device and precision.
+  Device device = Device::cpu();
+  if (o.device == "cuda" || (o.device == "auto" && cuda_available())) {
+    HELIX_CHECK(cuda_available(), "--device cuda: {}", cuda_unavailable_reason());
+    device = Device::cuda(0);
+  }
+  const DType compute = o.dtype == "f32" ? DType::kF32
+                        : o.dtype == "bf16" ? DType::kBF16
+                                            : (device.is_cuda() ? DType::kBF16 : DType::kF32);
+  const Stream stream = device.is_cuda() ? Stream::cuda_default(0) : Stream();
+
+  // Data.
+  FastaOptions fasta;
+  fasta.skip_bad_records = o.skip_bad_records;
+  auto data = std::make_shared<ProteinDataset>(ProteinDataset::from_fasta(o.data, fasta));
+  SplitOptions split{.validation_fraction = o.valid_fraction, .split_seed = 0};
+  std::vector<int64_t> train_idx = split_indices(*data, Split::kTrain, split);
+  std::vector<int64_t> valid_idx = split_indices(*data, Split::kValidation, split);
+  HELIX_CHECK(!train_idx.empty(), "--data '{}': no proteins left for training after the validation split", o.data);
+  DataLoaderOptions lo;
+  lo.seed = o.seed;
+  lo.packing.tokens_per_batch = o.tokens_per_micro_batch();
+  lo.packing.pad_to_multiple = o.pad_to_multiple;
+  lo.packing.max_residues = o.max_residues;
+  DataLoader train(data, train_idx, lo);
+  DataLoaderOptions vo = lo;
+  vo.shuffle = false;
+  std::unique_ptr<DataLoader> valid;
+  if (!valid_idx.empty()) valid = std::make_unique<DataLoader>(data, valid_idx, vo);
+  int64_t skipped_records = 0;
+  for (int64_t n : data->fasta_stats().skipped) skipped_records += n;
+  if (skipped_records > 0) log_warn("--data '{}': skipped {} malformed records", o.data, skipped_records);
+  log_info("data: {} proteins ({} residues) from '{}', {} train / {} validation", data->size(),
+           data->total_residues(), o.data, train_idx.size(), valid_idx.size());
+
+  // Model and optimizer.
+  Esm2Options mo;
+  mo.device = device;
+  mo.compute = compute;
+  mo.recompute = o.recompute == "full" ? RecomputePolicy::kFull : RecomputePolicy::kNone;
+  Esm2Model model(o.model_config, mo);
+  model.init_random(o.seed);
+  AdamW opt(model.params(), AdamWConfig{.beta1 = o.beta1, .beta2 = o.beta2, .eps = o.adam_eps,
+                                        .weight_decay = o.weight_decay, .clip_norm = o.clip_norm});
+  log_info("model {}: {} layers, hidden {}, {} heads, {:.2f}M parameters on {} ({})", o.model_config.name,
+           o.model_config.layers, o.model_config.hidden, o.model_config.heads, model.params().num_elements() / 1e6,
+           device.str(), dtype_name(compute));
+
+  MetricsWriter metrics;
+  if (!o.out.empty()) {
+    std::filesystem::create_directories(o.out);
+    metrics = MetricsWriter(o.out + "/metrics.jsonl");
+  }
+  double peak = 0;
+  if (device.is_cuda()) {
+    int sms = 0;
+#if HELIX_WITH_CUDA
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device.index);
+#endif
+    peak = device_peak_bf16_flops(cuda_compute_capability(device.index), sms);
+  }
+
+  TrainSummary summary;
+  summary.valid_loss = std::nan("");
+  Allocator& alloc = allocator_for(device);
+  for (int64_t step = 0; step < o.steps; ++step) {
+    const auto t0 = std::chrono::steady_clock::now();
+    std::vector<PackedBatch> micro;
+    int64_t labels = 0, tokens = 0;
+    std::vector<int> seqlens;
+    for (int m = 0; m < o.micro_batches; ++m) {
+      micro.push_back(train.next());
+      labels += micro.back().num_labels;
+      tokens += micro.back().num_tokens;
+      const std::vector<int> s = seqlens_of(micro.back());
+      seqlens.insert(seqlens.end(), s.begin(), s.end());
+    }
+    model.params().zero_grads(stream);
+    const float grad_scale = labels > 0 ? 1.0f / static_cast<float>(labels) : 0.0f;
+    double loss_sum = 0;
+    for (const PackedBatch& pb : micro) {
+      const ThdBatch b = to_thd(pb, device);
+      TapeOptions to;
+      to.stream = stream;
+      to.recompute = mo.recompute;
+      Tape tape(to);
+      Var logits = model.forward(tape, b);
+      Var loss = model.loss(tape, logits, b, grad_scale);
+      tape.backward(loss);
+      loss_sum += loss.data().to_floats()[0];
+    }
+    const double mean_loss = labels > 0 ? loss_sum / double(labels) : std::nan("");
+    const double lr = o.lr.at(step);
+    const OptimizerStepResult r = opt.step(lr, std::isfinite(mean_loss), stream);
+    stream.synchronize();
+    const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+
+    StepMetrics m;
+    m.step = step + 1;
+    m.loss = mean_loss;
+    m.grad_norm = r.grad_norm;
+    m.lr = lr;
+    m.tokens = tokens;
+    m.step_seconds = secs;
+    m.model_flops = o.model_config.train_flops(seqlens);
+    m.peak_flops = peak;
+    m.mem_current = static_cast<int64_t>(alloc.stats().current_bytes);
+    m.mem_peak = static_cast<int64_t>(alloc.stats().peak_bytes);
+    m.skipped = !r.applied;
+    summary.skipped += m.skipped;
+    m.skipped_total = summary.skipped;
+    metrics.write(m);
+    if (step == 0) summary.first_loss = mean_loss;
+    summary.last_loss = mean_loss;
+    summary.steps = step + 1;
+    if (m.skipped) log_warn("step {}: non-finite loss or gradient, update skipped ({} so far)", m.step, m.skipped_total);
+    if ((step + 1) % o.log_interval == 0 || step == 0 || step + 1 == o.steps) log_info("{}", progress_line(m, o.steps));
+
+    const bool last = step + 1 == o.steps;
+    if (valid && o.eval_batches > 0 && ((o.eval_interval > 0 && (step + 1) % o.eval_interval == 0) || last)) {
+      EvalMetrics e;
+      e.step = step + 1;
+      e.loss = evaluate(model, *valid, o.eval_batches, stream, &e.tokens);
+      metrics.write(e);
+      summary.valid_loss = e.loss;
+      log_info("validation at step {}: loss {:.4f} perplexity {:.3f} over {} masked tokens", e.step, e.loss,
+               e.perplexity(), e.tokens);
+    }
+  }
+  if (!o.out.empty()) {
+    model.save_hf(o.out + "/model.safetensors");
+    write_file_atomic(o.out + "/config.json", [&](std::ofstream& f) { f << hf_config(o.model_config).dump(2) << "\n"; });
+    log_info("wrote {}/model.safetensors and config.json (Hugging Face EsmForMaskedLM layout)", o.out);
+  }
+  return summary;
+}
+
+}  // namespace helix
