@@ -63,11 +63,11 @@ constexpr int kMaxGridYZ = 65535;  // gridDim.y (heads) and gridDim.z (sequences
 // A [rows, H, D] bf16 attention operand: dtype, rank, shape, device, contiguity, 16-byte alignment
 // (the kernels move 16-byte chunks with cp.async).
 void check_operand(const Tensor& t, std::string_view name, int64_t rows, int64_t heads, int64_t dim,
-                   Device device) {
+                   Device device, DType dtype) {
   HELIX_CHECK(t.defined(), "{}: expected a tensor, got an undefined one", name);
-  // bf16 everywhere; f32 as well on the CPU (f32 reference runs of the model).
-  HELIX_CHECK(t.dtype() == DType::kBF16 || (t.dtype() == DType::kF32 && device.is_cpu()),
-              "{}: expected dtype bf16{}, got {}", name, device.is_cpu() ? " or f32" : "", dtype_name(t.dtype()));
+  // bf16 everywhere; f32 as well on the CPU (f32 reference runs of the model); one dtype for all.
+  HELIX_CHECK(t.dtype() == dtype, "{}: expected dtype {}{}, got {}", name, dtype_name(dtype),
+              name == "q" ? "" : " (as q)", dtype_name(t.dtype()));
   HELIX_CHECK(t.ndim() == 3, "{}: expected a [T, H, D] tensor, got {}", name, t.shape().str());
   if (rows >= 0) {
     HELIX_CHECK(t.dim(0) == rows && t.dim(1) == heads && t.dim(2) == dim,
@@ -165,10 +165,11 @@ void check_common(const Tensor& q, const Tensor& k, const Tensor& v, const ThdAt
   }
   HELIX_CHECK(heads >= 1 && heads <= kMaxGridYZ, "q: expected 1 to {} heads, got {}", kMaxGridYZ,
               heads);
-  check_operand(q, "q", -1, heads, dim, dev);
+  const DType dt = q.dtype() == DType::kF32 && dev.is_cpu() ? DType::kF32 : DType::kBF16;
+  check_operand(q, "q", -1, heads, dim, dev, dt);
   HELIX_CHECK(k.defined() && k.ndim() == 3, "k: expected a [Tk, H, D] tensor, got {}", k.str());
-  check_operand(k, "k", k.dim(0), heads, dim, dev);
-  check_operand(v, "v", k.dim(0), heads, dim, dev);
+  check_operand(k, "k", k.dim(0), heads, dim, dev, dt);
+  check_operand(v, "v", k.dim(0), heads, dim, dev, dt);
   HELIX_CHECK(std::isfinite(softmax_scale) && softmax_scale > 0.f,
               "softmax_scale: expected a positive finite value, got {}", softmax_scale);
   check_side(layout.cu_seqlens_q, layout.cu_seqlens_q_padded, layout.max_seqlen_q, q.dim(0), "q", "q",
@@ -179,7 +180,7 @@ void check_common(const Tensor& q, const Tensor& k, const Tensor& v, const ThdAt
 
 void validate_fwd(const ThdAttentionFwdParams& p) {
   check_common(p.q, p.k, p.v, p.layout, p.softmax_scale);
-  check_operand(p.o, "o", p.q.dim(0), p.q.dim(1), p.q.dim(2), p.q.device());
+  check_operand(p.o, "o", p.q.dim(0), p.q.dim(1), p.q.dim(2), p.q.device(), p.q.dtype());
   check_lse(p.lse, "lse", p.q.dim(1), p.q.dim(0), p.q.device());
 }
 
@@ -187,13 +188,13 @@ void validate_bwd(const ThdAttentionBwdParams& p) {
   check_common(p.q, p.k, p.v, p.layout, p.softmax_scale);
   const Device dev = p.q.device();
   const int64_t tq = p.q.dim(0), tk = p.k.dim(0), h = p.q.dim(1), d = p.q.dim(2);
-  check_operand(p.o, "o", tq, h, d, dev);
-  check_operand(p.d_o, "d_o", tq, h, d, dev);
+  check_operand(p.o, "o", tq, h, d, dev, p.q.dtype());
+  check_operand(p.d_o, "d_o", tq, h, d, dev, p.q.dtype());
   check_lse(p.lse, "lse", h, tq, dev);
   if (p.d_lse.defined()) check_lse(p.d_lse, "d_lse", h, tq, dev);
-  check_operand(p.d_q, "d_q", tq, h, d, dev);
-  check_operand(p.d_k, "d_k", tk, h, d, dev);
-  check_operand(p.d_v, "d_v", tk, h, d, dev);
+  check_operand(p.d_q, "d_q", tq, h, d, dev, p.q.dtype());
+  check_operand(p.d_k, "d_k", tk, h, d, dev, p.q.dtype());
+  check_operand(p.d_v, "d_v", tk, h, d, dev, p.q.dtype());
 }
 
 // Merge operands: [T, H, D] bf16 or f32, all of one shape and device.

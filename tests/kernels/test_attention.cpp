@@ -300,12 +300,12 @@ TEST(AttentionCpu, LauncherRefusesInvalidInput) {
       {"max_seqlen_q: expected at least the longest sequence (9 tokens, sequence 1), got 8",
        [&](auto& f) { f.layout.max_seqlen_q = 8; }},
       {"max_seqlen_kv: expected at least the longest sequence", [&](auto& f) { f.layout.max_seqlen_kv = 0; }},
-      {"q: expected head dim 64 or 128, got 32",
+      {"q: expected head dim 1 to 256, got 300",  // CPU; CUDA takes 64 and 128
        [&](auto& f) {
-         f.q = Tensor::zeros({p.tq, 4, 32}, DType::kBF16);
+         f.q = Tensor::zeros({p.tq, 1, 300}, DType::kBF16);
        }},
       {"k: expected shape [", [&](auto& f) { f.k = Tensor::zeros({p.tk, 1, 64}, DType::kBF16); }},
-      {"v: expected dtype bf16, got f32", [&](auto& f) { f.v = Tensor::zeros({p.tk, 2, 64}, DType::kF32); }},
+      {"v: expected dtype bf16 (as q), got f32", [&](auto& f) { f.v = Tensor::zeros({p.tk, 2, 64}, DType::kF32); }},
       {"q: expected a 16-byte aligned data pointer",
        [&](auto& f) { f.q = Tensor::zeros({p.tq * 128 + 1}, DType::kBF16).slice(1, p.tq * 128 + 1).view({p.tq, 2, 64}); }},
       {"lse: expected shape [2, 16] ([H, T]), got [16, 2]", [&](auto& f) { f.lse = Tensor::empty({p.tq, 2}, DType::kF32); }},
