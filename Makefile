@@ -23,8 +23,8 @@ test: build
 	cd $(BUILD_DIR) && ctest --output-on-failure -j $(JOBS)
 
 demo: build
-	$(BUILD_DIR)/helix --version
 	$(BUILD_DIR)/helix info
+	$(BUILD_DIR)/helix train --config examples/configs/demo.ini --out runs/demo
 
 clean:
 	rm -rf $(BUILD_DIR)

@@ -49,8 +49,9 @@ void MetricsWriter::write(const EvalMetrics& m) {
 }
 
 std::string progress_line(const StepMetrics& m, int64_t total_steps) {
-  std::string s = fmt::format("step {}/{} loss {:.4f} gnorm {:.3f} lr {:.2e} | {:.0f} tok/s {:.1f} TFLOP/s", m.step,
-                              total_steps, m.loss, m.grad_norm, m.lr, m.tokens_per_second(), m.tflops());
+  std::string s = fmt::format("step {}/{} loss {:.4f} gnorm {:.3f} lr {:.2e} | {:.0f} tok/s ", m.step, total_steps,
+                              m.loss, m.grad_norm, m.lr, m.tokens_per_second());
+  s += m.tflops() >= 1.0 ? fmt::format("{:.1f} TFLOP/s", m.tflops()) : fmt::format("{:.1f} GFLOP/s", m.tflops() * 1e3);
   if (m.peak_flops > 0) s += fmt::format(" MFU {:.1f}%", 100.0 * m.mfu());
   s += fmt::format(" | mem {:.2f}/{:.2f} GiB", m.mem_current / 1073741824.0, m.mem_peak / 1073741824.0);
   if (m.skipped) s += fmt::format(" | SKIPPED (non-finite), {} so far", m.skipped_total);
