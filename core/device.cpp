@@ -39,6 +39,12 @@ int cuda_compute_capability(int device) {
   return prop.major * 10 + prop.minor;
 }
 
+int cuda_sm_count(int device) {
+  int n = 0;
+  CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
+  return n;
+}
+
 Stream Stream::cuda_default(int device) {
   Stream s;
   s.device_ = Device::cuda(device);
@@ -100,6 +106,7 @@ float Event::elapsed_ms(const Event& end) const {
 int cuda_device_count() { return 0; }
 std::string cuda_unavailable_reason() { return "CPU-only build (HELIX_CUDA=OFF)"; }
 int cuda_compute_capability(int) { HELIX_FAIL("CUDA requested, but helix was built without CUDA"); }
+int cuda_sm_count(int) { HELIX_FAIL("CUDA requested, but helix was built without CUDA"); }
 Stream Stream::cuda_default(int) { HELIX_FAIL("CUDA requested, but helix was built without CUDA"); }
 Stream Stream::create(Device device) {
   HELIX_CHECK(device.is_cpu(), "CUDA requested, but helix was built without CUDA");

@@ -29,6 +29,8 @@ inline bool cuda_available() { return cuda_device_count() > 0; }
 std::string cuda_unavailable_reason();
 // Compute capability as major*10+minor (90 for H100); throws in a CPU-only build.
 int cuda_compute_capability(int device);
+// Number of streaming multiprocessors; throws in a CPU-only build.
+int cuda_sm_count(int device);
 
 class Stream {
  public:

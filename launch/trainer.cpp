@@ -137,11 +137,7 @@ TrainSummary run_train(const TrainOptions& o) {
   }
   double peak = 0;
   if (device.is_cuda()) {
-    int sms = 0;
-#if HELIX_WITH_CUDA
-    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device.index);
-#endif
-    peak = device_peak_bf16_flops(cuda_compute_capability(device.index), sms);
+    peak = device_peak_bf16_flops(cuda_compute_capability(device.index), cuda_sm_count(device.index));
   }
 
   TrainSummary summary;
