@@ -73,7 +73,7 @@ struct DkdvConfig {
 // grid (ceil(max_seqlen_kv / 64), H, b), block 128. Warp w owns keys [n0 + 16w, n0 + 16w + 16) and
 // their dK, dV rows; the CTA walks query tiles of kBlockM rows through a two-stage cp.async pipeline.
 template <int D, int kBlockM, bool kAtomicDq>
-__global__ void __launch_bounds__(128) bwd_dkdv_kernel(const AttnArgs a) {
+__global__ void __launch_bounds__(128, D == 64 ? 3 : 2) bwd_dkdv_kernel(const AttnArgs a) {
   using C = DkdvConfig<D, kBlockM, kAtomicDq>;
   constexpr int kBlockN = C::kBlockN, kThreads = C::kThreads;
   extern __shared__ __align__(128) unsigned char smem[];
@@ -299,7 +299,7 @@ struct DqConfig {
 // Deterministic dQ pass. grid (ceil(max_seqlen_q / 64), H, b), block 128: warp w owns query rows
 // [m0 + 16w, m0 + 16w + 16); K/V tiles of 64 keys stream through a two-stage cp.async pipeline.
 template <int D>
-__global__ void __launch_bounds__(128) bwd_dq_kernel(const AttnArgs a) {
+__global__ void __launch_bounds__(128, D == 64 ? 3 : 2) bwd_dq_kernel(const AttnArgs a) {
   using C = DqConfig<D>;
   constexpr int kBlockM = C::kBlockM, kBlockN = C::kBlockN, kThreads = C::kThreads;
   extern __shared__ __align__(128) unsigned char smem[];

@@ -34,6 +34,7 @@ Outputs run_fwd(const Problem& p, const Stream& s) {
   r.o.fill(kNaN, s);
   r.lse.fill(kNaN, s);
   thd_attention_fwd(attn_test::fwd_params(p, r.o, r.lse), s);
+  s.synchronize();  // host reads go through the legacy stream, which does not wait for `s`
   return r;
 }
 
@@ -45,6 +46,7 @@ void run_bwd(const Problem& p, Outputs& r, AttentionBwdMode mode, const Stream& 
   r.dk.fill(kNaN, s);
   r.dv.fill(kNaN, s);
   thd_attention_bwd(attn_test::bwd_params(p, r.o, r.lse, mode, r.dq, r.dk, r.dv), s);
+  s.synchronize();
 }
 
 // LSEs equal within atol, -inf where the reference is -inf.
@@ -146,6 +148,16 @@ TEST(AttentionCpu, FlashRuleHoldsForCpuReference) {
                    false, 2, Device::cpu());
 }
 
+// Small shapes through every path (both masks, head dims, padding, cu_q != cu_kv, empty
+// sequences); fast enough for compute-sanitizer (memcheck, racecheck, synccheck).
+TEST(AttentionGpu, SmallShapesAllPaths) {
+  HELIX_REQUIRE_CUDA();
+  uint64_t seed = 50;
+  for (int dim : {64, 128})
+    for (AttentionMask mask : {AttentionMask::kBidirectional, AttentionMask::kCausal})
+      check_flash_rule({1, 0, 7, 65, 130}, {5, 4, 0, 64, 129}, 2, dim, mask, /*padded=*/true, seed++);
+}
+
 TEST(AttentionGpu, FlashRuleIssueLengthsPadded) {
   HELIX_REQUIRE_CUDA();
   uint64_t seed = 100;
@@ -224,6 +236,7 @@ TEST(AttentionGpu, LseMergeMatchesCpuAndConcatenatedKeys) {
     m.out.fill(kNaN, s);
     m.lse.fill(kNaN, s);
     lse_merge_fwd(m, s);
+    s.synchronize();
     EXPECT_TRUE(testing::all_close(m.out.to(Device::cpu()).to(DType::kF32), ref.o.to(Device::cpu()).to(DType::kF32),
                                    testing::tolerance_for(DType::kBF16)));
     EXPECT_TRUE(lse_close(m.lse, ref.lse, 1e-4));
@@ -239,6 +252,7 @@ TEST(AttentionGpu, LseMergeMatchesCpuAndConcatenatedKeys) {
   // Backward against the CPU merge backward, with and without a dLSE.
   Tensor d_lse = Tensor::empty({2, full.tq}, DType::kF32, Device::cuda(), s);
   fill_normal(d_lse, 9, 1, 0.f, 1.f, s);
+  s.synchronize();
   for (bool with_dlse : {false, true}) {
     LseMergeBwdParams g, h;
     g.d_out = full.d_o;
@@ -258,6 +272,7 @@ TEST(AttentionGpu, LseMergeMatchesCpuAndConcatenatedKeys) {
       h.d_lses.push_back(Tensor::empty({2, full.tq}, DType::kF32));
     }
     lse_merge_bwd(g, s);
+    s.synchronize();
     lse_merge_bwd(h, Stream());
     for (int c = 0; c < 2; ++c) {
       EXPECT_TRUE(testing::all_close(g.d_outs[c].to(Device::cpu()), h.d_outs[c], testing::tolerance_for(DType::kBF16)));
