@@ -1,8 +1,9 @@
 // CUDA forward of packed-THD attention (FlashAttention-2 style): one CTA per (query tile, head,
-// sequence) over a grid sized by max_seqlen_q, CTAs past their sequence's end exit at once. Each warp
-// owns 16 query rows; K/V tiles of 64 keys stream through a two-stage cp.async pipeline; S = Q K^T
-// and O += P V run on mma.sync bf16 tensor cores with fp32 accumulators and an fp32 online softmax.
-// Also the gap kernel that zeroes rows belonging to no sequence (padding), shared with the backward.
+// sequence) over a grid sized by max_seqlen_q, CTAs past their sequence's end exit at once. Each
+// warp owns 16 query rows; K/V tiles of 64 keys stream through a two-stage cp.async pipeline; S = Q
+// K^T and O += P V run on mma.sync bf16 tensor cores with fp32 accumulators and an fp32 online
+// softmax. Also the gap kernel that zeroes rows belonging to no sequence (padding), shared with the
+// backward.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -23,7 +24,7 @@ constexpr int kFwdMTilesD64 = 2;  // m16 tiles per warp in the D = 64 forward
 template <int D, int kWarps, int kMTiles>
 struct FwdConfig {
   static constexpr int kThreads = kWarps * 32;
-  static constexpr int kWarpRows = 16 * kMTiles;       // query rows per warp (kMTiles m16 tiles)
+  static constexpr int kWarpRows = 16 * kMTiles;      // query rows per warp (kMTiles m16 tiles)
   static constexpr int kBlockM = kWarpRows * kWarps;  // query rows per CTA
   static constexpr int kBlockN = 64;                  // keys per K/V tile
   static constexpr int kQBytes = kBlockM * D * 2;
@@ -66,7 +67,8 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks) fwd_kernel(const Attn
   auto load_kv = [&](int n, int stage) {
     const int rows = min(kBlockN, len_k - n * kBlockN);
     const int64_t off = int64_t{n} * kBlockN * a.row_stride;
-    load_tile<kBlockN, D, kThreads>(s_kv + stage * C::kKVBytes, k_base + off, a.row_stride, rows, tid);
+    load_tile<kBlockN, D, kThreads>(s_kv + stage * C::kKVBytes, k_base + off, a.row_stride, rows,
+                                    tid);
     load_tile<kBlockN, D, kThreads>(s_kv + (2 + stage) * C::kKVBytes, v_base + off, a.row_stride,
                                     rows, tid);
   };
@@ -75,9 +77,10 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks) fwd_kernel(const Attn
 #pragma unroll
   for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
-    for (int i = 0; i < D / 8; ++i) o_acc[mt][i][0] = o_acc[mt][i][1] = o_acc[mt][i][2] = o_acc[mt][i][3] = 0.f;
+    for (int i = 0; i < D / 8; ++i)
+      o_acc[mt][i][0] = o_acc[mt][i][1] = o_acc[mt][i][2] = o_acc[mt][i][3] = 0.f;
   float m_run[kMTiles][2], l_run[kMTiles][2];  // running max of the raw scores of rows g, g + 8;
-#pragma unroll                                  // this lane's part of the softmax denominators
+#pragma unroll                                 // this lane's part of the softmax denominators
   for (int mt = 0; mt < kMTiles; ++mt) {
     m_run[mt][0] = m_run[mt][1] = -INFINITY;
     l_run[mt][0] = l_run[mt][1] = 0.f;
@@ -116,7 +119,8 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks) fwd_kernel(const Attn
 #pragma unroll
         for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
-          for (int j = 0; j < kBlockN / 8; ++j) s[mt][j][0] = s[mt][j][1] = s[mt][j][2] = s[mt][j][3] = 0.f;
+          for (int j = 0; j < kBlockN / 8; ++j)
+            s[mt][j][0] = s[mt][j][1] = s[mt][j][2] = s[mt][j][3] = 0.f;
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
 #pragma unroll
@@ -151,7 +155,8 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks) fwd_kernel(const Attn
           for (int r = 0; r < 2; ++r) {
             float mx = -INFINITY;
 #pragma unroll
-            for (int j = 0; j < kBlockN / 8; ++j) mx = fmaxf(mx, fmaxf(s[mt][j][2 * r], s[mt][j][2 * r + 1]));
+            for (int j = 0; j < kBlockN / 8; ++j)
+              mx = fmaxf(mx, fmaxf(s[mt][j][2 * r], s[mt][j][2 * r + 1]));
             const float m_new = fmaxf(m_run[mt][r], quad_max(mx));
             const float base = m_new == -INFINITY ? 0.f : m_new * sl2;  // no key yet: no NaN
             const float corr = exp2f(m_run[mt][r] * sl2 - base);
@@ -221,9 +226,9 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks) fwd_kernel(const Attn
 // grid (b), block 256: block i writes zeros into the rows of sequence i's gap, [off[i] + len_i,
 // off[i+1]) (the last sequence's gap runs to total_rows), of up to three [T, H*D] bf16 tensors, and
 // -inf into the gap's LSE entries when lse is given.
-__global__ void zero_gaps_kernel(const int32_t* cu, const int32_t* off, int batch, int64_t total_rows,
-                                 int64_t row_elems, __nv_bfloat16* x0, __nv_bfloat16* x1,
-                                 __nv_bfloat16* x2, float* lse, int heads) {
+__global__ void zero_gaps_kernel(const int32_t* cu, const int32_t* off, int batch,
+                                 int64_t total_rows, int64_t row_elems, __nv_bfloat16* x0,
+                                 __nv_bfloat16* x1, __nv_bfloat16* x2, float* lse, int heads) {
   const int i = blockIdx.x;
   const int64_t begin = int64_t{off[i]} + (cu[i + 1] - cu[i]);
   const int64_t end = i + 1 < batch ? int64_t{off[i + 1]} : total_rows;
@@ -264,9 +269,10 @@ AttnArgs make_attn_args(const Tensor& q, const Tensor& k, const ThdAttentionLayo
   a.k = reinterpret_cast<const __nv_bfloat16*>(k.data_ptr());
   a.cu_q = b.cu_seqlens_q.device.data<int32_t>();
   a.cu_kv = b.cu_seqlens_kv.device.data<int32_t>();
-  a.off_q = (b.cu_seqlens_q_padded.defined() ? b.cu_seqlens_q_padded : b.cu_seqlens_q).device.data<int32_t>();
-  a.off_kv =
-      (b.cu_seqlens_kv_padded.defined() ? b.cu_seqlens_kv_padded : b.cu_seqlens_kv).device.data<int32_t>();
+  a.off_q = (b.cu_seqlens_q_padded.defined() ? b.cu_seqlens_q_padded : b.cu_seqlens_q)
+                .device.data<int32_t>();
+  a.off_kv = (b.cu_seqlens_kv_padded.defined() ? b.cu_seqlens_kv_padded : b.cu_seqlens_kv)
+                 .device.data<int32_t>();
   a.row_stride = q.dim(1) * q.dim(2);
   a.tq = q.dim(0);
   a.scale = scale;
@@ -276,7 +282,8 @@ AttnArgs make_attn_args(const Tensor& q, const Tensor& k, const ThdAttentionLayo
 }
 
 void zero_gap_rows_cuda(const CuSeqlens& cu, const CuSeqlens& padded, int64_t total_rows,
-                        int64_t row_elems, const GapTargets& targets, int heads, const Stream& stream) {
+                        int64_t row_elems, const GapTargets& targets, int heads,
+                        const Stream& stream) {
   if (thd_gap_rows(cu, padded, total_rows).empty()) return;
   const CuSeqlens& off = padded.defined() ? padded : cu;
   zero_gaps_kernel<<<cu.batch(), 256, 0, static_cast<cudaStream_t>(stream.handle())>>>(
@@ -294,17 +301,20 @@ void thd_attention_fwd_cuda(const ThdAttentionFwdParams& p, const Stream& stream
   a.lse = p.lse.data<float>();
   cudaStream_t st = static_cast<cudaStream_t>(stream.handle());
   const int batch = p.layout.cu_seqlens_q.batch();
-  if (tq > 0 && batch > 0) {  // a sequence without keys reads no K/V: its rows get O = 0, LSE = -inf
+  if (tq > 0 &&
+      batch > 0) {  // a sequence without keys reads no K/V: its rows get O = 0, LSE = -inf
     // D = 64: 32 query rows per warp (K/V fragments shared by two m16 tiles); D = 128: 16 rows per
     // warp (two tiles would exceed the register file). See docs/perf/attention.md.
-    if (dim == 64) launch_fwd<64, 4, kFwdMTilesD64, 2>(a, p.layout.max_seqlen_q, heads, batch, st);
-    else launch_fwd<128, 4, 1, 2>(a, p.layout.max_seqlen_q, heads, batch, st);
+    if (dim == 64)
+      launch_fwd<64, 4, kFwdMTilesD64, 2>(a, p.layout.max_seqlen_q, heads, batch, st);
+    else
+      launch_fwd<128, 4, 1, 2>(a, p.layout.max_seqlen_q, heads, batch, st);
   }
   GapTargets gaps;
   gaps.x0 = a.out;
   gaps.lse = a.lse;
-  zero_gap_rows_cuda(p.layout.cu_seqlens_q, p.layout.cu_seqlens_q_padded, tq, a.row_stride, gaps, heads,
-                     stream);
+  zero_gap_rows_cuda(p.layout.cu_seqlens_q, p.layout.cu_seqlens_q_padded, tq, a.row_stride, gaps,
+                     heads, stream);
 }
 
 }  // namespace detail
