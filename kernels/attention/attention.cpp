@@ -1,11 +1,11 @@
 // Public entry points of packed-THD attention and the LSE merge: validation of every input (shapes,
-// dtypes, devices, alignment, and the cu_seqlens values through their host copies), then dispatch to
-// the CPU reference or the CUDA kernels by the operands' device.
+// dtypes, devices, alignment, and the cu_seqlens values through their host copies), then dispatch
+// to the CPU reference or the CUDA kernels by the operands' device.
+#include "kernels/attention/attention.h"
+
 #include <cmath>
 #include <cstdint>
 #include <string_view>
-
-#include "kernels/attention/attention.h"
 
 namespace helix {
 
@@ -16,7 +16,8 @@ CuSeqlens CuSeqlens::make(const std::vector<int32_t>& values, Device device) {
   return c;
 }
 
-CuSeqlens CuSeqlens::from_lengths(const std::vector<int32_t>& lengths, Device device, int multiple) {
+CuSeqlens CuSeqlens::from_lengths(const std::vector<int32_t>& lengths, Device device,
+                                  int multiple) {
   HELIX_CHECK(multiple >= 1, "CuSeqlens::from_lengths: expected multiple >= 1, got {}", multiple);
   std::vector<int32_t> cu(lengths.size() + 1, 0);
   for (size_t i = 0; i < lengths.size(); ++i) {
@@ -31,7 +32,8 @@ CuSeqlens CuSeqlens::from_lengths(const std::vector<int32_t>& lengths, Device de
 
 CuSeqlens CuSeqlens::wrap(const Tensor& device, const Tensor& host_copy) {
   HELIX_CHECK(host_copy.defined() && host_copy.is_cpu() && host_copy.dtype() == DType::kI32,
-              "CuSeqlens::wrap: expected an i32 CPU tensor as the host copy, got {}", host_copy.str());
+              "CuSeqlens::wrap: expected an i32 CPU tensor as the host copy, got {}",
+              host_copy.str());
   CuSeqlens c;
   c.host = host_copy.to_vector<int32_t>();
   c.device = device;
@@ -78,14 +80,16 @@ void check_operand(const Tensor& t, std::string_view name, int64_t rows, int64_t
   HELIX_CHECK(t.is_contiguous(), "{}: expected a contiguous tensor", name);
   if (t.numel() > 0) {
     const auto addr = reinterpret_cast<uintptr_t>(t.data_ptr());
-    HELIX_CHECK(addr % 16 == 0, "{}: expected a 16-byte aligned data pointer, got address {} ({} mod 16)",
-                name, addr, addr % 16);
+    HELIX_CHECK(addr % 16 == 0,
+                "{}: expected a 16-byte aligned data pointer, got address {} ({} mod 16)", name,
+                addr, addr % 16);
   }
 }
 
 void check_lse(const Tensor& t, std::string_view name, int64_t heads, int64_t rows, Device device) {
   HELIX_CHECK(t.defined(), "{}: expected a tensor, got an undefined one", name);
-  HELIX_CHECK(t.dtype() == DType::kF32, "{}: expected dtype f32, got {}", name, dtype_name(t.dtype()));
+  HELIX_CHECK(t.dtype() == DType::kF32, "{}: expected dtype f32, got {}", name,
+              dtype_name(t.dtype()));
   HELIX_CHECK(t.ndim() == 2 && t.dim(0) == heads && t.dim(1) == rows,
               "{}: expected shape [{}, {}] ([H, T]), got {}", name, heads, rows, t.shape().str());
   HELIX_CHECK(t.device() == device, "{}: expected a tensor on {}, got {}", name, device.str(),
@@ -98,13 +102,14 @@ void check_cu(const CuSeqlens& cu, std::string_view name, int batch, Device devi
   HELIX_CHECK(cu.host.size() >= 2, "{}: expected at least 2 entries ([b+1], b >= 1), got {}", name,
               cu.host.size());
   if (batch >= 0) {
-    HELIX_CHECK(cu.batch() == batch, "{}: expected {} entries (b = {} sequences, as cu_seqlens_q), got {}",
-                name, batch + 1, batch, cu.host.size());
+    HELIX_CHECK(cu.batch() == batch,
+                "{}: expected {} entries (b = {} sequences, as cu_seqlens_q), got {}", name,
+                batch + 1, batch, cu.host.size());
   }
-  HELIX_CHECK(cu.batch() <= kMaxGridYZ, "{}: expected at most {} sequences, got {}", name, kMaxGridYZ,
-              cu.batch());
-  HELIX_CHECK(cu.device.defined(), "{}: the device copy is undefined (build it with CuSeqlens::make)",
-              name);
+  HELIX_CHECK(cu.batch() <= kMaxGridYZ, "{}: expected at most {} sequences, got {}", name,
+              kMaxGridYZ, cu.batch());
+  HELIX_CHECK(cu.device.defined(),
+              "{}: the device copy is undefined (build it with CuSeqlens::make)", name);
   HELIX_CHECK(cu.device.dtype() == DType::kI32, "{}: expected dtype i32, got {}", name,
               dtype_name(cu.device.dtype()));
   HELIX_CHECK(cu.device.ndim() == 1 && cu.device.dim(0) == static_cast<int64_t>(cu.host.size()),
@@ -142,19 +147,21 @@ void check_side(const CuSeqlens& cu, const CuSeqlens& padded, int max_seqlen, in
                   pad_name, i, len, cu_name, plen);
     }
     HELIX_CHECK(padded.host.back() <= rows,
-                "{}: expected offsets within {} ({} rows), got a last offset of {}", pad_name, tensor,
-                rows, padded.host.back());
+                "{}: expected offsets within {} ({} rows), got a last offset of {}", pad_name,
+                tensor, rows, padded.host.back());
   } else {
-    HELIX_CHECK(cu.host.back() <= rows, "{}: expected offsets within {} ({} rows), got a last offset of {}",
-                cu_name, tensor, rows, cu.host.back());
+    HELIX_CHECK(cu.host.back() <= rows,
+                "{}: expected offsets within {} ({} rows), got a last offset of {}", cu_name,
+                tensor, rows, cu.host.back());
   }
-  HELIX_CHECK(max_seqlen >= longest,
-              "max_seqlen_{}: expected at least the longest sequence ({} tokens, sequence {}), got {}",
-              side, longest, longest_at, max_seqlen);
+  HELIX_CHECK(
+      max_seqlen >= longest,
+      "max_seqlen_{}: expected at least the longest sequence ({} tokens, sequence {}), got {}",
+      side, longest, longest_at, max_seqlen);
 }
 
-void check_common(const Tensor& q, const Tensor& k, const Tensor& v, const ThdAttentionLayout& layout,
-                  float softmax_scale) {
+void check_common(const Tensor& q, const Tensor& k, const Tensor& v,
+                  const ThdAttentionLayout& layout, float softmax_scale) {
   HELIX_CHECK(q.defined() && q.ndim() == 3, "q: expected a [Tq, H, D] tensor, got {}", q.str());
   const Device dev = q.device();
   const int64_t heads = q.dim(1), dim = q.dim(2);
@@ -172,10 +179,10 @@ void check_common(const Tensor& q, const Tensor& k, const Tensor& v, const ThdAt
   check_operand(v, "v", k.dim(0), heads, dim, dev, dt);
   HELIX_CHECK(std::isfinite(softmax_scale) && softmax_scale > 0.f,
               "softmax_scale: expected a positive finite value, got {}", softmax_scale);
-  check_side(layout.cu_seqlens_q, layout.cu_seqlens_q_padded, layout.max_seqlen_q, q.dim(0), "q", "q",
-             -1, dev);
-  check_side(layout.cu_seqlens_kv, layout.cu_seqlens_kv_padded, layout.max_seqlen_kv, k.dim(0), "kv",
-             "k", layout.cu_seqlens_q.batch(), dev);
+  check_side(layout.cu_seqlens_q, layout.cu_seqlens_q_padded, layout.max_seqlen_q, q.dim(0), "q",
+             "q", -1, dev);
+  check_side(layout.cu_seqlens_kv, layout.cu_seqlens_kv_padded, layout.max_seqlen_kv, k.dim(0),
+             "kv", "k", layout.cu_seqlens_q.batch(), dev);
 }
 
 void validate_fwd(const ThdAttentionFwdParams& p) {
@@ -216,13 +223,14 @@ void check_merge_parts(const std::vector<Tensor>& outs, const std::vector<Tensor
               "lse_merge: expected 1 to {} partial outputs, got {}", kMaxLseMergeParts, n);
   HELIX_CHECK(lses.size() == n, "lse_merge: expected {} lses (one per partial output), got {}", n,
               lses.size());
-  HELIX_CHECK(outs[0].defined() && outs[0].ndim() == 3, "outs[0]: expected a [T, H, D] tensor, got {}",
-              outs[0].str());
+  HELIX_CHECK(outs[0].defined() && outs[0].ndim() == 3,
+              "outs[0]: expected a [T, H, D] tensor, got {}", outs[0].str());
   const int64_t t = outs[0].dim(0), h = outs[0].dim(1);
   for (size_t i = 0; i < n; ++i) {
     check_merge_out(outs[i], fmt::format("outs[{}]", i), outs[0]);
-    HELIX_CHECK(outs[i].dtype() == outs[0].dtype(), "outs[{}]: expected dtype {} (as outs[0]), got {}",
-                i, dtype_name(outs[0].dtype()), dtype_name(outs[i].dtype()));
+    HELIX_CHECK(outs[i].dtype() == outs[0].dtype(),
+                "outs[{}]: expected dtype {} (as outs[0]), got {}", i, dtype_name(outs[0].dtype()),
+                dtype_name(outs[i].dtype()));
     check_lse(lses[i], fmt::format("lses[{}]", i), h, t, outs[0].device());
   }
 }
@@ -281,8 +289,9 @@ void lse_merge_bwd(const LseMergeBwdParams& p, const Stream& stream) {
               p.outs.size(), p.d_outs.size(), p.d_lses.size());
   for (size_t i = 0; i < p.outs.size(); ++i) {
     check_merge_out(p.d_outs[i], fmt::format("d_outs[{}]", i), like);
-    HELIX_CHECK(p.d_outs[i].dtype() == like.dtype(), "d_outs[{}]: expected dtype {} (as outs), got {}",
-                i, dtype_name(like.dtype()), dtype_name(p.d_outs[i].dtype()));
+    HELIX_CHECK(p.d_outs[i].dtype() == like.dtype(),
+                "d_outs[{}]: expected dtype {} (as outs), got {}", i, dtype_name(like.dtype()),
+                dtype_name(p.d_outs[i].dtype()));
     check_lse(p.d_lses[i], fmt::format("d_lses[{}]", i), h, t, like.device());
   }
   if (like.is_cpu()) {
@@ -296,7 +305,8 @@ void lse_merge_bwd(const LseMergeBwdParams& p, const Stream& stream) {
 #endif
 }
 
-double thd_attention_fwd_flops(const ThdAttentionLayout& layout, int heads, int head_dim, AttentionMask mask) {
+double thd_attention_fwd_flops(const ThdAttentionLayout& layout, int heads, int head_dim,
+                               AttentionMask mask) {
   double pairs = 0;
   const auto& q = layout.cu_seqlens_q.host;
   const auto& kv = layout.cu_seqlens_kv.host;

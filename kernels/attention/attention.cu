@@ -1,8 +1,9 @@
 // CUDA forward of packed-THD attention (FlashAttention-2 style): one CTA per (query tile, head,
-// sequence) over a grid sized by max_seqlen_q, CTAs past their sequence's end exit at once. Each warp
-// owns 16 query rows; K/V tiles of 64 keys stream through a two-stage cp.async pipeline; S = Q K^T
-// and O += P V run on mma.sync bf16 tensor cores with fp32 accumulators and an fp32 online softmax.
-// Also the gap kernel that zeroes rows belonging to no sequence (padding), shared with the backward.
+// sequence) over a grid sized by max_seqlen_q, CTAs past their sequence's end exit at once. Each
+// warp owns 16 query rows; K/V tiles of 64 keys stream through a two-stage cp.async pipeline; S = Q
+// K^T and O += P V run on mma.sync bf16 tensor cores with fp32 accumulators and an fp32 online
+// softmax. Also the gap kernel that zeroes rows belonging to no sequence (padding), shared with the
+// backward.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -18,11 +19,14 @@ namespace {
 
 using namespace attention_tiles;
 
-template <int D, int kWarps>
+constexpr int kFwdMTilesD64 = 2;  // m16 tiles per warp in the D = 64 forward
+
+template <int D, int kWarps, int kMTiles>
 struct FwdConfig {
   static constexpr int kThreads = kWarps * 32;
-  static constexpr int kBlockM = 16 * kWarps;  // query rows per CTA
-  static constexpr int kBlockN = 64;           // keys per K/V tile
+  static constexpr int kWarpRows = 16 * kMTiles;      // query rows per warp (kMTiles m16 tiles)
+  static constexpr int kBlockM = kWarpRows * kWarps;  // query rows per CTA
+  static constexpr int kBlockN = 64;                  // keys per K/V tile
   static constexpr int kQBytes = kBlockM * D * 2;
   static constexpr int kKVBytes = kBlockN * D * 2;
   static constexpr int kSmem = kQBytes + 4 * kKVBytes;  // Q + two stages of K and V
@@ -30,11 +34,13 @@ struct FwdConfig {
 
 // grid (ceil(max_seqlen_q / kBlockM), H, b), block kWarps * 32 threads. blockIdx.x runs over query
 // tiles in reverse (under a causal mask the last tiles carry the most work and start first). Warp w
-// owns query rows [m0 + 16w, m0 + 16w + 16) of its sequence.
-template <int D, int kWarps>
-__global__ void __launch_bounds__(kWarps * 32) fwd_kernel(const AttnArgs a) {
-  using C = FwdConfig<D, kWarps>;
+// owns query rows [m0 + w kWarpRows, m0 + (w + 1) kWarpRows) of its sequence, as kMTiles m16 tiles
+// that share every K and V fragment loaded from shared memory.
+template <int D, int kWarps, int kMTiles, int kMinBlocks>
+__global__ void __launch_bounds__(kWarps * 32, kMinBlocks) fwd_kernel(const AttnArgs a) {
+  using C = FwdConfig<D, kWarps, kMTiles>;
   constexpr int kBlockM = C::kBlockM, kBlockN = C::kBlockN, kThreads = C::kThreads;
+  constexpr int kWarpRows = C::kWarpRows;
   extern __shared__ __align__(128) unsigned char smem[];
 
   const int seq = blockIdx.z, head = blockIdx.y;
@@ -50,7 +56,7 @@ __global__ void __launch_bounds__(kWarps * 32) fwd_kernel(const AttnArgs a) {
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int g = lane >> 2, t = lane & 3;
   const int64_t hd = int64_t{head} * D;
-  const int wrow0 = m0 + warp * 16;  // first query row of this warp, within the sequence
+  const int wrow0 = m0 + warp * kWarpRows;  // first query row of this warp, within the sequence
   const bool warp_active = wrow0 < len_q;
   const float sl2 = a.scale_log2;
 
@@ -61,23 +67,31 @@ __global__ void __launch_bounds__(kWarps * 32) fwd_kernel(const AttnArgs a) {
   auto load_kv = [&](int n, int stage) {
     const int rows = min(kBlockN, len_k - n * kBlockN);
     const int64_t off = int64_t{n} * kBlockN * a.row_stride;
-    load_tile<kBlockN, D, kThreads>(s_kv + stage * C::kKVBytes, k_base + off, a.row_stride, rows, tid);
+    load_tile<kBlockN, D, kThreads>(s_kv + stage * C::kKVBytes, k_base + off, a.row_stride, rows,
+                                    tid);
     load_tile<kBlockN, D, kThreads>(s_kv + (2 + stage) * C::kKVBytes, v_base + off, a.row_stride,
                                     rows, tid);
   };
 
-  float o_acc[D / 8][4];
+  float o_acc[kMTiles][D / 8][4];
 #pragma unroll
-  for (int i = 0; i < D / 8; ++i) o_acc[i][0] = o_acc[i][1] = o_acc[i][2] = o_acc[i][3] = 0.f;
-  float m_run[2] = {-INFINITY, -INFINITY};  // running max of the raw scores of rows g and g + 8
-  float l_run[2] = {0.f, 0.f};              // this lane's part of the running softmax denominators
+  for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i)
+      o_acc[mt][i][0] = o_acc[mt][i][1] = o_acc[mt][i][2] = o_acc[mt][i][3] = 0.f;
+  float m_run[kMTiles][2], l_run[kMTiles][2];  // running max of the raw scores of rows g, g + 8;
+#pragma unroll                                 // this lane's part of the softmax denominators
+  for (int mt = 0; mt < kMTiles; ++mt) {
+    m_run[mt][0] = m_run[mt][1] = -INFINITY;
+    l_run[mt][0] = l_run[mt][1] = 0.f;
+  }
 
   if (n_tiles > 0) {
     load_tile<kBlockM, D, kThreads>(s_q, a.q + (q_row0 + m0) * a.row_stride + hd, a.row_stride,
                                     min(kBlockM, len_q - m0), tid);
     load_kv(0, 0);
     cp_async_commit();
-    uint32_t q_frag[D / 16][4];
+    uint32_t q_frag[kMTiles][D / 16][4];
     for (int n = 0; n < n_tiles; ++n) {
       const int stage = n & 1;
       if (n + 1 < n_tiles) {
@@ -90,74 +104,97 @@ __global__ void __launch_bounds__(kWarps * 32) fwd_kernel(const AttnArgs a) {
       __syncthreads();
       if (n == 0) {
 #pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) load_a<D>(q_frag[kk], s_q, warp * 16, kk, lane);
+        for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+          for (int kk = 0; kk < D / 16; ++kk)
+            load_a<D>(q_frag[mt][kk], s_q, warp * kWarpRows + mt * 16, kk, lane);
       }
       const int n0 = n * kBlockN;
       // A warp with no valid row, or whose rows all precede the tile's keys (causal), adds nothing.
-      const bool skip = !warp_active || (a.causal && n0 > wrow0 + 15 + diag);
+      const bool skip = !warp_active || (a.causal && n0 > wrow0 + kWarpRows - 1 + diag);
       if (!skip) {
         const uint32_t s_k = s_kv + stage * C::kKVBytes;
         const uint32_t s_v = s_kv + (2 + stage) * C::kKVBytes;
-        float s[kBlockN / 8][4];
+        float s[kMTiles][kBlockN / 8][4];
 #pragma unroll
-        for (int j = 0; j < kBlockN / 8; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+        for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+          for (int j = 0; j < kBlockN / 8; ++j)
+            s[mt][j][0] = s[mt][j][1] = s[mt][j][2] = s[mt][j][3] = 0.f;
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
 #pragma unroll
           for (int nb = 0; nb < kBlockN / 16; ++nb) {
             uint32_t b[4];
             load_b_rows<D>(b, s_k, nb * 16, kk, lane);
-            mma_bf16(s[2 * nb], q_frag[kk], b[0], b[1]);
-            mma_bf16(s[2 * nb + 1], q_frag[kk], b[2], b[3]);
+#pragma unroll
+            for (int mt = 0; mt < kMTiles; ++mt) {
+              mma_bf16(s[mt][2 * nb], q_frag[mt][kk], b[0], b[1]);
+              mma_bf16(s[mt][2 * nb + 1], q_frag[mt][kk], b[2], b[3]);
+            }
           }
         }
         if (n0 + kBlockN > len_k || (a.causal && n0 + kBlockN - 1 > wrow0 + diag)) {
 #pragma unroll
-          for (int j = 0; j < kBlockN / 8; ++j) {
+          for (int mt = 0; mt < kMTiles; ++mt) {
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              const int col = n0 + j * 8 + 2 * t + (e & 1);
-              const int row = wrow0 + g + 8 * (e >> 1);
-              if (col >= len_k || (a.causal && col > row + diag)) s[j][e] = -INFINITY;
+            for (int j = 0; j < kBlockN / 8; ++j) {
+#pragma unroll
+              for (int e = 0; e < 4; ++e) {
+                const int col = n0 + j * 8 + 2 * t + (e & 1);
+                const int row = wrow0 + mt * 16 + g + 8 * (e >> 1);
+                if (col >= len_k || (a.causal && col > row + diag)) s[mt][j][e] = -INFINITY;
+              }
             }
           }
         }
         // Online softmax: rescale what was accumulated by exp(m_old - m_new), add this tile.
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          float mx = -INFINITY;
+        for (int mt = 0; mt < kMTiles; ++mt) {
 #pragma unroll
-          for (int j = 0; j < kBlockN / 8; ++j) mx = fmaxf(mx, fmaxf(s[j][2 * r], s[j][2 * r + 1]));
-          const float m_new = fmaxf(m_run[r], quad_max(mx));
-          const float base = m_new == -INFINITY ? 0.f : m_new * sl2;  // rows with no key yet: no NaN
-          const float corr = exp2f(m_run[r] * sl2 - base);
-          m_run[r] = m_new;
-          l_run[r] *= corr;
+          for (int r = 0; r < 2; ++r) {
+            float mx = -INFINITY;
 #pragma unroll
-          for (int i = 0; i < D / 8; ++i) {
-            o_acc[i][2 * r] *= corr;
-            o_acc[i][2 * r + 1] *= corr;
-          }
+            for (int j = 0; j < kBlockN / 8; ++j)
+              mx = fmaxf(mx, fmaxf(s[mt][j][2 * r], s[mt][j][2 * r + 1]));
+            const float m_new = fmaxf(m_run[mt][r], quad_max(mx));
+            const float base = m_new == -INFINITY ? 0.f : m_new * sl2;  // no key yet: no NaN
+            const float corr = exp2f(m_run[mt][r] * sl2 - base);
+            m_run[mt][r] = m_new;
+            l_run[mt][r] *= corr;
 #pragma unroll
-          for (int j = 0; j < kBlockN / 8; ++j) {
-            s[j][2 * r] = exp2f(fmaf(s[j][2 * r], sl2, -base));
-            s[j][2 * r + 1] = exp2f(fmaf(s[j][2 * r + 1], sl2, -base));
-            l_run[r] += s[j][2 * r] + s[j][2 * r + 1];
+            for (int i = 0; i < D / 8; ++i) {
+              o_acc[mt][i][2 * r] *= corr;
+              o_acc[mt][i][2 * r + 1] *= corr;
+            }
+#pragma unroll
+            for (int j = 0; j < kBlockN / 8; ++j) {
+              s[mt][j][2 * r] = exp2f(fmaf(s[mt][j][2 * r], sl2, -base));
+              s[mt][j][2 * r + 1] = exp2f(fmaf(s[mt][j][2 * r + 1], sl2, -base));
+              l_run[mt][r] += s[mt][j][2 * r] + s[mt][j][2 * r + 1];
+            }
           }
         }
         // O += P V, P's A fragments taken straight from the score accumulators.
 #pragma unroll
         for (int kk = 0; kk < kBlockN / 16; ++kk) {
-          const uint32_t pa[4] = {pack_bf16(s[2 * kk][0], s[2 * kk][1]),
-                                  pack_bf16(s[2 * kk][2], s[2 * kk][3]),
-                                  pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                                  pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+          uint32_t pa[kMTiles][4];
+#pragma unroll
+          for (int mt = 0; mt < kMTiles; ++mt) {
+            pa[mt][0] = pack_bf16(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+            pa[mt][1] = pack_bf16(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+            pa[mt][2] = pack_bf16(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+            pa[mt][3] = pack_bf16(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+          }
 #pragma unroll
           for (int nn = 0; nn < D / 16; ++nn) {
             uint32_t b[4];
             load_b_cols<D>(b, s_v, kk * 16, nn, lane);
-            mma_bf16(o_acc[2 * nn], pa, b[0], b[1]);
-            mma_bf16(o_acc[2 * nn + 1], pa, b[2], b[3]);
+#pragma unroll
+            for (int mt = 0; mt < kMTiles; ++mt) {
+              mma_bf16(o_acc[mt][2 * nn], pa[mt], b[0], b[1]);
+              mma_bf16(o_acc[mt][2 * nn + 1], pa[mt], b[2], b[3]);
+            }
           }
         }
       }
@@ -167,27 +204,31 @@ __global__ void __launch_bounds__(kWarps * 32) fwd_kernel(const AttnArgs a) {
 
   if (!warp_active) return;
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const float l = quad_sum(l_run[r]);
-    const int row = wrow0 + g + 8 * r;
-    if (row >= len_q) continue;
-    const float inv = l > 0.f ? 1.f / l : 0.f;
-    __nv_bfloat16* out_row = a.out + (q_row0 + row) * a.row_stride + hd;
+  for (int mt = 0; mt < kMTiles; ++mt) {
 #pragma unroll
-    for (int i = 0; i < D / 8; ++i) {
-      *reinterpret_cast<uint32_t*>(out_row + i * 8 + 2 * t) =
-          pack_bf16(o_acc[i][2 * r] * inv, o_acc[i][2 * r + 1] * inv);
+    for (int r = 0; r < 2; ++r) {
+      const float l = quad_sum(l_run[mt][r]);
+      const int row = wrow0 + mt * 16 + g + 8 * r;
+      if (row >= len_q) continue;
+      const float inv = l > 0.f ? 1.f / l : 0.f;
+      __nv_bfloat16* out_row = a.out + (q_row0 + row) * a.row_stride + hd;
+#pragma unroll
+      for (int i = 0; i < D / 8; ++i) {
+        *reinterpret_cast<uint32_t*>(out_row + i * 8 + 2 * t) =
+            pack_bf16(o_acc[mt][i][2 * r] * inv, o_acc[mt][i][2 * r + 1] * inv);
+      }
+      if (t == 0)
+        a.lse[head * a.tq + q_row0 + row] = l > 0.f ? m_run[mt][r] * a.scale + logf(l) : -INFINITY;
     }
-    if (t == 0) a.lse[head * a.tq + q_row0 + row] = l > 0.f ? m_run[r] * a.scale + logf(l) : -INFINITY;
   }
 }
 
 // grid (b), block 256: block i writes zeros into the rows of sequence i's gap, [off[i] + len_i,
 // off[i+1]) (the last sequence's gap runs to total_rows), of up to three [T, H*D] bf16 tensors, and
 // -inf into the gap's LSE entries when lse is given.
-__global__ void zero_gaps_kernel(const int32_t* cu, const int32_t* off, int batch, int64_t total_rows,
-                                 int64_t row_elems, __nv_bfloat16* x0, __nv_bfloat16* x1,
-                                 __nv_bfloat16* x2, float* lse, int heads) {
+__global__ void zero_gaps_kernel(const int32_t* cu, const int32_t* off, int batch,
+                                 int64_t total_rows, int64_t row_elems, __nv_bfloat16* x0,
+                                 __nv_bfloat16* x1, __nv_bfloat16* x2, float* lse, int heads) {
   const int i = blockIdx.x;
   const int64_t begin = int64_t{off[i]} + (cu[i + 1] - cu[i]);
   const int64_t end = i + 1 < batch ? int64_t{off[i + 1]} : total_rows;
@@ -206,14 +247,14 @@ __global__ void zero_gaps_kernel(const int32_t* cu, const int32_t* off, int batc
   }
 }
 
-template <int D, int kWarps>
+template <int D, int kWarps, int kMTiles, int kMinBlocks>
 void launch_fwd(const AttnArgs& a, int max_seqlen_q, int heads, int batch, cudaStream_t st) {
-  using C = FwdConfig<D, kWarps>;
+  using C = FwdConfig<D, kWarps, kMTiles>;
   const dim3 grid((max_seqlen_q + C::kBlockM - 1) / C::kBlockM, heads, batch);
   if (grid.x == 0) return;
-  CUDA_CHECK(cudaFuncSetAttribute(fwd_kernel<D, kWarps>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                  C::kSmem));
-  fwd_kernel<D, kWarps><<<grid, C::kThreads, C::kSmem, st>>>(a);
+  auto kernel = fwd_kernel<D, kWarps, kMTiles, kMinBlocks>;
+  CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmem));
+  kernel<<<grid, C::kThreads, C::kSmem, st>>>(a);
   HELIX_LAUNCH_CHECK();
 }
 
@@ -228,9 +269,10 @@ AttnArgs make_attn_args(const Tensor& q, const Tensor& k, const ThdAttentionLayo
   a.k = reinterpret_cast<const __nv_bfloat16*>(k.data_ptr());
   a.cu_q = b.cu_seqlens_q.device.data<int32_t>();
   a.cu_kv = b.cu_seqlens_kv.device.data<int32_t>();
-  a.off_q = (b.cu_seqlens_q_padded.defined() ? b.cu_seqlens_q_padded : b.cu_seqlens_q).device.data<int32_t>();
-  a.off_kv =
-      (b.cu_seqlens_kv_padded.defined() ? b.cu_seqlens_kv_padded : b.cu_seqlens_kv).device.data<int32_t>();
+  a.off_q = (b.cu_seqlens_q_padded.defined() ? b.cu_seqlens_q_padded : b.cu_seqlens_q)
+                .device.data<int32_t>();
+  a.off_kv = (b.cu_seqlens_kv_padded.defined() ? b.cu_seqlens_kv_padded : b.cu_seqlens_kv)
+                 .device.data<int32_t>();
   a.row_stride = q.dim(1) * q.dim(2);
   a.tq = q.dim(0);
   a.scale = scale;
@@ -240,7 +282,8 @@ AttnArgs make_attn_args(const Tensor& q, const Tensor& k, const ThdAttentionLayo
 }
 
 void zero_gap_rows_cuda(const CuSeqlens& cu, const CuSeqlens& padded, int64_t total_rows,
-                        int64_t row_elems, const GapTargets& targets, int heads, const Stream& stream) {
+                        int64_t row_elems, const GapTargets& targets, int heads,
+                        const Stream& stream) {
   if (thd_gap_rows(cu, padded, total_rows).empty()) return;
   const CuSeqlens& off = padded.defined() ? padded : cu;
   zero_gaps_kernel<<<cu.batch(), 256, 0, static_cast<cudaStream_t>(stream.handle())>>>(
@@ -258,15 +301,20 @@ void thd_attention_fwd_cuda(const ThdAttentionFwdParams& p, const Stream& stream
   a.lse = p.lse.data<float>();
   cudaStream_t st = static_cast<cudaStream_t>(stream.handle());
   const int batch = p.layout.cu_seqlens_q.batch();
-  if (tq > 0 && batch > 0) {  // a sequence without keys reads no K/V: its rows get O = 0, LSE = -inf
-    if (dim == 64) launch_fwd<64, 4>(a, p.layout.max_seqlen_q, heads, batch, st);
-    else launch_fwd<128, 4>(a, p.layout.max_seqlen_q, heads, batch, st);
+  if (tq > 0 &&
+      batch > 0) {  // a sequence without keys reads no K/V: its rows get O = 0, LSE = -inf
+    // D = 64: 32 query rows per warp (K/V fragments shared by two m16 tiles); D = 128: 16 rows per
+    // warp (two tiles would exceed the register file). See docs/perf/attention.md.
+    if (dim == 64)
+      launch_fwd<64, 4, kFwdMTilesD64, 2>(a, p.layout.max_seqlen_q, heads, batch, st);
+    else
+      launch_fwd<128, 4, 1, 2>(a, p.layout.max_seqlen_q, heads, batch, st);
   }
   GapTargets gaps;
   gaps.x0 = a.out;
   gaps.lse = a.lse;
-  zero_gap_rows_cuda(p.layout.cu_seqlens_q, p.layout.cu_seqlens_q_padded, tq, a.row_stride, gaps, heads,
-                     stream);
+  zero_gap_rows_cuda(p.layout.cu_seqlens_q, p.layout.cu_seqlens_q_padded, tq, a.row_stride, gaps,
+                     heads, stream);
 }
 
 }  // namespace detail

@@ -1,10 +1,11 @@
 #pragma once
 // Packed-THD attention: softmax(scale * Q K^T) V over a batch of sequences packed back to back
-// (q [Tq, H, D], k/v [Tk, H, D], bf16), forward (O and the log-sum-exp), backward, and the LSE merge
-// that context parallelism's ring uses to combine partial outputs. Design: FlashAttention-2 on the
-// GPU (tiles of Q against tiles of K/V with an online softmax, mma.sync bf16 tensor cores), a
-// double-accumulation CPU reference with identical semantics, and host-side validation of every
-// cu_seqlens through the host copy that CuSeqlens carries beside the device tensor (no device sync).
+// (q [Tq, H, D], k/v [Tk, H, D], bf16), forward (O and the log-sum-exp), backward, and the LSE
+// merge that context parallelism's ring uses to combine partial outputs. Design: FlashAttention-2
+// on the GPU (tiles of Q against tiles of K/V with an online softmax, mma.sync bf16 tensor cores),
+// a double-accumulation CPU reference with identical semantics, and host-side validation of every
+// cu_seqlens through the host copy that CuSeqlens carries beside the device tensor (no device
+// sync).
 //
 // Semantics shared by every function here:
 //  * sequence i has queries at rows [q_off[i], q_off[i] + len_q[i]) and keys at
@@ -25,10 +26,11 @@
 
 namespace helix {
 
-// Cumulative offsets of one side (queries or keys) of a packed batch. `host` is what the data loader
-// (or the CP sharding) computed; `device` holds the same values on the device of the attention
-// operands, where the kernels read them. Built together by make(), so the two copies agree; the
-// launchers validate the host copy (monotonic, in range, max_seqlen) without touching the device.
+// Cumulative offsets of one side (queries or keys) of a packed batch. `host` is what the data
+// loader (or the CP sharding) computed; `device` holds the same values on the device of the
+// attention operands, where the kernels read them. Built together by make(), so the two copies
+// agree; the launchers validate the host copy (monotonic, in range, max_seqlen) without touching
+// the device.
 struct CuSeqlens {
   std::vector<int32_t> host;  // [b+1], host[0] == 0, non-decreasing
   Tensor device;              // i32 [b+1] on the operands' device, equal to `host`
@@ -36,7 +38,8 @@ struct CuSeqlens {
   // Copies `values` to `device` (a host-to-device copy: do it where the batch is built).
   static CuSeqlens make(const std::vector<int32_t>& values, Device device);
   // Cumulative offsets of `lengths`, each rounded up to a multiple of `multiple` (padded layouts).
-  static CuSeqlens from_lengths(const std::vector<int32_t>& lengths, Device device, int multiple = 1);
+  static CuSeqlens from_lengths(const std::vector<int32_t>& lengths, Device device,
+                                int multiple = 1);
   // Wraps an existing device tensor and its CPU copy (i32 [b+1] both; no copy, no sync).
   static CuSeqlens wrap(const Tensor& device, const Tensor& host_copy);
   bool defined() const { return !host.empty(); }
@@ -47,12 +50,13 @@ struct CuSeqlens {
 // longest lengths (from the host). Layers build it from the packed batch (core ThdBatch, when
 // present) and, under context parallelism, from the per-rank shard.
 struct ThdAttentionLayout {
-  CuSeqlens cu_seqlens_q;          // [b+1] cumulative true query lengths
-  CuSeqlens cu_seqlens_kv;         // [b+1] cumulative true key/value lengths
-  CuSeqlens cu_seqlens_q_padded;   // [b+1] query row offsets incl. padding; empty: cu_seqlens_q
-  CuSeqlens cu_seqlens_kv_padded;  // [b+1] key/value row offsets incl. padding; empty: cu_seqlens_kv
-  int max_seqlen_q = 0;            // >= every true query length (sizes the grid; no device sync)
-  int max_seqlen_kv = 0;           // >= every true key/value length
+  CuSeqlens cu_seqlens_q;         // [b+1] cumulative true query lengths
+  CuSeqlens cu_seqlens_kv;        // [b+1] cumulative true key/value lengths
+  CuSeqlens cu_seqlens_q_padded;  // [b+1] query row offsets incl. padding; empty: cu_seqlens_q
+  CuSeqlens
+      cu_seqlens_kv_padded;  // [b+1] key/value row offsets incl. padding; empty: cu_seqlens_kv
+  int max_seqlen_q = 0;      // >= every true query length (sizes the grid; no device sync)
+  int max_seqlen_kv = 0;     // >= every true key/value length
 };
 
 enum class AttentionMask : uint8_t { kBidirectional, kCausal };
@@ -97,9 +101,10 @@ void thd_attention_fwd(const ThdAttentionFwdParams& p, const Stream& stream);
 // LSE through lse_merge). Recomputes the probabilities from LSE, as FlashAttention-2 does.
 void thd_attention_bwd(const ThdAttentionBwdParams& p, const Stream& stream);
 
-// ---- LSE merge: partial attention outputs over disjoint key blocks -> attention over their union --
-// lse = log(sum_i exp(lse_i)), out = sum_i exp(lse_i - lse) * out_i. Rows where every lse_i is -inf
-// give out = 0, lse = -inf. Up to kMaxLseMergeParts partials per call (a ring merges step by step).
+// ---- LSE merge: partial attention outputs over disjoint key blocks -> attention over their union
+// -- lse = log(sum_i exp(lse_i)), out = sum_i exp(lse_i - lse) * out_i. Rows where every lse_i is
+// -inf give out = 0, lse = -inf. Up to kMaxLseMergeParts partials per call (a ring merges step by
+// step).
 inline constexpr int kMaxLseMergeParts = 8;
 
 struct LseMergeFwdParams {
@@ -123,7 +128,8 @@ void lse_merge_bwd(const LseMergeBwdParams& p, const Stream& stream);
 
 // Attention FLOPs of a forward pass (4 * H * D * sum_i len_q[i] * len_kv[i]; halved for causal
 // when len_q == len_kv, the count the benchmarks report). The backward does 2.5x that.
-double thd_attention_fwd_flops(const ThdAttentionLayout& layout, int heads, int head_dim, AttentionMask mask);
+double thd_attention_fwd_flops(const ThdAttentionLayout& layout, int heads, int head_dim,
+                               AttentionMask mask);
 
 namespace detail {
 // The device-specific implementations behind the public functions (parameters already validated).

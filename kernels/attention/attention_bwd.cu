@@ -23,8 +23,8 @@ using namespace attention_tiles;
 
 // grid (ceil(Tq * H / 32)), block 256: 8 threads per (query, head) row, 16-byte loads of dO and O.
 template <int D>
-__global__ void bwd_delta_kernel(const __nv_bfloat16* o, const __nv_bfloat16* d_o, const float* d_lse,
-                                 float* delta, int64_t tq, int heads) {
+__global__ void bwd_delta_kernel(const __nv_bfloat16* o, const __nv_bfloat16* d_o,
+                                 const float* d_lse, float* delta, int64_t tq, int heads) {
   const int64_t row = int64_t{blockIdx.x} * 32 + threadIdx.x / 8;  // (token, head) row
   const int sub = threadIdx.x % 8;
   const bool valid = row < tq * heads;
@@ -56,24 +56,26 @@ __global__ void bwd_delta_kernel(const __nv_bfloat16* o, const __nv_bfloat16* d_
 template <int D, int kBlockM, bool kAtomicDq>
 struct DkdvConfig {
   static constexpr int kWarps = 4, kThreads = kWarps * 32;
-  static constexpr int kBlockN = 64;             // keys per CTA, 16 per warp
-  static constexpr int kDsStride = kBlockM + 8;  // bf16 per row of the dS^T tile (padded: no conflicts)
+  static constexpr int kBlockN = 64;  // keys per CTA, 16 per warp
+  static constexpr int kDsStride =
+      kBlockM + 8;  // bf16 per row of the dS^T tile (padded: no conflicts)
   static constexpr int kKVBytes = kBlockN * D * 2;
   static constexpr int kQBytes = kBlockM * D * 2;
   static constexpr int kRowBytes = kBlockM * 4;  // one stage of LSE or delta
   static constexpr int kOffV = kKVBytes;
-  static constexpr int kOffQ = 2 * kKVBytes;                    // + stage * kQBytes
-  static constexpr int kOffDo = kOffQ + 2 * kQBytes;            // + stage * kQBytes
-  static constexpr int kOffLse = kOffDo + 2 * kQBytes;          // + stage * kRowBytes
-  static constexpr int kOffDelta = kOffLse + 2 * kRowBytes;     // + stage * kRowBytes
+  static constexpr int kOffQ = 2 * kKVBytes;                 // + stage * kQBytes
+  static constexpr int kOffDo = kOffQ + 2 * kQBytes;         // + stage * kQBytes
+  static constexpr int kOffLse = kOffDo + 2 * kQBytes;       // + stage * kRowBytes
+  static constexpr int kOffDelta = kOffLse + 2 * kRowBytes;  // + stage * kRowBytes
   static constexpr int kOffDs = kOffDelta + 2 * kRowBytes;
   static constexpr int kSmem = kOffDs + (kAtomicDq ? kBlockN * kDsStride * 2 : 0);
 };
 
 // grid (ceil(max_seqlen_kv / 64), H, b), block 128. Warp w owns keys [n0 + 16w, n0 + 16w + 16) and
-// their dK, dV rows; the CTA walks query tiles of kBlockM rows through a two-stage cp.async pipeline.
+// their dK, dV rows; the CTA walks query tiles of kBlockM rows through a two-stage cp.async
+// pipeline.
 template <int D, int kBlockM, bool kAtomicDq>
-__global__ void __launch_bounds__(128) bwd_dkdv_kernel(const AttnArgs a) {
+__global__ void __launch_bounds__(128, D == 64 ? 3 : 2) bwd_dkdv_kernel(const AttnArgs a) {
   using C = DkdvConfig<D, kBlockM, kAtomicDq>;
   constexpr int kBlockN = C::kBlockN, kThreads = C::kThreads;
   extern __shared__ __align__(128) unsigned char smem[];
@@ -173,8 +175,8 @@ __global__ void __launch_bounds__(128) bwd_dkdv_kernel(const AttnArgs a) {
           mma_bf16(dpt[2 * nb + 1], va, b[2], b[3]);
         }
       }
-      const bool need_mask = mq0 + kBlockM > len_q || wkey0 + 16 > len_k ||
-                             (a.causal && wkey0 + 15 > mq0 + diag);
+      const bool need_mask =
+          mq0 + kBlockM > len_q || wkey0 + 16 > len_k || (a.causal && wkey0 + 15 > mq0 + diag);
       // P^T = exp(scale S^T - LSE) and dS^T = P^T (dP^T - delta), in place.
 #pragma unroll
       for (int j = 0; j < kBlockM / 8; ++j) {
@@ -190,7 +192,8 @@ __global__ void __launch_bounds__(128) bwd_dkdv_kernel(const AttnArgs a) {
           dpt[j][e] = p * (dpt[j][e] - s_delta[stage * kBlockM + qi]);
         }
       }
-      // dV += P^T dO and dK += dS^T Q (scale applied at the end); A fragments from the accumulators.
+      // dV += P^T dO and dK += dS^T Q (scale applied at the end); A fragments from the
+      // accumulators.
 #pragma unroll
       for (int kq = 0; kq < kBlockM / 16; ++kq) {
         const uint32_t pa[4] = {pack_bf16(st[2 * kq][0], st[2 * kq][1]),
@@ -258,7 +261,8 @@ __global__ void __launch_bounds__(128) bwd_dkdv_kernel(const AttnArgs a) {
 #pragma unroll
         for (int i = 0; i < kNPerWarp; ++i) {
 #if __CUDA_ARCH__ >= 900
-          atomicAdd(reinterpret_cast<float2*>(dst + i * 8), make_float2(dq[i][2 * r], dq[i][2 * r + 1]));
+          atomicAdd(reinterpret_cast<float2*>(dst + i * 8),
+                    make_float2(dq[i][2 * r], dq[i][2 * r + 1]));
 #else
           atomicAdd(dst + i * 8, dq[i][2 * r]);
           atomicAdd(dst + i * 8 + 1, dq[i][2 * r + 1]);
@@ -299,7 +303,7 @@ struct DqConfig {
 // Deterministic dQ pass. grid (ceil(max_seqlen_q / 64), H, b), block 128: warp w owns query rows
 // [m0 + 16w, m0 + 16w + 16); K/V tiles of 64 keys stream through a two-stage cp.async pipeline.
 template <int D>
-__global__ void __launch_bounds__(128) bwd_dq_kernel(const AttnArgs a) {
+__global__ void __launch_bounds__(128, D == 64 ? 3 : 2) bwd_dq_kernel(const AttnArgs a) {
   using C = DqConfig<D>;
   constexpr int kBlockM = C::kBlockM, kBlockN = C::kBlockN, kThreads = C::kThreads;
   extern __shared__ __align__(128) unsigned char smem[];
@@ -327,7 +331,8 @@ __global__ void __launch_bounds__(128) bwd_dq_kernel(const AttnArgs a) {
   auto load_kv = [&](int n, int stage) {
     const int rows = min(kBlockN, len_k - n * kBlockN);
     const int64_t off = int64_t{n} * kBlockN * a.row_stride;
-    load_tile<kBlockN, D, kThreads>(s_kv + stage * C::kKVBytes, k_base + off, a.row_stride, rows, tid);
+    load_tile<kBlockN, D, kThreads>(s_kv + stage * C::kKVBytes, k_base + off, a.row_stride, rows,
+                                    tid);
     load_tile<kBlockN, D, kThreads>(s_kv + (2 + stage) * C::kKVBytes, v_base + off, a.row_stride,
                                     rows, tid);
   };
@@ -389,7 +394,8 @@ __global__ void __launch_bounds__(128) bwd_dq_kernel(const AttnArgs a) {
             mma_bf16(dp[2 * nb + 1], ga, b[2], b[3]);
           }
         }
-        const bool need_mask = n0 + kBlockN > len_k || (a.causal && n0 + kBlockN - 1 > wrow0 + diag);
+        const bool need_mask =
+            n0 + kBlockN > len_k || (a.causal && n0 + kBlockN - 1 > wrow0 + diag);
 #pragma unroll
         for (int j = 0; j < kBlockN / 8; ++j) {
 #pragma unroll
@@ -431,13 +437,15 @@ __global__ void __launch_bounds__(128) bwd_dq_kernel(const AttnArgs a) {
     __nv_bfloat16* dst = a.out + (q_row0 + row) * a.row_stride + hd + 2 * t;
 #pragma unroll
     for (int i = 0; i < D / 8; ++i)
-      *reinterpret_cast<uint32_t*>(dst + i * 8) = pack_bf16(dq[i][2 * r] * a.scale, dq[i][2 * r + 1] * a.scale);
+      *reinterpret_cast<uint32_t*>(dst + i * 8) =
+          pack_bf16(dq[i][2 * r] * a.scale, dq[i][2 * r + 1] * a.scale);
   }
 }
 
 // grid-stride over Tq * H * D / 4, block 256: dQ = bf16(scale * dq_accum), four elements a thread.
 __global__ void dq_convert_kernel(const float* acc, __nv_bfloat16* dq, int64_t n4, float scale) {
-  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n4; i += int64_t{gridDim.x} * blockDim.x) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n4;
+       i += int64_t{gridDim.x} * blockDim.x) {
     const float4 v = reinterpret_cast<const float4*>(acc)[i];
     uint2 out;
     out.x = pack_bf16(v.x * scale, v.y * scale);
@@ -462,13 +470,15 @@ void launch_dq(const AttnArgs& a, int max_seqlen_q, int heads, int batch, cudaSt
   using C = DqConfig<D>;
   const dim3 grid((max_seqlen_q + C::kBlockM - 1) / C::kBlockM, heads, batch);
   if (grid.x == 0) return;
-  CUDA_CHECK(cudaFuncSetAttribute(bwd_dq_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmem));
+  CUDA_CHECK(cudaFuncSetAttribute(bwd_dq_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                  C::kSmem));
   bwd_dq_kernel<D><<<grid, C::kThreads, C::kSmem, st>>>(a);
   HELIX_LAUNCH_CHECK();
 }
 
 template <int D, int kBlockM>
-void launch_bwd(const AttnArgs& a, const ThdAttentionLayout& b, int heads, bool atomic_dq, cudaStream_t st) {
+void launch_bwd(const AttnArgs& a, const ThdAttentionLayout& b, int heads, bool atomic_dq,
+                cudaStream_t st) {
   const int batch = b.cu_seqlens_q.batch();
   if (atomic_dq) {
     launch_dkdv<D, kBlockM, true>(a, b.max_seqlen_kv, heads, batch, st);
@@ -507,13 +517,19 @@ void thd_attention_bwd_cuda(const ThdAttentionBwdParams& p, const Stream& stream
   if (tq > 0) {
     const unsigned blocks = static_cast<unsigned>((tq * heads + 31) / 32);
     const float* d_lse = p.d_lse.defined() ? p.d_lse.data<float>() : nullptr;
-    if (dim == 64) bwd_delta_kernel<64><<<blocks, 256, 0, st>>>(a.o, a.d_o, d_lse, delta.data<float>(), tq, heads);
-    else bwd_delta_kernel<128><<<blocks, 256, 0, st>>>(a.o, a.d_o, d_lse, delta.data<float>(), tq, heads);
+    if (dim == 64)
+      bwd_delta_kernel<64>
+          <<<blocks, 256, 0, st>>>(a.o, a.d_o, d_lse, delta.data<float>(), tq, heads);
+    else
+      bwd_delta_kernel<128>
+          <<<blocks, 256, 0, st>>>(a.o, a.d_o, d_lse, delta.data<float>(), tq, heads);
     HELIX_LAUNCH_CHECK();
   }
   if (p.layout.cu_seqlens_q.batch() > 0 && (tq > 0 || tk > 0)) {
-    if (dim == 64) launch_bwd<64, 64>(a, p.layout, heads, atomic_dq, st);
-    else launch_bwd<128, 32>(a, p.layout, heads, atomic_dq, st);
+    if (dim == 64)
+      launch_bwd<64, 64>(a, p.layout, heads, atomic_dq, st);
+    else
+      launch_bwd<128, 32>(a, p.layout, heads, atomic_dq, st);
   }
   if (atomic_dq && tq > 0) {
     const int64_t n4 = tq * heads * dim / 4;
@@ -523,14 +539,14 @@ void thd_attention_bwd_cuda(const ThdAttentionBwdParams& p, const Stream& stream
   } else {
     GapTargets q_gaps;
     q_gaps.x0 = a.out;
-    zero_gap_rows_cuda(p.layout.cu_seqlens_q, p.layout.cu_seqlens_q_padded, tq, a.row_stride, q_gaps,
-                       heads, stream);
+    zero_gap_rows_cuda(p.layout.cu_seqlens_q, p.layout.cu_seqlens_q_padded, tq, a.row_stride,
+                       q_gaps, heads, stream);
   }
   GapTargets kv_gaps;
   kv_gaps.x0 = a.d_k;
   kv_gaps.x1 = a.d_v;
-  zero_gap_rows_cuda(p.layout.cu_seqlens_kv, p.layout.cu_seqlens_kv_padded, tk, a.row_stride, kv_gaps,
-                     heads, stream);
+  zero_gap_rows_cuda(p.layout.cu_seqlens_kv, p.layout.cu_seqlens_kv_padded, tk, a.row_stride,
+                     kv_gaps, heads, stream);
 }
 
 }  // namespace detail

@@ -18,8 +18,7 @@ constexpr double kNegInf = -std::numeric_limits<double>::infinity();
 
 // Runs fn(i) for every i in [0, n) on up to hardware_concurrency threads (tasks are independent).
 void parallel_for(int64_t n, const std::function<void(int64_t)>& fn) {
-  const int64_t threads =
-      std::min<int64_t>(n, std::max(1u, std::thread::hardware_concurrency()));
+  const int64_t threads = std::min<int64_t>(n, std::max(1u, std::thread::hardware_concurrency()));
   if (threads <= 1) {
     for (int64_t i = 0; i < n; ++i) fn(i);
     return;
@@ -50,7 +49,9 @@ std::vector<Seq> sequences(const ThdAttentionLayout& b) {
   return s;
 }
 
-std::vector<float> floats_of(const Tensor& t) { return t.defined() ? t.to_floats() : std::vector<float>(); }
+std::vector<float> floats_of(const Tensor& t) {
+  return t.defined() ? t.to_floats() : std::vector<float>();
+}
 
 // Last key a query sees (exclusive bound): causal masks align at the bottom right.
 int64_t key_end(int64_t row, const Seq& s, bool causal) {
@@ -60,8 +61,10 @@ int64_t key_end(int64_t row, const Seq& s, bool causal) {
 // Outputs are bf16, or f32 in CPU f32 runs: one rounding from the double result (through float,
 // as a bf16 output always was).
 void store(const Tensor& t, int64_t i, double v) {
-  if (t.dtype() == DType::kF32) t.data<float>()[i] = static_cast<float>(v);
-  else t.data<bf16_t>()[i] = bf16_t::from_float(static_cast<float>(v));
+  if (t.dtype() == DType::kF32)
+    t.data<float>()[i] = static_cast<float>(v);
+  else
+    t.data<bf16_t>()[i] = bf16_t::from_float(static_cast<float>(v));
 }
 
 void zero_rows(const Tensor& x, int64_t row_elems, int64_t begin, int64_t end) {

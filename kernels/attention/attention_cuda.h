@@ -9,8 +9,9 @@
 namespace helix::detail {
 
 // Device pointers of q, k, cu_seqlens and offsets, strides and scales; the caller fills the rest.
-attention_tiles::AttnArgs make_attn_args(const Tensor& q, const Tensor& k, const ThdAttentionLayout& b,
-                                         float scale, AttentionMask mask);
+attention_tiles::AttnArgs make_attn_args(const Tensor& q, const Tensor& k,
+                                         const ThdAttentionLayout& b, float scale,
+                                         AttentionMask mask);
 
 // Tensors whose gap rows (rows in no sequence) are zeroed; null entries are skipped.
 struct GapTargets {
@@ -22,6 +23,7 @@ struct GapTargets {
 
 // Zeroes the gap rows of one side (q or kv) of the batch; launches nothing when there are none.
 void zero_gap_rows_cuda(const CuSeqlens& cu, const CuSeqlens& padded, int64_t total_rows,
-                        int64_t row_elems, const GapTargets& targets, int heads, const Stream& stream);
+                        int64_t row_elems, const GapTargets& targets, int heads,
+                        const Stream& stream);
 
 }  // namespace helix::detail

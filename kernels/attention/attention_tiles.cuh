@@ -42,13 +42,13 @@ struct AttnArgs {
   float* dq_accum;           // [Tq, H, D] fp32 (backward, atomic mode), else nullptr
   const int32_t* cu_q;       // true lengths, cumulative
   const int32_t* cu_kv;
-  const int32_t* off_q;      // row offsets (padded layout, or cu_q)
+  const int32_t* off_q;  // row offsets (padded layout, or cu_q)
   const int32_t* off_kv;
-  int64_t row_stride;        // H * D: elements between consecutive tokens
-  int64_t tq;                // rows of q (stride of lse's head dimension)
-  float scale;               // softmax scale
-  float scale_log2;          // scale * log2(e)
-  int causal;                // 1: bottom-right aligned causal mask
+  int64_t row_stride;  // H * D: elements between consecutive tokens
+  int64_t tq;          // rows of q (stride of lse's head dimension)
+  float scale;         // softmax scale
+  float scale_log2;    // scale * log2(e)
+  int causal;          // 1: bottom-right aligned causal mask
 };
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
@@ -68,7 +68,9 @@ __device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool 
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes)
                : "memory");
 }
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void cp_async_commit() {
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
@@ -88,7 +90,8 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t add
 }
 
 // c += a * b for one m16n8k16 tile (bf16 inputs, fp32 accumulators).
-__device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+__device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                         uint32_t b1) {
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
       "{%8, %9}, {%0, %1, %2, %3};\n"
@@ -111,14 +114,17 @@ __device__ __forceinline__ void load_a(uint32_t (&a)[4], uint32_t base, int r0, 
 // Two B fragments (n = 16 rows n0.., k = 16 along the row, chunk pair 2*kk) for X K^T-style
 // products: b[0], b[1] for rows n0..n0+7 and b[2], b[3] for rows n0+8..n0+15.
 template <int D>
-__device__ __forceinline__ void load_b_rows(uint32_t (&b)[4], uint32_t base, int n0, int kk, int lane) {
+__device__ __forceinline__ void load_b_rows(uint32_t (&b)[4], uint32_t base, int n0, int kk,
+                                            int lane) {
   ldmatrix_x4(b, base + swz<D>(n0 + (lane & 7) + ((lane >> 4) << 3), 2 * kk + ((lane >> 3) & 1)));
 }
 // Two B fragments (k = 16 rows k0.., n = 16 columns, chunk pair 2*nn) for P V-style products:
 // b[0], b[1] for columns 16nn..16nn+7 and b[2], b[3] for columns 16nn+8..16nn+15.
 template <int D>
-__device__ __forceinline__ void load_b_cols(uint32_t (&b)[4], uint32_t base, int k0, int nn, int lane) {
-  ldmatrix_x4_trans(b, base + swz<D>(k0 + (lane & 7) + (((lane >> 3) & 1) << 3), 2 * nn + (lane >> 4)));
+__device__ __forceinline__ void load_b_cols(uint32_t (&b)[4], uint32_t base, int k0, int nn,
+                                            int lane) {
+  ldmatrix_x4_trans(
+      b, base + swz<D>(k0 + (lane & 7) + (((lane >> 3) & 1) << 3), 2 * nn + (lane >> 4)));
 }
 
 // Copies `rows` (<= R) rows of D bf16 starting at `src` (row stride `stride` elements) into a

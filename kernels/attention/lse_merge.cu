@@ -15,7 +15,7 @@ namespace {
 constexpr int kMaxParts = kMaxLseMergeParts;
 
 struct MergeArgs {
-  const void* outs[kMaxParts];  // n x [T, H, D], bf16 when parts_bf16 else f32
+  const void* outs[kMaxParts];   // n x [T, H, D], bf16 when parts_bf16 else f32
   const float* lses[kMaxParts];  // n x [H, T]
   void* d_outs[kMaxParts];       // backward: n x [T, H, D], dtype of outs
   float* d_lses[kMaxParts];      // backward: n x [H, T]
@@ -23,23 +23,27 @@ struct MergeArgs {
   bool parts_bf16;
   void* out;  // forward: merged [T, H, D]
   bool out_bf16;
-  float* lse;          // forward: merged [H, T]
-  const void* d_out;   // backward: [T, H, D]
+  float* lse;         // forward: merged [H, T]
+  const void* d_out;  // backward: [T, H, D]
   bool d_out_bf16;
   const float* d_lse;  // backward: [H, T] or nullptr
   int64_t rows, heads, dim;
 };
 
 __device__ __forceinline__ float load_elem(const void* p, bool bf16, int64_t i) {
-  return bf16 ? __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]) : static_cast<const float*>(p)[i];
+  return bf16 ? __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i])
+              : static_cast<const float*>(p)[i];
 }
 __device__ __forceinline__ void store_elem(void* p, bool bf16, int64_t i, float v) {
-  if (bf16) static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(v);
-  else static_cast<float*>(p)[i] = v;
+  if (bf16)
+    static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(v);
+  else
+    static_cast<float*>(p)[i] = v;
 }
 
 // Merged LSE of entry li and the weights w_i (all zero when every part is -inf).
-__device__ __forceinline__ float merge_weights(const MergeArgs& a, int64_t li, float (&w)[kMaxParts]) {
+__device__ __forceinline__ float merge_weights(const MergeArgs& a, int64_t li,
+                                               float (&w)[kMaxParts]) {
   float mx = -INFINITY;
 #pragma unroll
   for (int i = 0; i < kMaxParts; ++i)
@@ -127,7 +131,9 @@ MergeArgs make_args(const std::vector<Tensor>& outs, const std::vector<Tensor>& 
   return a;
 }
 
-unsigned merge_blocks(const MergeArgs& a) { return static_cast<unsigned>((a.rows * a.heads + 7) / 8); }
+unsigned merge_blocks(const MergeArgs& a) {
+  return static_cast<unsigned>((a.rows * a.heads + 7) / 8);
+}
 
 }  // namespace
 

@@ -6,6 +6,8 @@
 // FLOPs: 4 * H * D * sum(s^2) forward, 2.5x that backward (fwd+bwd = 3.5x), halved for causal.
 //   helix_bench_attention [--lengths-out FILE] [--iters N] [--warmup N] [--causal]
 //                         [--deterministic] [--cases protein,long4k,long16k] [--dims 64,128]
+#include "kernels/attention/attention.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -20,7 +22,6 @@
 #include "core/device.h"
 #include "core/random.h"
 #include "core/tensor.h"
-#include "kernels/attention/attention.h"
 
 #if HELIX_WITH_CUDA
 #include <cuda_runtime.h>
@@ -44,7 +45,8 @@ std::vector<int32_t> protein_lengths(uint64_t seed) {
   std::vector<int32_t> lens;
   int64_t total = 0;
   for (;;) {
-    const int32_t len = static_cast<int32_t>(std::clamp(std::lround(std::exp(normal(rng))), 8L, 1024L));
+    const int32_t len =
+        static_cast<int32_t>(std::clamp(std::lround(std::exp(normal(rng))), 8L, 1024L));
     if (total + len > 65536) break;
     lens.push_back(len);
     total += len;
@@ -63,7 +65,8 @@ int heads_for(int dim) { return dim == 64 ? 20 : 40; }
 void write_lengths(const std::string& path, const std::vector<Case>& cases) {
   FILE* f = std::fopen(path.c_str(), "w");
   HELIX_CHECK(f != nullptr, "--lengths-out: cannot write {}", path);
-  std::fprintf(f, "{\"heads\": {\"64\": %d, \"128\": %d}, \"cases\": {", heads_for(64), heads_for(128));
+  std::fprintf(f, "{\"heads\": {\"64\": %d, \"128\": %d}, \"cases\": {", heads_for(64),
+               heads_for(128));
   for (size_t c = 0; c < cases.size(); ++c) {
     std::fprintf(f, "%s\"%s\": [", c ? ", " : "", cases[c].name.c_str());
     for (size_t i = 0; i < cases[c].lengths.size(); ++i)
@@ -102,8 +105,8 @@ double time_ms(const std::function<void()>& f, const Stream& s, int warmup, int 
   return median(ms);
 }
 
-void run_case(const Case& c, int dim, AttentionMask mask, AttentionBwdMode mode, int warmup, int iters,
-              const std::string& device_name) {
+void run_case(const Case& c, int dim, AttentionMask mask, AttentionBwdMode mode, int warmup,
+              int iters, const std::string& device_name) {
   const Device dev = Device::cuda();
   const Stream s = Stream::create(dev);
   const int heads = heads_for(dim);
@@ -112,7 +115,8 @@ void run_case(const Case& c, int dim, AttentionMask mask, AttentionBwdMode mode,
   ThdAttentionLayout layout;
   layout.cu_seqlens_q = CuSeqlens::from_lengths(c.lengths, dev);
   layout.cu_seqlens_kv = layout.cu_seqlens_q;
-  layout.max_seqlen_q = layout.max_seqlen_kv = *std::max_element(c.lengths.begin(), c.lengths.end());
+  layout.max_seqlen_q = layout.max_seqlen_kv =
+      *std::max_element(c.lengths.begin(), c.lengths.end());
   auto make = [&](uint64_t sub) {
     Tensor t = Tensor::empty({tokens, heads, dim}, DType::kBF16, dev, s);
     fill_normal(t, 42, sub, 0.f, 1.f, s);
@@ -174,27 +178,37 @@ int bench_main(int argc, char** argv) {
       HELIX_CHECK(i + 1 < argc, "{}: expected a value", a);
       return argv[++i];
     };
-    if (a == "--lengths-out") lengths_out = next();
-    else if (a == "--iters") iters = std::atoi(next().c_str());
-    else if (a == "--warmup") warmup = std::atoi(next().c_str());
-    else if (a == "--cases") case_list = next();
-    else if (a == "--dims") dim_list = next();
-    else if (a == "--causal") mask = AttentionMask::kCausal;
-    else if (a == "--deterministic") mode = AttentionBwdMode::kDeterministic;
-    else HELIX_FAIL("unknown argument {} (see the header of tests/bench/attention.cpp)", a);
+    if (a == "--lengths-out")
+      lengths_out = next();
+    else if (a == "--iters")
+      iters = std::atoi(next().c_str());
+    else if (a == "--warmup")
+      warmup = std::atoi(next().c_str());
+    else if (a == "--cases")
+      case_list = next();
+    else if (a == "--dims")
+      dim_list = next();
+    else if (a == "--causal")
+      mask = AttentionMask::kCausal;
+    else if (a == "--deterministic")
+      mode = AttentionBwdMode::kDeterministic;
+    else
+      HELIX_FAIL("unknown argument {} (see the header of tests/bench/attention.cpp)", a);
   }
   HELIX_CHECK(iters >= 1 && warmup >= 0, "--iters: expected >= 1, got {}", iters);
   const std::vector<Case> cases = all_cases();
   if (!lengths_out.empty()) write_lengths(lengths_out, cases);
   if (!cuda_available()) {
-    std::fprintf(stderr, "helix_bench_attention: needs a CUDA GPU: %s\n", cuda_unavailable_reason().c_str());
+    std::fprintf(stderr, "helix_bench_attention: needs a CUDA GPU: %s\n",
+                 cuda_unavailable_reason().c_str());
     return 2;
   }
 #if HELIX_WITH_CUDA
   cudaDeviceProp prop;
   CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
   for (const std::string& name : split(case_list)) {
-    const auto it = std::find_if(cases.begin(), cases.end(), [&](const Case& c) { return c.name == name; });
+    const auto it =
+        std::find_if(cases.begin(), cases.end(), [&](const Case& c) { return c.name == name; });
     HELIX_CHECK(it != cases.end(), "--cases: expected protein, long4k or long16k, got {}", name);
     for (const std::string& d : split(dim_list)) {
       const int dim = std::atoi(d.c_str());

@@ -63,8 +63,10 @@ void check_cpu_against_dense(const Problem& p) {
     for (int hh = 0; hh < p.heads; ++hh) {
       const double want = ref.lse[hh * p.tq + r];
       const float got = lse[hh * p.tq + r];
-      if (std::isinf(want)) ASSERT_TRUE(std::isinf(got) && got < 0) << "lse row " << r << ": " << got;
-      else ASSERT_NEAR(got, want, 1e-5 * std::abs(want) + 1e-5) << "lse row " << r;
+      if (std::isinf(want))
+        ASSERT_TRUE(std::isinf(got) && got < 0) << "lse row " << r << ": " << got;
+      else
+        ASSERT_NEAR(got, want, 1e-5 * std::abs(want) + 1e-5) << "lse row " << r;
     }
   }
   // Gradients: bf16 outputs and the backward's D = dO . O uses the bf16 O, so compare against the
@@ -93,10 +95,11 @@ TEST(AttentionCpu, MatchesDenseFp64PerSequence) {
     for (AttentionMask mask : {AttentionMask::kBidirectional, AttentionMask::kCausal}) {
       for (bool padded : {false, true}) {
         for (bool same_kv : {true, false}) {
-          SCOPED_TRACE(::testing::Message() << "D=" << dim << " causal=" << (mask == AttentionMask::kCausal)
-                                            << " padded=" << padded << " same_kv=" << same_kv);
-          check_cpu_against_dense(attn_test::make_problem(lens, same_kv ? lens : lens_kv, 2, dim, mask,
-                                                          padded, seed++, Device::cpu()));
+          SCOPED_TRACE(::testing::Message()
+                       << "D=" << dim << " causal=" << (mask == AttentionMask::kCausal)
+                       << " padded=" << padded << " same_kv=" << same_kv);
+          check_cpu_against_dense(attn_test::make_problem(lens, same_kv ? lens : lens_kv, 2, dim,
+                                                          mask, padded, seed++, Device::cpu()));
         }
       }
     }
@@ -105,7 +108,8 @@ TEST(AttentionCpu, MatchesDenseFp64PerSequence) {
 
 TEST(AttentionCpu, CausalAlignsBottomRight) {
   // len_q = 2, len_kv = 4: query 0 sees keys 0..2, query 1 sees keys 0..3 (FlashAttention-2).
-  Problem p = attn_test::make_problem({2}, {4}, 1, 64, AttentionMask::kCausal, false, 5, Device::cpu());
+  Problem p =
+      attn_test::make_problem({2}, {4}, 1, 64, AttentionMask::kCausal, false, 5, Device::cpu());
   Outputs out = run(p, AttentionBwdMode::kDeterministic);
   const std::vector<float> lse = out.lse.to_floats();
   for (int r = 0; r < 2; ++r) {
@@ -141,7 +145,10 @@ void check_merge_equals_full(Device dev, const Stream& s) {
     std::vector<int32_t> lk(lens_kv.size()), begins(lens_kv.size());
     for (size_t i = 0; i < lens_kv.size(); ++i) {
       // cut points: piece c of sequence i is [L c / chunks + i, L (c + 1) / chunks + i) clamped.
-      auto cut = [&](int k) { return std::clamp<int32_t>(lens_kv[i] * k / chunks + int32_t(i) * (k % chunks != 0), 0, lens_kv[i]); };
+      auto cut = [&](int k) {
+        return std::clamp<int32_t>(lens_kv[i] * k / chunks + int32_t(i) * (k % chunks != 0), 0,
+                                   lens_kv[i]);
+      };
       begins[i] = cut(c);
       lk[i] = cut(c + 1) - cut(c);
     }
@@ -190,8 +197,10 @@ void check_merge_equals_full(Device dev, const Stream& s) {
           << "merged o row " << r << " elem " << e;
     for (int hh = 0; hh < heads; ++hh) {
       const float a = mlse[hh * full.tq + r], b = wlse[hh * full.tq + r];
-      if (std::isinf(b)) ASSERT_TRUE(std::isinf(a) && a < 0) << "merged lse row " << r;
-      else ASSERT_NEAR(a, b, 1e-4 * std::abs(b) + 1e-4) << "merged lse row " << r;
+      if (std::isinf(b))
+        ASSERT_TRUE(std::isinf(a) && a < 0) << "merged lse row " << r;
+      else
+        ASSERT_NEAR(a, b, 1e-4 * std::abs(b) + 1e-4) << "merged lse row " << r;
     }
   }
 
@@ -209,14 +218,16 @@ void check_merge_equals_full(Device dev, const Stream& s) {
   std::vector<double> dq(full.tq * row, 0.0), dk(full.tk * row, 0.0), dv(full.tk * row, 0.0);
   for (size_t c = 0; c < parts.size(); ++c) {
     const Problem& part = parts[c];
-    ThdAttentionBwdParams b = attn_test::bwd_params(
-        part, po[c].o, po[c].lse, AttentionBwdMode::kDeterministic,
-        Tensor::empty(full.q.shape(), DType::kBF16, dev, s), Tensor::empty(part.k.shape(), DType::kBF16, dev, s),
-        Tensor::empty(part.k.shape(), DType::kBF16, dev, s));
+    ThdAttentionBwdParams b =
+        attn_test::bwd_params(part, po[c].o, po[c].lse, AttentionBwdMode::kDeterministic,
+                              Tensor::empty(full.q.shape(), DType::kBF16, dev, s),
+                              Tensor::empty(part.k.shape(), DType::kBF16, dev, s),
+                              Tensor::empty(part.k.shape(), DType::kBF16, dev, s));
     b.d_o = mb.d_outs[c];
     b.d_lse = mb.d_lses[c];
     thd_attention_bwd(b, s);
-    const std::vector<float> pdq = b.d_q.to_floats(), pdk = b.d_k.to_floats(), pdv = b.d_v.to_floats();
+    const std::vector<float> pdq = b.d_q.to_floats(), pdk = b.d_k.to_floats(),
+                             pdv = b.d_v.to_floats();
     for (int64_t i = 0; i < full.tq * row; ++i) dq[i] += pdq[i];
     for (size_t i = 0; i < lens_kv.size(); ++i)
       for (int32_t j = 0; j < part.len_kv[i]; ++j)
@@ -253,7 +264,9 @@ TEST(AttentionCpu, LseMergeRowsWithoutKeys) {
   const float inf = std::numeric_limits<float>::infinity();
   Tensor l0 = Tensor::from_floats({-inf, -inf}, {1, 2}, DType::kF32);
   Tensor l1 = Tensor::from_floats({-inf, 0.5f}, {1, 2}, DType::kF32);
-  LseMergeFwdParams p{{o0, o1}, {l0, l1}, Tensor::empty({2, 1, 2}, DType::kBF16),
+  LseMergeFwdParams p{{o0, o1},
+                      {l0, l1},
+                      Tensor::empty({2, 1, 2}, DType::kBF16),
                       Tensor::empty({1, 2}, DType::kF32)};
   lse_merge_fwd(p, Stream());
   EXPECT_EQ(p.out.to_floats(), (std::vector<float>{0, 0, 7, 8}));
@@ -281,51 +294,88 @@ void expect_refused(const ThdAttentionFwdParams& good, const Bad& bad) {
 }
 
 TEST(AttentionCpu, LauncherRefusesInvalidInput) {
-  Problem p = attn_test::make_problem({5, 9}, {5, 9}, 2, 64, AttentionMask::kCausal, false, 3, Device::cpu());
+  Problem p = attn_test::make_problem({5, 9}, {5, 9}, 2, 64, AttentionMask::kCausal, false, 3,
+                                      Device::cpu());
   const ThdAttentionFwdParams good = attn_test::fwd_params(
       p, Tensor::empty(p.q.shape(), DType::kBF16), Tensor::empty({2, p.tq}, DType::kF32));
   EXPECT_NO_THROW(thd_attention_fwd(good, Stream()));
   const Device cpu = Device::cpu();
   const std::vector<Bad> cases = {
       {"cu_seqlens_q: expected non-decreasing offsets, got entry 2 = 3 after entry 1 = 5",
-       [&](auto& f) { f.layout.cu_seqlens_q = CuSeqlens::make({0, 5, 3}, cpu); }},
-      {"cu_seqlens_kv: expected offsets within k", [&](auto& f) { f.layout.cu_seqlens_kv = CuSeqlens::make({0, 5, 40}, cpu); }},
-      {"cu_seqlens_q: expected entry 0 to be 0, got 1", [&](auto& f) { f.layout.cu_seqlens_q = CuSeqlens::make({1, 5, 14}, cpu); }},
-      {"cu_seqlens_kv: expected 3 entries", [&](auto& f) { f.layout.cu_seqlens_kv = CuSeqlens::make({0, 14}, cpu); }},
-      {"cu_seqlens_q: the device copy is undefined", [&](auto& f) { f.layout.cu_seqlens_q.device = Tensor(); }},
+       [&](auto& f) {
+         f.layout.cu_seqlens_q = CuSeqlens::make({0, 5, 3}, cpu);
+       }},
+      {"cu_seqlens_kv: expected offsets within k",
+       [&](auto& f) {
+         f.layout.cu_seqlens_kv = CuSeqlens::make({0, 5, 40}, cpu);
+       }},
+      {"cu_seqlens_q: expected entry 0 to be 0, got 1",
+       [&](auto& f) {
+         f.layout.cu_seqlens_q = CuSeqlens::make({1, 5, 14}, cpu);
+       }},
+      {"cu_seqlens_kv: expected 3 entries",
+       [&](auto& f) {
+         f.layout.cu_seqlens_kv = CuSeqlens::make({0, 14}, cpu);
+       }},
+      {"cu_seqlens_q: the device copy is undefined",
+       [&](auto& f) { f.layout.cu_seqlens_q.device = Tensor(); }},
       {"cu_seqlens_q: expected the device copy of shape [3]",
-       [&](auto& f) { f.layout.cu_seqlens_q.device = Tensor::from_vector<int32_t>({0, 5}, {2}); }},
+       [&](auto& f) {
+         f.layout.cu_seqlens_q.device = Tensor::from_vector<int32_t>({0, 5}, {2});
+       }},
       {"cu_seqlens_q_padded: expected sequence 1 to span at least its true length 9",
-       [&](auto& f) { f.layout.cu_seqlens_q_padded = CuSeqlens::make({0, 8, 14}, cpu); }},
+       [&](auto& f) {
+         f.layout.cu_seqlens_q_padded = CuSeqlens::make({0, 8, 14}, cpu);
+       }},
       {"max_seqlen_q: expected at least the longest sequence (9 tokens, sequence 1), got 8",
        [&](auto& f) { f.layout.max_seqlen_q = 8; }},
-      {"max_seqlen_kv: expected at least the longest sequence", [&](auto& f) { f.layout.max_seqlen_kv = 0; }},
+      {"max_seqlen_kv: expected at least the longest sequence",
+       [&](auto& f) { f.layout.max_seqlen_kv = 0; }},
       {"q: expected head dim 1 to 256, got 300",  // CPU; CUDA takes 64 and 128
        [&](auto& f) {
          f.q = Tensor::zeros({p.tq, 1, 300}, DType::kBF16);
        }},
-      {"k: expected shape [", [&](auto& f) { f.k = Tensor::zeros({p.tk, 1, 64}, DType::kBF16); }},
-      {"v: expected dtype bf16 (as q), got f32", [&](auto& f) { f.v = Tensor::zeros({p.tk, 2, 64}, DType::kF32); }},
+      {"k: expected shape [",
+       [&](auto& f) {
+         f.k = Tensor::zeros({p.tk, 1, 64}, DType::kBF16);
+       }},
+      {"v: expected dtype bf16 (as q), got f32",
+       [&](auto& f) {
+         f.v = Tensor::zeros({p.tk, 2, 64}, DType::kF32);
+       }},
       {"q: expected a 16-byte aligned data pointer",
-       [&](auto& f) { f.q = Tensor::zeros({p.tq * 128 + 1}, DType::kBF16).slice(1, p.tq * 128 + 1).view({p.tq, 2, 64}); }},
-      {"lse: expected shape [2, 16] ([H, T]), got [16, 2]", [&](auto& f) { f.lse = Tensor::empty({p.tq, 2}, DType::kF32); }},
+       [&](auto& f) {
+         f.q = Tensor::zeros({p.tq * 128 + 1}, DType::kBF16)
+                   .slice(1, p.tq * 128 + 1)
+                   .view({p.tq, 2, 64});
+       }},
+      {"lse: expected shape [2, 16] ([H, T]), got [16, 2]",
+       [&](auto& f) {
+         f.lse = Tensor::empty({p.tq, 2}, DType::kF32);
+       }},
       {"o: expected dtype bf16", [&](auto& f) { f.o = Tensor::empty(p.q.shape(), DType::kF32); }},
-      {"softmax_scale: expected a positive finite value, got 0", [&](auto& f) { f.softmax_scale = 0.f; }},
+      {"softmax_scale: expected a positive finite value, got 0",
+       [&](auto& f) { f.softmax_scale = 0.f; }},
   };
   for (const Bad& b : cases) expect_refused(good, b);
 }
 
 TEST(AttentionCpu, MergeRefusesMismatchedParts) {
   Tensor o = Tensor::zeros({4, 2, 8}, DType::kF32), l = Tensor::zeros({2, 4}, DType::kF32);
-  LseMergeFwdParams p{{o, Tensor::zeros({4, 2, 4}, DType::kF32)}, {l, l}, Tensor::zeros({4, 2, 8}, DType::kF32),
+  LseMergeFwdParams p{{o, Tensor::zeros({4, 2, 4}, DType::kF32)},
+                      {l, l},
+                      Tensor::zeros({4, 2, 8}, DType::kF32),
                       Tensor::zeros({2, 4}, DType::kF32)};
   EXPECT_THROW(lse_merge_fwd(p, Stream()), Error);
-  LseMergeFwdParams q{std::vector<Tensor>(kMaxLseMergeParts + 1, o), std::vector<Tensor>(kMaxLseMergeParts + 1, l), o, l};
+  LseMergeFwdParams q{std::vector<Tensor>(kMaxLseMergeParts + 1, o),
+                      std::vector<Tensor>(kMaxLseMergeParts + 1, l), o, l};
   try {
     lse_merge_fwd(q, Stream());
     ADD_FAILURE() << "9 parts not refused";
   } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("expected 1 to 8 partial outputs, got 9"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("expected 1 to 8 partial outputs, got 9"),
+              std::string::npos)
+        << e.what();
   }
 }
 
@@ -333,8 +383,10 @@ TEST(AttentionCpu, FlopCount) {
   ThdAttentionLayout b;
   b.cu_seqlens_q = CuSeqlens::make({0, 3, 10}, Device::cpu());
   b.cu_seqlens_kv = CuSeqlens::make({0, 4, 6}, Device::cpu());
-  EXPECT_DOUBLE_EQ(thd_attention_fwd_flops(b, 2, 64, AttentionMask::kBidirectional), 4.0 * 2 * 64 * (12 + 14));
-  EXPECT_DOUBLE_EQ(thd_attention_fwd_flops(b, 2, 64, AttentionMask::kCausal), 2.0 * 2 * 64 * (12 + 14));
+  EXPECT_DOUBLE_EQ(thd_attention_fwd_flops(b, 2, 64, AttentionMask::kBidirectional),
+                   4.0 * 2 * 64 * (12 + 14));
+  EXPECT_DOUBLE_EQ(thd_attention_fwd_flops(b, 2, 64, AttentionMask::kCausal),
+                   2.0 * 2 * 64 * (12 + 14));
 }
 
 }  // namespace

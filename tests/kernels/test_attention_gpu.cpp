@@ -1,9 +1,10 @@
 // GPU tests of packed-THD attention (skipped without a GPU; one CPU test checks the harness). The
-// flash-attention rule: for O, dQ, dK and dV the kernel's max error against an exact fp64 attention is at most twice the error of a
-// naive bf16 attention against the same reference; lengths 1, 7, 63, 64, 65, 127, 1023, 1026, 4097
-// and many sequences per batch, padding between sequences, cu_seqlens_q != cu_seqlens_kv, both
-// masks, both head dims, both backward modes. Outputs are poisoned with NaN before every run and
-// the inputs' gap rows hold NaN, so unwritten outputs and reads outside the sequences both show.
+// flash-attention rule: for O, dQ, dK and dV the kernel's max error against an exact fp64 attention
+// is at most twice the error of a naive bf16 attention against the same reference; lengths 1, 7,
+// 63, 64, 65, 127, 1023, 1026, 4097 and many sequences per batch, padding between sequences,
+// cu_seqlens_q != cu_seqlens_kv, both masks, both head dims, both backward modes. Outputs are
+// poisoned with NaN before every run and the inputs' gap rows hold NaN, so unwritten outputs and
+// reads outside the sequences both show.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -34,6 +35,7 @@ Outputs run_fwd(const Problem& p, const Stream& s) {
   r.o.fill(kNaN, s);
   r.lse.fill(kNaN, s);
   thd_attention_fwd(attn_test::fwd_params(p, r.o, r.lse), s);
+  s.synchronize();  // host reads go through the legacy stream, which does not wait for `s`
   return r;
 }
 
@@ -45,6 +47,7 @@ void run_bwd(const Problem& p, Outputs& r, AttentionBwdMode mode, const Stream& 
   r.dk.fill(kNaN, s);
   r.dv.fill(kNaN, s);
   thd_attention_bwd(attn_test::bwd_params(p, r.o, r.lse, mode, r.dq, r.dk, r.dv), s);
+  s.synchronize();
 }
 
 // LSEs equal within atol, -inf where the reference is -inf.
@@ -52,7 +55,8 @@ void run_bwd(const Problem& p, Outputs& r, AttentionBwdMode mode, const Stream& 
   const std::vector<float> a = got.to_floats(), b = want.to_floats();
   for (size_t i = 0; i < a.size(); ++i) {
     const bool ok = std::isinf(b[i]) ? a[i] == b[i] : std::abs(double(a[i]) - b[i]) <= atol;
-    if (!ok) return ::testing::AssertionFailure() << "lse entry " << i << ": " << a[i] << " vs " << b[i];
+    if (!ok)
+      return ::testing::AssertionFailure() << "lse entry " << i << ": " << a[i] << " vs " << b[i];
   }
   return ::testing::AssertionSuccess();
 }
@@ -64,11 +68,12 @@ bool bitwise_equal(const Tensor& a, const Tensor& b) {
 
 // Runs forward and both backward modes on the GPU and checks every output against the fp64 and
 // naive-bf16 references computed on the host.
-void check_flash_rule(const std::vector<int32_t>& lq, const std::vector<int32_t>& lk, int heads, int dim,
-                      AttentionMask mask, bool padded, uint64_t seed, Device device = Device::cuda()) {
-  SCOPED_TRACE(::testing::Message() << "D=" << dim << " H=" << heads << " causal="
-                                    << (mask == AttentionMask::kCausal) << " padded=" << padded
-                                    << " b=" << lq.size() << " seed=" << seed);
+void check_flash_rule(const std::vector<int32_t>& lq, const std::vector<int32_t>& lk, int heads,
+                      int dim, AttentionMask mask, bool padded, uint64_t seed,
+                      Device device = Device::cuda()) {
+  SCOPED_TRACE(::testing::Message()
+               << "D=" << dim << " H=" << heads << " causal=" << (mask == AttentionMask::kCausal)
+               << " padded=" << padded << " b=" << lq.size() << " seed=" << seed);
   const Problem p = attn_test::make_problem(lq, lk, heads, dim, mask, padded, seed, device);
   const Ref exact = attn_test::reference(p, /*naive_bf16=*/false);
   const Ref naive = attn_test::reference(p, /*naive_bf16=*/true);
@@ -85,12 +90,15 @@ void check_flash_rule(const std::vector<int32_t>& lq, const std::vector<int32_t>
     for (int hh = 0; hh < heads; ++hh) {
       const double want = exact.lse[hh * p.tq + r];
       const float got = lse[hh * p.tq + r];
-      if (std::isinf(want)) ASSERT_TRUE(std::isinf(got) && got < 0) << "lse row " << r << " head " << hh << ": " << got;
-      else ASSERT_NEAR(got, want, 1e-3) << "lse row " << r << " head " << hh;
+      if (std::isinf(want))
+        ASSERT_TRUE(std::isinf(got) && got < 0) << "lse row " << r << " head " << hh << ": " << got;
+      else
+        ASSERT_NEAR(got, want, 1e-3) << "lse row " << r << " head " << hh;
     }
   }
   // Same semantics as the CPU reference (one bf16 rounding apart).
-  Tensor cpu_o = Tensor::empty(p.q.shape(), DType::kBF16), cpu_lse = Tensor::empty({heads, p.tq}, DType::kF32);
+  Tensor cpu_o = Tensor::empty(p.q.shape(), DType::kBF16),
+         cpu_lse = Tensor::empty({heads, p.tq}, DType::kF32);
   {
     Problem hp = p;
     hp.q = p.q.to(Device::cpu());
@@ -99,12 +107,15 @@ void check_flash_rule(const std::vector<int32_t>& lq, const std::vector<int32_t>
     hp.layout.cu_seqlens_q = CuSeqlens::make(p.layout.cu_seqlens_q.host, Device::cpu());
     hp.layout.cu_seqlens_kv = CuSeqlens::make(p.layout.cu_seqlens_kv.host, Device::cpu());
     if (padded) {
-      hp.layout.cu_seqlens_q_padded = CuSeqlens::make(p.layout.cu_seqlens_q_padded.host, Device::cpu());
-      hp.layout.cu_seqlens_kv_padded = CuSeqlens::make(p.layout.cu_seqlens_kv_padded.host, Device::cpu());
+      hp.layout.cu_seqlens_q_padded =
+          CuSeqlens::make(p.layout.cu_seqlens_q_padded.host, Device::cpu());
+      hp.layout.cu_seqlens_kv_padded =
+          CuSeqlens::make(p.layout.cu_seqlens_kv_padded.host, Device::cpu());
     }
     thd_attention_fwd(attn_test::fwd_params(hp, cpu_o, cpu_lse), Stream());
   }
-  EXPECT_TRUE(testing::all_close(out.o.to(Device::cpu()), cpu_o, testing::tolerance_for(DType::kBF16)));
+  EXPECT_TRUE(
+      testing::all_close(out.o.to(Device::cpu()), cpu_o, testing::tolerance_for(DType::kBF16)));
 
   for (AttentionBwdMode mode : {AttentionBwdMode::kAtomic, AttentionBwdMode::kDeterministic}) {
     SCOPED_TRACE(mode == AttentionBwdMode::kAtomic ? "atomic dQ" : "deterministic");
@@ -116,12 +127,14 @@ void check_flash_rule(const std::vector<int32_t>& lq, const std::vector<int32_t>
       const std::vector<double>& naive;
       const std::vector<char>& valid;
     };
-    for (const G& g : {G{"dQ", out.dq, exact.dq, naive.dq, p.q_valid}, G{"dK", out.dk, exact.dk, naive.dk, p.kv_valid},
+    for (const G& g : {G{"dQ", out.dq, exact.dq, naive.dq, p.q_valid},
+                       G{"dK", out.dk, exact.dk, naive.dk, p.kv_valid},
                        G{"dV", out.dv, exact.dv, naive.dv, p.kv_valid}}) {
       const std::vector<float> got = g.got.to_floats();
       const double err = attn_test::max_err(got, g.exact, g.valid, row);
       const double err_naive = attn_test::max_err(g.naive, g.exact, g.valid, row);
-      EXPECT_LE(err, 2 * err_naive + 1e-5) << g.name << ": kernel error " << err << ", naive bf16 " << err_naive;
+      EXPECT_LE(err, 2 * err_naive + 1e-5)
+          << g.name << ": kernel error " << err << ", naive bf16 " << err_naive;
       EXPECT_TRUE(attn_test::gap_rows_zero(got, g.valid, row)) << g.name << ": gap rows not zero";
     }
     // dK and dV are owned by one CTA per key tile in both modes; the deterministic mode makes dQ
@@ -142,8 +155,19 @@ const std::vector<int32_t> kIssueLengths = {1, 7, 63, 64, 65, 127, 1023, 1026};
 TEST(AttentionCpu, FlashRuleHoldsForCpuReference) {
   check_flash_rule({1, 7, 63, 64, 65, 127, 300}, {1, 7, 63, 64, 65, 127, 300}, 2, 64,
                    AttentionMask::kCausal, true, 1, Device::cpu());
-  check_flash_rule({1, 7, 0, 63, 200, 9}, {5, 3, 9, 64, 130, 0}, 2, 128, AttentionMask::kBidirectional,
-                   false, 2, Device::cpu());
+  check_flash_rule({1, 7, 0, 63, 200, 9}, {5, 3, 9, 64, 130, 0}, 2, 128,
+                   AttentionMask::kBidirectional, false, 2, Device::cpu());
+}
+
+// Small shapes through every path (both masks, head dims, padding, cu_q != cu_kv, empty
+// sequences); fast enough for compute-sanitizer (memcheck, racecheck, synccheck).
+TEST(AttentionGpu, SmallShapesAllPaths) {
+  HELIX_REQUIRE_CUDA();
+  uint64_t seed = 50;
+  for (int dim : {64, 128})
+    for (AttentionMask mask : {AttentionMask::kBidirectional, AttentionMask::kCausal})
+      check_flash_rule({1, 0, 7, 65, 130}, {5, 4, 0, 64, 129}, 2, dim, mask, /*padded=*/true,
+                       seed++);
 }
 
 TEST(AttentionGpu, FlashRuleIssueLengthsPadded) {
@@ -189,8 +213,8 @@ TEST(AttentionGpu, LseMergeMatchesCpuAndConcatenatedKeys) {
   const Stream s = Stream::create(Device::cuda());
   // Merge of two attentions over key halves equals the attention over all keys (GPU throughout).
   const std::vector<int32_t> lq = {5, 300, 64}, lk = {9, 700, 128}, half = {4, 350, 64};
-  const Problem full = attn_test::make_problem(lq, lk, 2, 64, AttentionMask::kBidirectional, false, 501,
-                                               Device::cuda());
+  const Problem full = attn_test::make_problem(lq, lk, 2, 64, AttentionMask::kBidirectional, false,
+                                               501, Device::cuda());
   const Outputs ref = run_fwd(full, s);
   std::vector<Outputs> parts;
   for (int c = 0; c < 2; ++c) {
@@ -224,7 +248,9 @@ TEST(AttentionGpu, LseMergeMatchesCpuAndConcatenatedKeys) {
     m.out.fill(kNaN, s);
     m.lse.fill(kNaN, s);
     lse_merge_fwd(m, s);
-    EXPECT_TRUE(testing::all_close(m.out.to(Device::cpu()).to(DType::kF32), ref.o.to(Device::cpu()).to(DType::kF32),
+    s.synchronize();
+    EXPECT_TRUE(testing::all_close(m.out.to(Device::cpu()).to(DType::kF32),
+                                   ref.o.to(Device::cpu()).to(DType::kF32),
                                    testing::tolerance_for(DType::kBF16)));
     EXPECT_TRUE(lse_close(m.lse, ref.lse, 1e-4));
     // CPU merge of the same partials.
@@ -234,11 +260,14 @@ TEST(AttentionGpu, LseMergeMatchesCpuAndConcatenatedKeys) {
     h.out = Tensor::empty(full.q.shape(), out_dtype);
     h.lse = Tensor::empty({2, full.tq}, DType::kF32);
     lse_merge_fwd(h, Stream());
-    EXPECT_TRUE(testing::all_close(m.out.to(Device::cpu()), h.out, testing::tolerance_for(out_dtype == DType::kF32 ? DType::kF32 : DType::kBF16)));
+    EXPECT_TRUE(testing::all_close(
+        m.out.to(Device::cpu()), h.out,
+        testing::tolerance_for(out_dtype == DType::kF32 ? DType::kF32 : DType::kBF16)));
   }
   // Backward against the CPU merge backward, with and without a dLSE.
   Tensor d_lse = Tensor::empty({2, full.tq}, DType::kF32, Device::cuda(), s);
   fill_normal(d_lse, 9, 1, 0.f, 1.f, s);
+  s.synchronize();
   for (bool with_dlse : {false, true}) {
     LseMergeBwdParams g, h;
     g.d_out = full.d_o;
@@ -258,9 +287,11 @@ TEST(AttentionGpu, LseMergeMatchesCpuAndConcatenatedKeys) {
       h.d_lses.push_back(Tensor::empty({2, full.tq}, DType::kF32));
     }
     lse_merge_bwd(g, s);
+    s.synchronize();
     lse_merge_bwd(h, Stream());
     for (int c = 0; c < 2; ++c) {
-      EXPECT_TRUE(testing::all_close(g.d_outs[c].to(Device::cpu()), h.d_outs[c], testing::tolerance_for(DType::kBF16)));
+      EXPECT_TRUE(testing::all_close(g.d_outs[c].to(Device::cpu()), h.d_outs[c],
+                                     testing::tolerance_for(DType::kBF16)));
       EXPECT_TRUE(testing::all_close(g.d_lses[c].to(Device::cpu()), h.d_lses[c], {1e-4, 1e-4}));
     }
   }
@@ -268,16 +299,21 @@ TEST(AttentionGpu, LseMergeMatchesCpuAndConcatenatedKeys) {
 
 TEST(AttentionGpu, LauncherRefusesMisalignedDevicePointers) {
   HELIX_REQUIRE_CUDA();
-  Problem p = attn_test::make_problem({5, 9}, {5, 9}, 2, 64, AttentionMask::kBidirectional, false, 3,
-                                      Device::cuda());
-  ThdAttentionFwdParams f = attn_test::fwd_params(p, Tensor::empty(p.q.shape(), DType::kBF16, Device::cuda()),
-                                                  Tensor::empty({2, p.tq}, DType::kF32, Device::cuda()));
-  f.k = Tensor::zeros({p.tk * 128 + 4}, DType::kBF16, Device::cuda()).slice(4, p.tk * 128 + 4).view({p.tk, 2, 64});
+  Problem p = attn_test::make_problem({5, 9}, {5, 9}, 2, 64, AttentionMask::kBidirectional, false,
+                                      3, Device::cuda());
+  ThdAttentionFwdParams f =
+      attn_test::fwd_params(p, Tensor::empty(p.q.shape(), DType::kBF16, Device::cuda()),
+                            Tensor::empty({2, p.tq}, DType::kF32, Device::cuda()));
+  f.k = Tensor::zeros({p.tk * 128 + 4}, DType::kBF16, Device::cuda())
+            .slice(4, p.tk * 128 + 4)
+            .view({p.tk, 2, 64});
   try {
     thd_attention_fwd(f, Stream());
     ADD_FAILURE() << "misaligned k not refused";
   } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("k: expected a 16-byte aligned data pointer"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("k: expected a 16-byte aligned data pointer"),
+              std::string::npos)
+        << e.what();
   }
   // Host-side cu_seqlens on the wrong device are refused too.
   f = attn_test::fwd_params(p, Tensor::empty(p.q.shape(), DType::kBF16, Device::cuda()),

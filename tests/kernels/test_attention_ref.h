@@ -2,8 +2,8 @@
 // Test helpers for packed-THD attention: random packed problems (padding between sequences, NaN in
 // every row that belongs to no sequence, so that reading one shows), an exact fp64 attention
 // (softmax from scratch, D = rowsum(P * dP): independent of the kernels' formulation) and a naive
-// bf16 attention that rounds where a plain PyTorch bf16 implementation rounds (FlashAttention's test
-// rule compares the kernel's error against that naive error).
+// bf16 attention that rounds where a plain PyTorch bf16 implementation rounds (FlashAttention's
+// test rule compares the kernel's error against that naive error).
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -42,10 +42,10 @@ struct Problem {
   int heads = 0, dim = 0;
   float scale = 0.f;
   AttentionMask mask = AttentionMask::kBidirectional;
-  ThdAttentionLayout layout;                              // on the problem's device
-  Tensor q, k, v, d_o;                         // bf16 on the problem's device; gap rows are NaN
-  std::vector<float> hq, hk, hv, hdo;          // host copies (same values)
-  std::vector<char> q_valid, kv_valid;         // per row: belongs to a sequence
+  ThdAttentionLayout layout;            // on the problem's device
+  Tensor q, k, v, d_o;                  // bf16 on the problem's device; gap rows are NaN
+  std::vector<float> hq, hk, hv, hdo;   // host copies (same values)
+  std::vector<char> q_valid, kv_valid;  // per row: belongs to a sequence
 };
 
 // Gap after sequence i: `padded` adds (3 i + 1) % 5 rows; 2 extra rows follow the last sequence.
@@ -86,13 +86,15 @@ inline Problem make_problem(const std::vector<int32_t>& len_q, const std::vector
     std::fill_n(p.q_valid.begin() + p.off_q[i], len_q[i], 1);
     std::fill_n(p.kv_valid.begin() + p.off_kv[i], len_kv[i], 1);
   }
-  auto make = [&](int64_t rows, uint64_t sub, const std::vector<char>& valid, std::vector<float>& host) {
+  auto make = [&](int64_t rows, uint64_t sub, const std::vector<char>& valid,
+                  std::vector<float>& host) {
     Tensor t = Tensor::empty({rows, heads, dim}, DType::kBF16);
     fill_normal(t, seed, sub, 0.f, 1.f);
     bf16_t* x = t.data<bf16_t>();
     for (int64_t r = 0; r < rows; ++r)
       if (!valid[r])
-        for (int64_t e = 0; e < int64_t{heads} * dim; ++e) x[r * heads * dim + e] = bf16_t{0x7FC0};  // NaN
+        for (int64_t e = 0; e < int64_t{heads} * dim; ++e)
+          x[r * heads * dim + e] = bf16_t{0x7FC0};  // NaN
     host = t.to_floats();
     return device.is_cpu() ? t : t.to(device);
   };
@@ -107,7 +109,8 @@ inline int64_t key_end(int64_t row, int64_t lq, int64_t lk, AttentionMask mask) 
   return mask == AttentionMask::kCausal ? std::clamp<int64_t>(row + lk - lq + 1, 0, lk) : lk;
 }
 
-// Outputs of a reference, laid out like the tensors: o, dq [Tq, H, D], dk, dv [Tk, H, D], lse [H, Tq].
+// Outputs of a reference, laid out like the tensors: o, dq [Tq, H, D], dk, dv [Tk, H, D], lse [H,
+// Tq].
 struct Ref {
   std::vector<double> o, lse, dq, dk, dv;
 };
@@ -129,11 +132,14 @@ inline Ref reference(const Problem& p, bool naive_bf16) {
       auto qi = [&](int64_t row, int64_t c) { return double(p.hq[((q0 + row) * h + hh) * d + c]); };
       auto ki = [&](int64_t j, int64_t c) { return double(p.hk[((k0 + j) * h + hh) * d + c]); };
       auto vi = [&](int64_t j, int64_t c) { return double(p.hv[((k0 + j) * h + hh) * d + c]); };
-      auto gi = [&](int64_t row, int64_t c) { return double(p.hdo[((q0 + row) * h + hh) * d + c]); };
+      auto gi = [&](int64_t row, int64_t c) {
+        return double(p.hdo[((q0 + row) * h + hh) * d + c]);
+      };
       // Naive bf16 scales q first (q * scale rounded), as `softmax((q * scale) @ k^T)` does.
       std::vector<double> qs(lq * d);
       for (int64_t row = 0; row < lq; ++row)
-        for (int64_t c = 0; c < d; ++c) qs[row * d + c] = naive_bf16 ? rnd(qi(row, c) * scale) : qi(row, c);
+        for (int64_t c = 0; c < d; ++c)
+          qs[row * d + c] = naive_bf16 ? rnd(qi(row, c) * scale) : qi(row, c);
       std::vector<double> prob(lq * lk, 0.0), ds(lq * lk, 0.0);
       parallel_for(lq, [&](int64_t row) {
         const int64_t kend = key_end(row, lq, lk, p.mask);
@@ -157,7 +163,8 @@ inline Ref reference(const Problem& p, bool naive_bf16) {
           dp[j] = rnd(acc);
           delta += prob[row * lk + j] * dp[j];
         }
-        for (int64_t j = 0; j < kend; ++j) ds[row * lk + j] = rnd(prob[row * lk + j] * (dp[j] - delta));
+        for (int64_t j = 0; j < kend; ++j)
+          ds[row * lk + j] = rnd(prob[row * lk + j] * (dp[j] - delta));
         for (int64_t c = 0; c < d; ++c) {
           double acc_o = 0, acc_dq = 0;
           for (int64_t j = 0; j < kend; ++j) {
@@ -205,7 +212,8 @@ inline double max_err(const std::vector<double>& got, const std::vector<double>&
 }
 
 // Every element of the rows that belong to no sequence is zero.
-inline bool gap_rows_zero(const std::vector<float>& got, const std::vector<char>& valid, int64_t row_elems) {
+inline bool gap_rows_zero(const std::vector<float>& got, const std::vector<char>& valid,
+                          int64_t row_elems) {
   for (size_t r = 0; r < valid.size(); ++r)
     if (!valid[r])
       for (int64_t i = 0; i < row_elems; ++i)
