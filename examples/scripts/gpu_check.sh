@@ -17,7 +17,7 @@ cmake -S "$root" -B "$root/build-gpu" -G Ninja -DCMAKE_BUILD_TYPE=Release "${po[
 ninja -C "$root/build-gpu" > "$out/build.log" 2>&1 || { grep -E "error" -A3 "$out/build.log" | head -60; exit 1; }
 echo "build ok"
 if [ "$what" = tests ] || [ "$what" = all ]; then
-  (cd "$root/build-gpu" && ctest -j4 --timeout 300 > "$out/ctest.log" 2>&1)
+  (cd "$root/build-gpu" && ctest -j4 --timeout 300 --output-on-failure ${CTEST_ARGS:-} > "$out/ctest.log" 2>&1)
   grep -E "tests passed|\*\*\*Failed|Timeout" "$out/ctest.log" | head -40
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
