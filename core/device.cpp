@@ -55,7 +55,9 @@ Stream Stream::create(Device device) {
   if (device.is_cpu()) return Stream();
   CUDA_CHECK(cudaSetDevice(device.index));
   cudaStream_t st;
-  CUDA_CHECK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+  // Blocking streams: they synchronise with the legacy default stream, which Tensor operations
+  // called without a stream use, so mixing the two never races.
+  CUDA_CHECK(cudaStreamCreateWithFlags(&st, cudaStreamDefault));
   Stream s;
   s.device_ = device;
   s.handle_ = st;

@@ -38,7 +38,9 @@ class Stream {
   static Stream cpu() { return Stream(); }
   // The device's default (legacy) stream.
   static Stream cuda_default(int device = 0);
-  // A new non-blocking stream, destroyed with the last copy of this object.
+  // A new stream, destroyed with the last copy of this object. It is a blocking stream (it orders
+  // with the legacy default stream that stream-less Tensor operations use); overlap between helix's
+  // own streams is expressed with events.
   static Stream create(Device device);
 
   Device device() const { return device_; }

@@ -667,13 +667,13 @@ TEST(GemmValidation, RejectsWhatCuBlasLtWouldReject) {
 // f32-rtol x sum |a b|. A wrong rounding (say to bf16 in an f32 path, or TF32 products for f32
 // inputs: ~2^-11 relative) is ~100x larger.
 // Measured on the H100 (cuBLASLt 13.1): fp8 GEMMs accumulate in the tensor cores' reduced precision
-// between promotions (errors up to ~2e-5 x sum|a b| even in the precise mode), and a bf16 output with
+// between promotions (errors up to ~1.1e-4 x sum|a b| even in the precise mode), and a bf16 output with
 // beta != 0 may be formed from split-K partials rounded to bf16 (~2^-9 x sum|a b| seen for the
 // transposed-transposed layout). Those get allowances of their own size; everything else the f32 one.
 double accum_rtol(const Case& cs) {
   const double f32 = tolerance_for(DType::kF32).rtol;
   if (cs.a == DType::kE4M3 || cs.a == DType::kE5M2)
-    return cs.accumulation == Fp8Accumulation::kFast ? 2e-3 : 1e-4;
+    return cs.accumulation == Fp8Accumulation::kFast ? 2e-3 : 3e-4;  // ~2^-12: Hopper's fp8 accumulator
   if (cs.c == DType::kBF16) return 4e-3;
   return f32;
 }
