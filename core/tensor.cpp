@@ -4,6 +4,7 @@
 
 #include "core/allocator.h"
 #include "core/cuda_check.h"
+#include "core/element.h"
 #include "core/tensor_cuda.h"
 
 namespace helix {
@@ -159,34 +160,10 @@ Tensor Tensor::to(Device device, const Stream& stream) const {
 
 Tensor Tensor::clone(const Stream& stream) const { return to(device_, stream); }
 
-double cpu_value(const Tensor& t, int64_t i) {
-  const void* p = t.data_ptr();
-  switch (t.dtype()) {
-    case DType::kF32: return static_cast<const float*>(p)[i];
-    case DType::kF64: return static_cast<const double*>(p)[i];
-    case DType::kBF16: return static_cast<const bf16_t*>(p)[i].to_float();
-    case DType::kE4M3: return static_cast<const e4m3_t*>(p)[i].to_float();
-    case DType::kE5M2: return static_cast<const e5m2_t*>(p)[i].to_float();
-    case DType::kI32: return static_cast<const int32_t*>(p)[i];
-    case DType::kI64: return static_cast<double>(static_cast<const int64_t*>(p)[i]);
-    case DType::kU8: return static_cast<const uint8_t*>(p)[i];
-  }
-  return 0;
-}
+double cpu_value(const Tensor& t, int64_t i) { return detail::load_element(t.data_ptr(), t.dtype(), i); }
 
 namespace {
-void cpu_store(void* p, DType dt, int64_t i, double v) {
-  switch (dt) {
-    case DType::kF32: static_cast<float*>(p)[i] = static_cast<float>(v); break;
-    case DType::kF64: static_cast<double*>(p)[i] = v; break;
-    case DType::kBF16: static_cast<bf16_t*>(p)[i] = bf16_t::from_float(static_cast<float>(v)); break;
-    case DType::kE4M3: static_cast<e4m3_t*>(p)[i] = e4m3_t::from_float(static_cast<float>(v)); break;
-    case DType::kE5M2: static_cast<e5m2_t*>(p)[i] = e5m2_t::from_float(static_cast<float>(v)); break;
-    case DType::kI32: static_cast<int32_t*>(p)[i] = static_cast<int32_t>(v); break;
-    case DType::kI64: static_cast<int64_t*>(p)[i] = static_cast<int64_t>(v); break;
-    case DType::kU8: static_cast<uint8_t*>(p)[i] = static_cast<uint8_t>(v); break;
-  }
-}
+void cpu_store(void* p, DType dt, int64_t i, double v) { detail::store_element(p, dt, i, v); }
 }  // namespace
 
 Tensor Tensor::to(DType dtype, const Stream& stream) const {
