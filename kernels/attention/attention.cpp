@@ -166,7 +166,8 @@ void check_common(const Tensor& q, const Tensor& k, const Tensor& v,
   const Device dev = q.device();
   const int64_t heads = q.dim(1), dim = q.dim(2);
   if (dev.is_cuda()) {
-    HELIX_CHECK(dim == 64 || dim == 128, "q: expected head dim 64 or 128 on CUDA, got {}", dim);
+    HELIX_CHECK(dim == 16 || dim == 24 || dim == 32 || dim == 64 || dim == 128,
+                "q: expected head dim 16, 24, 32, 64 or 128 on CUDA, got {}", dim);
   } else {
     HELIX_CHECK(dim >= 1 && dim <= 256, "q: expected head dim 1 to 256, got {}", dim);
   }

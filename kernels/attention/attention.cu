@@ -1,9 +1,9 @@
 // CUDA forward of packed-THD attention (FlashAttention-2 style): one CTA per (query tile, head,
 // sequence) over a grid sized by max_seqlen_q, CTAs past their sequence's end exit at once. Each
-// warp owns 16 query rows; K/V tiles of 64 keys stream through a two-stage cp.async pipeline; S = Q
-// K^T and O += P V run on mma.sync bf16 tensor cores with fp32 accumulators and an fp32 online
-// softmax. Also the gap kernel that zeroes rows belonging to no sequence (padding), shared with the
-// backward.
+// warp owns 16 or 32 query rows; head dims 16, 24 (in zero-padded tiles of 32), 32, 64, 128; K/V
+// tiles of 64 keys stream through a two-stage cp.async pipeline; S = Q K^T and O += P V run on
+// mma.sync bf16 tensor cores with fp32 accumulators and an fp32 online softmax. Also the gap kernel
+// that zeroes rows belonging to no sequence (padding), shared with the backward.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -19,26 +19,33 @@ namespace {
 
 using namespace attention_tiles;
 
-constexpr int kFwdMTilesD64 = 2;  // m16 tiles per warp in the D = 64 forward
+constexpr int kFwdMTilesD64 = 2;     // m16 tiles per warp in the D = 64 forward
+constexpr int kFwdMTilesSmallD = 2;  // ... at D = 16, 24, 32
+// Resident CTAs per SM asked of the compiler (the register cap) at D = 16 and D = 24, 32: 4 CTAs
+// (128 registers) spill 100-180 bytes at D = 32, none at D = 16.
+constexpr int kFwdMinBlocksD16 = 4, kFwdMinBlocksD32 = 3;
 
-template <int D, int kWarps, int kMTiles>
+// DT: the head dim of the shared-memory tiles (tile_dim<D>()).
+template <int DT, int kWarps, int kMTiles>
 struct FwdConfig {
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kWarpRows = 16 * kMTiles;      // query rows per warp (kMTiles m16 tiles)
   static constexpr int kBlockM = kWarpRows * kWarps;  // query rows per CTA
   static constexpr int kBlockN = 64;                  // keys per K/V tile
-  static constexpr int kQBytes = kBlockM * D * 2;
-  static constexpr int kKVBytes = kBlockN * D * 2;
+  static constexpr int kQBytes = kBlockM * DT * 2;
+  static constexpr int kKVBytes = kBlockN * DT * 2;
   static constexpr int kSmem = kQBytes + 4 * kKVBytes;  // Q + two stages of K and V
 };
 
 // grid (ceil(max_seqlen_q / kBlockM), H, b), block kWarps * 32 threads. blockIdx.x runs over query
 // tiles in reverse (under a causal mask the last tiles carry the most work and start first). Warp w
 // owns query rows [m0 + w kWarpRows, m0 + (w + 1) kWarpRows) of its sequence, as kMTiles m16 tiles
-// that share every K and V fragment loaded from shared memory.
+// that share every K and V fragment loaded from shared memory. D is the head dim of q/k/v; the
+// tiles and fragments run at DT = tile_dim<D>() (D = 24: 32, zero columns 24..31 add nothing).
 template <int D, int kWarps, int kMTiles, int kMinBlocks>
 __global__ void __launch_bounds__(kWarps * 32, kMinBlocks) fwd_kernel(const AttnArgs a) {
-  using C = FwdConfig<D, kWarps, kMTiles>;
+  constexpr int DT = tile_dim<D>();
+  using C = FwdConfig<DT, kWarps, kMTiles>;
   constexpr int kBlockM = C::kBlockM, kBlockN = C::kBlockN, kThreads = C::kThreads;
   constexpr int kWarpRows = C::kWarpRows;
   extern __shared__ __align__(128) unsigned char smem[];
@@ -67,17 +74,17 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks) fwd_kernel(const Attn
   auto load_kv = [&](int n, int stage) {
     const int rows = min(kBlockN, len_k - n * kBlockN);
     const int64_t off = int64_t{n} * kBlockN * a.row_stride;
-    load_tile<kBlockN, D, kThreads>(s_kv + stage * C::kKVBytes, k_base + off, a.row_stride, rows,
-                                    tid);
-    load_tile<kBlockN, D, kThreads>(s_kv + (2 + stage) * C::kKVBytes, v_base + off, a.row_stride,
-                                    rows, tid);
+    load_tile<kBlockN, DT, kThreads, D>(s_kv + stage * C::kKVBytes, k_base + off, a.row_stride,
+                                        rows, tid);
+    load_tile<kBlockN, DT, kThreads, D>(s_kv + (2 + stage) * C::kKVBytes, v_base + off,
+                                        a.row_stride, rows, tid);
   };
 
-  float o_acc[kMTiles][D / 8][4];
+  float o_acc[kMTiles][DT / 8][4];
 #pragma unroll
   for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
-    for (int i = 0; i < D / 8; ++i)
+    for (int i = 0; i < DT / 8; ++i)
       o_acc[mt][i][0] = o_acc[mt][i][1] = o_acc[mt][i][2] = o_acc[mt][i][3] = 0.f;
   float m_run[kMTiles][2], l_run[kMTiles][2];  // running max of the raw scores of rows g, g + 8;
 #pragma unroll                                 // this lane's part of the softmax denominators
@@ -87,11 +94,11 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks) fwd_kernel(const Attn
   }
 
   if (n_tiles > 0) {
-    load_tile<kBlockM, D, kThreads>(s_q, a.q + (q_row0 + m0) * a.row_stride + hd, a.row_stride,
-                                    min(kBlockM, len_q - m0), tid);
+    load_tile<kBlockM, DT, kThreads, D>(s_q, a.q + (q_row0 + m0) * a.row_stride + hd, a.row_stride,
+                                        min(kBlockM, len_q - m0), tid);
     load_kv(0, 0);
     cp_async_commit();
-    uint32_t q_frag[kMTiles][D / 16][4];
+    uint32_t q_frag[kMTiles][DT / 16][4];
     for (int n = 0; n < n_tiles; ++n) {
       const int stage = n & 1;
       if (n + 1 < n_tiles) {
@@ -106,8 +113,8 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks) fwd_kernel(const Attn
 #pragma unroll
         for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
-          for (int kk = 0; kk < D / 16; ++kk)
-            load_a<D>(q_frag[mt][kk], s_q, warp * kWarpRows + mt * 16, kk, lane);
+          for (int kk = 0; kk < DT / 16; ++kk)
+            load_a<DT>(q_frag[mt][kk], s_q, warp * kWarpRows + mt * 16, kk, lane);
       }
       const int n0 = n * kBlockN;
       // A warp with no valid row, or whose rows all precede the tile's keys (causal), adds nothing.
@@ -122,11 +129,11 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks) fwd_kernel(const Attn
           for (int j = 0; j < kBlockN / 8; ++j)
             s[mt][j][0] = s[mt][j][1] = s[mt][j][2] = s[mt][j][3] = 0.f;
 #pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) {
+        for (int kk = 0; kk < DT / 16; ++kk) {
 #pragma unroll
           for (int nb = 0; nb < kBlockN / 16; ++nb) {
             uint32_t b[4];
-            load_b_rows<D>(b, s_k, nb * 16, kk, lane);
+            load_b_rows<DT>(b, s_k, nb * 16, kk, lane);
 #pragma unroll
             for (int mt = 0; mt < kMTiles; ++mt) {
               mma_bf16(s[mt][2 * nb], q_frag[mt][kk], b[0], b[1]);
@@ -163,7 +170,7 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks) fwd_kernel(const Attn
             m_run[mt][r] = m_new;
             l_run[mt][r] *= corr;
 #pragma unroll
-            for (int i = 0; i < D / 8; ++i) {
+            for (int i = 0; i < DT / 8; ++i) {
               o_acc[mt][i][2 * r] *= corr;
               o_acc[mt][i][2 * r + 1] *= corr;
             }
@@ -187,9 +194,9 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks) fwd_kernel(const Attn
             pa[mt][3] = pack_bf16(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
           }
 #pragma unroll
-          for (int nn = 0; nn < D / 16; ++nn) {
+          for (int nn = 0; nn < DT / 16; ++nn) {
             uint32_t b[4];
-            load_b_cols<D>(b, s_v, kk * 16, nn, lane);
+            load_b_cols<DT>(b, s_v, kk * 16, nn, lane);
 #pragma unroll
             for (int mt = 0; mt < kMTiles; ++mt) {
               mma_bf16(o_acc[mt][2 * nn], pa[mt], b[0], b[1]);
@@ -213,7 +220,7 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks) fwd_kernel(const Attn
       const float inv = l > 0.f ? 1.f / l : 0.f;
       __nv_bfloat16* out_row = a.out + (q_row0 + row) * a.row_stride + hd;
 #pragma unroll
-      for (int i = 0; i < D / 8; ++i) {
+      for (int i = 0; i < D / 8; ++i) {  // columns of the zero padding (D < DT) are not stored
         *reinterpret_cast<uint32_t*>(out_row + i * 8 + 2 * t) =
             pack_bf16(o_acc[mt][i][2 * r] * inv, o_acc[mt][i][2 * r + 1] * inv);
       }
@@ -249,7 +256,7 @@ __global__ void zero_gaps_kernel(const int32_t* cu, const int32_t* off, int batc
 
 template <int D, int kWarps, int kMTiles, int kMinBlocks>
 void launch_fwd(const AttnArgs& a, int max_seqlen_q, int heads, int batch, cudaStream_t st) {
-  using C = FwdConfig<D, kWarps, kMTiles>;
+  using C = FwdConfig<tile_dim<D>(), kWarps, kMTiles>;
   const dim3 grid((max_seqlen_q + C::kBlockM - 1) / C::kBlockM, heads, batch);
   if (grid.x == 0) return;
   auto kernel = fwd_kernel<D, kWarps, kMTiles, kMinBlocks>;
@@ -304,11 +311,26 @@ void thd_attention_fwd_cuda(const ThdAttentionFwdParams& p, const Stream& stream
   if (tq > 0 &&
       batch > 0) {  // a sequence without keys reads no K/V: its rows get O = 0, LSE = -inf
     // D = 64: 32 query rows per warp (K/V fragments shared by two m16 tiles); D = 128: 16 rows per
-    // warp (two tiles would exceed the register file). See docs/perf/attention.md.
-    if (dim == 64)
-      launch_fwd<64, 4, kFwdMTilesD64, 2>(a, p.layout.max_seqlen_q, heads, batch, st);
-    else
-      launch_fwd<128, 4, 1, 2>(a, p.layout.max_seqlen_q, heads, batch, st);
+    // warp (two tiles would exceed the register file). See docs/perf/attention.md. D <= 32 (ESM-2
+    // 8M/35M/150M): 32 rows per warp as at 64, fewer registers, more resident CTAs.
+    const int msq = p.layout.max_seqlen_q;
+    switch (dim) {
+      case 16:
+        launch_fwd<16, 4, kFwdMTilesSmallD, kFwdMinBlocksD16>(a, msq, heads, batch, st);
+        break;
+      case 24:
+        launch_fwd<24, 4, kFwdMTilesSmallD, kFwdMinBlocksD32>(a, msq, heads, batch, st);
+        break;
+      case 32:
+        launch_fwd<32, 4, kFwdMTilesSmallD, kFwdMinBlocksD32>(a, msq, heads, batch, st);
+        break;
+      case 64:
+        launch_fwd<64, 4, kFwdMTilesD64, 2>(a, msq, heads, batch, st);
+        break;
+      default:
+        launch_fwd<128, 4, 1, 2>(a, msq, heads, batch, st);
+        break;
+    }
   }
   GapTargets gaps;
   gaps.x0 = a.out;

@@ -68,7 +68,8 @@ enum class AttentionMask : uint8_t { kBidirectional, kCausal };
 enum class AttentionBwdMode : uint8_t { kAtomic, kDeterministic };
 
 struct ThdAttentionFwdParams {
-  Tensor q;  // [Tq, H, D] bf16, D in {64, 128}, contiguous, 16-byte aligned
+  Tensor q;  // [Tq, H, D] bf16, contiguous, 16-byte aligned; D in {16, 24, 32, 64, 128} on CUDA
+             // (24 runs in tiles of 32), 1..256 on the CPU (which also takes f32)
   Tensor k;  // [Tk, H, D] bf16
   Tensor v;  // [Tk, H, D] bf16
   ThdAttentionLayout layout;

@@ -6,6 +6,7 @@
 //     dQ += dS K into an fp32 buffer with atomics, converted to bf16 afterwards;
 //  3. deterministic mode instead runs a dQ pass: one CTA per (query tile, head, sequence) over the
 //     key tiles, recomputing S and dP, dQ += dS K in registers, written once.
+// Head dims 16, 24, 32, 64, 128; 24 runs in tiles of 32 whose extra columns are zero (not stored).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -20,6 +21,8 @@ namespace helix {
 namespace {
 
 using namespace attention_tiles;
+
+constexpr int kBwdMinBlocksSmallD = 4;  // D <= 32: 128 registers a thread
 
 // grid (ceil(Tq * H / 32)), block 256: 8 threads per (query, head) row, 16-byte loads of dO and O.
 template <int D>
@@ -53,14 +56,21 @@ __global__ void bwd_delta_kernel(const __nv_bfloat16* o, const __nv_bfloat16* d_
   }
 }
 
-template <int D, int kBlockM, bool kAtomicDq>
+// Resident CTAs per SM asked of the compiler (the register cap) by the dK/dV and dQ kernels.
+template <int D>
+constexpr int bwd_min_blocks() {
+  return D == 128 ? 2 : D == 64 ? 3 : kBwdMinBlocksSmallD;
+}
+
+// DT: the head dim of the shared-memory tiles (tile_dim<D>()).
+template <int DT, int kBlockM, bool kAtomicDq>
 struct DkdvConfig {
   static constexpr int kWarps = 4, kThreads = kWarps * 32;
   static constexpr int kBlockN = 64;  // keys per CTA, 16 per warp
   static constexpr int kDsStride =
       kBlockM + 8;  // bf16 per row of the dS^T tile (padded: no conflicts)
-  static constexpr int kKVBytes = kBlockN * D * 2;
-  static constexpr int kQBytes = kBlockM * D * 2;
+  static constexpr int kKVBytes = kBlockN * DT * 2;
+  static constexpr int kQBytes = kBlockM * DT * 2;
   static constexpr int kRowBytes = kBlockM * 4;  // one stage of LSE or delta
   static constexpr int kOffV = kKVBytes;
   static constexpr int kOffQ = 2 * kKVBytes;                 // + stage * kQBytes
@@ -73,10 +83,11 @@ struct DkdvConfig {
 
 // grid (ceil(max_seqlen_kv / 64), H, b), block 128. Warp w owns keys [n0 + 16w, n0 + 16w + 16) and
 // their dK, dV rows; the CTA walks query tiles of kBlockM rows through a two-stage cp.async
-// pipeline.
+// pipeline. D is the head dim of the tensors, DT = tile_dim<D>() that of the tiles and fragments.
 template <int D, int kBlockM, bool kAtomicDq>
-__global__ void __launch_bounds__(128, D == 64 ? 3 : 2) bwd_dkdv_kernel(const AttnArgs a) {
-  using C = DkdvConfig<D, kBlockM, kAtomicDq>;
+__global__ void __launch_bounds__(128, bwd_min_blocks<D>()) bwd_dkdv_kernel(const AttnArgs a) {
+  constexpr int DT = tile_dim<D>();
+  using C = DkdvConfig<DT, kBlockM, kAtomicDq>;
   constexpr int kBlockN = C::kBlockN, kThreads = C::kThreads;
   extern __shared__ __align__(128) unsigned char smem[];
 
@@ -108,10 +119,10 @@ __global__ void __launch_bounds__(128, D == 64 ? 3 : 2) bwd_dkdv_kernel(const At
     const int mq0 = m * kBlockM;
     const int rows = min(kBlockM, len_q - mq0);
     const int64_t off = (q_row0 + mq0) * a.row_stride + hd;
-    load_tile<kBlockM, D, kThreads>(s_base + C::kOffQ + stage * C::kQBytes, a.q + off, a.row_stride,
-                                    rows, tid);
-    load_tile<kBlockM, D, kThreads>(s_base + C::kOffDo + stage * C::kQBytes, a.d_o + off,
-                                    a.row_stride, rows, tid);
+    load_tile<kBlockM, DT, kThreads, D>(s_base + C::kOffQ + stage * C::kQBytes, a.q + off,
+                                        a.row_stride, rows, tid);
+    load_tile<kBlockM, DT, kThreads, D>(s_base + C::kOffDo + stage * C::kQBytes, a.d_o + off,
+                                        a.row_stride, rows, tid);
     for (int i = tid; i < kBlockM; i += kThreads) {
       const bool ok = i < rows;
       const int64_t li = head * a.tq + q_row0 + mq0 + i;
@@ -122,17 +133,17 @@ __global__ void __launch_bounds__(128, D == 64 ? 3 : 2) bwd_dkdv_kernel(const At
     }
   };
 
-  float dk[D / 8][4], dv[D / 8][4];
+  float dk[DT / 8][4], dv[DT / 8][4];
 #pragma unroll
-  for (int i = 0; i < D / 8; ++i)
+  for (int i = 0; i < DT / 8; ++i)
 #pragma unroll
     for (int e = 0; e < 4; ++e) dk[i][e] = dv[i][e] = 0.f;
 
   {
     const int rows = min(kBlockN, len_k - n0);
     const int64_t off = (k_row0 + n0) * a.row_stride + hd;
-    load_tile<kBlockN, D, kThreads>(s_k, a.k + off, a.row_stride, rows, tid);
-    load_tile<kBlockN, D, kThreads>(s_v, a.v + off, a.row_stride, rows, tid);
+    load_tile<kBlockN, DT, kThreads, D>(s_k, a.k + off, a.row_stride, rows, tid);
+    load_tile<kBlockN, DT, kThreads, D>(s_v, a.v + off, a.row_stride, rows, tid);
   }
   if (m_first < m_tiles) load_q_tile(m_first, 0);
   cp_async_commit();
@@ -160,17 +171,17 @@ __global__ void __launch_bounds__(128, D == 64 ? 3 : 2) bwd_dkdv_kernel(const At
       for (int e = 0; e < 4; ++e) st[j][e] = dpt[j][e] = 0.f;
     if (!skip) {
 #pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
+      for (int kk = 0; kk < DT / 16; ++kk) {
         uint32_t ka[4], va[4];
-        load_a<D>(ka, s_k, warp * 16, kk, lane);
-        load_a<D>(va, s_v, warp * 16, kk, lane);
+        load_a<DT>(ka, s_k, warp * 16, kk, lane);
+        load_a<DT>(va, s_v, warp * 16, kk, lane);
 #pragma unroll
         for (int nb = 0; nb < kBlockM / 16; ++nb) {
           uint32_t b[4];
-          load_b_rows<D>(b, s_q, nb * 16, kk, lane);
+          load_b_rows<DT>(b, s_q, nb * 16, kk, lane);
           mma_bf16(st[2 * nb], ka, b[0], b[1]);
           mma_bf16(st[2 * nb + 1], ka, b[2], b[3]);
-          load_b_rows<D>(b, s_do, nb * 16, kk, lane);
+          load_b_rows<DT>(b, s_do, nb * 16, kk, lane);
           mma_bf16(dpt[2 * nb], va, b[0], b[1]);
           mma_bf16(dpt[2 * nb + 1], va, b[2], b[3]);
         }
@@ -205,12 +216,12 @@ __global__ void __launch_bounds__(128, D == 64 ? 3 : 2) bwd_dkdv_kernel(const At
                                 pack_bf16(dpt[2 * kq + 1][0], dpt[2 * kq + 1][1]),
                                 pack_bf16(dpt[2 * kq + 1][2], dpt[2 * kq + 1][3])};
 #pragma unroll
-        for (int nn = 0; nn < D / 16; ++nn) {
+        for (int nn = 0; nn < DT / 16; ++nn) {
           uint32_t b[4];
-          load_b_cols<D>(b, s_do, kq * 16, nn, lane);
+          load_b_cols<DT>(b, s_do, kq * 16, nn, lane);
           mma_bf16(dv[2 * nn], pa, b[0], b[1]);
           mma_bf16(dv[2 * nn + 1], pa, b[2], b[3]);
-          load_b_cols<D>(b, s_q, kq * 16, nn, lane);
+          load_b_cols<DT>(b, s_q, kq * 16, nn, lane);
           mma_bf16(dk[2 * nn], da, b[0], b[1]);
           mma_bf16(dk[2 * nn + 1], da, b[2], b[3]);
         }
@@ -231,7 +242,7 @@ __global__ void __launch_bounds__(128, D == 64 ? 3 : 2) bwd_dkdv_kernel(const At
       __syncthreads();
       constexpr int kMBlocks = kBlockM / 16;
       constexpr int kWarpsPerM = C::kWarps / kMBlocks;
-      constexpr int kNPerWarp = D / 8 / kWarpsPerM;  // n-blocks of 8 head-dim columns
+      constexpr int kNPerWarp = DT / 8 / kWarpsPerM;  // n-blocks of 8 head-dim columns
       static_assert(kMBlocks * kWarpsPerM == C::kWarps && kNPerWarp % 2 == 0, "dQ work split");
       const int mb = warp % kMBlocks, nb0 = (warp / kMBlocks) * kNPerWarp;
       float dq[kNPerWarp][4];
@@ -248,7 +259,7 @@ __global__ void __launch_bounds__(128, D == 64 ? 3 : 2) bwd_dkdv_kernel(const At
 #pragma unroll
         for (int i = 0; i < kNPerWarp / 2; ++i) {
           uint32_t b[4];
-          load_b_cols<D>(b, s_k, kk * 16, nb0 / 2 + i, lane);
+          load_b_cols<DT>(b, s_k, kk * 16, nb0 / 2 + i, lane);
           mma_bf16(dq[2 * i], aa, b[0], b[1]);
           mma_bf16(dq[2 * i + 1], aa, b[2], b[3]);
         }
@@ -260,6 +271,7 @@ __global__ void __launch_bounds__(128, D == 64 ? 3 : 2) bwd_dkdv_kernel(const At
         float* dst = a.dq_accum + (q_row0 + query) * a.row_stride + hd + nb0 * 8 + 2 * t;
 #pragma unroll
         for (int i = 0; i < kNPerWarp; ++i) {
+          if (D < DT && (nb0 + i) * 8 >= D) continue;  // zero padding columns: not in dq_accum
 #if __CUDA_ARCH__ >= 900
           atomicAdd(reinterpret_cast<float2*>(dst + i * 8),
                     make_float2(dq[i][2 * r], dq[i][2 * r + 1]));
@@ -281,7 +293,7 @@ __global__ void __launch_bounds__(128, D == 64 ? 3 : 2) bwd_dkdv_kernel(const At
     if (key >= len_k) continue;
     const int64_t off = (k_row0 + key) * a.row_stride + hd + 2 * t;
 #pragma unroll
-    for (int i = 0; i < D / 8; ++i) {
+    for (int i = 0; i < D / 8; ++i) {  // the zero padding columns (D < DT) are not stored
       *reinterpret_cast<uint32_t*>(a.d_k + off + i * 8) =
           pack_bf16(dk[i][2 * r] * a.scale, dk[i][2 * r + 1] * a.scale);
       *reinterpret_cast<uint32_t*>(a.d_v + off + i * 8) = pack_bf16(dv[i][2 * r], dv[i][2 * r + 1]);
@@ -289,12 +301,12 @@ __global__ void __launch_bounds__(128, D == 64 ? 3 : 2) bwd_dkdv_kernel(const At
   }
 }
 
-template <int D>
+template <int DT>
 struct DqConfig {
   static constexpr int kWarps = 4, kThreads = kWarps * 32;
   static constexpr int kBlockM = 64, kBlockN = 64;
-  static constexpr int kQBytes = kBlockM * D * 2;
-  static constexpr int kKVBytes = kBlockN * D * 2;
+  static constexpr int kQBytes = kBlockM * DT * 2;
+  static constexpr int kKVBytes = kBlockN * DT * 2;
   static constexpr int kOffDo = kQBytes;
   static constexpr int kOffKV = 2 * kQBytes;  // K stage s at + s * kKVBytes, V at + (2 + s) * ...
   static constexpr int kSmem = kOffKV + 4 * kKVBytes;
@@ -303,8 +315,9 @@ struct DqConfig {
 // Deterministic dQ pass. grid (ceil(max_seqlen_q / 64), H, b), block 128: warp w owns query rows
 // [m0 + 16w, m0 + 16w + 16); K/V tiles of 64 keys stream through a two-stage cp.async pipeline.
 template <int D>
-__global__ void __launch_bounds__(128, D == 64 ? 3 : 2) bwd_dq_kernel(const AttnArgs a) {
-  using C = DqConfig<D>;
+__global__ void __launch_bounds__(128, bwd_min_blocks<D>()) bwd_dq_kernel(const AttnArgs a) {
+  constexpr int DT = tile_dim<D>();
+  using C = DqConfig<DT>;
   constexpr int kBlockM = C::kBlockM, kBlockN = C::kBlockN, kThreads = C::kThreads;
   extern __shared__ __align__(128) unsigned char smem[];
 
@@ -331,10 +344,10 @@ __global__ void __launch_bounds__(128, D == 64 ? 3 : 2) bwd_dq_kernel(const Attn
   auto load_kv = [&](int n, int stage) {
     const int rows = min(kBlockN, len_k - n * kBlockN);
     const int64_t off = int64_t{n} * kBlockN * a.row_stride;
-    load_tile<kBlockN, D, kThreads>(s_kv + stage * C::kKVBytes, k_base + off, a.row_stride, rows,
-                                    tid);
-    load_tile<kBlockN, D, kThreads>(s_kv + (2 + stage) * C::kKVBytes, v_base + off, a.row_stride,
-                                    rows, tid);
+    load_tile<kBlockN, DT, kThreads, D>(s_kv + stage * C::kKVBytes, k_base + off, a.row_stride,
+                                        rows, tid);
+    load_tile<kBlockN, DT, kThreads, D>(s_kv + (2 + stage) * C::kKVBytes, v_base + off,
+                                        a.row_stride, rows, tid);
   };
 
   // Per-row LSE (scaled to base 2; +inf for rows that see nothing) and delta of rows g and g + 8.
@@ -347,15 +360,15 @@ __global__ void __launch_bounds__(128, D == 64 ? 3 : 2) bwd_dq_kernel(const Attn
     lse2[r] = l == -INFINITY ? INFINITY : l * kLog2e;
     dlt[r] = row < len_q ? a.delta[li] : 0.f;
   }
-  float dq[D / 8][4];
+  float dq[DT / 8][4];
 #pragma unroll
-  for (int i = 0; i < D / 8; ++i) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.f;
+  for (int i = 0; i < DT / 8; ++i) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.f;
 
   if (n_tiles > 0) {
     const int rows = min(kBlockM, len_q - m0);
     const int64_t off = (q_row0 + m0) * a.row_stride + hd;
-    load_tile<kBlockM, D, kThreads>(s_q, a.q + off, a.row_stride, rows, tid);
-    load_tile<kBlockM, D, kThreads>(s_do, a.d_o + off, a.row_stride, rows, tid);
+    load_tile<kBlockM, DT, kThreads, D>(s_q, a.q + off, a.row_stride, rows, tid);
+    load_tile<kBlockM, DT, kThreads, D>(s_do, a.d_o + off, a.row_stride, rows, tid);
     load_kv(0, 0);
     cp_async_commit();
     for (int n = 0; n < n_tiles; ++n) {
@@ -379,17 +392,17 @@ __global__ void __launch_bounds__(128, D == 64 ? 3 : 2) bwd_dq_kernel(const Attn
 #pragma unroll
           for (int e = 0; e < 4; ++e) s[j][e] = dp[j][e] = 0.f;
 #pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) {
+        for (int kk = 0; kk < DT / 16; ++kk) {
           uint32_t qa[4], ga[4];
-          load_a<D>(qa, s_q, warp * 16, kk, lane);
-          load_a<D>(ga, s_do, warp * 16, kk, lane);
+          load_a<DT>(qa, s_q, warp * 16, kk, lane);
+          load_a<DT>(ga, s_do, warp * 16, kk, lane);
 #pragma unroll
           for (int nb = 0; nb < kBlockN / 16; ++nb) {
             uint32_t b[4];
-            load_b_rows<D>(b, s_k, nb * 16, kk, lane);
+            load_b_rows<DT>(b, s_k, nb * 16, kk, lane);
             mma_bf16(s[2 * nb], qa, b[0], b[1]);
             mma_bf16(s[2 * nb + 1], qa, b[2], b[3]);
-            load_b_rows<D>(b, s_v, nb * 16, kk, lane);
+            load_b_rows<DT>(b, s_v, nb * 16, kk, lane);
             mma_bf16(dp[2 * nb], ga, b[0], b[1]);
             mma_bf16(dp[2 * nb + 1], ga, b[2], b[3]);
           }
@@ -417,9 +430,9 @@ __global__ void __launch_bounds__(128, D == 64 ? 3 : 2) bwd_dq_kernel(const Attn
                                   pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]),
                                   pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3])};
 #pragma unroll
-          for (int nn = 0; nn < D / 16; ++nn) {
+          for (int nn = 0; nn < DT / 16; ++nn) {
             uint32_t b[4];
-            load_b_cols<D>(b, s_k, kk * 16, nn, lane);
+            load_b_cols<DT>(b, s_k, kk * 16, nn, lane);
             mma_bf16(dq[2 * nn], da, b[0], b[1]);
             mma_bf16(dq[2 * nn + 1], da, b[2], b[3]);
           }
@@ -436,7 +449,7 @@ __global__ void __launch_bounds__(128, D == 64 ? 3 : 2) bwd_dq_kernel(const Attn
     if (row >= len_q) continue;
     __nv_bfloat16* dst = a.out + (q_row0 + row) * a.row_stride + hd + 2 * t;
 #pragma unroll
-    for (int i = 0; i < D / 8; ++i)
+    for (int i = 0; i < D / 8; ++i)  // the zero padding columns (D < DT) are not stored
       *reinterpret_cast<uint32_t*>(dst + i * 8) =
           pack_bf16(dq[i][2 * r] * a.scale, dq[i][2 * r + 1] * a.scale);
   }
@@ -456,7 +469,7 @@ __global__ void dq_convert_kernel(const float* acc, __nv_bfloat16* dq, int64_t n
 
 template <int D, int kBlockM, bool kAtomicDq>
 void launch_dkdv(const AttnArgs& a, int max_seqlen_kv, int heads, int batch, cudaStream_t st) {
-  using C = DkdvConfig<D, kBlockM, kAtomicDq>;
+  using C = DkdvConfig<tile_dim<D>(), kBlockM, kAtomicDq>;
   const dim3 grid((max_seqlen_kv + C::kBlockN - 1) / C::kBlockN, heads, batch);
   if (grid.x == 0) return;
   auto kernel = bwd_dkdv_kernel<D, kBlockM, kAtomicDq>;
@@ -467,7 +480,7 @@ void launch_dkdv(const AttnArgs& a, int max_seqlen_kv, int heads, int batch, cud
 
 template <int D>
 void launch_dq(const AttnArgs& a, int max_seqlen_q, int heads, int batch, cudaStream_t st) {
-  using C = DqConfig<D>;
+  using C = DqConfig<tile_dim<D>()>;
   const dim3 grid((max_seqlen_q + C::kBlockM - 1) / C::kBlockM, heads, batch);
   if (grid.x == 0) return;
   CUDA_CHECK(cudaFuncSetAttribute(bwd_dq_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -517,19 +530,45 @@ void thd_attention_bwd_cuda(const ThdAttentionBwdParams& p, const Stream& stream
   if (tq > 0) {
     const unsigned blocks = static_cast<unsigned>((tq * heads + 31) / 32);
     const float* d_lse = p.d_lse.defined() ? p.d_lse.data<float>() : nullptr;
-    if (dim == 64)
-      bwd_delta_kernel<64>
-          <<<blocks, 256, 0, st>>>(a.o, a.d_o, d_lse, delta.data<float>(), tq, heads);
-    else
-      bwd_delta_kernel<128>
-          <<<blocks, 256, 0, st>>>(a.o, a.d_o, d_lse, delta.data<float>(), tq, heads);
+    float* dl = delta.data<float>();
+    switch (dim) {
+      case 16:
+        bwd_delta_kernel<16><<<blocks, 256, 0, st>>>(a.o, a.d_o, d_lse, dl, tq, heads);
+        break;
+      case 24:
+        bwd_delta_kernel<24><<<blocks, 256, 0, st>>>(a.o, a.d_o, d_lse, dl, tq, heads);
+        break;
+      case 32:
+        bwd_delta_kernel<32><<<blocks, 256, 0, st>>>(a.o, a.d_o, d_lse, dl, tq, heads);
+        break;
+      case 64:
+        bwd_delta_kernel<64><<<blocks, 256, 0, st>>>(a.o, a.d_o, d_lse, dl, tq, heads);
+        break;
+      default:
+        bwd_delta_kernel<128><<<blocks, 256, 0, st>>>(a.o, a.d_o, d_lse, dl, tq, heads);
+    }
     HELIX_LAUNCH_CHECK();
   }
   if (p.layout.cu_seqlens_q.batch() > 0 && (tq > 0 || tk > 0)) {
-    if (dim == 64)
-      launch_bwd<64, 64>(a, p.layout, heads, atomic_dq, st);
-    else
-      launch_bwd<128, 32>(a, p.layout, heads, atomic_dq, st);
+    // Query tiles of 64 rows at D <= 64 (at D = 16 the atomic-dQ split needs 64: every warp then
+    // owns 16 query rows and all D / 8 columns), 32 at D = 128 (registers).
+    switch (dim) {
+      case 16:
+        launch_bwd<16, 64>(a, p.layout, heads, atomic_dq, st);
+        break;
+      case 24:
+        launch_bwd<24, 64>(a, p.layout, heads, atomic_dq, st);
+        break;
+      case 32:
+        launch_bwd<32, 64>(a, p.layout, heads, atomic_dq, st);
+        break;
+      case 64:
+        launch_bwd<64, 64>(a, p.layout, heads, atomic_dq, st);
+        break;
+      default:
+        launch_bwd<128, 32>(a, p.layout, heads, atomic_dq, st);
+        break;
+    }
   }
   if (atomic_dq && tq > 0) {
     const int64_t n4 = tq * heads * dim / 4;

@@ -14,9 +14,15 @@
 // plain ldmatrix, and a B fragment whose k runs down the smem rows (V for P V) from ldmatrix.trans.
 // The C fragment of S = Q K^T, rounded to bf16, is directly the A fragment of P for P V.
 //
-// Shared-memory tiles hold rows of D bf16 (D/8 chunks of 16 bytes); chunk c of row r is stored at
-// chunk (c ^ (r % 8)) so that the 8 row addresses of one ldmatrix matrix, and the 16-byte stores of
-// cp.async, hit 8 different bank groups (needs D >= 64).
+// Shared-memory tiles hold rows of DT bf16 (DT/8 chunks of 16 bytes), DT = tile_dim(D): the head
+// dim rounded up to a multiple of 16 (one MMA k-step), the extra columns zero-filled (D = 24 runs
+// in tiles of 32). Chunks are XOR-swizzled so that the 8 row addresses of one ldmatrix matrix
+// (8 consecutive rows, first one a multiple of 8), and the 16-byte stores of 8 consecutive cp.async
+// threads, hit the 8 different 16-byte bank groups of a 128-byte line:
+//   DT >= 64: chunk c of row r at chunk c ^ (r % 8) (one row spans every group);
+//   DT = 32 (4 chunks, 2 rows a line): c ^ ((r / 2) % 4);  DT = 16 (2 chunks, 4 rows a line):
+//   c ^ ((r / 4) % 2). In both, rows sharing a line differ in r % (rows a line) and the rows that
+//   map to the same groups differ in the XOR term.
 #include <cuda_bf16.h>
 
 #include <cstdint>
@@ -55,11 +61,24 @@ __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
+// Head dim of the shared-memory tiles for head dim D: D rounded up to a multiple of 16.
+template <int D>
+constexpr int tile_dim() {
+  return (D + 15) / 16 * 16;
+}
+
 // Byte offset of 16-byte chunk `chunk` of row `row` in a swizzled tile of D bf16 per row.
 template <int D>
 __device__ __forceinline__ uint32_t swz(int row, int chunk) {
-  static_assert(D % 64 == 0, "swizzle needs at least 8 chunks per row");
-  return static_cast<uint32_t>(row * (D * 2) + ((chunk ^ (row & 7)) << 4));
+  static_assert(D == 16 || D == 32 || D % 64 == 0, "tile rows of 16, 32 or a multiple of 64");
+  if constexpr (D >= 64) {
+    return static_cast<uint32_t>(row * (D * 2) + ((chunk ^ (row & 7)) << 4));
+  } else {
+    constexpr int kChunks = D / 8;             // 2 or 4 chunks a row
+    constexpr int kRowsPerLine = 8 / kChunks;  // rows sharing one 128-byte line: 4 or 2
+    return static_cast<uint32_t>(row * (D * 2) +
+                                 ((chunk ^ ((row / kRowsPerLine) & (kChunks - 1))) << 4));
+  }
 }
 
 // 16-byte global -> shared copy; when !valid nothing is read and the 16 bytes are zero-filled.
@@ -127,18 +146,20 @@ __device__ __forceinline__ void load_b_cols(uint32_t (&b)[4], uint32_t base, int
       b, base + swz<D>(k0 + (lane & 7) + (((lane >> 3) & 1) << 3), 2 * nn + (lane >> 4)));
 }
 
-// Copies `rows` (<= R) rows of D bf16 starting at `src` (row stride `stride` elements) into a
-// swizzled R x D tile; rows past `rows` are zero-filled. All `threads` threads of the CTA call it.
-template <int R, int D, int kThreads>
+// Copies `rows` (<= R) rows of DG bf16 starting at `src` (row stride `stride` elements) into a
+// swizzled R x D tile (D = tile_dim<DG>()); rows past `rows`, and columns DG..D-1, are zero-filled.
+// All `threads` threads of the CTA call it.
+template <int R, int D, int kThreads, int DG = D>
 __device__ __forceinline__ void load_tile(uint32_t dst, const __nv_bfloat16* src, int64_t stride,
                                           int rows, int tid) {
   constexpr int kChunks = D / 8;
+  static_assert(DG % 8 == 0 && DG <= D && D - DG < 16, "DG: the head dim that D pads");
   static_assert((R * kChunks) % kThreads == 0, "tile chunks must divide among the threads");
 #pragma unroll
   for (int i = 0; i < R * kChunks / kThreads; ++i) {
     const int idx = tid + i * kThreads;
     const int r = idx / kChunks, c = idx % kChunks;
-    const bool valid = r < rows;
+    const bool valid = r < rows && (DG == D || c < DG / 8);
     const __nv_bfloat16* p = valid ? src + r * stride + c * 8 : src;
     cp_async_16(dst + swz<D>(r, c), p, valid);
   }

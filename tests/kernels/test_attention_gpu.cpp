@@ -2,7 +2,8 @@
 // flash-attention rule: for O, dQ, dK and dV the kernel's max error against an exact fp64 attention
 // is at most twice the error of a naive bf16 attention against the same reference; lengths 1, 7,
 // 63, 64, 65, 127, 1023, 1026, 4097 and many sequences per batch, padding between sequences,
-// cu_seqlens_q != cu_seqlens_kv, both masks, both head dims, both backward modes. Outputs are
+// cu_seqlens_q != cu_seqlens_kv, both masks, head dims 64 and 128 (ESM-2 650M, 15B) and 16, 24, 32
+// (8M, 35M, 150M; 24 runs in zero-padded tiles of 32), both backward modes. Outputs are
 // poisoned with NaN before every run and the inputs' gap rows hold NaN, so unwritten outputs and
 // reads outside the sequences both show.
 #include <gtest/gtest.h>
@@ -157,14 +158,20 @@ TEST(AttentionCpu, FlashRuleHoldsForCpuReference) {
                    AttentionMask::kCausal, true, 1, Device::cpu());
   check_flash_rule({1, 7, 0, 63, 200, 9}, {5, 3, 9, 64, 130, 0}, 2, 128,
                    AttentionMask::kBidirectional, false, 2, Device::cpu());
+  for (int dim : {16, 24})  // the small head dims of ESM-2 8M and 35M
+    check_flash_rule({1, 63, 65, 300}, {1, 63, 70, 300}, 2, dim, AttentionMask::kCausal, true,
+                     3 + dim, Device::cpu());
 }
 
-// Small shapes through every path (both masks, head dims, padding, cu_q != cu_kv, empty
+// Head dims of the ESM-2 models: 128 (15B), 64 (650M, 3B), 32 (150M), 24 (35M), 16 (8M).
+const std::vector<int> kAllDims = {16, 24, 32, 64, 128};
+
+// Small shapes through every path (both masks, all head dims, padding, cu_q != cu_kv, empty
 // sequences); fast enough for compute-sanitizer (memcheck, racecheck, synccheck).
 TEST(AttentionGpu, SmallShapesAllPaths) {
   HELIX_REQUIRE_CUDA();
   uint64_t seed = 50;
-  for (int dim : {64, 128})
+  for (int dim : kAllDims)
     for (AttentionMask mask : {AttentionMask::kBidirectional, AttentionMask::kCausal})
       check_flash_rule({1, 0, 7, 65, 130}, {5, 4, 0, 64, 129}, 2, dim, mask, /*padded=*/true,
                        seed++);
@@ -173,7 +180,7 @@ TEST(AttentionGpu, SmallShapesAllPaths) {
 TEST(AttentionGpu, FlashRuleIssueLengthsPadded) {
   HELIX_REQUIRE_CUDA();
   uint64_t seed = 100;
-  for (int dim : {64, 128})
+  for (int dim : kAllDims)
     for (AttentionMask mask : {AttentionMask::kBidirectional, AttentionMask::kCausal})
       check_flash_rule(kIssueLengths, kIssueLengths, 2, dim, mask, /*padded=*/true, seed++);
 }
@@ -184,7 +191,7 @@ TEST(AttentionGpu, FlashRuleDifferentQueryAndKeyLengths) {
   const std::vector<int32_t> lq = {1, 7, 0, 63, 64, 65, 127, 1023, 9};
   const std::vector<int32_t> lk = {5, 3, 9, 64, 100, 65, 1, 1026, 0};
   uint64_t seed = 200;
-  for (int dim : {64, 128})
+  for (int dim : kAllDims)
     for (AttentionMask mask : {AttentionMask::kBidirectional, AttentionMask::kCausal})
       for (bool padded : {false, true}) check_flash_rule(lq, lk, 3, dim, mask, padded, seed++);
 }
@@ -203,7 +210,7 @@ TEST(AttentionGpu, FlashRuleManySequences) {
   std::vector<int32_t> lens(300);
   for (int32_t& l : lens) l = 1 + static_cast<int32_t>(rng() % 300);
   uint64_t seed = 400;
-  for (int dim : {64, 128})
+  for (int dim : {32, 64, 128})
     for (AttentionMask mask : {AttentionMask::kBidirectional, AttentionMask::kCausal})
       check_flash_rule(lens, lens, 2, dim, mask, /*padded=*/true, seed++);
 }
@@ -297,7 +304,7 @@ TEST(AttentionGpu, LseMergeMatchesCpuAndConcatenatedKeys) {
   }
 }
 
-TEST(AttentionGpu, LauncherRefusesMisalignedDevicePointers) {
+TEST(AttentionGpu, LauncherRefusesMisalignedPointersAndHeadDims) {
   HELIX_REQUIRE_CUDA();
   Problem p = attn_test::make_problem({5, 9}, {5, 9}, 2, 64, AttentionMask::kBidirectional, false,
                                       3, Device::cuda());
@@ -314,6 +321,24 @@ TEST(AttentionGpu, LauncherRefusesMisalignedDevicePointers) {
     EXPECT_NE(std::string(e.what()).find("k: expected a 16-byte aligned data pointer"),
               std::string::npos)
         << e.what();
+  }
+  // Head dims without a CUDA kernel are refused with the list of those that have one (the CPU
+  // reference takes them).
+  for (int dim : {8, 40, 48, 96}) {
+    Problem bad = attn_test::make_problem({5, 9}, {5, 9}, 2, dim, AttentionMask::kBidirectional,
+                                          false, 4, Device::cuda());
+    try {
+      thd_attention_fwd(
+          attn_test::fwd_params(bad, Tensor::empty(bad.q.shape(), DType::kBF16, Device::cuda()),
+                                Tensor::empty({2, bad.tq}, DType::kF32, Device::cuda())),
+          Stream());
+      ADD_FAILURE() << "head dim " << dim << " not refused";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(
+                    fmt::format("q: expected head dim 16, 24, 32, 64 or 128 on CUDA, got {}", dim)),
+                std::string::npos)
+          << e.what();
+    }
   }
   // Host-side cu_seqlens on the wrong device are refused too.
   f = attn_test::fwd_params(p, Tensor::empty(p.q.shape(), DType::kBF16, Device::cuda()),
