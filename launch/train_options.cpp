@@ -59,7 +59,10 @@ bool parse_train_options(const std::vector<std::string>& args, TrainOptions& o) 
   exec.add_options()("device", po::value(&o.device)->default_value(o.device), "auto | cpu | cuda")(
       "dtype", po::value(&o.dtype)->default_value(o.dtype), "auto (bf16 on CUDA, f32 on CPU) | f32 | bf16")(
       "recompute", po::value(&o.recompute)->default_value(o.recompute),
-      "activation recompute: none | full (re-run each layer's forward in backward)");
+      "activation recompute: none | full (re-run each layer's forward in backward)")(
+      "tp", po::value(&o.tp)->default_value(o.tp), "tensor-parallel size (ranks per TP group)")(
+      "dp", po::value(&o.dp)->default_value(o.dp), "data-parallel size (0: world size / tp)")(
+      "sequence-parallel", po::bool_switch(&o.sequence_parallel), "split LayerNorm/residual regions along T over tp");
   po::options_description all;
   all.add(general).add(model).add(data).add(batch).add(optim).add(out).add(exec);
 
@@ -113,6 +116,13 @@ void validate_train_options(const TrainOptions& o) {
               "--device: expected auto, cpu or cuda, got '{}'", o.device);
   HELIX_CHECK(o.dtype == "auto" || o.dtype == "f32" || o.dtype == "bf16", "--dtype: expected auto, f32 or bf16, got '{}'",
               o.dtype);
+  HELIX_CHECK(o.tp >= 1, "--tp: expected >= 1, got {}", o.tp);
+  HELIX_CHECK(o.dp >= 0, "--dp: expected >= 0 (0: derived), got {}", o.dp);
+  HELIX_CHECK(o.model_config.heads % o.tp == 0, "--tp {}: expected the number of attention heads ({}) divisible by tp",
+              o.tp, o.model_config.heads);
+  HELIX_CHECK(o.model_config.ffn % o.tp == 0, "--tp {}: expected the FFN size ({}) divisible by tp", o.tp,
+              o.model_config.ffn);
+  HELIX_CHECK(!o.sequence_parallel || o.tp > 1, "--sequence-parallel: needs --tp > 1, got --tp {}", o.tp);
   HELIX_CHECK(o.recompute == "none" || o.recompute == "full", "--recompute: expected none or full, got '{}'",
               o.recompute);
   HELIX_CHECK(o.eval_batches >= 0 && o.eval_interval >= 0 && o.log_interval >= 1,

@@ -40,6 +40,10 @@ struct TrainOptions {
   std::string device = "auto";   // auto | cpu | cuda
   std::string dtype = "auto";    // auto (bf16 on CUDA, f32 on CPU) | f32 | bf16
   std::string recompute = "none";  // none | full
+  // Parallelism (launched with mpirun): rank order tp-dp, dp = world / tp unless given.
+  int tp = 1;
+  int dp = 0;                      // 0: derived from the world size
+  bool sequence_parallel = false;  // split LayerNorm / residual regions along T over tp
 
   int64_t tokens_per_micro_batch() const { return tokens_per_step / micro_batches; }
 };

@@ -11,7 +11,9 @@
 #include "launch/data/loader.h"
 #include "launch/metrics.h"
 #include "layers/esm2.h"
+#include "layers/grad_sync.h"
 #include "layers/optimizer.h"
+#include "parallel/context.h"
 
 namespace helix {
 namespace {
@@ -60,6 +62,7 @@ Json hf_config(const ModelConfig& c) {
   return j;
 }
 
+// Every rank evaluates the same batches (the model may be split over tp; dp ranks repeat the work).
 double evaluate(Esm2Model& model, const DataLoader& valid, int64_t batches, const Stream& stream, int64_t* tokens) {
   const int64_t n = std::min(batches, valid.num_batches(0));
   double loss_sum = 0, count = 0;
@@ -82,16 +85,36 @@ double evaluate(Esm2Model& model, const DataLoader& valid, int64_t batches, cons
 
 TrainSummary run_train(const TrainOptions& o) {
   validate_train_options(o);
-  // Device and precision.
+  int world_rank = 0;
+  MPI_Comm_rank(MPI_COMM_WORLD, &world_rank);
+  // Device and precision: ranks share the GPUs round-robin.
   Device device = Device::cpu();
   if (o.device == "cuda" || (o.device == "auto" && cuda_available())) {
     HELIX_CHECK(cuda_available(), "--device cuda: {}", cuda_unavailable_reason());
-    device = Device::cuda(0);
+    device = Device::cuda(world_rank % cuda_device_count());
   }
+  // Parallel context (collective; refuses sizes that do not fit the world, naming the flag).
+  ParallelOptions par;
+  par.sizes = ParallelSizes{.tp = o.tp, .dp = o.dp};
+  par.device = device;
+  int world = 1;
+  MPI_Comm_size(MPI_COMM_WORLD, &world);
+  // NCCL needs one GPU per rank; ranks sharing a GPU go through the host-staged MPI backend.
+  par.backend = device.is_cuda() && cuda_device_count() >= world ? CommBackend::kNccl : CommBackend::kMpi;
+#if !HELIX_WITH_NCCL
+  par.backend = CommBackend::kMpi;
+#endif
+  const ParallelContext ctx = ParallelContext::create(MPI_COMM_WORLD, par);
+  set_log_rank(world_rank);
+  const bool rank0 = world_rank == 0;
+  const int dp = ctx.sizes().dp;
+  HELIX_CHECK(o.tokens_per_micro_batch() % dp == 0,
+              "--tokens-per-step: expected tokens per micro-batch ({}) divisible by the data-parallel size {}",
+              o.tokens_per_micro_batch(), dp);
   const DType compute = o.dtype == "f32" ? DType::kF32
                         : o.dtype == "bf16" ? DType::kBF16
                                             : (device.is_cuda() ? DType::kBF16 : DType::kF32);
-  const Stream stream = device.is_cuda() ? Stream::cuda_default(0) : Stream();
+  const Stream stream = device.is_cuda() ? Stream::cuda_default(device.index) : Stream();
 
   // Data.
   FastaOptions fasta;
@@ -103,18 +126,21 @@ TrainSummary run_train(const TrainOptions& o) {
   HELIX_CHECK(!train_idx.empty(), "--data '{}': no proteins left for training after the validation split", o.data);
   DataLoaderOptions lo;
   lo.seed = o.seed;
-  lo.packing.tokens_per_batch = o.tokens_per_micro_batch();
+  lo.packing.tokens_per_batch = o.tokens_per_micro_batch() / dp;
   lo.packing.pad_to_multiple = o.pad_to_multiple;
   lo.packing.max_residues = o.max_residues;
-  DataLoader train(data, train_idx, lo);
+  DataLoaderOptions to_opts = lo;
+  to_opts.rank = ctx.coords().dp;  // tp ranks of one dp group read the same batches
+  to_opts.world_size = dp;
+  DataLoader train(data, train_idx, to_opts);
   DataLoaderOptions vo = lo;
   vo.shuffle = false;
   std::unique_ptr<DataLoader> valid;
   if (!valid_idx.empty()) valid = std::make_unique<DataLoader>(data, valid_idx, vo);
   int64_t skipped_records = 0;
   for (int64_t n : data->fasta_stats().skipped) skipped_records += n;
-  if (skipped_records > 0) log_warn("--data '{}': skipped {} malformed records", o.data, skipped_records);
-  log_info("data: {} proteins ({} residues) from '{}', {} train / {} validation", data->size(),
+  if (skipped_records > 0 && rank0) log_warn("--data '{}': skipped {} malformed records", o.data, skipped_records);
+  if (rank0) log_info("data: {} proteins ({} residues) from '{}', {} train / {} validation", data->size(),
            data->total_residues(), o.data, train_idx.size(), valid_idx.size());
 
   // Model and optimizer.
@@ -122,16 +148,21 @@ TrainSummary run_train(const TrainOptions& o) {
   mo.device = device;
   mo.compute = compute;
   mo.recompute = o.recompute == "full" ? RecomputePolicy::kFull : RecomputePolicy::kNone;
+  mo.parallel = &ctx;
+  mo.sequence_parallel = o.sequence_parallel;
   Esm2Model model(o.model_config, mo);
   model.init_random(o.seed);
   AdamW opt(model.params(), AdamWConfig{.beta1 = o.beta1, .beta2 = o.beta2, .eps = o.adam_eps,
                                         .weight_decay = o.weight_decay, .clip_norm = o.clip_norm});
-  log_info("model {}: {} layers, hidden {}, {} heads, {:.2f}M parameters on {} ({})", o.model_config.name,
-           o.model_config.layers, o.model_config.hidden, o.model_config.heads, model.params().num_elements() / 1e6,
-           device.str(), dtype_name(compute));
+  GradSync sync(model.params(), &ctx);
+  if (rank0)
+    log_info("model {}: {} layers, hidden {}, {} heads, {:.2f}M parameters on {} ({}); {} ranks: tp {}{} x dp {}",
+             o.model_config.name, o.model_config.layers, o.model_config.hidden, o.model_config.heads,
+             o.model_config.num_params() / 1e6, device.str(), dtype_name(compute), world, o.tp,
+             o.sequence_parallel ? " (sequence parallel)" : "", dp);
 
   MetricsWriter metrics;
-  if (!o.out.empty()) {
+  if (!o.out.empty() && rank0) {
     std::filesystem::create_directories(o.out);
     metrics = MetricsWriter(o.out + "/metrics.jsonl");
   }
@@ -155,7 +186,13 @@ TrainSummary run_train(const TrainOptions& o) {
       const std::vector<int> s = seqlens_of(micro.back());
       seqlens.insert(seqlens.end(), s.begin(), s.end());
     }
-    model.params().zero_grads(stream);
+    // Labelled and padded tokens of the global batch (summed over dp): the gradient of the step's
+    // mean loss needs 1 / global labelled tokens on every rank.
+    Tensor counts = Tensor::from_vector<int64_t>({labels, tokens}, Shape{2});
+    sync.sum_over_dp(counts, Stream());
+    labels = counts.to_vector<int64_t>()[0];
+    tokens = counts.to_vector<int64_t>()[1];
+    sync.zero_grads(stream);
     const float grad_scale = labels > 0 ? 1.0f / static_cast<float>(labels) : 0.0f;
     double loss_sum = 0;
     for (const PackedBatch& pb : micro) {
@@ -169,9 +206,13 @@ TrainSummary run_train(const TrainOptions& o) {
       tape.backward(loss);
       loss_sum += loss.data().to_floats()[0];
     }
+    sync.reduce(stream);
+    Tensor loss_t = Tensor::from_vector<double>({loss_sum}, Shape{1});
+    sync.sum_over_dp(loss_t, Stream());
+    loss_sum = loss_t.to_vector<double>()[0];
     const double mean_loss = labels > 0 ? loss_sum / double(labels) : std::nan("");
     const double lr = o.lr.at(step);
-    const OptimizerStepResult r = opt.step(lr, std::isfinite(mean_loss), stream);
+    const OptimizerStepResult r = opt.step(lr, std::isfinite(mean_loss), stream, sync.norm_reduce());
     stream.synchronize();
     const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 
@@ -182,33 +223,35 @@ TrainSummary run_train(const TrainOptions& o) {
     m.lr = lr;
     m.tokens = tokens;
     m.step_seconds = secs;
-    m.model_flops = o.model_config.train_flops(seqlens);
+    m.model_flops = o.model_config.train_flops(seqlens) * dp / world;  // this rank's share (seqlens: its dp shard)
     m.peak_flops = peak;
     m.mem_current = static_cast<int64_t>(alloc.stats().current_bytes);
     m.mem_peak = static_cast<int64_t>(alloc.stats().peak_bytes);
     m.skipped = !r.applied;
     summary.skipped += m.skipped;
     m.skipped_total = summary.skipped;
-    metrics.write(m);
+    if (rank0) metrics.write(m);
     if (step == 0) summary.first_loss = mean_loss;
     summary.last_loss = mean_loss;
     summary.steps = step + 1;
-    if (m.skipped) log_warn("step {}: non-finite loss or gradient, update skipped ({} so far)", m.step, m.skipped_total);
-    if ((step + 1) % o.log_interval == 0 || step == 0 || step + 1 == o.steps) log_info("{}", progress_line(m, o.steps));
+    if (m.skipped && rank0) log_warn("step {}: non-finite loss or gradient, update skipped ({} so far)", m.step, m.skipped_total);
+    if (rank0 && ((step + 1) % o.log_interval == 0 || step == 0 || step + 1 == o.steps)) log_info("{}", progress_line(m, o.steps));
 
     const bool last = step + 1 == o.steps;
     if (valid && o.eval_batches > 0 && ((o.eval_interval > 0 && (step + 1) % o.eval_interval == 0) || last)) {
       EvalMetrics e;
       e.step = step + 1;
       e.loss = evaluate(model, *valid, o.eval_batches, stream, &e.tokens);
-      metrics.write(e);
       summary.valid_loss = e.loss;
-      log_info("validation at step {}: loss {:.4f} perplexity {:.3f} over {} masked tokens", e.step, e.loss,
+      if (rank0) metrics.write(e);
+      if (rank0) log_info("validation at step {}: loss {:.4f} perplexity {:.3f} over {} masked tokens", e.step, e.loss,
                e.perplexity(), e.tokens);
     }
   }
   if (!o.out.empty()) {
-    model.save_hf(o.out + "/model.safetensors");
+    model.save_hf(o.out + "/model.safetensors");  // collective over tp; world rank 0 writes
+  }
+  if (!o.out.empty() && rank0) {
     write_file_atomic(o.out + "/config.json", [&](std::ofstream& f) { f << hf_config(o.model_config).dump(2) << "\n"; });
     log_info("wrote {}/model.safetensors and config.json (Hugging Face EsmForMaskedLM layout)", o.out);
   }

@@ -7,6 +7,8 @@
 #include "layers/layernorm_mlp.h"
 #include "layers/linear.h"
 #include "layers/masked_lm_loss.h"
+#include "parallel/comm_ops.h"
+#include "kernels/axpy/axpy.h"
 
 namespace helix {
 
@@ -16,36 +18,136 @@ constexpr const char* kFinalLnW = "esm.encoder.emb_layer_norm_after.weight";
 constexpr const char* kFinalLnB = "esm.encoder.emb_layer_norm_after.bias";
 }  // namespace
 
+namespace {
+// This rank's shape of a parameter of full shape `full` split `shard` ways over n ranks.
+Shape shard_shape(const Shape& full, TpShard shard, int n) {
+  Shape s = full;
+  if (shard == TpShard::kRows || shard == TpShard::kQkvRows) s[0] = full[0] / n;
+  if (shard == TpShard::kCols) s[1] = full[1] / n;
+  return s;
+}
+}  // namespace
+
 Esm2Model::Esm2Model(ModelConfig config, Esm2Options options) : config_(std::move(config)), opts_(options) {
   config_.validate();
+  const int tp = tp_size();
+  HELIX_CHECK(config_.heads % tp == 0, "--tp {}: expected the number of attention heads ({}) divisible by tp", tp,
+              config_.heads);
+  HELIX_CHECK(config_.ffn % tp == 0, "--tp {}: expected the FFN size ({}) divisible by tp", tp, config_.ffn);
+  HELIX_CHECK(!opts_.sequence_parallel || tp > 1, "--sequence-parallel: needs --tp > 1, got --tp {}", tp);
   const int64_t h = config_.hidden, f = config_.ffn, v = config_.vocab;
   const Device d = opts_.device;
   const DType c = opts_.compute;
-  params_.add(kEmbedding, {v, h}, true, d, c);
+  const bool sp = opts_.sequence_parallel;
+  // Parameters of the sequence-parallel region (LayerNorms, row-parallel biases) see only their
+  // rank's rows of T under SP: their gradients are partial sums over tp.
+  const auto add = [&](const std::string& name, const Shape& full, bool decay, TpShard shard, bool sp_region) {
+    Parameter& p = params_.add(name, shard_shape(full, shard, tp), decay, d, c);
+    p.shard = tp > 1 ? shard : TpShard::kReplicated;
+    p.full_shape = full;
+    p.grad_partial = sp && sp_region;
+  };
+  const TpShard rep = TpShard::kReplicated;
+  add(kEmbedding, {v, h}, true, rep, false);
   for (int i = 0; i < config_.layers; ++i) {
     const std::string p = layer_prefix(i);
-    params_.add(p + "attention.LayerNorm.weight", {h}, false, d, c);
-    params_.add(p + "attention.LayerNorm.bias", {h}, false, d, c);
-    params_.add(p + "attention.self.qkv.weight", {3 * h, h}, true, d, c);
-    params_.add(p + "attention.self.qkv.bias", {3 * h}, false, d, c);
-    params_.add(p + "attention.output.dense.weight", {h, h}, true, d, c);
-    params_.add(p + "attention.output.dense.bias", {h}, false, d, c);
-    params_.add(p + "LayerNorm.weight", {h}, false, d, c);
-    params_.add(p + "LayerNorm.bias", {h}, false, d, c);
-    params_.add(p + "intermediate.dense.weight", {f, h}, true, d, c);
-    params_.add(p + "intermediate.dense.bias", {f}, false, d, c);
-    params_.add(p + "output.dense.weight", {h, f}, true, d, c);
-    params_.add(p + "output.dense.bias", {h}, false, d, c);
+    add(p + "attention.LayerNorm.weight", {h}, false, rep, true);
+    add(p + "attention.LayerNorm.bias", {h}, false, rep, true);
+    add(p + "attention.self.qkv.weight", {3 * h, h}, true, TpShard::kQkvRows, false);
+    add(p + "attention.self.qkv.bias", {3 * h}, false, TpShard::kQkvRows, false);
+    add(p + "attention.output.dense.weight", {h, h}, true, TpShard::kCols, false);
+    add(p + "attention.output.dense.bias", {h}, false, rep, true);
+    add(p + "LayerNorm.weight", {h}, false, rep, true);
+    add(p + "LayerNorm.bias", {h}, false, rep, true);
+    add(p + "intermediate.dense.weight", {f, h}, true, TpShard::kRows, false);
+    add(p + "intermediate.dense.bias", {f}, false, TpShard::kRows, false);
+    add(p + "output.dense.weight", {h, f}, true, TpShard::kCols, false);
+    add(p + "output.dense.bias", {h}, false, rep, true);
   }
-  params_.add(kFinalLnW, {h}, false, d, c);
-  params_.add(kFinalLnB, {h}, false, d, c);
-  params_.add("lm_head.dense.weight", {h, h}, true, d, c);
-  params_.add("lm_head.dense.bias", {h}, false, d, c);
-  params_.add("lm_head.layer_norm.weight", {h}, false, d, c);
-  params_.add("lm_head.layer_norm.bias", {h}, false, d, c);
-  params_.add("lm_head.bias", {v}, false, d, c);
-  HELIX_CHECK(params_.num_elements() == config_.num_params(), "model '{}': {} parameters created, config says {}",
-              config_.name, params_.num_elements(), config_.num_params());
+  add(kFinalLnW, {h}, false, rep, true);
+  add(kFinalLnB, {h}, false, rep, true);
+  // The LM head runs on the full T (replicated): its gradients are whole on every rank.
+  add("lm_head.dense.weight", {h, h}, true, rep, false);
+  add("lm_head.dense.bias", {h}, false, rep, false);
+  add("lm_head.layer_norm.weight", {h}, false, rep, false);
+  add("lm_head.layer_norm.bias", {h}, false, rep, false);
+  add("lm_head.bias", {v}, false, rep, false);
+  int64_t full = 0;
+  for (const Parameter& p : params_.all()) full += p.full_shape.numel();
+  HELIX_CHECK(full == config_.num_params(), "model '{}': {} parameters created, config says {}", config_.name, full,
+              config_.num_params());
+}
+
+Tensor Esm2Model::shard_of(const Parameter& p, const Tensor& full) const {
+  HELIX_CHECK(full.shape() == p.full_shape, "shard_of '{}': expected the full shape {}, got {}", p.name,
+              p.full_shape.str(), full.str());
+  const int n = tp_size(), r = tp_rank();
+  Tensor f = full.to(Device::cpu()).to(DType::kF32);
+  switch (p.shard) {
+    case TpShard::kReplicated:
+      return f.clone();
+    case TpShard::kRows: {
+      const int64_t rows = f.dim(0) / n;
+      return f.slice(r * rows, (r + 1) * rows).clone();
+    }
+    case TpShard::kQkvRows: {  // [q; k; v] of this rank's heads
+      const int64_t part = f.dim(0) / 3, rows = part / n;
+      Tensor out = Tensor::empty(shard_shape(p.full_shape, p.shard, n), DType::kF32);
+      for (int j = 0; j < 3; ++j) {
+        Tensor dst = out.slice(j * rows, (j + 1) * rows);
+        dst.copy_from(f.slice(j * part + r * rows, j * part + (r + 1) * rows));
+      }
+      return out;
+    }
+    case TpShard::kCols: {
+      const int64_t rows = f.dim(0), cols = f.dim(1), w = cols / n;
+      Tensor out = Tensor::empty({rows, w}, DType::kF32);
+      const float* src = f.data<float>();
+      float* dst = out.data<float>();
+      for (int64_t i = 0; i < rows; ++i)
+        for (int64_t j = 0; j < w; ++j) dst[i * w + j] = src[i * cols + r * w + j];
+      return out;
+    }
+  }
+  HELIX_FAIL("shard_of: unknown shard kind");
+}
+
+// Inverse of shard_of over the tp group: all-gather the shards (stacked along dim 0 in rank order)
+// and put every block where it belongs in the full tensor.
+Tensor Esm2Model::gather_shards(const Parameter& p, const Tensor& local) const {
+  Tensor mine = local.to(Device::cpu()).to(DType::kF32);
+  if (p.shard == TpShard::kReplicated) return mine.clone();
+  const int n = tp_size();
+  std::vector<int64_t> dims{mine.dim(0) * n};
+  for (int i = 1; i < mine.ndim(); ++i) dims.push_back(mine.dim(i));
+  Tensor stacked = Tensor::empty(Shape(dims), DType::kF32);
+  opts_.parallel->tp().all_gather(mine, stacked, Stream());
+  const int64_t blk = mine.dim(0);
+  if (p.shard == TpShard::kRows) return stacked;
+  Tensor full = Tensor::empty(p.full_shape, DType::kF32);
+  if (p.shard == TpShard::kQkvRows) {
+    const int64_t rows = blk / 3, part = rows * n;
+    for (int r = 0; r < n; ++r)
+      for (int j = 0; j < 3; ++j) {
+        Tensor dst = full.slice(j * part + r * rows, j * part + (r + 1) * rows);
+        dst.copy_from(stacked.slice(r * blk + j * rows, r * blk + (j + 1) * rows));
+      }
+    return full;
+  }
+  const int64_t rows = p.full_shape[0], cols = p.full_shape[1], w = cols / n;  // kCols
+  const float* src = stacked.data<float>();
+  float* dst = full.data<float>();
+  for (int r = 0; r < n; ++r)
+    for (int64_t i = 0; i < rows; ++i)
+      for (int64_t j = 0; j < w; ++j) dst[i * cols + r * w + j] = src[(r * rows + i) * w + j];
+  return full;
+}
+
+Tensor Esm2Model::full_master(const Parameter& p) const { return gather_shards(p, p.master); }
+
+Tensor Esm2Model::full_grad(const Parameter& p) const {
+  const Tensor g = p.grad().defined() ? p.grad() : Tensor::zeros(p.master.shape(), DType::kF32, p.master.device());
+  return gather_shards(p, g);
 }
 
 void Esm2Model::init_random(uint64_t seed) {
@@ -54,7 +156,7 @@ void Esm2Model::init_random(uint64_t seed) {
     const std::string& n = p.name;
     const bool is_norm = n.find("LayerNorm") != std::string::npos || n.find("layer_norm") != std::string::npos ||
                          n.find("emb_layer_norm") != std::string::npos;
-    Tensor host = Tensor::empty(p.master.shape(), DType::kF32);
+    Tensor host = Tensor::empty(p.full_shape, DType::kF32);
     if (is_norm && n.ends_with(".weight")) {
       host.fill(1.0);
     } else if (n.ends_with(".bias")) {
@@ -67,7 +169,7 @@ void Esm2Model::init_random(uint64_t seed) {
       }
     }
     ++sub;
-    p.master.copy_from(host, Stream());
+    p.master.copy_from(shard_of(p, host), Stream());
   }
   params_.sync_model_copies(Stream());
 }
@@ -76,7 +178,7 @@ std::vector<std::pair<std::string, Tensor>> Esm2Model::hf_tensors() const {
   std::vector<std::pair<std::string, Tensor>> out;
   const int64_t h = config_.hidden;
   for (const Parameter& p : params_.all()) {
-    Tensor host = p.master.to(Device::cpu());
+    Tensor host = full_master(p);
     const auto qkv = p.name.find("attention.self.qkv.");
     if (qkv == std::string::npos) {
       out.emplace_back(p.name, host);
@@ -88,12 +190,14 @@ std::vector<std::pair<std::string, Tensor>> Esm2Model::hf_tensors() const {
     for (int j = 0; j < 3; ++j) out.emplace_back(prefix + parts[j] + "." + kind, host.slice(j * h, (j + 1) * h).clone());
   }
   // The tied decoder, so that transformers finds every weight it expects.
-  out.emplace_back("lm_head.decoder.weight", params_.get(kEmbedding).master.to(Device::cpu()));
+  out.emplace_back("lm_head.decoder.weight", full_master(params_.get(kEmbedding)));
   return out;
 }
 
 void Esm2Model::save_hf(const std::string& path) const {
-  save_safetensors(path, hf_tensors(), {{"format", "pt"}, {"helix_model", config_.name}});
+  const auto tensors = hf_tensors();  // collective over tp
+  if (opts_.parallel && opts_.parallel->world_rank() != 0) return;
+  save_safetensors(path, tensors, {{"format", "pt"}, {"helix_model", config_.name}});
 }
 
 void Esm2Model::load_hf(const SafetensorsReader& file) {
@@ -110,20 +214,20 @@ void Esm2Model::load_hf(const SafetensorsReader& file) {
   for (Parameter& p : params_.all()) {
     const auto qkv = p.name.find("attention.self.qkv.");
     if (qkv == std::string::npos) {
-      p.master.copy_from(load_f32(p.name, p.master.shape()), Stream());
+      p.master.copy_from(shard_of(p, load_f32(p.name, p.full_shape)), Stream());
       continue;
     }
     const std::string prefix = p.name.substr(0, qkv) + "attention.self.";
     const std::string kind = p.name.substr(qkv + std::string("attention.self.qkv.").size());
     const bool is_weight = kind == "weight";
-    Tensor joined = Tensor::empty(p.master.shape(), DType::kF32);
+    Tensor joined = Tensor::empty(p.full_shape, DType::kF32);
     const char* parts[] = {"query", "key", "value"};
     for (int j = 0; j < 3; ++j) {
       Tensor part = load_f32(prefix + parts[j] + "." + kind, is_weight ? Shape{h, h} : Shape{h});
       Tensor dst = joined.slice(j * h, (j + 1) * h);
       dst.copy_from(part);
     }
-    p.master.copy_from(joined, Stream());
+    p.master.copy_from(shard_of(p, joined), Stream());
   }
   params_.sync_model_copies(Stream());
 }
@@ -134,6 +238,7 @@ void Esm2Model::load_hf(const SafetensorsReader& file) {
 namespace helix {
 
 Var Esm2Model::forward(Tape& tape, const ThdBatch& batch) {
+  if (tp_size() > 1) return forward_tp(tape, batch);
   const ModelConfig& c = config_;
   const float eps = c.layer_norm_eps;
   HELIX_CHECK(batch.tokens.device() == opts_.device, "forward: batch on {}, model on {}", batch.tokens.device().str(),
@@ -171,6 +276,117 @@ Var Esm2Model::forward(Tape& tape, const ThdBatch& batch) {
 
 Var Esm2Model::loss(Tape& tape, const Var& logits, const ThdBatch& batch, float grad_scale) {
   return tape.apply(std::make_shared<MaskedLmLossNode>(batch.labels, grad_scale), {logits})[0];
+}
+
+// ---- Tensor- and sequence-parallel forward graph --------------------------------------------------
+namespace {
+
+// Rows [0, rows) of x: drops the dummy padding sequence from the logits. Backward fills those rows.
+class TakeRowsNode final : public Node {
+ public:
+  explicit TakeRowsNode(int64_t rows) : rows_(rows) {}
+  std::string name() const override { return "take_rows"; }
+  std::vector<Tensor> forward(const std::vector<Tensor>& in, const Stream&) override { return {in[0].slice(0, rows_)}; }
+  void backward(const std::vector<Tensor>& gout, std::vector<Tensor>& gin, const Stream& stream) override {
+    if (gin[0].defined() && gout[0].defined()) axpy(1.0f, gout[0], gin[0].slice(0, rows_), stream);
+  }
+
+ private:
+  int64_t rows_;
+};
+
+// The batch with one more sequence of `pad` <pad> tokens (no labels) at the end. Every op is per
+// token or per sequence, so the extra sequence changes no other token's value or gradient, and its
+// own gradient is zero (no label): the loss and every gradient are those of the original batch.
+ThdBatch with_pad_sequence(const ThdBatch& b, int64_t pad, int32_t pad_id) {
+  const Device d = b.tokens.device();
+  const auto extend = [&](const Tensor& t, const std::vector<int32_t>& tail) {
+    std::vector<int32_t> v = t.to(Device::cpu()).to_vector<int32_t>();
+    v.insert(v.end(), tail.begin(), tail.end());
+    return Tensor::from_vector<int32_t>(v, Shape{static_cast<int64_t>(v.size())}).to(d);
+  };
+  const std::vector<int32_t> cu = b.cu_seqlens.to(Device::cpu()).to_vector<int32_t>();
+  const std::vector<int32_t> cup = b.cu_seqlens_padded.to(Device::cpu()).to_vector<int32_t>();
+  const int32_t p = static_cast<int32_t>(pad);
+  ThdBatch o = b;
+  o.tokens = extend(b.tokens, std::vector<int32_t>(pad, pad_id));
+  o.labels = extend(b.labels, std::vector<int32_t>(pad, -100));
+  o.cu_seqlens = extend(b.cu_seqlens, {cu.back() + p});
+  o.cu_seqlens_padded = extend(b.cu_seqlens_padded, {cup.back() + p});
+  if (b.positions.defined()) {
+    std::vector<int32_t> pos(pad);
+    for (int32_t i = 0; i < p; ++i) pos[i] = i;
+    o.positions = extend(b.positions, pos);
+  }
+  o.cu_seqlens_host = o.cu_seqlens.to(Device::cpu());
+  o.cu_seqlens_padded_host = o.cu_seqlens_padded.to(Device::cpu());
+  o.max_seqlen = std::max<int32_t>(b.max_seqlen, p);
+  o.num_tokens = b.num_tokens + pad;
+  return o;
+}
+
+}  // namespace
+
+// Per layer (x [T, H] replicated, or [T/tp, H] this rank's rows under SP):
+//   u   = enter(LN1(x))                 enter = copy_to_tp, or gather_from_sp(kReduceScatter) under SP
+//   h   = x + leave(attn(u Wqkv_r^T + bqkv_r) Wo_r^T) + bo       leave = reduce_from_tp, or
+//   y   = h + leave(GELU(enter(LN2(h)) W1_r^T + b1_r) W2_r^T) + b2      reduce_scatter_to_sp under SP
+// then the final LayerNorm, gather_from_sp(kSplit) under SP, and the LM head on the full T.
+Var Esm2Model::forward_tp(Tape& tape, const ThdBatch& batch) {
+  const ModelConfig& c = config_;
+  const float eps = c.layer_norm_eps;
+  const int n = tp_size();
+  const bool sp = opts_.sequence_parallel;
+  Communicator* tp = &opts_.parallel->tp();
+  HELIX_CHECK(batch.tokens.device() == opts_.device, "forward: batch on {}, model on {}", batch.tokens.device().str(),
+              opts_.device.str());
+  const int64_t t = batch.total_tokens();
+  const ThdBatch b = sp && t % n != 0 ? with_pad_sequence(batch, n - t % n, c.pad_token_id) : batch;
+  const ParameterSet* params = &params_;
+  const auto w = [params](const std::string& name) -> const Var& { return params->get(name).var; };
+
+  EmbeddingOptions eo;
+  eo.token_dropout = c.token_dropout;
+  eo.mask_token_id = c.mask_token_id;
+  Var x = tape.apply1(std::make_shared<EmbeddingNode>(b, eo, opts_.compute), {w(kEmbedding)});
+  if (sp) x = scatter_to_sp(tape, *tp, x);
+
+  auto attn = std::make_shared<const AttentionInputs>(AttentionInputs::from_batch(b, c.heads / n, c.head_dim()));
+  for (int i = 0; i < c.layers; ++i) {
+    const std::string p = layer_prefix(i);
+    auto layer = [w, p, eps, attn, tp, sp](Tape& tt, const std::vector<Var>& in) -> std::vector<Var> {
+      const auto enter = [&](const Var& v) {
+        return sp ? gather_from_sp(tt, *tp, v, GatherGrad::kReduceScatter) : copy_to_tp(tt, *tp, v);
+      };
+      const auto leave = [&](const Var& v) { return sp ? reduce_scatter_to_sp(tt, *tp, v) : reduce_from_tp(tt, *tp, v); };
+      const auto ln = [&](const Var& v, const std::string& name) {
+        return tt.apply1(std::make_shared<LayerNormNode>(eps), {v, w(name + ".weight"), w(name + ".bias")});
+      };
+      const auto linear = [&](const Var& v, const std::string& name, bool bias) {
+        std::vector<Var> ins{v, w(name + ".weight")};
+        if (bias) ins.push_back(w(name + ".bias"));
+        return tt.apply1(std::make_shared<LinearNode>(), ins);
+      };
+      const auto bias_residual = [&](const Var& v, const std::string& bias, const Var& residual) {
+        return tt.apply1(std::make_shared<BiasResidualNode>(), {v, w(bias), residual});
+      };
+      Var qkv = linear(enter(ln(in[0], p + "attention.LayerNorm")), p + "attention.self.qkv", true);
+      Var a = tt.apply1(std::make_shared<AttentionNode>(attn), {qkv});
+      Var h = bias_residual(leave(linear(a, p + "attention.output.dense", false)), p + "attention.output.dense.bias",
+                            in[0]);
+      Var f1 = linear(enter(ln(h, p + "LayerNorm")), p + "intermediate.dense", true);
+      Var f2 = linear(tt.apply1(std::make_shared<GeluNode>(), {f1}), p + "output.dense", false);
+      return {bias_residual(leave(f2), p + "output.dense.bias", h)};
+    };
+    x = tape.segment("layer" + std::to_string(i), layer, {x})[0];
+  }
+  x = tape.apply1(std::make_shared<LayerNormNode>(eps), {x, w(kFinalLnW), w(kFinalLnB)});
+  if (sp) x = gather_from_sp(tape, *tp, x, GatherGrad::kSplit);
+  Var logits = tape.apply1(std::make_shared<LmHeadNode>(eps),
+                           {x, w("lm_head.dense.weight"), w("lm_head.dense.bias"), w("lm_head.layer_norm.weight"),
+                            w("lm_head.layer_norm.bias"), w(kEmbedding), w("lm_head.bias")});
+  if (b.total_tokens() != t) logits = tape.apply1(std::make_shared<TakeRowsNode>(t), {logits});
+  return logits;
 }
 
 }  // namespace helix

@@ -6,6 +6,11 @@
 // Internally the three attention projections are one fused tensor per layer,
 //   esm.encoder.layer.{i}.attention.self.qkv.weight [3H, H] = [query; key; value]  (bias [3H]),
 // split and joined on import/export, so one GEMM produces q, k and v.
+//
+// Tensor and sequence parallelism (Esm2Options::parallel with tp > 1): QKV and FC1 column-parallel
+// (rank r holds heads / FFN columns [r*n/tp, (r+1)*n/tp); its qkv shard is [q; k; v] of its heads),
+// out-proj and FC2 row-parallel, the vocabulary (33) replicated. Communication comes from the
+// autograd pairs of parallel/comm_ops.h, inserted by the graph builder; the layers hold no policy.
 #include <string>
 #include <vector>
 
@@ -14,6 +19,7 @@
 #include "core/thd_batch.h"
 #include "layers/model_config.h"
 #include "layers/parameter.h"
+#include "parallel/context.h"
 
 namespace helix {
 
@@ -21,6 +27,12 @@ struct Esm2Options {
   Device device;
   DType compute = DType::kF32;  // activations and the model copy of the weights: f32 or bf16
   RecomputePolicy recompute = RecomputePolicy::kNone;
+  // Tensor parallelism over parallel->tp() (null or tp = 1: the single-device graph). Data
+  // parallelism is the caller's (the model only reads its tp coordinate).
+  const ParallelContext* parallel = nullptr;
+  // Sequence parallelism: LayerNorm / residual regions split along T over the tp group (T padded
+  // to a multiple of tp with a dummy <pad> sequence that carries no label). Needs tp > 1.
+  bool sequence_parallel = false;
 };
 
 class Esm2Model {
@@ -32,16 +44,29 @@ class Esm2Model {
   ParameterSet& params() { return params_; }
   const ParameterSet& params() const { return params_; }
 
+  int tp_size() const { return opts_.parallel ? opts_.parallel->sizes().tp : 1; }
+  int tp_rank() const { return opts_.parallel ? opts_.parallel->coords().tp : 0; }
+
   // Hugging Face's _init_weights: Linear and embedding weights ~ N(0, 0.02) (the <pad> row of the
   // embedding zeroed), biases 0, LayerNorm gains 1 and biases 0. Deterministic in `seed`.
+  // Under TP every rank draws the full tensor and keeps its shard, so shards equal the slices of
+  // the single-device initialisation.
   void init_random(uint64_t seed);
 
   // Import from / export to the EsmForMaskedLM safetensors layout. Import checks that every tensor the
   // model needs is present with the right shape and names what is missing or wrong.
   void load_hf(const SafetensorsReader& file);
+  // Collective over tp (shards are gathered); only world rank 0 writes the file.
   void save_hf(const std::string& path) const;
-  // The model's tensors under Hugging Face names (qkv split), f32, on the CPU.
+  // The model's full tensors under Hugging Face names (qkv split), f32, on the CPU. Collective over
+  // tp: shards are gathered.
   std::vector<std::pair<std::string, Tensor>> hf_tensors() const;
+  // The full (unsharded) f32 CPU tensor of a parameter's master, or of its gradient. Collective over
+  // tp for sharded parameters.
+  Tensor full_master(const Parameter& p) const;
+  Tensor full_grad(const Parameter& p) const;
+  // This rank's shard of a full tensor of parameter `p` (f32, CPU).
+  Tensor shard_of(const Parameter& p, const Tensor& full) const;
 
   // Builds the forward graph of one packed batch (on the model's device) and returns the logits
   // [T, vocab] (compute dtype).
@@ -53,6 +78,9 @@ class Esm2Model {
   std::string layer_prefix(int i) const { return "esm.encoder.layer." + std::to_string(i) + "."; }
 
  private:
+  Var forward_tp(Tape& tape, const ThdBatch& batch);
+  Tensor gather_shards(const Parameter& p, const Tensor& local) const;
+
   ModelConfig config_;
   Esm2Options opts_;
   ParameterSet params_;

@@ -27,4 +27,40 @@ class LinearResidualNode final : public Node {
   int a_ = -1, w_ = -1;
 };
 
+// The pieces a tensor-parallel layer is assembled from (communication nodes go between them; the
+// fused nodes above cannot be cut where a collective must sit).
+
+// y = x W^T (+ b). Inputs: x [T, in], W [out, in], optionally b [out].
+class LinearNode final : public Node {
+ public:
+  std::string name() const override { return "linear"; }
+  std::vector<Tensor> forward(const std::vector<Tensor>& in, const Stream& stream) override;
+  void backward(const std::vector<Tensor>& gout, std::vector<Tensor>& gin, const Stream& stream) override;
+
+ private:
+  int x_ = -1, w_ = -1;
+};
+
+// y = GELU(x). Inputs: x [...]. Saves x.
+class GeluNode final : public Node {
+ public:
+  std::string name() const override { return "gelu"; }
+  std::vector<Tensor> forward(const std::vector<Tensor>& in, const Stream& stream) override;
+  void backward(const std::vector<Tensor>& gout, std::vector<Tensor>& gin, const Stream& stream) override;
+
+ private:
+  int x_ = -1;
+};
+
+// y = residual + x + b (b broadcast over rows): the bias and residual of a row-parallel linear,
+// added once after its partial outputs were reduced. Inputs: x [T, C], b [C], residual [T, C].
+// The bias is added (and its gradient summed over T) through the GEMM bias epilogue on a zero
+// operand, the path linear_fwd/linear_bwd already use.
+class BiasResidualNode final : public Node {
+ public:
+  std::string name() const override { return "bias_residual"; }
+  std::vector<Tensor> forward(const std::vector<Tensor>& in, const Stream& stream) override;
+  void backward(const std::vector<Tensor>& gout, std::vector<Tensor>& gin, const Stream& stream) override;
+};
+
 }  // namespace helix

@@ -1,5 +1,7 @@
 #include "layers/optimizer.h"
 
+#include "kernels/axpy/axpy.h"
+
 namespace helix {
 
 AdamW::AdamW(ParameterSet& params, AdamWConfig config) : params_(params), cfg_(config) {
@@ -8,6 +10,7 @@ AdamW::AdamW(ParameterSet& params, AdamWConfig config) : params_(params), cfg_(c
   for (const Parameter& p : params.all())
     moments_.emplace_back(Tensor::zeros(p.master.shape(), DType::kF32, d), Tensor::zeros(p.master.shape(), DType::kF32, d));
   sumsq_ = Tensor::zeros({1}, DType::kF32, d);
+  sharded_sumsq_ = Tensor::zeros({1}, DType::kF32, d);
   flag_ = Tensor::zeros({1}, DType::kF32, d);
   clip_coef_ = Tensor::zeros({1}, DType::kF32, d);
   norm_ = Tensor::zeros({1}, DType::kF32, d);
@@ -17,7 +20,7 @@ AdamW::AdamW(ParameterSet& params, AdamWConfig config) : params_(params), cfg_(c
 // stay valid because gradients are zeroed in place between steps.
 void AdamW::build_lists() {
   std::vector<AdamWTensor> adam;
-  std::vector<Tensor> grads;
+  std::vector<Tensor> grads, sharded;
   for (size_t i = 0; i < params_.all().size(); ++i) {
     Parameter& p = params_.all()[i];
     if (!p.grad().defined()) p.var.cell()->grad = Tensor::zeros(p.master.shape(), DType::kF32, p.master.device());
@@ -29,22 +32,30 @@ void AdamW::build_lists() {
     if (!p.shares_master()) t.param_bf16 = p.var.data();
     t.apply_weight_decay = p.decay;
     adam.push_back(t);
-    grads.push_back(p.grad());
+    (p.shard == TpShard::kReplicated ? grads : sharded).push_back(p.grad());
+    grads_.push_back(p.grad());
   }
   adam_list_ = AdamWTensorList(std::move(adam));
-  norm_list_ = GradNormTensorList(std::move(grads));
+  if (!grads.empty()) norm_list_ = GradNormTensorList(std::move(grads));
+  if (!sharded.empty()) sharded_norm_list_ = GradNormTensorList(std::move(sharded));
   lists_built_ = true;
 }
 
 OptimizerStepResult AdamW::step(double lr, bool loss_finite, const Stream& stream, const NormReduce& reduce) {
   if (!lists_built_) build_lists();
   for (size_t i = 0; i < params_.all().size(); ++i)
-    HELIX_CHECK(params_.all()[i].grad().data_ptr() == norm_list_.tensors()[i].data_ptr(),
+    HELIX_CHECK(params_.all()[i].grad().data_ptr() == grads_[i].data_ptr(),
                 "AdamW: the gradient buffer of '{}' was replaced; zero gradients in place (ParameterSet::zero_grads)",
                 params_.all()[i].name);
   flag_.fill(loss_finite ? 0.0 : 1.0, stream);
-  grad_norm_sumsq(GradNormParams{.grads = &norm_list_, .sumsq = sumsq_, .nonfinite_flag = flag_}, stream);
-  if (reduce) reduce(sumsq_, flag_);
+  const auto sumsq = [&](const GradNormTensorList& list, Tensor& out) {
+    if (list.tensors().empty()) out.zero(stream);
+    else grad_norm_sumsq(GradNormParams{.grads = &list, .sumsq = out, .nonfinite_flag = flag_}, stream);
+  };
+  sumsq(norm_list_, sumsq_);
+  sumsq(sharded_norm_list_, sharded_sumsq_);
+  if (reduce) reduce(sharded_sumsq_, flag_);
+  axpy(1.0f, sharded_sumsq_, sumsq_, stream);
   GradClipParams clip;
   clip.sumsq = sumsq_;
   clip.clip_coef = clip_coef_;

@@ -30,7 +30,9 @@ class AdamW {
   AdamW(ParameterSet& params, AdamWConfig config);
 
   // Reduces (sum) the [1] f32 sum of squares and (max) the [1] f32 non-finite flag across the ranks
-  // that share the gradients' norm; identity on one rank.
+  // that share the gradients' norm; identity on one rank. The sum it gets covers the tensor-parallel
+  // shards (TpShard other than kReplicated) only, to be summed over tp; the replicated parameters'
+  // sum is added afterwards, so replicated tensors count once.
   using NormReduce = std::function<void(Tensor& sumsq, Tensor& flag)>;
 
   // `loss_finite` false marks the step non-finite before any gradient is looked at.
@@ -49,9 +51,11 @@ class AdamW {
   AdamWConfig cfg_;
   std::vector<std::pair<Tensor, Tensor>> moments_;
   AdamWTensorList adam_list_;
-  GradNormTensorList norm_list_;
+  GradNormTensorList norm_list_;        // replicated parameters' gradients
+  GradNormTensorList sharded_norm_list_;  // tensor-parallel shards' gradients
+  std::vector<Tensor> grads_;            // every gradient, parameter order (replacement check)
   bool lists_built_ = false;
-  Tensor sumsq_, flag_, clip_coef_, norm_;  // [1] f32 each, on the parameters' device
+  Tensor sumsq_, sharded_sumsq_, flag_, clip_coef_, norm_;  // [1] f32 each, on the parameters' device
   int64_t step_ = 0;                        // applied updates
 };
 

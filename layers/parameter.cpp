@@ -9,6 +9,7 @@ Parameter& ParameterSet::add(const std::string& name, const Shape& shape, bool d
   Parameter p;
   p.name = name;
   p.decay = decay;
+  p.full_shape = shape;
   p.master = Tensor::zeros(shape, DType::kF32, device);
   Tensor copy = compute == DType::kF32 ? p.master : Tensor::zeros(shape, compute, device);
   p.var = Var::leaf(copy, true, DType::kF32, name);

@@ -1,0 +1,195 @@
+// Tensor, sequence and data parallelism of the ESM-2 model on CPU ranks: loss, every gradient
+// (gathered to full shape), the gradient norm and the parameters after 3 AdamW steps equal one rank
+// running the same global batch (all dp shards as micro-batches of one step); sharded
+// initialisation equals the slice of the single-device one.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "layers/esm2.h"
+#include "layers/grad_sync.h"
+#include "layers/optimizer.h"
+#include "mpi_test_util.h"
+
+namespace helix {
+namespace {
+
+ModelConfig tiny_config() {
+  ModelConfig c;
+  c.name = "tiny";
+  c.layers = 2;
+  c.hidden = 64;
+  c.heads = 4;
+  c.ffn = 128;
+  return c;
+}
+
+// A packed batch of 3 proteins (odd total T, so SP pads) for data shard `shard` of step `step`.
+ThdBatch make_batch(int step, int shard) {
+  uint64_t s = 0x9E3779B97F4A7C15ull * static_cast<uint64_t>(1 + step * 7 + shard);
+  const auto next = [&s](int n) {
+    s = s * 6364136223846793005ull + 1442695040888963407ull;
+    return static_cast<int>((s >> 33) % static_cast<uint64_t>(n));
+  };
+  const std::vector<int> lens{7 + shard, 12 - step, 6 + 2 * shard + step};
+  std::vector<int32_t> tokens, labels, cu{0};
+  for (int len : lens) {
+    for (int i = 0; i < len; ++i) {
+      int32_t tok = 4 + next(20);
+      int32_t lab = -100;
+      if (i > 0 && i + 1 < len && next(100) < 25) {
+        lab = tok;
+        if (next(10) < 8) tok = 32;  // <mask>
+      }
+      tokens.push_back(i == 0 ? 0 : i + 1 == len ? 2 : tok);
+      labels.push_back(i == 0 || i + 1 == len ? -100 : lab);
+    }
+    cu.push_back(cu.back() + len);
+  }
+  ThdBatch b;
+  const int64_t t = static_cast<int64_t>(tokens.size());
+  b.tokens = Tensor::from_vector<int32_t>(tokens, Shape{t});
+  b.labels = Tensor::from_vector<int32_t>(labels, Shape{t});
+  b.cu_seqlens = Tensor::from_vector<int32_t>(cu, Shape{static_cast<int64_t>(cu.size())});
+  b.cu_seqlens_padded = b.cu_seqlens.clone();
+  b.max_seqlen = *std::max_element(lens.begin(), lens.end());
+  b.num_tokens = t;
+  b.num_labels = std::count_if(labels.begin(), labels.end(), [](int32_t l) { return l != -100; });
+  return b.to(Device::cpu());
+}
+
+// max |a - b| <= tol * max(max |b|, 1e-3): relative to the tensor's scale (fp32 sums in another order).
+void expect_close(const Tensor& got, const Tensor& want, double tol, const std::string& what) {
+  ASSERT_EQ(got.shape(), want.shape()) << what;
+  const std::vector<float> g = got.to_floats(), w = want.to_floats();
+  double diff = 0, scale = 1e-3;
+  for (size_t i = 0; i < g.size(); ++i) {
+    diff = std::max(diff, std::abs(double(g[i]) - double(w[i])));
+    scale = std::max(scale, std::abs(double(w[i])));
+  }
+  EXPECT_LE(diff, tol * scale) << what << ": max abs difference " << diff << ", scale " << scale;
+}
+
+struct Layout {
+  int tp = 1;
+  bool sp = false;
+};
+
+constexpr double kLr = 1e-3;
+
+void run_equivalence(Layout layout) {
+  const int world = testing::world_size();
+  ParallelContext ctx = testing::make_context(ParallelSizes{.tp = layout.tp});
+  const int dp = ctx.sizes().dp, my_dp = ctx.coords().dp;
+  const ModelConfig cfg = tiny_config();
+  const uint64_t seed = 7;
+  ASSERT_EQ(dp * layout.tp, world);
+
+  Esm2Model ref(cfg, Esm2Options{.device = Device::cpu(), .compute = DType::kF32});
+  ref.init_random(seed);
+  Esm2Options po{.device = Device::cpu(), .compute = DType::kF32};
+  po.parallel = &ctx;
+  po.sequence_parallel = layout.sp;
+  Esm2Model par(cfg, po);
+  par.init_random(seed);
+  for (size_t i = 0; i < par.params().all().size(); ++i) {  // sharded init == slice, bitwise
+    const Parameter& p = par.params().all()[i];
+    expect_close(p.master, par.shard_of(p, ref.params().all()[i].master), 0.0, "init of " + p.name);
+  }
+
+  const AdamWConfig acfg{.weight_decay = 0.01, .clip_norm = 0.05};  // small clip: the norm matters
+  AdamW ref_opt(ref.params(), acfg);
+  AdamW par_opt(par.params(), acfg);
+  GradSync sync(par.params(), &ctx);
+  const Stream stream;
+  for (int step = 0; step < 3; ++step) {
+    // Reference: the whole global batch (every dp shard) as micro-batches on one rank.
+    int64_t labels = 0;
+    for (int d = 0; d < dp; ++d) labels += make_batch(step, d).num_labels;
+    const float scale = 1.0f / static_cast<float>(labels);
+    ref.params().zero_grads(stream);
+    double ref_loss = 0;
+    for (int d = 0; d < dp; ++d) {
+      const ThdBatch b = make_batch(step, d);
+      Tape tape;
+      Var loss = ref.loss(tape, ref.forward(tape, b), b, scale);
+      tape.backward(loss);
+      ref_loss += loss.data().to_floats()[0];
+    }
+    // Parallel: this rank's dp shard; labelled tokens and loss summed over dp.
+    const ThdBatch b = make_batch(step, my_dp);
+    Tensor count = Tensor::from_floats({static_cast<float>(b.num_labels)}, Shape{1}, DType::kF32);
+    sync.sum_over_dp(count, stream);
+    ASSERT_EQ(count.to_floats()[0], static_cast<float>(labels));
+    sync.zero_grads(stream);
+    Tape tape;
+    Var loss = par.loss(tape, par.forward(tape, b), b, 1.0f / count.to_floats()[0]);
+    tape.backward(loss);
+    Tensor loss_sum = loss.data().clone();
+    sync.sum_over_dp(loss_sum, stream);
+    sync.reduce(stream);
+    expect_close(loss_sum, Tensor::from_floats({static_cast<float>(ref_loss)}, Shape{1}, DType::kF32), 1e-5,
+                 "loss of step " + std::to_string(step));
+    for (size_t i = 0; i < par.params().all().size(); ++i) {
+      const Parameter& p = par.params().all()[i];
+      // Step 0 starts from bitwise-equal weights; later steps from weights that AdamW moved apart by
+      // a little (its update is ~lr * sign(g) where g is tiny and summed in another order).
+      expect_close(par.full_grad(p), ref.params().all()[i].grad(), step == 0 ? 1e-4 : 1e-3,
+                   "gradient of " + p.name + " at step " + std::to_string(step));
+    }
+    const OptimizerStepResult rr = ref_opt.step(kLr, true, stream);
+    const OptimizerStepResult pr = par_opt.step(kLr, true, stream, sync.norm_reduce());
+    ASSERT_TRUE(rr.applied && pr.applied);
+    EXPECT_NEAR(pr.grad_norm, rr.grad_norm, 1e-5 * rr.grad_norm) << "step " << step;
+  }
+  for (size_t i = 0; i < par.params().all().size(); ++i) {
+    const Parameter& p = par.params().all()[i];
+    const Tensor got = par.full_master(p), want = ref.params().all()[i].master;
+    const std::vector<float> g = got.to_floats(), w = want.to_floats();
+    double diff = 0;
+    for (size_t j = 0; j < g.size(); ++j) diff = std::max(diff, std::abs(double(g[j]) - double(w[j])));
+    // Each AdamW update moves an element by at most ~lr: allow 1% of one update.
+    EXPECT_LE(diff, 0.01 * kLr) << "parameter " << p.name << " after 3 steps";
+  }
+}
+
+TEST(Esm2Parallel, DataParallelEqualsOneRank) { run_equivalence({.tp = 1}); }  // DP=2 / DP=4
+
+TEST(Esm2Parallel, TensorParallelEqualsOneRank) {  // TP=2 (x DP=2 on 4 ranks)
+  run_equivalence({.tp = 2});
+}
+
+TEST(Esm2Parallel, SequenceParallelEqualsOneRank) {  // TP=2 + SP (x DP=2 on 4 ranks)
+  run_equivalence({.tp = 2, .sp = true});
+}
+
+TEST(Esm2Parallel, TensorParallelOverFourRanks) {
+  if (testing::world_size() != 4) GTEST_SKIP() << "needs 4 ranks";
+  run_equivalence({.tp = 4, .sp = true});
+}
+
+TEST(Esm2Parallel, BadCombinationsRefusedNamingTheFlag) {
+  ParallelContext ctx = testing::make_context(ParallelSizes{.tp = testing::world_size()});
+  ModelConfig c = tiny_config();
+  c.heads = 3 * testing::world_size() + 1;
+  c.hidden = 4 * c.heads;
+  Esm2Options o{.device = Device::cpu(), .compute = DType::kF32};
+  o.parallel = &ctx;
+  const auto expect_refused = [](const ModelConfig& cfg, const Esm2Options& opts, const std::string& flag) {
+    try {
+      Esm2Model m(cfg, opts);
+      ADD_FAILURE() << "expected a refusal naming " << flag;
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(flag), std::string::npos) << e.what();
+    }
+  };
+  expect_refused(c, o, "--tp");
+  ParallelContext one = testing::make_context(ParallelSizes{.tp = 1});
+  o.parallel = &one;
+  o.sequence_parallel = true;
+  expect_refused(tiny_config(), o, "--sequence-parallel");
+}
+
+}  // namespace
+}  // namespace helix
