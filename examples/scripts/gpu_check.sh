@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: configure + build (CUDA, sm_90a), run every test, then the kernel
 # benchmarks. Logs go to $OUT (or ./gpu_check_out). Used for the numbers in docs/perf/.
-#   examples/scripts/gpu_check.sh [tests|bench|all]
+#   examples/scripts/gpu_check.sh [tests|bench|all|train]
 # Where Boost.Program_options is not installed as a library, point HELIX_BOOST_PO_SOURCES at its
 # src/*.cpp (same Boost version as the headers) and it is compiled into the build.
 set -uo pipefail
@@ -20,8 +20,14 @@ if [ "$what" = tests ] || [ "$what" = all ]; then
   (cd "$root/build-gpu" && ctest -j4 --timeout 300 --output-on-failure ${CTEST_ARGS:-} > "$out/ctest.log" 2>&1)
   grep -E "tests passed|\*\*\*Failed|Timeout" "$out/ctest.log" | head -40
 fi
+if [ "$what" = train ]; then
+  OUT_DIR="$out/train" timeout 560 bash "$root/examples/bench/run_training_bench.sh" "$root/build-gpu" ${TRAIN_ARGS:-} \
+    > "$out/bench_training.txt" 2>&1
+  tail -30 "$out/bench_training.txt"
+fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
   timeout 240 "$root/build-gpu/tests/helix_bench_kernels_gemm" > "$out/bench_gemm.txt" 2>&1
+  timeout 240 "$root/build-gpu/tests/helix_bench_kernels_memory" > "$out/bench_memory.txt" 2>&1
   OUT_DIR="$out/attention" timeout 300 bash "$root/examples/bench/run_attention_bench.sh" "$root/build-gpu" \
     > "$out/bench_attention.txt" 2>&1
   tail -20 "$out/bench_attention.txt"
