@@ -5,6 +5,9 @@
 // rows padded to 34 or 36): each rank's logits equal its columns of the single-rank logits, and the
 // pad rows of the table stay zero through training.
 #include <algorithm>
+#include <cstdio>
+#include <functional>
+#include <string>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -205,6 +208,38 @@ TEST(Esm2Parallel, SequenceParallelEqualsOneRank) {  // TP=2 + SP (x DP=2 on 4 r
 TEST(Esm2Parallel, TensorParallelOverFourRanks) {
   if (testing::world_size() != 4) GTEST_SKIP() << "needs 4 ranks";
   run_equivalence({.tp = 4, .sp = true});
+}
+
+// Hugging Face export under TP gathers the vocabulary shards (pad rows dropped) into the single-rank
+// tensors; import slices them back into padded shards.
+TEST(Esm2Parallel, HfExportImportGathersAndSlicesVocabRows) {
+  ParallelContext ctx = testing::make_context(ParallelSizes{.tp = testing::world_size()});
+  const ModelConfig cfg = tiny_config();
+  Esm2Model ref(cfg, Esm2Options{.device = Device::cpu(), .compute = DType::kF32});
+  ref.init_random(11);
+  Esm2Options po{.device = Device::cpu(), .compute = DType::kF32};
+  po.parallel = &ctx;
+  Esm2Model par(cfg, po);
+  par.init_random(11);
+  const auto want = ref.hf_tensors();
+  const auto got = par.hf_tensors();
+  ASSERT_EQ(got.size(), want.size());
+  for (size_t i = 0; i < got.size(); ++i) {
+    ASSERT_EQ(got[i].first, want[i].first);
+    expect_close(got[i].second, want[i].second, 0.0, "export of " + got[i].first);
+  }
+  // Import: every rank reads the file rank 0 wrote from the single-rank model.
+  // One name per source tree and world size (the np2 and np4 runs hold one lock).
+  const std::string path = "/tmp/helix_vocab_tp_" + std::to_string(std::hash<std::string>{}(HELIX_SOURCE_DIR)) + "_" +
+                           std::to_string(ctx.world_size()) + ".safetensors";
+  if (ctx.world_rank() == 0) ref.save_hf(path);
+  ctx.world().barrier();
+  Esm2Model loaded(cfg, po);
+  loaded.load_hf(SafetensorsReader(path));
+  ctx.world().barrier();
+  if (ctx.world_rank() == 0) std::remove(path.c_str());
+  for (const char* name : {"esm.embeddings.word_embeddings.weight", "lm_head.bias"})
+    expect_vocab_shard(loaded, ref, name, /*pad_only=*/false);
 }
 
 TEST(Esm2Parallel, BadCombinationsRefusedNamingTheFlag) {
