@@ -41,6 +41,9 @@ Esm2Model::Esm2Model(ModelConfig config, Esm2Options options) : config_(std::mov
   HELIX_CHECK(config_.heads % tp == 0, "--tp {}: expected the number of attention heads ({}) divisible by tp", tp,
               config_.heads);
   HELIX_CHECK(config_.ffn % tp == 0, "--tp {}: expected the FFN size ({}) divisible by tp", tp, config_.ffn);
+  HELIX_CHECK((tp - 1) * rows_per_rank(config_.vocab, tp) < config_.vocab,
+              "--tp {}: expected every tp rank to hold vocabulary rows (vocabulary {}, {} rows per rank)",
+              tp, config_.vocab, rows_per_rank(config_.vocab, tp));
   HELIX_CHECK(!opts_.sequence_parallel || tp > 1, "--sequence-parallel: needs --tp > 1, got --tp {}", tp);
   const int64_t h = config_.hidden, f = config_.ffn, v = config_.vocab;
   const Device d = opts_.device;
@@ -137,7 +140,8 @@ Tensor Esm2Model::gather_shards(const Parameter& p, const Tensor& local) const {
   Tensor stacked = Tensor::empty(Shape(dims), DType::kF32);
   opts_.parallel->tp().all_gather(mine, stacked, Stream());
   const int64_t blk = mine.dim(0);
-  if (p.shard == TpShard::kRows) return stacked.dim(0) == p.full_shape[0] ? stacked : stacked.slice(0, p.full_shape[0]).clone();
+  if (p.shard == TpShard::kRows)  // drop the vocabulary's pad rows
+    return stacked.dim(0) == p.full_shape[0] ? stacked : stacked.slice(0, p.full_shape[0]).clone();
   Tensor full = Tensor::empty(p.full_shape, DType::kF32);
   if (p.shard == TpShard::kQkvRows) {
     const int64_t rows = blk / 3, part = rows * n;
@@ -410,14 +414,16 @@ Var Esm2Model::forward_tp(Tape& tape, const ThdBatch& batch) {
   if (sp) x = gather_from_sp(tape, *tp, x, GatherGrad::kSplit);
   // LM head: dense / GELU / LayerNorm replicated on the full T, then the vocabulary-parallel decoder
   // (logits of this rank's real vocabulary columns only).
-  x = tape.apply1(std::make_shared<LinearNode>(), {x, w("lm_head.dense.weight"), w("lm_head.dense.bias")});
+  x = tape.apply1(std::make_shared<LinearNode>(),
+                  {x, w("lm_head.dense.weight"), w("lm_head.dense.bias")});
   x = tape.apply1(std::make_shared<GeluNode>(), {x});
-  x = tape.apply1(std::make_shared<LayerNormNode>(eps), {x, w("lm_head.layer_norm.weight"), w("lm_head.layer_norm.bias")});
+  x = tape.apply1(std::make_shared<LayerNormNode>(eps),
+                  {x, w("lm_head.layer_norm.weight"), w("lm_head.layer_norm.bias")});
   x = copy_to_tp(tape, *tp, x);
   const int64_t rows = rows_per_rank(c.vocab, n), start = tp_rank() * rows;
   const int64_t valid = std::clamp<int64_t>(c.vocab - start, 0, rows);
-  HELIX_CHECK(valid > 0, "--tp {}: vocabulary of {} leaves tp rank {} no real vocabulary rows", n, c.vocab, tp_rank());
-  Var logits = tape.apply1(std::make_shared<LmDecoderNode>(valid), {x, w(kEmbedding), w("lm_head.bias")});
+  Var logits =
+      tape.apply1(std::make_shared<LmDecoderNode>(valid), {x, w(kEmbedding), w("lm_head.bias")});
   if (b.total_tokens() != t) logits = tape.apply1(std::make_shared<TakeRowsNode>(t), {logits});
   return logits;
 }
