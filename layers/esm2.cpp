@@ -1,5 +1,7 @@
 #include "layers/esm2.h"
 
+#include <algorithm>
+
 #include "core/random.h"
 #include "layers/attention.h"
 #include "layers/embedding.h"
@@ -19,10 +21,15 @@ constexpr const char* kFinalLnB = "esm.encoder.emb_layer_norm_after.bias";
 }  // namespace
 
 namespace {
+// Rows per rank of a kRows shard: dim 0 padded up to a multiple of n (the vocabulary; the pad rows
+// sit at the end of the last rank's shard, are zero and are never trained).
+int64_t rows_per_rank(int64_t rows, int n) { return (rows + n - 1) / n; }
+
 // This rank's shape of a parameter of full shape `full` split `shard` ways over n ranks.
 Shape shard_shape(const Shape& full, TpShard shard, int n) {
   Shape s = full;
-  if (shard == TpShard::kRows || shard == TpShard::kQkvRows) s[0] = full[0] / n;
+  if (shard == TpShard::kRows) s[0] = rows_per_rank(full[0], n);
+  if (shard == TpShard::kQkvRows) s[0] = full[0] / n;
   if (shard == TpShard::kCols) s[1] = full[1] / n;
   return s;
 }
@@ -34,6 +41,9 @@ Esm2Model::Esm2Model(ModelConfig config, Esm2Options options) : config_(std::mov
   HELIX_CHECK(config_.heads % tp == 0, "--tp {}: expected the number of attention heads ({}) divisible by tp", tp,
               config_.heads);
   HELIX_CHECK(config_.ffn % tp == 0, "--tp {}: expected the FFN size ({}) divisible by tp", tp, config_.ffn);
+  HELIX_CHECK((tp - 1) * rows_per_rank(config_.vocab, tp) < config_.vocab,
+              "--tp {}: expected every tp rank to hold vocabulary rows (vocabulary {}, {} rows per rank)",
+              tp, config_.vocab, rows_per_rank(config_.vocab, tp));
   HELIX_CHECK(!opts_.sequence_parallel || tp > 1, "--sequence-parallel: needs --tp > 1, got --tp {}", tp);
   const int64_t h = config_.hidden, f = config_.ffn, v = config_.vocab;
   const Device d = opts_.device;
@@ -48,7 +58,8 @@ Esm2Model::Esm2Model(ModelConfig config, Esm2Options options) : config_(std::mov
     p.grad_partial = sp && sp_region;
   };
   const TpShard rep = TpShard::kReplicated;
-  add(kEmbedding, {v, h}, true, rep, false);
+  // Vocabulary parallel: the (tied) embedding table and the decoder bias are split by vocab rows.
+  add(kEmbedding, {v, h}, true, TpShard::kRows, false);
   for (int i = 0; i < config_.layers; ++i) {
     const std::string p = layer_prefix(i);
     add(p + "attention.LayerNorm.weight", {h}, false, rep, true);
@@ -71,7 +82,7 @@ Esm2Model::Esm2Model(ModelConfig config, Esm2Options options) : config_(std::mov
   add("lm_head.dense.bias", {h}, false, rep, false);
   add("lm_head.layer_norm.weight", {h}, false, rep, false);
   add("lm_head.layer_norm.bias", {h}, false, rep, false);
-  add("lm_head.bias", {v}, false, rep, false);
+  add("lm_head.bias", {v}, false, TpShard::kRows, false);
   int64_t full = 0;
   for (const Parameter& p : params_.all()) full += p.full_shape.numel();
   HELIX_CHECK(full == config_.num_params(), "model '{}': {} parameters created, config says {}", config_.name, full,
@@ -86,9 +97,15 @@ Tensor Esm2Model::shard_of(const Parameter& p, const Tensor& full) const {
   switch (p.shard) {
     case TpShard::kReplicated:
       return f.clone();
-    case TpShard::kRows: {
-      const int64_t rows = f.dim(0) / n;
-      return f.slice(r * rows, (r + 1) * rows).clone();
+    case TpShard::kRows: {  // zero pad rows past the end of the full tensor
+      const int64_t rows = rows_per_rank(f.dim(0), n);
+      const int64_t lo = std::min(f.dim(0), r * rows), hi = std::min(f.dim(0), (r + 1) * rows);
+      Tensor out = Tensor::zeros(shard_shape(p.full_shape, p.shard, n), DType::kF32);
+      if (hi > lo) {
+        Tensor dst = out.slice(0, hi - lo);
+        dst.copy_from(f.slice(lo, hi));
+      }
+      return out;
     }
     case TpShard::kQkvRows: {  // [q; k; v] of this rank's heads
       const int64_t part = f.dim(0) / 3, rows = part / n;
@@ -123,7 +140,8 @@ Tensor Esm2Model::gather_shards(const Parameter& p, const Tensor& local) const {
   Tensor stacked = Tensor::empty(Shape(dims), DType::kF32);
   opts_.parallel->tp().all_gather(mine, stacked, Stream());
   const int64_t blk = mine.dim(0);
-  if (p.shard == TpShard::kRows) return stacked;
+  if (p.shard == TpShard::kRows)  // drop the vocabulary's pad rows
+    return stacked.dim(0) == p.full_shape[0] ? stacked : stacked.slice(0, p.full_shape[0]).clone();
   Tensor full = Tensor::empty(p.full_shape, DType::kF32);
   if (p.shard == TpShard::kQkvRows) {
     const int64_t rows = blk / 3, part = rows * n;
@@ -275,6 +293,14 @@ Var Esm2Model::forward(Tape& tape, const ThdBatch& batch) {
 }
 
 Var Esm2Model::loss(Tape& tape, const Var& logits, const ThdBatch& batch, float grad_scale) {
+  if (tp_size() > 1) {
+    VocabParallelLossOptions o;
+    o.tp = &opts_.parallel->tp();
+    o.vocab_start = tp_rank() * rows_per_rank(config_.vocab, tp_size());
+    o.vocab_size = config_.vocab;
+    o.grad_scale = grad_scale;
+    return tape.apply(std::make_shared<VocabParallelLossNode>(batch.labels, o), {logits})[0];
+  }
   return tape.apply(std::make_shared<MaskedLmLossNode>(batch.labels, grad_scale), {logits})[0];
 }
 
@@ -345,11 +371,15 @@ Var Esm2Model::forward_tp(Tape& tape, const ThdBatch& batch) {
   const ParameterSet* params = &params_;
   const auto w = [params](const std::string& name) -> const Var& { return params->get(name).var; };
 
+  // Vocabulary-parallel embedding: each rank looks up its rows (zero rows for other ids), the sum
+  // over tp completes the lookup (reduce-scatter along T under SP).
   EmbeddingOptions eo;
   eo.token_dropout = c.token_dropout;
   eo.mask_token_id = c.mask_token_id;
+  eo.vocab_rows = rows_per_rank(c.vocab, n);
+  eo.vocab_start = tp_rank() * eo.vocab_rows;
   Var x = tape.apply1(std::make_shared<EmbeddingNode>(b, eo, opts_.compute), {w(kEmbedding)});
-  if (sp) x = scatter_to_sp(tape, *tp, x);
+  x = sp ? reduce_scatter_to_sp(tape, *tp, x) : reduce_from_tp(tape, *tp, x);
 
   auto attn = std::make_shared<const AttentionInputs>(AttentionInputs::from_batch(b, c.heads / n, c.head_dim()));
   for (int i = 0; i < c.layers; ++i) {
@@ -382,9 +412,18 @@ Var Esm2Model::forward_tp(Tape& tape, const ThdBatch& batch) {
   }
   x = tape.apply1(std::make_shared<LayerNormNode>(eps), {x, w(kFinalLnW), w(kFinalLnB)});
   if (sp) x = gather_from_sp(tape, *tp, x, GatherGrad::kSplit);
-  Var logits = tape.apply1(std::make_shared<LmHeadNode>(eps),
-                           {x, w("lm_head.dense.weight"), w("lm_head.dense.bias"), w("lm_head.layer_norm.weight"),
-                            w("lm_head.layer_norm.bias"), w(kEmbedding), w("lm_head.bias")});
+  // LM head: dense / GELU / LayerNorm replicated on the full T, then the vocabulary-parallel decoder
+  // (logits of this rank's real vocabulary columns only).
+  x = tape.apply1(std::make_shared<LinearNode>(),
+                  {x, w("lm_head.dense.weight"), w("lm_head.dense.bias")});
+  x = tape.apply1(std::make_shared<GeluNode>(), {x});
+  x = tape.apply1(std::make_shared<LayerNormNode>(eps),
+                  {x, w("lm_head.layer_norm.weight"), w("lm_head.layer_norm.bias")});
+  x = copy_to_tp(tape, *tp, x);
+  const int64_t rows = rows_per_rank(c.vocab, n), start = tp_rank() * rows;
+  const int64_t valid = std::clamp<int64_t>(c.vocab - start, 0, rows);
+  Var logits =
+      tape.apply1(std::make_shared<LmDecoderNode>(valid), {x, w(kEmbedding), w("lm_head.bias")});
   if (b.total_tokens() != t) logits = tape.apply1(std::make_shared<TakeRowsNode>(t), {logits});
   return logits;
 }

@@ -9,8 +9,11 @@
 //
 // Tensor and sequence parallelism (Esm2Options::parallel with tp > 1): QKV and FC1 column-parallel
 // (rank r holds heads / FFN columns [r*n/tp, (r+1)*n/tp); its qkv shard is [q; k; v] of its heads),
-// out-proj and FC2 row-parallel, the vocabulary (33) replicated. Communication comes from the
-// autograd pairs of parallel/comm_ops.h, inserted by the graph builder; the layers hold no policy.
+// out-proj and FC2 row-parallel, the vocabulary parallel: the tied embedding / decoder table and
+// lm_head.bias split by vocab rows (V padded to Vp, a multiple of tp, with zero rows never trained;
+// rank r holds [r*Vp/tp, (r+1)*Vp/tp)), the logits [T, the rank's real columns] and the loss from
+// per-row statistics gathered over tp. Communication comes from the autograd pairs of
+// parallel/comm_ops.h, inserted by the graph builder; the layers hold no policy.
 #include <string>
 #include <vector>
 
@@ -69,7 +72,7 @@ class Esm2Model {
   Tensor shard_of(const Parameter& p, const Tensor& full) const;
 
   // Builds the forward graph of one packed batch (on the model's device) and returns the logits
-  // [T, vocab] (compute dtype).
+  // [T, vocab] (compute dtype); under TP this rank's vocabulary columns [T, Vr] (pad columns left out).
   Var forward(Tape& tape, const ThdBatch& batch);
   // Masked-LM loss node: returns the loss sum over labelled tokens [1] f32; its gradient is scaled by
   // `grad_scale` (1 / labelled tokens of the whole step, over micro-batches and ranks).

@@ -99,4 +99,21 @@ void LmHeadNode::backward(const std::vector<Tensor>& gout, std::vector<Tensor>& 
   linear_bwd(d_pre, saved(x_), saved(wd_), gin[0], gin[1], gin[2], stream);
 }
 
+std::vector<Tensor> LmDecoderNode::forward(const std::vector<Tensor>& in, const Stream& stream) {
+  const Tensor &z = in[0], &we = in[1], &b = in[2];
+  HELIX_CHECK(valid_rows_ >= 1 && valid_rows_ <= we.dim(0), "lm_decoder: expected 1..{} valid rows, got {}",
+              we.dim(0), valid_rows_);
+  Tensor logits = Tensor::empty({z.dim(0), valid_rows_}, z.dtype(), z.device(), stream);
+  linear_fwd(z, we.slice(0, valid_rows_), b.slice(0, valid_rows_), logits, false, stream);
+  z_ = save(z);
+  we_ = save(we);
+  return {logits};
+}
+
+void LmDecoderNode::backward(const std::vector<Tensor>& gout, std::vector<Tensor>& gin, const Stream& stream) {
+  if (!gout[0].defined()) return;
+  const auto rows = [&](const Tensor& g) { return g.defined() ? g.slice(0, valid_rows_) : Tensor(); };
+  linear_bwd(gout[0], saved(z_), saved(we_).slice(0, valid_rows_), gin[0], rows(gin[1]), rows(gin[2]), stream);
+}
+
 }  // namespace helix

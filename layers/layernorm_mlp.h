@@ -34,4 +34,21 @@ class LmHeadNode final : public Node {
   int x_ = -1, wd_ = -1, pre_ = -1, gamma_ = -1, mean_ = -1, rstd_ = -1, z_ = -1, we_ = -1;
 };
 
+// The vocabulary-parallel decoder of the LM head (tensor parallelism): logits = z We_r[:n]^T + b_r[:n]
+// for this rank's rows of the tied table, n = the rows that are real vocabulary (the pad rows of the
+// last rank's shard produce no logits and get no gradient, so they stay zero). The dense / GELU /
+// LayerNorm part of the head runs replicated before it (LinearNode, GeluNode, LayerNormNode) and
+// copy_to_tp sits between the two. Inputs: z [T, H], We_r [Vr, H], b_r [Vr]. Output: [T, n].
+class LmDecoderNode final : public Node {
+ public:
+  explicit LmDecoderNode(int64_t valid_rows) : valid_rows_(valid_rows) {}
+  std::string name() const override { return "lm_decoder"; }
+  std::vector<Tensor> forward(const std::vector<Tensor>& in, const Stream& stream) override;
+  void backward(const std::vector<Tensor>& gout, std::vector<Tensor>& gin, const Stream& stream) override;
+
+ private:
+  int64_t valid_rows_;
+  int z_ = -1, we_ = -1;
+};
+
 }  // namespace helix

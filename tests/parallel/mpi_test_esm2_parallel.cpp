@@ -1,8 +1,13 @@
 // Tensor, sequence and data parallelism of the ESM-2 model on CPU ranks: loss, every gradient
 // (gathered to full shape), the gradient norm and the parameters after 3 AdamW steps equal one rank
 // running the same global batch (all dp shards as micro-batches of one step); sharded
-// initialisation equals the slice of the single-device one.
+// initialisation equals the slice of the single-device one. The vocabulary is sharded over tp (33
+// rows padded to 34 or 36): each rank's logits equal its columns of the single-rank logits, and the
+// pad rows of the table stay zero through training.
 #include <algorithm>
+#include <cstdio>
+#include <functional>
+#include <string>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -71,6 +76,24 @@ void expect_close(const Tensor& got, const Tensor& want, double tol, const std::
   EXPECT_LE(diff, tol * scale) << what << ": max abs difference " << diff << ", scale " << scale;
 }
 
+// Vocabulary parallel: rank r of tp holds rows [r*Vp/tp, (r+1)*Vp/tp) of the tied table and of
+// lm_head.bias, Vp = the vocabulary padded to a multiple of tp, the pad rows zero. Checked with plain
+// index loops against the single-rank tensor; `pad_only` checks just that the pad rows are zero.
+void expect_vocab_shard(const Esm2Model& par, const Esm2Model& ref, const std::string& name, bool pad_only) {
+  const int tp = par.tp_size(), r = par.tp_rank();
+  const Tensor got = par.params().get(name).master, want = ref.params().get(name).master;
+  const int64_t v = want.dim(0), vp = (v + tp - 1) / tp * tp, rows = vp / tp, width = want.numel() / v;
+  ASSERT_EQ(got.dim(0), rows) << name;
+  const std::vector<float> g = got.to_floats(), w = want.to_floats();
+  int64_t bad = 0;
+  for (int64_t i = 0; i < rows; ++i) {
+    const int64_t row = r * rows + i;
+    if (pad_only && row < v) continue;
+    for (int64_t j = 0; j < width; ++j) bad += g[i * width + j] != (row < v ? w[row * width + j] : 0.f);
+  }
+  EXPECT_EQ(bad, 0) << name << " on tp rank " << r << (pad_only ? ": pad rows not zero" : ": not the row slice");
+}
+
 struct Layout {
   int tp = 1;
   bool sp = false;
@@ -97,6 +120,8 @@ void run_equivalence(Layout layout) {
     const Parameter& p = par.params().all()[i];
     expect_close(p.master, par.shard_of(p, ref.params().all()[i].master), 0.0, "init of " + p.name);
   }
+  for (const char* name : {"esm.embeddings.word_embeddings.weight", "lm_head.bias"})
+    expect_vocab_shard(par, ref, name, /*pad_only=*/false);
 
   const AdamWConfig acfg{.weight_decay = 0.01, .clip_norm = 0.05};  // small clip: the norm matters
   AdamW ref_opt(ref.params(), acfg);
@@ -110,10 +135,13 @@ void run_equivalence(Layout layout) {
     const float scale = 1.0f / static_cast<float>(labels);
     ref.params().zero_grads(stream);
     double ref_loss = 0;
+    Tensor ref_logits;  // [T, V] of this rank's dp shard
     for (int d = 0; d < dp; ++d) {
       const ThdBatch b = make_batch(step, d);
       Tape tape;
-      Var loss = ref.loss(tape, ref.forward(tape, b), b, scale);
+      Var logits = ref.forward(tape, b);
+      if (d == my_dp) ref_logits = logits.data().clone();
+      Var loss = ref.loss(tape, logits, b, scale);
       tape.backward(loss);
       ref_loss += loss.data().to_floats()[0];
     }
@@ -124,7 +152,18 @@ void run_equivalence(Layout layout) {
     ASSERT_EQ(count.to_floats()[0], static_cast<float>(labels));
     sync.zero_grads(stream);
     Tape tape;
-    Var loss = par.loss(tape, par.forward(tape, b), b, 1.0f / count.to_floats()[0]);
+    Var logits = par.forward(tape, b);
+    {  // this rank's logits: the columns of its real vocabulary rows
+      const int64_t v = cfg.vocab, rows = (v + layout.tp - 1) / layout.tp, start = ctx.coords().tp * rows;
+      const int64_t cols = std::min(v - start, rows), t = ref_logits.dim(0);
+      const std::vector<float> w = ref_logits.to_floats();
+      std::vector<float> mine;
+      for (int64_t i = 0; i < t; ++i)
+        for (int64_t j = 0; j < cols; ++j) mine.push_back(w[i * v + start + j]);
+      expect_close(logits.data(), Tensor::from_floats(mine, Shape{t, cols}, DType::kF32), step == 0 ? 1e-5 : 1e-3,
+                   "logits of step " + std::to_string(step));
+    }
+    Var loss = par.loss(tape, logits, b, 1.0f / count.to_floats()[0]);
     tape.backward(loss);
     Tensor loss_sum = loss.data().clone();
     sync.sum_over_dp(loss_sum, stream);
@@ -152,6 +191,8 @@ void run_equivalence(Layout layout) {
     // Each AdamW update moves an element by at most ~lr: allow 1% of one update.
     EXPECT_LE(diff, 0.01 * kLr) << "parameter " << p.name << " after 3 steps";
   }
+  for (const char* name : {"esm.embeddings.word_embeddings.weight", "lm_head.bias"})
+    expect_vocab_shard(par, ref, name, /*pad_only=*/true);
 }
 
 TEST(Esm2Parallel, DataParallelEqualsOneRank) { run_equivalence({.tp = 1}); }  // DP=2 / DP=4
@@ -167,6 +208,38 @@ TEST(Esm2Parallel, SequenceParallelEqualsOneRank) {  // TP=2 + SP (x DP=2 on 4 r
 TEST(Esm2Parallel, TensorParallelOverFourRanks) {
   if (testing::world_size() != 4) GTEST_SKIP() << "needs 4 ranks";
   run_equivalence({.tp = 4, .sp = true});
+}
+
+// Hugging Face export under TP gathers the vocabulary shards (pad rows dropped) into the single-rank
+// tensors; import slices them back into padded shards.
+TEST(Esm2Parallel, HfExportImportGathersAndSlicesVocabRows) {
+  ParallelContext ctx = testing::make_context(ParallelSizes{.tp = testing::world_size()});
+  const ModelConfig cfg = tiny_config();
+  Esm2Model ref(cfg, Esm2Options{.device = Device::cpu(), .compute = DType::kF32});
+  ref.init_random(11);
+  Esm2Options po{.device = Device::cpu(), .compute = DType::kF32};
+  po.parallel = &ctx;
+  Esm2Model par(cfg, po);
+  par.init_random(11);
+  const auto want = ref.hf_tensors();
+  const auto got = par.hf_tensors();
+  ASSERT_EQ(got.size(), want.size());
+  for (size_t i = 0; i < got.size(); ++i) {
+    ASSERT_EQ(got[i].first, want[i].first);
+    expect_close(got[i].second, want[i].second, 0.0, "export of " + got[i].first);
+  }
+  // Import: every rank reads the file rank 0 wrote from the single-rank model.
+  // One name per source tree and world size (the np2 and np4 runs hold one lock).
+  const std::string path = "/tmp/helix_vocab_tp_" + std::to_string(std::hash<std::string>{}(HELIX_SOURCE_DIR)) + "_" +
+                           std::to_string(ctx.world_size()) + ".safetensors";
+  if (ctx.world_rank() == 0) ref.save_hf(path);
+  ctx.world().barrier();
+  Esm2Model loaded(cfg, po);
+  loaded.load_hf(SafetensorsReader(path));
+  ctx.world().barrier();
+  if (ctx.world_rank() == 0) std::remove(path.c_str());
+  for (const char* name : {"esm.embeddings.word_embeddings.weight", "lm_head.bias"})
+    expect_vocab_shard(loaded, ref, name, /*pad_only=*/false);
 }
 
 TEST(Esm2Parallel, BadCombinationsRefusedNamingTheFlag) {
