@@ -70,18 +70,26 @@ std::vector<Var> Tape::apply(std::shared_ptr<Node> node, const std::vector<Var>&
     node->needs_grad_[i] = opts_.record && inputs[i].requires_grad();
     any = any || inputs[i].requires_grad();
   }
+  if (capture_) {
+    for (const Var& v : inputs) {
+      const GradCell* c = v.cell().get();
+      if (v.requires_grad() && !capture_->inside.count(c) && capture_->seen.insert(c).second)
+        capture_->cells.push_back(v.cell());
+    }
+  }
   std::vector<Tensor> out = node->forward(in, opts_.stream);
   std::vector<Var> vars(out.size());
   for (size_t i = 0; i < out.size(); ++i) {
     if (opts_.check_finite) check_finite(out[i], node->name(), "output", i);
     vars[i] = Var::leaf(std::move(out[i]), any, "");
     vars[i].cell_->name = node->name();
+    if (capture_) capture_->inside.insert(vars[i].cell().get());
   }
   if (!opts_.record || !any) {
     node->release_saved();
     return vars;
   }
-  Record r{std::move(node), {}, {}};
+  Record r{std::move(node), {}, {}, {}};
   for (const Var& v : inputs) r.inputs.push_back(v.cell());
   for (const Var& v : vars) r.outputs.push_back(v.cell());
   records_.push_back(std::move(r));
@@ -103,6 +111,27 @@ void Tape::backward(const std::vector<Var>& roots, const std::vector<Tensor>& se
     GradCell& c = *roots[i].cell();
     HELIX_CHECK(seeds[i].shape() == c.shape, "backward: seed {} does not match root {}", seeds[i].str(), c.shape.str());
     if (c.requires_grad) c.grad = seeds[i];
+  }
+  // Gradient-ready hook: for every leaf cell, the last record in backward order (the smallest
+  // forward index) that accumulates into it. Cells some record produces are not leaves.
+  std::unordered_map<const GradCell*, size_t> last_use;
+  std::vector<std::vector<std::shared_ptr<GradCell>>> ready_after;
+  if (opts_.on_grad_ready) {
+    std::unordered_set<const GradCell*> produced;
+    for (const Record& r : records_)
+      for (const auto& c : r.outputs) produced.insert(c.get());
+    ready_after.resize(records_.size());
+    for (size_t k = 0; k < records_.size(); ++k) {
+      const Record& r = records_[k];
+      auto note = [&](const std::shared_ptr<GradCell>& c) {
+        if (!c->requires_grad || produced.count(c.get())) return;
+        auto [it, fresh] = last_use.emplace(c.get(), k);
+        if (fresh) ready_after[k].push_back(c);  // first in forward order = last in backward order
+      };
+      for (size_t i = 0; i < r.inputs.size(); ++i)
+        if (r.node->needs_input_grad(i)) note(r.inputs[i]);
+      for (const auto& c : r.captured) note(c);
+    }
   }
   for (auto it = records_.rbegin(); it != records_.rend(); ++it) {
     Node& node = *it->node;
@@ -127,6 +156,10 @@ void Tape::backward(const std::vector<Var>& roots, const std::vector<Tensor>& se
     node.release_saved();
     // The outputs' gradients were consumed: free them (they are never leaves).
     for (auto& c : it->outputs) c->grad = Tensor();
+    if (opts_.on_grad_ready) {
+      const size_t k = static_cast<size_t>(records_.rend() - it) - 1;
+      for (const auto& c : ready_after[k]) opts_.on_grad_ready(c);
+    }
   }
   records_.clear();
 }
@@ -165,6 +198,7 @@ class SegmentNode final : public Node {
     TapeOptions o = inner_;
     o.recompute = RecomputePolicy::kNone;
     o.record = true;
+    o.on_grad_ready = nullptr;  // the outer tape fires for the segment's inputs and captured cells
     Tape tape(o);
     std::vector<Var> outs = fn_(tape, leaves);
     HELIX_CHECK(outs.size() == gout.size(), "segment '{}' returned {} outputs on recompute, {} before",
@@ -194,7 +228,10 @@ std::vector<Var> Tape::segment(const std::string& name, const SegmentFn& fn, con
   // Forward without recording: inner saved tensors are dropped as soon as each node ran.
   TapeOptions quiet = opts_;
   quiet.record = false;
+  quiet.on_grad_ready = nullptr;
   Tape inner(quiet);
+  Capture capture;
+  inner.capture_ = &capture;
   std::vector<Var> leaves(inputs.size());
   std::vector<DType> grad_dtypes(inputs.size());
   std::vector<Tensor> in(inputs.size());
@@ -202,6 +239,7 @@ std::vector<Var> Tape::segment(const std::string& name, const SegmentFn& fn, con
     leaves[i] = Var::leaf(inputs[i].data(), inputs[i].requires_grad(), inputs[i].cell()->grad_dtype, "");
     grad_dtypes[i] = inputs[i].cell()->grad_dtype;
     in[i] = inputs[i].data();
+    capture.inside.insert(leaves[i].cell().get());
   }
   std::vector<Var> outs = fn(inner, leaves);
   bool any = false;
@@ -217,7 +255,7 @@ std::vector<Var> Tape::segment(const std::string& name, const SegmentFn& fn, con
   node->keep_inputs(in);
   node->needs_grad_.resize(inputs.size());
   for (size_t i = 0; i < inputs.size(); ++i) node->needs_grad_[i] = inputs[i].requires_grad();
-  Record r{node, {}, {}};
+  Record r{node, {}, {}, std::move(capture.cells)};
   for (const Var& v : inputs) r.inputs.push_back(v.cell());
   for (const Var& v : result) r.outputs.push_back(v.cell());
   records_.push_back(std::move(r));

@@ -15,6 +15,8 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <unordered_map>
+#include <unordered_set>
 #include <vector>
 
 #include "core/tensor.h"
@@ -94,6 +96,13 @@ struct TapeOptions {
   bool check_finite = false;
   // false: run forwards without recording (evaluation); saved tensors are dropped immediately.
   bool record = true;
+  // Called during backward once per leaf cell (a cell no recorded node produces) that requires a
+  // gradient, right after the backward of the last record (in backward order) that accumulates
+  // into it: its gradient is final for this backward (work for it is enqueued on `stream`). Leaves
+  // used inside a recompute segment (its inputs, and parameters its function captures) count as
+  // inputs of the segment: the hook fires after the segment's whole backward. Cells that no record
+  // reaches never fire. Empty: off. (The data-parallel gradient reducer's overlap hook.)
+  std::function<void(const std::shared_ptr<GradCell>&)> on_grad_ready;
 };
 
 class Tape {
@@ -124,11 +133,21 @@ class Tape {
     std::shared_ptr<Node> node;
     std::vector<std::shared_ptr<GradCell>> inputs;
     std::vector<std::shared_ptr<GradCell>> outputs;
+    // Recompute segments: cells requiring a gradient that the segment's function reads without
+    // receiving them as inputs (captured parameters); its backward accumulates into them.
+    std::vector<std::shared_ptr<GradCell>> captured;
+  };
+  // While a segment's forward runs on a quiet tape, collects the cells it reads from outside.
+  struct Capture {
+    std::unordered_set<const GradCell*> inside;  // segment leaves and cells produced in the segment
+    std::unordered_set<const GradCell*> seen;
+    std::vector<std::shared_ptr<GradCell>> cells;
   };
   void check_finite(const Tensor& t, const std::string& node, const char* what, size_t index) const;
 
   TapeOptions opts_;
   std::vector<Record> records_;
+  Capture* capture_ = nullptr;  // set on the quiet tape of Tape::segment's forward
 };
 
 // True when every element of a float tensor is finite (copies CUDA tensors to the host).

@@ -195,11 +195,14 @@ TrainSummary run_train(const TrainOptions& o) {
     sync.zero_grads(stream);
     const float grad_scale = labels > 0 ? 1.0f / static_cast<float>(labels) : 0.0f;
     double loss_sum = 0;
-    for (const PackedBatch& pb : micro) {
-      const ThdBatch b = to_thd(pb, device);
+    for (size_t m = 0; m < micro.size(); ++m) {
+      const ThdBatch b = to_thd(micro[m], device);
       TapeOptions to;
       to.stream = stream;
       to.recompute = mo.recompute;
+      // dp > 1: the last micro-batch's backward launches the gradient buckets as they become final
+      // (earlier micro-batches still accumulate); sync.reduce() waits for them.
+      if (m + 1 == micro.size()) to.on_grad_ready = sync.ready_hook(stream);
       Tape tape(to);
       Var logits = model.forward(tape, b);
       Var loss = model.loss(tape, logits, b, grad_scale);

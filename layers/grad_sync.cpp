@@ -2,14 +2,38 @@
 
 namespace helix {
 
-GradSync::GradSync(ParameterSet& params, const ParallelContext* ctx) : params_(params), ctx_(ctx) {
+GradSync::GradSync(ParameterSet& params, const ParallelContext* ctx, size_t dp_bucket_bytes)
+    : params_(params), ctx_(ctx) {
   if (ctx_ && ctx_->sizes().dp > 1) {
     std::vector<Var> vars;
     for (const Parameter& p : params_.all()) vars.push_back(p.var);
     DpReducerOptions o;
     o.op = ReduceOp::kSum;
+    o.bucket_bytes = dp_bucket_bytes;
     dp_ = std::make_unique<DpGradReducer>(ctx_->dp(), std::move(vars), o);
   }
+  for (size_t i = 0; i < params_.all().size(); ++i) index_.emplace(params_.all()[i].var.cell().get(), i);
+  tp_summed_.assign(params_.all().size(), false);
+}
+
+void GradSync::tp_sum_partial(size_t i, const Stream& stream) {
+  Parameter& p = params_.all()[i];
+  if (tp_summed_[i] || !p.grad_partial || !ctx_ || ctx_->sizes().tp == 1) return;
+  if (!p.grad().defined()) p.var.cell()->grad = Tensor::zeros(p.master.shape(), DType::kF32, p.master.device());
+  ctx_->tp().all_reduce(p.grad(), ReduceOp::kSum, stream);
+  tp_summed_[i] = true;
+}
+
+std::function<void(const std::shared_ptr<GradCell>&)> GradSync::ready_hook(const Stream& stream) {
+  if (!dp_) return {};
+  // Every tp and dp rank runs the same graph, so the hook fires at the same points on all of them
+  // and the collectives it issues stay matched.
+  return [this, stream](const std::shared_ptr<GradCell>& cell) {
+    auto it = index_.find(cell.get());
+    if (it == index_.end()) return;  // an input, not a parameter
+    tp_sum_partial(it->second, stream);
+    dp_->mark_ready(it->second, stream);
+  };
 }
 
 void GradSync::zero_grads(const Stream& stream) {
@@ -19,13 +43,8 @@ void GradSync::zero_grads(const Stream& stream) {
 
 void GradSync::reduce(const Stream& stream) {
   if (!ctx_) return;
-  if (ctx_->sizes().tp > 1) {
-    for (Parameter& p : params_.all()) {
-      if (!p.grad_partial) continue;
-      if (!p.grad().defined()) p.var.cell()->grad = Tensor::zeros(p.master.shape(), DType::kF32, p.master.device());
-      ctx_->tp().all_reduce(p.grad(), ReduceOp::kSum, stream);
-    }
-  }
+  for (size_t i = 0; i < params_.all().size(); ++i) tp_sum_partial(i, stream);
+  tp_summed_.assign(params_.all().size(), false);
   if (dp_) dp_->finish(stream);
 }
 

@@ -2,6 +2,8 @@
 // (bitwise-identical gradients), the non-finite check, and evaluation without recording.
 #include <gtest/gtest.h>
 
+#include <map>
+
 #include "core/allocator.h"
 #include "core/autograd.h"
 #include "core/random.h"
@@ -135,6 +137,77 @@ TEST(Autograd, RecomputeGivesBitwiseIdenticalGradients) {
   // Recompute keeps only each segment's input [8, 16] instead of every intermediate.
   EXPECT_EQ(recomputed.saved_bytes_before_backward, 3u * 8 * 16 * 4);
   EXPECT_GT(plain.saved_bytes_before_backward, 4 * recomputed.saved_bytes_before_backward);
+}
+
+// The gradient-ready hook (the data-parallel overlap): fires exactly once per leaf that receives a
+// gradient, after its last accumulation (the gradient it sees equals the final one), in the order
+// the backward finishes with leaves (late layers first), with and without recompute. A parameter
+// shared by the first and the last layer fires only after the first layer's backward.
+struct Fired {
+  std::string name;
+  std::vector<float> grad;  // the gradient when the hook fired
+};
+
+void check_ready_hook(RecomputePolicy policy) {
+  std::vector<ToyLayer> layers;
+  std::vector<Var> params;
+  for (int l = 0; l < 3; ++l) {
+    ToyLayer t{Var::leaf(randn({16, 16}, 10 + l, 0.3f), true, fmt::format("w1.{}", l)),
+               Var::leaf(randn({16}, 20 + l), true, fmt::format("b1.{}", l)),
+               Var::leaf(randn({16, 16}, 30 + l, 0.3f), true, fmt::format("w2.{}", l)),
+               Var::leaf(randn({16}, 40 + l), true, fmt::format("b2.{}", l))};
+    if (l == 2) t.b2 = layers[0].b2;  // shared by layers 0 and 2 (captured by two segments)
+    layers.push_back(t);
+    params.insert(params.end(), {t.w1, t.b1, t.w2});
+    if (l != 2) params.push_back(t.b2);
+  }
+  Var x = Var::leaf(randn({8, 16}, 50), true, "x");
+  Var unused = Var::leaf(randn({4}, 51), true, "unused");
+  Var frozen = Var::leaf(randn({8, 16}, 52), false, "frozen");
+  params.push_back(x);
+  std::vector<Fired> fired;
+  std::map<std::string, std::vector<float>> final_grads;
+  TapeOptions o{.recompute = policy};
+  o.on_grad_ready = [&](const std::shared_ptr<GradCell>& c) {
+    fired.push_back({c->name, c->grad.defined() ? c->grad.to_vector<float>() : std::vector<float>{}});
+  };
+  Tape tape(o);
+  Var h = tape.apply1(std::make_shared<AddRef<float>>(), {x, frozen});  // x is also used outside
+  for (int l = 0; l < 3; ++l) h = tape.segment(fmt::format("layer{}", l), layers[l], {h})[0];
+  h = tape.apply1(std::make_shared<AddRef<float>>(), {h, x});
+  Var loss = tape.apply1(std::make_shared<SumRef<float>>(), {h});
+  tape.backward(loss);
+
+  ASSERT_EQ(fired.size(), params.size()) << "one call per leaf that receives a gradient";
+  std::map<std::string, int> position;
+  for (size_t i = 0; i < fired.size(); ++i) {
+    EXPECT_TRUE(position.emplace(fired[i].name, static_cast<int>(i)).second) << fired[i].name << " fired twice";
+    EXPECT_NE(fired[i].name, "unused");
+    EXPECT_NE(fired[i].name, "frozen");
+  }
+  for (const Var& p : params) {
+    ASSERT_TRUE(position.count(p.name())) << p.name() << " never fired";
+    const std::vector<float> g = p.grad().to_vector<float>();
+    EXPECT_EQ(fired[static_cast<size_t>(position[p.name()])].grad, g)
+        << p.name() << ": the hook saw a gradient that was still accumulating";
+  }
+  // Late layers are final first; the shared b2 and x (used by the first node) come last.
+  for (const char* n : {"w1", "b1", "w2"}) {
+    EXPECT_LT(position[fmt::format("{}.2", n)], position[fmt::format("{}.1", n)]) << n;
+    EXPECT_LT(position[fmt::format("{}.1", n)], position[fmt::format("{}.0", n)]) << n;
+  }
+  EXPECT_LT(position["b2.1"], position["b2.0"]);
+  EXPECT_GT(position["b2.0"], position["w1.1"]);  // not final while layer 0 is still ahead
+  EXPECT_EQ(position["x"], static_cast<int>(fired.size()) - 1);
+  EXPECT_FALSE(unused.grad().defined());
+}
+
+TEST(Autograd, GradReadyHookFiresOncePerLeafAfterItsLastAccumulation) {
+  check_ready_hook(RecomputePolicy::kNone);
+}
+
+TEST(Autograd, GradReadyHookUnderRecomputeCoversCapturedParameters) {
+  check_ready_hook(RecomputePolicy::kFull);
 }
 
 TEST(Autograd, NonFiniteCheckNamesTheNode) {
