@@ -2,8 +2,10 @@
 # One call on a GPU machine: configure + build (CUDA, sm_90a), run every test, then the kernel
 # benchmarks. Logs go to $OUT (or ./gpu_check_out). Used for the numbers in docs/perf/.
 #   examples/scripts/gpu_check.sh [tests|bench|all|train]
-# Where Boost.Program_options is not installed as a library, point HELIX_BOOST_PO_SOURCES at its
-# src/*.cpp (same Boost version as the headers) and it is compiled into the build.
+# Where Boost.Program_options is not installed as a library (the GPU image), point
+# HELIX_BOOST_PO_SOURCES at its
+# src/*.cpp (same Boost version as the headers; examples/scripts/fetch_boost_po_sources.sh fetches
+# them into .carry/boost_po) and it is compiled into the build.
 set -uo pipefail
 what=${1:-all}
 root=$(cd "$(dirname "$0")/../.." && pwd)
