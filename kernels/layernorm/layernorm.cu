@@ -241,30 +241,29 @@ __global__ void __launch_bounds__(kMaxRowThreads) layernorm_bwd_kernel(BwdArgs a
   }
 }
 
-// Grid: ceil(C / 32) blocks of (32, 32). Thread (tx, ty) adds partial rows ty, ty + 32, ... of
-// column blockIdx.x * 32 + tx; row ty == 0 then adds the 32 sums in order and accumulates (+=).
-__global__ void layernorm_param_reduce_kernel(const float* dgamma_part, const float* dbeta_part,
-                                              int64_t parts, int cols, float* dgamma,
-                                              float* dbeta) {
-  __shared__ float sg[32][33], sb[32][33];
-  const int c = blockIdx.x * 32 + threadIdx.x;
-  float g = 0.f, b = 0.f;
+// Grid: (ceil(C / 16), 2) blocks of (16, 32); blockIdx.y 0 reduces dgamma, 1 reduces dbeta (the two
+// are independent; a block per parameter and 16 columns a block spread the pass over more SMs
+// without changing any sum). Thread (tx, ty) adds partial rows ty, ty + 32, ... of column
+// blockIdx.x * 16 + tx in that order (the loop is unrolled so that the loads are in flight
+// together; the adds stay in order); row ty == 0 then adds the 32 sums in order and accumulates.
+__global__ void layernorm_param_reduce_kernel(const float* __restrict__ dgamma_part,
+                                              const float* __restrict__ dbeta_part, int64_t parts,
+                                              int cols, float* dgamma, float* dbeta) {
+  __shared__ float sg[32][17];
+  const float* part = blockIdx.y == 0 ? dgamma_part : dbeta_part;
+  float* out = blockIdx.y == 0 ? dgamma : dbeta;
+  if (!out) return;  // uniform across the block
+  const int c = blockIdx.x * 16 + threadIdx.x;
+  float g = 0.f;
   if (c < cols) {
-    for (int64_t p = threadIdx.y; p < parts; p += 32) {
-      if (dgamma) g += dgamma_part[p * cols + c];
-      if (dbeta) b += dbeta_part[p * cols + c];
-    }
+#pragma unroll 8
+    for (int64_t p = threadIdx.y; p < parts; p += 32) g += part[p * cols + c];
   }
   sg[threadIdx.y][threadIdx.x] = g;
-  sb[threadIdx.y][threadIdx.x] = b;
   __syncthreads();
   if (threadIdx.y == 0 && c < cols) {
-    for (int k = 1; k < 32; ++k) {
-      g += sg[k][threadIdx.x];
-      b += sb[k][threadIdx.x];
-    }
-    if (dgamma) dgamma[c] += g;
-    if (dbeta) dbeta[c] += b;
+    for (int k = 1; k < 32; ++k) g += sg[k][threadIdx.x];
+    out[c] += g;
   }
 }
 
@@ -384,8 +383,8 @@ void detail::layernorm_bwd_cuda(const LayerNormBwdParams& p, const Stream& strea
         layernorm_bwd_kernel<X, W, 1><<<static_cast<unsigned>(grid), block, 0, st>>>(args);
       HELIX_LAUNCH_CHECK();
       if (need_params) {
-        layernorm_param_reduce_kernel<<<static_cast<unsigned>((C + 31) / 32), dim3(32, 32), 0,
-                                        st>>>(args.dgamma_part, args.dbeta_part, parts,
+        layernorm_param_reduce_kernel<<<dim3(static_cast<unsigned>((C + 15) / 16), 2),
+                                        dim3(16, 32), 0, st>>>(args.dgamma_part, args.dbeta_part, parts,
                                               static_cast<int>(C),
                                               p.dgamma.defined() ? p.dgamma.data<float>() : nullptr,
                                               p.dbeta.defined() ? p.dbeta.data<float>() : nullptr);
