@@ -27,8 +27,9 @@ TEST(Axpy, CpuAgainstDouble) {
 TEST(AxpyGpu, MatchesCpu) {
   HELIX_REQUIRE_CUDA();
   for (int64_t n : {1, 7, 71 * 229, 1 << 20})
+    for (DType xd : {DType::kF32, DType::kBF16})
     for (DType yd : {DType::kF32, DType::kBF16}) {
-      Tensor x = Tensor::empty({n}, DType::kF32), y = Tensor::empty({n}, yd);
+      Tensor x = Tensor::empty({n}, xd), y = Tensor::empty({n}, yd);
       fill_normal(x, 2, n, 0.f, 1.f);
       fill_normal(y, 3, n, 0.f, 1.f);
       Tensor yg = y.to(Device::cuda());

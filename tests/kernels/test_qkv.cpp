@@ -28,8 +28,8 @@ TEST(Qkv, SplitAndJoinOnCpu) {
 TEST(QkvGpu, MatchesCpu) {
   HELIX_REQUIRE_CUDA();
   for (DType dt : {DType::kF32, DType::kBF16})
-    for (int64_t t : {1, 71, 4099}) {
-      const int64_t h = 320;
+    for (int64_t t : {1, 71, 4099})
+    for (int64_t h : {320, 33}) {  // 16-byte packs, and the scalar fallback
       Tensor qkv = Tensor::empty({t, 3 * h}, dt);
       fill_normal(qkv, 5, t, 0.f, 1.f);
       Tensor q = Tensor::empty({t, h}, dt), k = q.clone(), v = q.clone();
