@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "esm2_test_batch.h"
 #include "layers/esm2.h"
 #include "layers/grad_sync.h"
 #include "layers/optimizer.h"
@@ -32,36 +33,8 @@ ModelConfig small_config() {
 
 // A packed batch of 3 proteins (odd total T, so SP pads); `shard` picks the micro-batch.
 ThdBatch make_batch(int step, int shard, Device device) {
-  uint64_t s = 0xD1B54A32D192ED03ull * static_cast<uint64_t>(3 + step * 11 + shard);
-  const auto next = [&s](int n) {
-    s = s * 6364136223846793005ull + 1442695040888963407ull;
-    return static_cast<int>((s >> 33) % static_cast<uint64_t>(n));
-  };
-  const std::vector<int> lens{9 + shard, 14 - step, 5 + 3 * shard + step};
-  std::vector<int32_t> tokens, labels, cu{0};
-  for (int len : lens) {
-    for (int i = 0; i < len; ++i) {
-      int32_t tok = 4 + next(20);
-      int32_t lab = -100;
-      if (i > 0 && i + 1 < len && next(100) < 30) {
-        lab = tok;
-        if (next(10) < 8) tok = 32;  // <mask>
-      }
-      tokens.push_back(i == 0 ? 0 : i + 1 == len ? 2 : tok);
-      labels.push_back(i == 0 || i + 1 == len ? -100 : lab);
-    }
-    cu.push_back(cu.back() + len);
-  }
-  ThdBatch b;
-  const int64_t t = static_cast<int64_t>(tokens.size());
-  b.tokens = Tensor::from_vector<int32_t>(tokens, Shape{t});
-  b.labels = Tensor::from_vector<int32_t>(labels, Shape{t});
-  b.cu_seqlens = Tensor::from_vector<int32_t>(cu, Shape{static_cast<int64_t>(cu.size())});
-  b.cu_seqlens_padded = b.cu_seqlens.clone();
-  b.max_seqlen = *std::max_element(lens.begin(), lens.end());
-  b.num_tokens = t;
-  b.num_labels = std::count_if(labels.begin(), labels.end(), [](int32_t l) { return l != -100; });
-  return b.to(device);
+  return testing::synthetic_esm2_batch({9 + shard, 14 - step, 5 + 3 * shard + step},
+                                       0xD1B54A32D192ED03ull * static_cast<uint64_t>(3 + step * 11 + shard), 30, device);
 }
 
 struct Errors {

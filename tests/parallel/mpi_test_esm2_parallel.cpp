@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "esm2_test_batch.h"
 #include "layers/esm2.h"
 #include "layers/grad_sync.h"
 #include "layers/optimizer.h"
@@ -32,36 +33,9 @@ ModelConfig tiny_config() {
 
 // A packed batch of 3 proteins (odd total T, so SP pads) for data shard `shard` of step `step`.
 ThdBatch make_batch(int step, int shard) {
-  uint64_t s = 0x9E3779B97F4A7C15ull * static_cast<uint64_t>(1 + step * 7 + shard);
-  const auto next = [&s](int n) {
-    s = s * 6364136223846793005ull + 1442695040888963407ull;
-    return static_cast<int>((s >> 33) % static_cast<uint64_t>(n));
-  };
-  const std::vector<int> lens{7 + shard, 12 - step, 6 + 2 * shard + step};
-  std::vector<int32_t> tokens, labels, cu{0};
-  for (int len : lens) {
-    for (int i = 0; i < len; ++i) {
-      int32_t tok = 4 + next(20);
-      int32_t lab = -100;
-      if (i > 0 && i + 1 < len && next(100) < 25) {
-        lab = tok;
-        if (next(10) < 8) tok = 32;  // <mask>
-      }
-      tokens.push_back(i == 0 ? 0 : i + 1 == len ? 2 : tok);
-      labels.push_back(i == 0 || i + 1 == len ? -100 : lab);
-    }
-    cu.push_back(cu.back() + len);
-  }
-  ThdBatch b;
-  const int64_t t = static_cast<int64_t>(tokens.size());
-  b.tokens = Tensor::from_vector<int32_t>(tokens, Shape{t});
-  b.labels = Tensor::from_vector<int32_t>(labels, Shape{t});
-  b.cu_seqlens = Tensor::from_vector<int32_t>(cu, Shape{static_cast<int64_t>(cu.size())});
-  b.cu_seqlens_padded = b.cu_seqlens.clone();
-  b.max_seqlen = *std::max_element(lens.begin(), lens.end());
-  b.num_tokens = t;
-  b.num_labels = std::count_if(labels.begin(), labels.end(), [](int32_t l) { return l != -100; });
-  return b.to(Device::cpu());
+  return testing::synthetic_esm2_batch({7 + shard, 12 - step, 6 + 2 * shard + step},
+                                       0x9E3779B97F4A7C15ull * static_cast<uint64_t>(1 + step * 7 + shard), 25,
+                                       Device::cpu());
 }
 
 // max |a - b| <= tol * max(max |b|, 1e-3): relative to the tensor's scale (fp32 sums in another order).
