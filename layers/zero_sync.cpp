@@ -246,6 +246,15 @@ void ZeroSync::after_step(const Stream& stream) {
   }
 }
 
+void ZeroSync::refresh_model_copies(const Stream& stream) {
+  for (size_t u = 0; u < num_units(); ++u) {
+    Tensor mine = model_shard(u);
+    if (!mine.shares_storage(master_[u]))
+      mine.copy_from(mine.dtype() == DType::kF32 ? master_[u] : master_[u].to(mine.dtype(), stream), stream);
+    if (opts_.stage < 3) comm_->all_gather(mine, model_[u], stream);
+  }
+}
+
 Tensor ZeroSync::gather_flat(const Tensor& shard) const {
   const Stream stream = default_stream(device_);
   Tensor full = Tensor::empty({shard.numel() * comm_->size()}, shard.dtype(), device_, stream);

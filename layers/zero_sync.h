@@ -72,6 +72,9 @@ class ZeroSync final : public Esm2LayerHooks {
   Tensor model_shard(size_t u) const;
   // After an applied optimizer step: stages 1-2 all-gather the updated model copies.
   void after_step(const Stream& stream);
+  // After the master shards were written from outside (a checkpoint restore): converts them into
+  // this rank's model-copy shard and (stages 1-2) all-gathers the full model copies. Collective.
+  void refresh_model_copies(const Stream& stream);
 
   // Collective over the shard group (call in the same order on every rank): this tp rank's
   // full-shape f32 master / reduced gradient of parameter i, on the CPU.
