@@ -169,6 +169,7 @@ void ZeroSync::zero_grads(const Stream& stream) {
 void ZeroSync::reduce_unit(size_t u, const Stream& stream) {
   if (reduced_[u]) return;
   ensure_full_grad(u, stream);
+  if (gatherer_) gatherer_->order_after_in_flight(stream);  // a prefetch of the same group
   // Sequence parallelism: partial sums over tp first (as GradSync does).
   if (ctx_->sizes().tp > 1)
     for (size_t k = 0; k < unit_params_[u].size(); ++k)

@@ -107,6 +107,11 @@ void ZeroGatherer::start(size_t unit, const Tensor& shard, const Stream& compute
   pending_[unit] = std::move(p);
 }
 
+void ZeroGatherer::order_after_in_flight(const Stream& compute) const {
+  for (const auto& p : pending_)
+    if (p && p->done) p->done->wait(compute);
+}
+
 Tensor ZeroGatherer::wait(size_t unit, const Tensor& shard, const Stream& compute) {
   start(unit, shard, compute);
   std::unique_ptr<Pending> p = std::move(pending_[unit]);

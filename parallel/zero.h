@@ -99,6 +99,10 @@ class ZeroGatherer {
   bool in_flight(size_t unit) const;
   // The gathered buffer (start() first if not in flight); `compute` waits for it.
   Tensor wait(size_t unit, const Tensor& shard, const Stream& compute);
+  // Makes `compute` wait for every gather in flight: call before another collective of the same
+  // group on the compute stream (NCCL needs the collectives of one communicator ordered alike on
+  // every rank, not running concurrently on two streams).
+  void order_after_in_flight(const Stream& compute) const;
   const Stream& comm_stream() const { return comm_stream_; }
 
  private:
