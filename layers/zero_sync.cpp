@@ -49,6 +49,19 @@ std::vector<std::vector<size_t>> esm2_zero_units(const Esm2Model& model) {
   return units;
 }
 
+std::vector<std::vector<int64_t>> esm2_zero_unit_numels(const ModelConfig& config, int tp) {
+  HELIX_CHECK(tp >= 1 && config.heads % tp == 0 && config.ffn % tp == 0,
+              "--tp {}: expected heads ({}) and FFN size ({}) divisible by tp", tp, config.heads, config.ffn);
+  const int64_t h = config.hidden, f = config.ffn, vr = (config.vocab + tp - 1) / tp;
+  std::vector<std::vector<int64_t>> units;
+  // Parameter order of Esm2Model: embedding, the layers, final LayerNorm, LM head.
+  units.push_back({vr * h, h, h, h * h, h, h, h, vr});
+  const std::vector<int64_t> layer{h, h, 3 * h / tp * h, 3 * h / tp, h * (h / tp), h, h, h, f / tp * h, f / tp,
+                                   h * (f / tp), h};
+  for (int i = 0; i < config.layers; ++i) units.push_back(layer);
+  return units;
+}
+
 ZeroSync::ZeroSync(Esm2Model& model, const ParallelContext& ctx, ZeroOptions options)
     : esm2_(model), params_(model.params()), ctx_(&ctx), comm_(options.shard_comm ? options.shard_comm : &ctx.dp()),
       opts_(options) {

@@ -121,5 +121,8 @@ ZeroMemory unsharded_memory(const ParameterSet& params, AdamW& opt);
 // The ZeRO units of an ESM-2 model (unit 0: the parameters outside the layers; unit 1 + i: layer i),
 // as parameter indices; the memory formula's unit_numels come from their shapes.
 std::vector<std::vector<size_t>> esm2_zero_units(const Esm2Model& model);
+// The same units' tensor sizes from the configuration alone (this tp rank's shapes, the vocabulary
+// padded to a multiple of tp), for zero_memory_bytes without building the model (`helix plan`).
+std::vector<std::vector<int64_t>> esm2_zero_unit_numels(const ModelConfig& config, int tp);
 
 }  // namespace helix

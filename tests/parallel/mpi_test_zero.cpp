@@ -100,6 +100,11 @@ void run_zero_equivalence(ZeroCase c) {
   zo.regather_in_backward = c.recompute;
   ZeroSync zero(par, ctx, zo);
   expect_memory(zero, "after sharding");
+  {  // the planner's sizes from the configuration alone equal the model's
+    std::vector<std::vector<int64_t>> got;
+    for (const ZeroUnitLayout& u : zero.layout().units) got.push_back(u.numels);
+    EXPECT_EQ(got, esm2_zero_unit_numels(cfg, c.tp));
+  }
   for (size_t i = 0; i < par.params().all().size(); ++i) {
     const Parameter& p = par.params().all()[i];
     EXPECT_FALSE(p.master.defined()) << p.name << ": the full master should be gone";
