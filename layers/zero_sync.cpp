@@ -297,7 +297,8 @@ Tensor ZeroSync::local_grad(size_t i) const {
 }
 
 void ZeroSync::materialize_masters() {
-  for (size_t i = 0; i < params_.all().size(); ++i) params_.all()[i].master = local_master(i).to(device_);
+  // On the CPU: export reads them there, and the device keeps no second full copy of the model.
+  for (size_t i = 0; i < params_.all().size(); ++i) params_.all()[i].master = local_master(i);
 }
 
 ZeroMemory ZeroSync::memory() const {

@@ -80,7 +80,8 @@ class ZeroSync final : public Esm2LayerHooks {
   // full-shape f32 master / reduced gradient of parameter i, on the CPU.
   Tensor local_master(size_t i) const;
   Tensor local_grad(size_t i) const;
-  // Collective: gives every Parameter::master its full tensor again (for save_hf / hf_tensors).
+  // Collective: gives every Parameter::master its full tensor again, on the CPU (for save_hf /
+  // hf_tensors at the end of training; the device holds no second full copy).
   void materialize_masters();
 
   // Bytes of the buffers that exist now (measured) and the formula for this layout.
