@@ -67,6 +67,12 @@ enum class AttentionMask : uint8_t { kBidirectional, kCausal };
 // kDeterministic computes dQ in a second pass that owns each query tile: bitwise reproducible.
 enum class AttentionBwdMode : uint8_t { kAtomic, kDeterministic };
 
+// Key tile of the CUDA backward's dK/dV kernel: a speed choice, same semantics and error bounds
+// (the CPU ignores it). kKeys64: 64-key CTAs, 16 keys a warp. kKeys128: 128-key CTAs (32 keys a
+// warp at D <= 64, 8 warps at D = 128): half the dQ atomics and Q/dO reloads, and at D <= 64 each
+// Q/dO fragment feeds two key tiles. kDefault: kKeys64 (see docs/perf/attention.md).
+enum class AttentionBwdTiling : uint8_t { kDefault, kKeys64, kKeys128 };
+
 struct ThdAttentionFwdParams {
   Tensor q;  // [Tq, H, D] bf16, contiguous, 16-byte aligned; D in {16, 24, 32, 64, 128} on CUDA
              // (24 runs in tiles of 32), 1..256 on the CPU (which also takes f32)
@@ -91,6 +97,7 @@ struct ThdAttentionBwdParams {
   float softmax_scale = 0.f;
   AttentionMask mask = AttentionMask::kBidirectional;
   AttentionBwdMode mode = AttentionBwdMode::kAtomic;
+  AttentionBwdTiling tiling = AttentionBwdTiling::kDefault;
   Tensor d_q;  // [Tq, H, D] bf16, written
   Tensor d_k;  // [Tk, H, D] bf16, written
   Tensor d_v;  // [Tk, H, D] bf16, written

@@ -6,6 +6,7 @@
 // FLOPs: 4 * H * D * sum(s^2) forward, 2.5x that backward (fwd+bwd = 3.5x), halved for causal.
 //   helix_bench_attention [--lengths-out FILE] [--iters N] [--warmup N] [--causal]
 //                         [--deterministic] [--cases protein,long4k,long16k] [--dims 64,128]
+//                         [--bwd-tiling default|keys64|keys128]
 #include "kernels/attention/attention.h"
 
 #include <algorithm>
@@ -105,8 +106,19 @@ double time_ms(const std::function<void()>& f, const Stream& s, int warmup, int 
   return median(ms);
 }
 
-void run_case(const Case& c, int dim, AttentionMask mask, AttentionBwdMode mode, int warmup,
-              int iters, const std::string& device_name) {
+// What every case runs with (from the command line).
+struct BenchOptions {
+  AttentionMask mask = AttentionMask::kBidirectional;
+  AttentionBwdMode mode = AttentionBwdMode::kAtomic;
+  AttentionBwdTiling tiling = AttentionBwdTiling::kDefault;
+  std::string tiling_name = "default";
+  int warmup = 3, iters = 10;
+};
+
+void run_case(const Case& c, int dim, const BenchOptions& opt, const std::string& device_name) {
+  const AttentionMask mask = opt.mask;
+  const AttentionBwdMode mode = opt.mode;
+  const int warmup = opt.warmup, iters = opt.iters;
   const Device dev = Device::cuda();
   const Stream s = Stream::create(dev);
   const int heads = heads_for(dim);
@@ -142,6 +154,7 @@ void run_case(const Case& c, int dim, AttentionMask mask, AttentionBwdMode mode,
   b.softmax_scale = f.softmax_scale;
   b.mask = mask;
   b.mode = mode;
+  b.tiling = opt.tiling;
   b.d_q = Tensor::empty({tokens, heads, dim}, DType::kBF16, dev, s);
   b.d_k = Tensor::empty({tokens, heads, dim}, DType::kBF16, dev, s);
   b.d_v = Tensor::empty({tokens, heads, dim}, DType::kBF16, dev, s);
@@ -157,21 +170,23 @@ void run_case(const Case& c, int dim, AttentionMask mask, AttentionBwdMode mode,
   std::printf(
       "{\"impl\": \"helix\", \"case\": \"%s\", \"mask\": \"%s\", \"head_dim\": %d, \"heads\": %d, "
       "\"seqs\": %zu, \"tokens\": %lld, \"max_seqlen\": %d, \"bwd_mode\": \"%s\", "
+      "\"bwd_tiling\": \"%s\", "
       "\"fwd_ms\": %.4f, \"fwd_tflops\": %.2f, \"fwdbwd_ms\": %.4f, \"fwdbwd_tflops\": %.2f, "
       "\"device\": \"%s\"}\n",
       c.name.c_str(), mask == AttentionMask::kCausal ? "causal" : "bidirectional", dim, heads,
       c.lengths.size(), static_cast<long long>(tokens), layout.max_seqlen_q,
-      mode == AttentionBwdMode::kAtomic ? "atomic" : "deterministic", fwd_ms, flops / fwd_ms * 1e-9,
-      fwdbwd_ms, 3.5 * flops / fwdbwd_ms * 1e-9, device_name.c_str());
+      mode == AttentionBwdMode::kAtomic ? "atomic" : "deterministic", opt.tiling_name.c_str(),
+      fwd_ms, flops / fwd_ms * 1e-9, fwdbwd_ms, 3.5 * flops / fwdbwd_ms * 1e-9,
+      device_name.c_str());
   std::fflush(stdout);
 }
 #endif
 
 int bench_main(int argc, char** argv) {
   std::string lengths_out, case_list = "protein,long4k,long16k", dim_list = "64,128";
-  int iters = 10, warmup = 3;
-  AttentionMask mask = AttentionMask::kBidirectional;
-  AttentionBwdMode mode = AttentionBwdMode::kAtomic;
+  BenchOptions opt;
+  int& iters = opt.iters;
+  int& warmup = opt.warmup;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     auto next = [&]() -> std::string {
@@ -189,11 +204,22 @@ int bench_main(int argc, char** argv) {
     else if (a == "--dims")
       dim_list = next();
     else if (a == "--causal")
-      mask = AttentionMask::kCausal;
+      opt.mask = AttentionMask::kCausal;
     else if (a == "--deterministic")
-      mode = AttentionBwdMode::kDeterministic;
-    else
+      opt.mode = AttentionBwdMode::kDeterministic;
+    else if (a == "--bwd-tiling") {
+      opt.tiling_name = next();
+      if (opt.tiling_name == "default")
+        opt.tiling = AttentionBwdTiling::kDefault;
+      else if (opt.tiling_name == "keys64")
+        opt.tiling = AttentionBwdTiling::kKeys64;
+      else if (opt.tiling_name == "keys128")
+        opt.tiling = AttentionBwdTiling::kKeys128;
+      else
+        HELIX_FAIL("--bwd-tiling: expected default, keys64 or keys128, got {}", opt.tiling_name);
+    } else {
       HELIX_FAIL("unknown argument {} (see the header of tests/bench/attention.cpp)", a);
+    }
   }
   HELIX_CHECK(iters >= 1 && warmup >= 0, "--iters: expected >= 1, got {}", iters);
   const std::vector<Case> cases = all_cases();
@@ -213,7 +239,7 @@ int bench_main(int argc, char** argv) {
     for (const std::string& d : split(dim_list)) {
       const int dim = std::atoi(d.c_str());
       HELIX_CHECK(dim == 64 || dim == 128, "--dims: expected 64 or 128, got {}", d);
-      run_case(*it, dim, mask, mode, warmup, iters, prop.name);
+      run_case(*it, dim, opt, prop.name);
     }
   }
 #endif
