@@ -5,7 +5,8 @@
 #   examples/bench/run_attention_bench.sh [BUILD_DIR] [--causal] [--iters N] [--cases ...] [--dims ...]
 # (the extra arguments go to both sides)
 # Results (JSON lines and the table) go to $OUT_DIR (default: a new temporary folder).
-# HELIX_BWD_TILING=keys64|keys128 picks the helix backward's dK/dV tiling (default: the library's).
+# HELIX_BWD_TILING=keys64|keys128 picks the helix backward's dK/dV tiling, HELIX_FWD_TILING=rows16|rows32
+# the D = 128 forward's rows per warp (default: the library's choice).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
@@ -16,8 +17,8 @@ mkdir -p "$out"
 bench="$build/tests/helix_bench_attention"
 [ -x "$bench" ] || { echo "run_attention_bench.sh: $bench not found (build the helix_bench_attention target)"; exit 1; }
 
-"$bench" --lengths-out "$out/lengths.json" ${HELIX_BWD_TILING:+--bwd-tiling "$HELIX_BWD_TILING"} "$@" |
-  tee "$out/helix.jsonl"
+"$bench" --lengths-out "$out/lengths.json" ${HELIX_BWD_TILING:+--bwd-tiling "$HELIX_BWD_TILING"} \
+  ${HELIX_FWD_TILING:+--fwd-tiling "$HELIX_FWD_TILING"} "$@" | tee "$out/helix.jsonl"
 python3 "$here/attention_torch.py" --lengths "$out/lengths.json" "$@" | tee "$out/torch.jsonl"
 python3 - "$out/helix.jsonl" "$out/torch.jsonl" <<'PY' | tee "$out/table.txt"
 import json, sys

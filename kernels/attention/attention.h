@@ -61,6 +61,12 @@ struct ThdAttentionLayout {
 
 enum class AttentionMask : uint8_t { kBidirectional, kCausal };
 
+// Query rows per warp of the CUDA forward at D = 128 (D <= 64 always runs 32): a speed choice, same
+// semantics (the CPU and D <= 64 ignore it). kRows16: one m16 tile a warp, Q fragments held in
+// registers, K/V tiles of 64 keys. kRows32: two m16 tiles sharing every K/V fragment, Q fragments
+// re-read from shared memory, K/V tiles of 32 keys. kDefault: kRows16 (docs/perf/attention.md).
+enum class AttentionFwdTiling : uint8_t { kDefault, kRows16, kRows32 };
+
 // How the backward accumulates dQ. dK and dV are always owned by one CTA per key tile and written
 // once, so they are deterministic in both modes. kAtomic adds each key tile's dQ contribution into
 // an fp32 buffer with atomics (FlashAttention-2, fastest, summation order varies from run to run);
@@ -81,6 +87,7 @@ struct ThdAttentionFwdParams {
   ThdAttentionLayout layout;
   float softmax_scale = 0.f;  // > 0, usually 1/sqrt(D)
   AttentionMask mask = AttentionMask::kBidirectional;
+  AttentionFwdTiling tiling = AttentionFwdTiling::kDefault;
   Tensor o;    // [Tq, H, D] bf16, written
   Tensor lse;  // [H, Tq] f32, written
 };

@@ -7,6 +7,7 @@
 //   helix_bench_attention [--lengths-out FILE] [--iters N] [--warmup N] [--causal]
 //                         [--deterministic] [--cases protein,long4k,long16k] [--dims 64,128]
 //                         [--bwd-tiling default|keys64|keys128]
+//                         [--fwd-tiling default|rows16|rows32]
 #include "kernels/attention/attention.h"
 
 #include <algorithm>
@@ -32,6 +33,17 @@
 
 namespace helix {
 namespace {
+
+// What every case runs with (from the command line).
+struct BenchOptions {
+  AttentionMask mask = AttentionMask::kBidirectional;
+  AttentionBwdMode mode = AttentionBwdMode::kAtomic;
+  AttentionBwdTiling tiling = AttentionBwdTiling::kDefault;
+  std::string tiling_name = "default";
+  AttentionFwdTiling fwd_tiling = AttentionFwdTiling::kDefault;  // D = 128 only
+  std::string fwd_tiling_name = "default";
+  int warmup = 3, iters = 10;
+};
 
 struct Case {
   std::string name;
@@ -106,15 +118,6 @@ double time_ms(const std::function<void()>& f, const Stream& s, int warmup, int 
   return median(ms);
 }
 
-// What every case runs with (from the command line).
-struct BenchOptions {
-  AttentionMask mask = AttentionMask::kBidirectional;
-  AttentionBwdMode mode = AttentionBwdMode::kAtomic;
-  AttentionBwdTiling tiling = AttentionBwdTiling::kDefault;
-  std::string tiling_name = "default";
-  int warmup = 3, iters = 10;
-};
-
 void run_case(const Case& c, int dim, const BenchOptions& opt, const std::string& device_name) {
   const AttentionMask mask = opt.mask;
   const AttentionBwdMode mode = opt.mode;
@@ -141,6 +144,7 @@ void run_case(const Case& c, int dim, const BenchOptions& opt, const std::string
   f.layout = layout;
   f.softmax_scale = static_cast<float>(1.0 / std::sqrt(double(dim)));
   f.mask = mask;
+  f.tiling = opt.fwd_tiling;
   f.o = Tensor::empty({tokens, heads, dim}, DType::kBF16, dev, s);
   f.lse = Tensor::empty({heads, tokens}, DType::kF32, dev, s);
   ThdAttentionBwdParams b;
@@ -170,14 +174,14 @@ void run_case(const Case& c, int dim, const BenchOptions& opt, const std::string
   std::printf(
       "{\"impl\": \"helix\", \"case\": \"%s\", \"mask\": \"%s\", \"head_dim\": %d, \"heads\": %d, "
       "\"seqs\": %zu, \"tokens\": %lld, \"max_seqlen\": %d, \"bwd_mode\": \"%s\", "
-      "\"bwd_tiling\": \"%s\", "
+      "\"bwd_tiling\": \"%s\", \"fwd_tiling\": \"%s\", "
       "\"fwd_ms\": %.4f, \"fwd_tflops\": %.2f, \"fwdbwd_ms\": %.4f, \"fwdbwd_tflops\": %.2f, "
       "\"device\": \"%s\"}\n",
       c.name.c_str(), mask == AttentionMask::kCausal ? "causal" : "bidirectional", dim, heads,
       c.lengths.size(), static_cast<long long>(tokens), layout.max_seqlen_q,
       mode == AttentionBwdMode::kAtomic ? "atomic" : "deterministic", opt.tiling_name.c_str(),
-      fwd_ms, flops / fwd_ms * 1e-9, fwdbwd_ms, 3.5 * flops / fwdbwd_ms * 1e-9,
-      device_name.c_str());
+      opt.fwd_tiling_name.c_str(), fwd_ms, flops / fwd_ms * 1e-9, fwdbwd_ms,
+      3.5 * flops / fwdbwd_ms * 1e-9, device_name.c_str());
   std::fflush(stdout);
 }
 #endif
@@ -217,6 +221,16 @@ int bench_main(int argc, char** argv) {
         opt.tiling = AttentionBwdTiling::kKeys128;
       else
         HELIX_FAIL("--bwd-tiling: expected default, keys64 or keys128, got {}", opt.tiling_name);
+    } else if (a == "--fwd-tiling") {
+      opt.fwd_tiling_name = next();
+      if (opt.fwd_tiling_name == "default")
+        opt.fwd_tiling = AttentionFwdTiling::kDefault;
+      else if (opt.fwd_tiling_name == "rows16")
+        opt.fwd_tiling = AttentionFwdTiling::kRows16;
+      else if (opt.fwd_tiling_name == "rows32")
+        opt.fwd_tiling = AttentionFwdTiling::kRows32;
+      else
+        HELIX_FAIL("--fwd-tiling: expected default, rows16 or rows32, got {}", opt.fwd_tiling_name);
     } else {
       HELIX_FAIL("unknown argument {} (see the header of tests/bench/attention.cpp)", a);
     }

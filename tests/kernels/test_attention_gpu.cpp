@@ -3,9 +3,10 @@
 // is at most twice the error of a naive bf16 attention against the same reference; lengths 1, 7,
 // 63, 64, 65, 127, 1023, 1026, 4097 and many sequences per batch, padding between sequences,
 // cu_seqlens_q != cu_seqlens_kv, both masks, head dims 64 and 128 (ESM-2 650M, 15B) and 16, 24, 32
-// (8M, 35M, 150M; 24 runs in zero-padded tiles of 32), both backward modes with both dK/dV
-// tilings (64-key and 128-key CTAs). Outputs are poisoned with NaN before every run and the inputs'
-// gap rows hold NaN, so unwritten outputs and reads outside the sequences both show.
+// (8M, 35M, 150M; 24 runs in zero-padded tiles of 32), both D = 128 forward tilings (16 and 32
+// query rows a warp), both backward modes with both dK/dV tilings (64-key and 128-key CTAs).
+// Outputs are poisoned with NaN before every run and the inputs' gap rows hold NaN, so unwritten
+// outputs and reads outside the sequences both show.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -29,13 +30,16 @@ struct Outputs {
   Tensor o, lse, dq, dk, dv;
 };
 
-Outputs run_fwd(const Problem& p, const Stream& s) {
+Outputs run_fwd(const Problem& p, const Stream& s,
+                AttentionFwdTiling tiling = AttentionFwdTiling::kDefault) {
   Outputs r;
   r.o = Tensor::empty(p.q.shape(), DType::kBF16, p.q.device(), s);
   r.lse = Tensor::empty({p.heads, p.tq}, DType::kF32, p.q.device(), s);
   r.o.fill(kNaN, s);
   r.lse.fill(kNaN, s);
-  thd_attention_fwd(attn_test::fwd_params(p, r.o, r.lse), s);
+  ThdAttentionFwdParams f = attn_test::fwd_params(p, r.o, r.lse);
+  f.tiling = tiling;
+  thd_attention_fwd(f, s);
   s.synchronize();  // host reads go through the legacy stream, which does not wait for `s`
   return r;
 }
@@ -120,6 +124,21 @@ void check_flash_rule(const std::vector<int32_t>& lq, const std::vector<int32_t>
   }
   EXPECT_TRUE(
       testing::all_close(out.o.to(Device::cpu()), cpu_o, testing::tolerance_for(DType::kBF16)));
+  // The D = 128 forward with 32 query rows a warp (Q re-read from shared memory): same checks.
+  if (device.is_cuda() && dim == 128) {
+    SCOPED_TRACE("forward with 32 query rows a warp");
+    const Outputs w = run_fwd(p, s, AttentionFwdTiling::kRows32);
+    const std::vector<float> o32 = w.o.to_floats(), lse32 = w.lse.to_floats();
+    const double err = attn_test::max_err(o32, exact.o, p.q_valid, row);
+    EXPECT_LE(err, 2 * naive_o + 1e-5) << "O: kernel error " << err << ", naive bf16 " << naive_o;
+    EXPECT_TRUE(attn_test::gap_rows_zero(o32, p.q_valid, row)) << "O: gap rows not zero";
+    for (size_t i = 0; i < lse32.size(); ++i) {
+      if (std::isinf(exact.lse[i]))
+        ASSERT_TRUE(std::isinf(lse32[i]) && lse32[i] < 0) << "lse entry " << i << ": " << lse32[i];
+      else
+        ASSERT_NEAR(lse32[i], exact.lse[i], 1e-3) << "lse entry " << i;
+    }
+  }
 
   // Every backward mode with every dK/dV tiling of the GPU (64-key and 128-key CTAs; the CPU
   // reference has no tiling).
