@@ -6,8 +6,10 @@
 // FLOPs: 4 * H * D * sum(s^2) forward, 2.5x that backward (fwd+bwd = 3.5x), halved for causal.
 //   helix_bench_attention [--lengths-out FILE] [--iters N] [--warmup N] [--causal]
 //                         [--deterministic] [--cases protein,long4k,long16k] [--dims 64,128]
-//                         [--bwd-tiling default|keys64|keys128]
-//                         [--fwd-tiling default|rows16|rows32]
+//                         [--bwd-tiling default|keys64|keys128[,...]]
+//                         [--fwd-tiling default|rows16|rows32[,...]]
+// With several tilings every combination is timed on the same data, one JSON line each (the
+// forward tiling matters at D = 128 only: other head dims run the first one listed).
 #include "kernels/attention/attention.h"
 
 #include <algorithm>
@@ -38,10 +40,10 @@ namespace {
 struct BenchOptions {
   AttentionMask mask = AttentionMask::kBidirectional;
   AttentionBwdMode mode = AttentionBwdMode::kAtomic;
-  AttentionBwdTiling tiling = AttentionBwdTiling::kDefault;
-  std::string tiling_name = "default";
-  AttentionFwdTiling fwd_tiling = AttentionFwdTiling::kDefault;  // D = 128 only
-  std::string fwd_tiling_name = "default";
+  std::vector<std::pair<std::string, AttentionBwdTiling>> bwd_tilings = {
+      {"default", AttentionBwdTiling::kDefault}};
+  std::vector<std::pair<std::string, AttentionFwdTiling>> fwd_tilings = {
+      {"default", AttentionFwdTiling::kDefault}};  // D = 128 only
   int warmup = 3, iters = 10;
 };
 
@@ -118,6 +120,30 @@ double time_ms(const std::function<void()>& f, const Stream& s, int warmup, int 
   return median(ms);
 }
 
+// One timed configuration of one case.
+struct Result {
+  const Case* c = nullptr;
+  int dim = 0, heads = 0, max_seqlen = 0;
+  int64_t tokens = 0;
+  std::string bwd_tiling, fwd_tiling;
+  double fwd_ms = 0, fwdbwd_ms = 0, flops = 0;  // flops: forward FLOPs
+};
+
+void print_result(const Result& r, const BenchOptions& opt, const std::string& device_name) {
+  std::printf(
+      "{\"impl\": \"helix\", \"case\": \"%s\", \"mask\": \"%s\", \"head_dim\": %d, \"heads\": %d, "
+      "\"seqs\": %zu, \"tokens\": %lld, \"max_seqlen\": %d, \"bwd_mode\": \"%s\", "
+      "\"bwd_tiling\": \"%s\", \"fwd_tiling\": \"%s\", "
+      "\"fwd_ms\": %.4f, \"fwd_tflops\": %.2f, \"fwdbwd_ms\": %.4f, \"fwdbwd_tflops\": %.2f, "
+      "\"device\": \"%s\"}\n",
+      r.c->name.c_str(), opt.mask == AttentionMask::kCausal ? "causal" : "bidirectional", r.dim,
+      r.heads, r.c->lengths.size(), static_cast<long long>(r.tokens), r.max_seqlen,
+      opt.mode == AttentionBwdMode::kAtomic ? "atomic" : "deterministic", r.bwd_tiling.c_str(),
+      r.fwd_tiling.c_str(), r.fwd_ms, r.flops / r.fwd_ms * 1e-9, r.fwdbwd_ms,
+      3.5 * r.flops / r.fwdbwd_ms * 1e-9, device_name.c_str());
+  std::fflush(stdout);
+}
+
 void run_case(const Case& c, int dim, const BenchOptions& opt, const std::string& device_name) {
   const AttentionMask mask = opt.mask;
   const AttentionBwdMode mode = opt.mode;
@@ -144,7 +170,6 @@ void run_case(const Case& c, int dim, const BenchOptions& opt, const std::string
   f.layout = layout;
   f.softmax_scale = static_cast<float>(1.0 / std::sqrt(double(dim)));
   f.mask = mask;
-  f.tiling = opt.fwd_tiling;
   f.o = Tensor::empty({tokens, heads, dim}, DType::kBF16, dev, s);
   f.lse = Tensor::empty({heads, tokens}, DType::kF32, dev, s);
   ThdAttentionBwdParams b;
@@ -158,32 +183,37 @@ void run_case(const Case& c, int dim, const BenchOptions& opt, const std::string
   b.softmax_scale = f.softmax_scale;
   b.mask = mask;
   b.mode = mode;
-  b.tiling = opt.tiling;
   b.d_q = Tensor::empty({tokens, heads, dim}, DType::kBF16, dev, s);
   b.d_k = Tensor::empty({tokens, heads, dim}, DType::kBF16, dev, s);
   b.d_v = Tensor::empty({tokens, heads, dim}, DType::kBF16, dev, s);
 
-  const double fwd_ms = time_ms([&] { thd_attention_fwd(f, s); }, s, warmup, iters);
-  const double fwdbwd_ms = time_ms(
-      [&] {
-        thd_attention_fwd(f, s);
-        thd_attention_bwd(b, s);
-      },
-      s, warmup, iters);
   const double flops = thd_attention_fwd_flops(layout, heads, dim, mask);
-  std::printf(
-      "{\"impl\": \"helix\", \"case\": \"%s\", \"mask\": \"%s\", \"head_dim\": %d, \"heads\": %d, "
-      "\"seqs\": %zu, \"tokens\": %lld, \"max_seqlen\": %d, \"bwd_mode\": \"%s\", "
-      "\"bwd_tiling\": \"%s\", \"fwd_tiling\": \"%s\", "
-      "\"fwd_ms\": %.4f, \"fwd_tflops\": %.2f, \"fwdbwd_ms\": %.4f, \"fwdbwd_tflops\": %.2f, "
-      "\"device\": \"%s\"}\n",
-      c.name.c_str(), mask == AttentionMask::kCausal ? "causal" : "bidirectional", dim, heads,
-      c.lengths.size(), static_cast<long long>(tokens), layout.max_seqlen_q,
-      mode == AttentionBwdMode::kAtomic ? "atomic" : "deterministic", opt.tiling_name.c_str(),
-      opt.fwd_tiling_name.c_str(), fwd_ms, flops / fwd_ms * 1e-9, fwdbwd_ms,
-      3.5 * flops / fwdbwd_ms * 1e-9, device_name.c_str());
-  std::fflush(stdout);
+  for (const auto& [bwd_name, bwd_tiling] : opt.bwd_tilings) {
+    for (size_t fi = 0; fi < opt.fwd_tilings.size() && (fi == 0 || dim == 128); ++fi) {
+      const auto& [fwd_name, fwd_tiling] = opt.fwd_tilings[fi];
+      f.tiling = fwd_tiling;
+      b.tiling = bwd_tiling;
+      Result r;
+      r.c = &c;
+      r.dim = dim;
+      r.heads = heads;
+      r.max_seqlen = layout.max_seqlen_q;
+      r.tokens = tokens;
+      r.bwd_tiling = bwd_name;
+      r.fwd_tiling = fwd_name;
+      r.flops = flops;
+      r.fwd_ms = time_ms([&] { thd_attention_fwd(f, s); }, s, warmup, iters);
+      r.fwdbwd_ms = time_ms(
+          [&] {
+            thd_attention_fwd(f, s);
+            thd_attention_bwd(b, s);
+          },
+          s, warmup, iters);
+      print_result(r, opt, device_name);
+    }
+  }
 }
+
 #endif
 
 int bench_main(int argc, char** argv) {
@@ -212,25 +242,27 @@ int bench_main(int argc, char** argv) {
     else if (a == "--deterministic")
       opt.mode = AttentionBwdMode::kDeterministic;
     else if (a == "--bwd-tiling") {
-      opt.tiling_name = next();
-      if (opt.tiling_name == "default")
-        opt.tiling = AttentionBwdTiling::kDefault;
-      else if (opt.tiling_name == "keys64")
-        opt.tiling = AttentionBwdTiling::kKeys64;
-      else if (opt.tiling_name == "keys128")
-        opt.tiling = AttentionBwdTiling::kKeys128;
-      else
-        HELIX_FAIL("--bwd-tiling: expected default, keys64 or keys128, got {}", opt.tiling_name);
+      opt.bwd_tilings.clear();
+      for (const std::string& name : split(next())) {
+        const AttentionBwdTiling t = name == "keys64"    ? AttentionBwdTiling::kKeys64
+                                     : name == "keys128" ? AttentionBwdTiling::kKeys128
+                                                         : AttentionBwdTiling::kDefault;
+        HELIX_CHECK(name == "default" || t != AttentionBwdTiling::kDefault,
+                    "--bwd-tiling: expected default, keys64 or keys128, got {}", name);
+        opt.bwd_tilings.emplace_back(name, t);
+      }
+      HELIX_CHECK(!opt.bwd_tilings.empty(), "--bwd-tiling: expected at least one tiling");
     } else if (a == "--fwd-tiling") {
-      opt.fwd_tiling_name = next();
-      if (opt.fwd_tiling_name == "default")
-        opt.fwd_tiling = AttentionFwdTiling::kDefault;
-      else if (opt.fwd_tiling_name == "rows16")
-        opt.fwd_tiling = AttentionFwdTiling::kRows16;
-      else if (opt.fwd_tiling_name == "rows32")
-        opt.fwd_tiling = AttentionFwdTiling::kRows32;
-      else
-        HELIX_FAIL("--fwd-tiling: expected default, rows16 or rows32, got {}", opt.fwd_tiling_name);
+      opt.fwd_tilings.clear();
+      for (const std::string& name : split(next())) {
+        const AttentionFwdTiling t = name == "rows16"   ? AttentionFwdTiling::kRows16
+                                     : name == "rows32" ? AttentionFwdTiling::kRows32
+                                                        : AttentionFwdTiling::kDefault;
+        HELIX_CHECK(name == "default" || t != AttentionFwdTiling::kDefault,
+                    "--fwd-tiling: expected default, rows16 or rows32, got {}", name);
+        opt.fwd_tilings.emplace_back(name, t);
+      }
+      HELIX_CHECK(!opt.fwd_tilings.empty(), "--fwd-tiling: expected at least one tiling");
     } else {
       HELIX_FAIL("unknown argument {} (see the header of tests/bench/attention.cpp)", a);
     }
