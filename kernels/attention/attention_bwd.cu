@@ -553,8 +553,14 @@ void launch_bwd(const AttnArgs& a, const ThdAttentionLayout& b, int heads, bool 
   }
 }
 
-// kDefault picks the 64-key kernels until the 128-key ones are measured on the H100.
-bool use_keys128(AttentionBwdTiling tiling) { return tiling == AttentionBwdTiling::kKeys128; }
+// kDefault: 128-key CTAs when the longest key sequence is longer than 2048, 64-key CTAs below.
+// Measured on the H100 (docs/perf/attention.md, v4): 128-key CTAs gain 1-4% fwd+bwd on 4k/16k
+// sequences and lose 4-6% on protein lengths (median 300), where a 128-key tile wastes more keys
+// at sequence ends.
+bool use_keys128(AttentionBwdTiling tiling, int max_seqlen_kv) {
+  if (tiling == AttentionBwdTiling::kDefault) return max_seqlen_kv > 2048;
+  return tiling == AttentionBwdTiling::kKeys128;
+}
 
 }  // namespace
 
@@ -610,7 +616,7 @@ void thd_attention_bwd_cuda(const ThdAttentionBwdParams& p, const Stream& stream
     // D = 128 (registers). 128-key CTAs: 4 warps of 32 keys at D <= 64 (query tiles of 32 rows,
     // 64 at D = 16 where a 32-row tile is fewer 16-byte chunks than threads), 8 warps of 16 keys
     // at D = 128 (32 keys a warp would exceed the register file). See docs/perf/attention.md.
-    if (use_keys128(p.tiling)) {
+    if (use_keys128(p.tiling, p.layout.max_seqlen_kv)) {
       switch (dim) {
         case 16:
           launch_bwd<16, DkdvTiling<64, 4, 2, 3>>(a, p.layout, heads, atomic_dq, st);
