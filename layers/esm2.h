@@ -26,6 +26,8 @@
 
 namespace helix {
 
+class Fp8ScalingManager;
+
 struct Esm2Options {
   Device device;
   DType compute = DType::kF32;  // activations and the model copy of the weights: f32 or bf16
@@ -36,6 +38,9 @@ struct Esm2Options {
   // Sequence parallelism: LayerNorm / residual regions split along T over the tp group (T padded
   // to a multiple of tp with a dummy <pad> sequence that carries no label). Needs tp > 1.
   bool sequence_parallel = false;
+  // FP8 delayed scaling (layers/fp8_scaling.h): QKV, out-proj, FC1, FC2 run as FP8 GEMMs with the
+  // manager's scales, T is padded to a multiple of 16 with a dummy <pad> sequence. Null: no FP8.
+  Fp8ScalingManager* fp8 = nullptr;
 };
 
 class Esm2Model {
