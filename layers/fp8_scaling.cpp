@@ -59,16 +59,16 @@ const Fp8Weight& Fp8ScalingManager::weight(int slot, const Tensor& w, const Stre
               "fp8: expected a weight operand slot, got {}", slot);
   HELIX_CHECK(w.ndim() == 2, "fp8: expected a weight [out, in], got {}", w.str());
   auto it = cache_.find(slot);
-  if (it != cache_.end()) {
-    HELIX_CHECK(it->second.first == w.data_ptr(),
-                "fp8: operand {} was cast from another weight earlier in this step", slot);
-    return it->second.second;
-  }
+  // Same storage as the cached cast: reuse it. Another buffer (e.g. a weight gathered afresh by a
+  // sharded-parameter scheme) is cast again: correct, only slower (its amax is the same).
+  if (it != cache_.end() && it->second.first == w.data_ptr()) return it->second.second;
   Fp8Weight c{Tensor::empty(w.shape(), DType::kE4M3, w.device(), stream),
               Tensor::empty({w.dim(1), w.dim(0)}, DType::kE4M3, w.device(), stream)};
   cast_transpose_fp8(CastTransposeFp8Params{.in = w, .out = c.w, .out_t = c.w_t, .scale = scale(slot), .amax = amax(slot)},
                      stream);
-  return cache_.emplace(slot, std::make_pair(w.data_ptr(), std::move(c))).first->second.second;
+  auto& entry = cache_[slot];
+  entry = std::make_pair(w.data_ptr(), std::move(c));
+  return entry.second;
 }
 
 void Fp8ScalingManager::update(const Stream& stream) {

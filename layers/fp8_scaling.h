@@ -79,7 +79,9 @@ class Fp8ScalingManager {
   const Tensor& scale_invs() const { return scale_inv_; }
 
   // The fp8 copies of weight w [out, in] for operand `slot`: cast-transposed on the first call of
-  // a step (recording the weight's amax), the cache afterwards (micro-batches, recompute).
+  // a step (recording the weight's amax), the cache afterwards (micro-batches, recompute) as long
+  // as w is the same storage (another buffer is cast again). The reference is valid until the next
+  // weight() call for this slot or update().
   const Fp8Weight& weight(int slot, const Tensor& w, const Stream& stream);
 
   // End of step: canonicalise the amaxes (NaN -> inf), ONE all-reduce(MAX) over the amax group of
