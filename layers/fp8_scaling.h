@@ -86,7 +86,8 @@ class Fp8ScalingManager {
 
   // End of step: canonicalise the amaxes (NaN -> inf), ONE all-reduce(MAX) over the amax group of
   // every amax (forward and backward operands together), roll histories, new scales, amax := 0,
-  // drop the weight cache. Collective over the amax group.
+  // drop the weight cache. Collective over the amax group. Call it once per optimizer step, before
+  // the optimizer changes the weights (the cache is keyed by the weight's storage, not its values).
   void update(const Stream& stream);
 
   // Checkpoint state, f32 CPU copies, identical on every rank of the amax group:
