@@ -9,6 +9,7 @@
 #include <cstring>
 #include <deque>
 #include <limits>
+#include <ostream>
 #include <random>
 #include <vector>
 
@@ -81,6 +82,10 @@ struct Case {
   int margin;
   int64_t len;
 };
+
+void PrintTo(const Case& c, std::ostream* os) {
+  *os << (c.algo == Fp8AmaxAlgo::kMax ? "max" : "most_recent") << " margin " << c.margin << " history " << c.len;
+}
 
 class Fp8ScalingCpu : public ::testing::TestWithParam<Case> {};
 
