@@ -5,22 +5,24 @@
 # per second over the steps after the warm-up), peak memory, and the loss-curve difference (mean and
 # max |loss_fp8 - loss_bf16| per step over the last half of the run, and the mean loss of the last 20
 # steps of each). Not a test: the numbers go to docs/perf/fp8.md.
-#   examples/bench/run_fp8_bench.sh BUILD_DIR [--models "esm2-650m esm2-3b"] [--steps "200 100"]
-#       [--tokens "16384 8192"] [--warmup 10] [--timeout SEC] [--extra "FLAGS for both runs"]
-# --steps / --tokens: one value per model (the defaults fit in ~6 minutes on one H100). Results go to
+#   examples/bench/run_fp8_bench.sh BUILD_DIR [--models "esm2-650m esm2-3b"] [--steps "200 80"]
+#       [--tokens "16384 8192"] [--recompute "none full"] [--warmup 10] [--timeout SEC] [--extra "FLAGS"]
+# --steps / --tokens / --recompute: one value per model (the defaults fit in ~6 minutes on one H100;
+# 3B recomputes activations to fit in 80 GB); --extra: more flags for every run. Results go to
 # $OUT_DIR (default: a new temporary folder): one log and metrics.jsonl per run, table.txt.
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
-[ $# -ge 1 ] && [ "${1#-}" = "$1" ] || { sed -n 2,12p "$0"; exit 2; }
+[ $# -ge 1 ] && [ "${1#-}" = "$1" ] || { sed -n 2,13p "$0"; exit 2; }
 build=$(cd "$1" && pwd) || exit 2
 shift
-models="esm2-650m esm2-3b" steps="200 100" tokens="16384 8192" warmup=10 timeout_s=150 extra=""
+models="esm2-650m esm2-3b" steps="200 80" tokens="16384 8192" recompute="none full" warmup=10 timeout_s=150 extra=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --models) models=$2; shift 2 ;;
     --steps) steps=$2; shift 2 ;;
     --tokens) tokens=$2; shift 2 ;;
+    --recompute) recompute=$2; shift 2 ;;
     --warmup) warmup=$2; shift 2 ;;
     --timeout) timeout_s=$2; shift 2 ;;
     --extra) extra=$2; shift 2 ;;
@@ -30,8 +32,10 @@ done
 read -r -a model_list <<< "$models"
 read -r -a step_list <<< "$steps"
 read -r -a token_list <<< "$tokens"
-[ ${#step_list[@]} -eq ${#model_list[@]} ] && [ ${#token_list[@]} -eq ${#model_list[@]} ] ||
-  { echo "run_fp8_bench.sh: --steps and --tokens need one value per model (${#model_list[@]})"; exit 2; }
+read -r -a recompute_list <<< "$recompute"
+[ ${#step_list[@]} -eq ${#model_list[@]} ] && [ ${#token_list[@]} -eq ${#model_list[@]} ] &&
+  [ ${#recompute_list[@]} -eq ${#model_list[@]} ] ||
+  { echo "run_fp8_bench.sh: --steps, --tokens and --recompute need one value per model (${#model_list[@]})"; exit 2; }
 helix=$build/helix
 [ -x "$helix" ] || helix=$build/launch/helix
 [ -x "$helix" ] || { echo "run_fp8_bench.sh: no helix binary in $build"; exit 2; }
@@ -41,15 +45,15 @@ mkdir -p "$out"
 out=$(cd "$out" && pwd)
 
 for idx in "${!model_list[@]}"; do
-  model=${model_list[$idx]} n=${step_list[$idx]} tok=${token_list[$idx]}
+  model=${model_list[$idx]} n=${step_list[$idx]} tok=${token_list[$idx]} rec=${recompute_list[$idx]}
   for fp8 in none delayed; do
     dir=$out/$model-$fp8
     rm -rf "$dir"
-    echo "== $model --fp8 $fp8: $n steps of $tok tokens"
+    echo "== $model --fp8 $fp8: $n steps of $tok tokens, --recompute $rec"
     # shellcheck disable=SC2086
     timeout "$timeout_s" "$helix" train --model "$model" --data "$data" --tokens-per-step "$tok" --steps "$n" \
       --max-residues 510 --lr 4e-4 --warmup 20 --seed 1 --eval-batches 0 --log-interval 25 --fp8 "$fp8" \
-      --out "$dir" $extra > "$out/$model-$fp8.log" 2>&1
+      --recompute "$rec" --out "$dir" $extra > "$out/$model-$fp8.log" 2>&1
     rc=$?
     rm -f "$dir/model.safetensors"
     [ $rc -eq 0 ] || { echo "   exit $rc (124: timed out after ${timeout_s}s); last lines:"; tail -3 "$out/$model-$fp8.log"; }
