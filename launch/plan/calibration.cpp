@@ -120,7 +120,12 @@ void merge_calibration(Calibration& base, const Calibration& extra) {
   // Extra rows first: an exact-shape lookup finds them before the base file's.
   base.fit_cache_.clear();
   base.gemm.insert(base.gemm.begin(), extra.gemm.begin(), extra.gemm.end());
-  base.attention.insert(base.attention.begin(), extra.attention.begin(), extra.attention.end());
+  // Attention rows of a head dim that extra measured replace base's rows of that head dim.
+  std::erase_if(base.attention, [&](const AttentionRow& b) {
+    return std::any_of(extra.attention.begin(), extra.attention.end(),
+                       [&](const AttentionRow& e) { return e.head_dim == b.head_dim; });
+  });
+  base.attention.insert(base.attention.end(), extra.attention.begin(), extra.attention.end());
   for (const auto& [k, v] : extra.memory_bound_gbps) base.memory_bound_gbps[k] = v;
   base.layers.insert(base.layers.end(), extra.layers.begin(), extra.layers.end());
   base.path += "+" + extra.path;
@@ -166,21 +171,35 @@ double Calibration::gemm_seconds(GemmPass pass, int64_t m, int64_t n, int64_t k,
   return fl / rate + t0;
 }
 
+namespace {
+// Attention rate at `head_dim` from rows measured at other head dims: the time per (query, key, head)
+// is modelled as a + b * head_dim (softmax and tile work per score, plus the two matmuls' work per
+// dimension), a straight line through the rows' times (least squares; one row: a = 0). FLOPs per
+// (query, key, head) are flops_per_dim * head_dim.
+double attention_rate(const std::vector<AttentionRow>& rows, int head_dim, bool fwd_bwd, const std::string& path) {
+  HELIX_CHECK(!rows.empty(), "calibration '{}': no attention rows (expected at least one)", path);
+  const double per_dim = fwd_bwd ? 14.0 : 4.0;  // 4 (forward) or 3.5 * 4 (forward + backward) FLOPs
+  std::vector<std::pair<double, double>> pts;   // (head_dim, seconds per score)
+  for (const AttentionRow& r : rows)
+    pts.emplace_back(r.head_dim, per_dim * r.head_dim / ((fwd_bwd ? r.fwd_bwd_tflops : r.fwd_tflops) * 1e12));
+  double sx = 0, sy = 0, sxx = 0, sxy = 0;
+  for (auto [x, y] : pts) sx += x, sy += y, sxx += x * x, sxy += x * y;
+  const double n = double(pts.size()), den = n * sxx - sx * sx;
+  double a = 0, b = sxy / sxx;
+  if (den > 0) {
+    b = (n * sxy - sx * sy) / den;
+    a = (sy - b * sx) / n;
+    if (a < 0 || b <= 0) a = 0, b = sxy / sxx;
+  }
+  return per_dim * head_dim / (a + b * head_dim);
+}
+}  // namespace
+
 double Calibration::attention_fwd_bwd_flops(int head_dim) const {
-  HELIX_CHECK(!attention.empty(), "calibration '{}': no attention rows (expected at least one)", path);
-  const AttentionRow* best = &attention[0];
-  for (const AttentionRow& a : attention)
-    if (std::abs(a.head_dim - head_dim) < std::abs(best->head_dim - head_dim)) best = &a;
-  return best->fwd_bwd_tflops * 1e12;
+  return attention_rate(attention, head_dim, true, path);
 }
 
-double Calibration::attention_fwd_flops(int head_dim) const {
-  HELIX_CHECK(!attention.empty(), "calibration '{}': no attention rows (expected at least one)", path);
-  const AttentionRow* best = &attention[0];
-  for (const AttentionRow& a : attention)
-    if (std::abs(a.head_dim - head_dim) < std::abs(best->head_dim - head_dim)) best = &a;
-  return best->fwd_tflops * 1e12;
-}
+double Calibration::attention_fwd_flops(int head_dim) const { return attention_rate(attention, head_dim, false, path); }
 
 double Calibration::memory_bound_rate(const std::string& name) const {
   const auto it = memory_bound_gbps.find(name);

@@ -55,8 +55,8 @@ struct Calibration {
   double gemm_seconds(GemmPass pass, int64_t m, int64_t n, int64_t k, bool fp8) const;
   // The fitted (R in FLOP/s, t0 in s) of a pass; exposed for the docs and tests.
   std::pair<double, double> gemm_fit(GemmPass pass, bool fp8) const;
-  // Forward + backward attention rate (FLOP/s, 3.5x forward FLOPs counted) at this head dim: the
-  // row of the nearest head dim.
+  // Forward + backward attention rate (FLOP/s, 3.5x forward FLOPs counted) at this head dim, from the
+  // rows' time per score modelled as a + b * head_dim (exact at the measured head dims).
   double attention_fwd_bwd_flops(int head_dim) const;
   double attention_fwd_flops(int head_dim) const;
   // Memory-bound rate (bytes/s) of op `name`, or the copy rate when the op is not listed.
@@ -69,8 +69,9 @@ struct Calibration {
 
 // Reads a calibration file; every missing or malformed field is an error naming the file and field.
 Calibration load_calibration(const std::string& path);
-// Adds the rows of `extra` (e.g. a helix_bench_layer_slice output) to `base`; scalars in extra
-// that are non-zero replace base's.
+// Adds the rows of `extra` (e.g. a helix_bench_layer_slice output) to `base`: its GEMM rows are
+// looked up first, its attention rows replace base's rows of the same head dims, its layer rows are
+// added; scalars in extra that are non-zero replace base's.
 void merge_calibration(Calibration& base, const Calibration& extra);
 const char* gemm_pass_name(GemmPass p);
 

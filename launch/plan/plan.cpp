@@ -160,9 +160,19 @@ MicroBatchCost layer_cost(const PlanInput& in, const Calibration& cal, int64_t t
   const double ln_b = mb("layernorm_bwd", 4 * e * ts * h + 8 * ts);
   c.mem_f = 2 * ln_f + mb("qkv_split", 6 * e * t * hr) + mb("rotary_fwd", 4 * e * t * hr) +
             mb("gelu_fwd", 2 * e * t * fr) + 2 * mb("copy", 2 * e * ts * h);  // residual copies
+  // Backward: every activation gradient starts as a zeroed buffer that the kernels accumulate into
+  // (core/autograd.h's contract); the fused single-device MLP recomputes GELU from the pre-activation.
   c.mem_b = 2 * ln_b + mb("gelu_bwd", 4 * e * t * fr) + mb("rotary_bwd", 4 * e * t * hr) +
-            mb("qkv_join_grad", 9 * e * t * hr) + 2 * mb("axpy", 3 * e * ts * h) +
-            mb("memset", e * (t * fr + 2 * ts * h));
+            mb("qkv_join_grad", 9 * e * t * hr) + 2 * mb("axpy", 3 * e * ts * h);
+  if (tp == 1) {
+    // zeroed: dh, d_pre [t, F]; two d_ln, the grads of h, of the attention output and of x [t, H];
+    // of qkv [t, 3H]
+    c.mem_b += mb("gelu_fwd", 2 * e * t * fr) + mb("memset", e * (2.0 * t * fr + 8.0 * t * h));
+  } else {
+    // zeroed: grads of the two gathered LN outputs [t, H], of qkv [t, 3H/tp] and the attention
+    // output [t, H/tp], of FC1's output and GELU's [t, F/tp], of four SP-region tensors [t_sp, H]
+    c.mem_b += mb("memset", e * (2.0 * t * fr + 2.0 * t * h + 4.0 * t * hr + 4.0 * ts * h));
+  }
   if (fp8) {  // cast (+ transpose) of every GEMM input: 4 bytes per bf16 element read (bench's count)
     c.mem_f += mb("cast_transpose_fp8", 4.0 * (2 * t * h + t * hr + t * fr));
     c.mem_b += mb("cast_transpose_fp8", 4.0 * (t * h3 + 2 * t * h + t * fr));

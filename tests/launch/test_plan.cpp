@@ -5,6 +5,8 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <filesystem>
+#include <fstream>
 #include <numeric>
 
 #include "core/allocator.h"
@@ -180,12 +182,18 @@ TEST(Plan, PredictionsAgainstMeasuredH100Runs) {
 
 TEST(Plan, CalibrationUsesMeasuredRowsAndFitsTheRest) {
   const Calibration cal = h100();
+  // Attention is exact at the measured head dims, slower per FLOP at a smaller one.
+  EXPECT_NEAR(cal.attention_fwd_bwd_flops(64), 144.5e12, 1e8);
+  EXPECT_NEAR(cal.attention_fwd_bwd_flops(128), 158.1e12, 1e8);
+  EXPECT_LT(cal.attention_fwd_bwd_flops(32), 144.5e12);
   // A measured shape gives its own rate.
   const double t = cal.gemm_seconds(GemmPass::kFwd, 16384, 3840, 1280, false);
   EXPECT_NEAR(2.0 * 16384 * 3840 * 1280 / t / 1e12, 738.7, 1e-6);
   // The two-parameter fit reproduces every bf16 row within 30% (the worst, a wgrad, is off by 26%).
   for (const GemmRow& g : cal.gemm) {
     const auto [rate, t0] = cal.gemm_fit(g.pass, false);
+    EXPECT_GT(rate, 400e12);
+    EXPECT_LT(rate, 900e12);
     const double fl = 2.0 * g.m * g.n * g.k;
     EXPECT_NEAR((fl / rate + t0) / (fl / (g.bf16_tflops * 1e12)), 1.0, 0.3) << gemm_pass_name(g.pass);
   }
@@ -250,6 +258,38 @@ TEST(Plan, SearchRanksFeasibleLayoutsAndExplainsRejections) {
   }
   EXPECT_TRUE(memory);
   EXPECT_TRUE(heads);
+}
+
+}  // namespace
+}  // namespace helix
+
+namespace helix {
+namespace {
+
+TEST(Plan, MeasuredLayerSliceRowsTakePrecedence) {
+  // A helix_bench_layer_slice file: a GEMM row of the 98B TP=8 qkv slice, an attention row at head
+  // dim 64, and a whole-layer row of ESM-2 650M.
+  const std::string path = (std::filesystem::temp_directory_path() / "helix_plan_slice_test.json").string();
+  {
+    std::ofstream f(path);
+    f << R"({"gemm": [{"pass": "fwd", "m": 16384, "n": 2304, "k": 6144, "bf16_tflops": 500}],
+             "attention": [{"head_dim": 64, "fwd_tflops": 190, "fwd_bwd_tflops": 130}],
+             "layers": [{"name": "esm2-650m", "hidden": 1280, "heads": 20, "ffn": 5120, "tp": 1,
+                         "tokens": 16384, "seq_len": 504, "fwd_bwd_ms": 7.5}]})";
+  }
+  Calibration cal = h100();
+  const double fit = cal.gemm_seconds(GemmPass::kFwd, 16384, 2304, 6144, false);
+  merge_calibration(cal, load_calibration(path));
+  const double measured = cal.gemm_seconds(GemmPass::kFwd, 16384, 2304, 6144, false);
+  EXPECT_NEAR(measured, 2.0 * 16384 * 2304 * 6144 / 500e12, 1e-12);
+  EXPECT_NE(measured, fit);
+  EXPECT_NEAR(cal.attention_fwd_bwd_flops(64), 130e12, 1e6);     // replaced
+  EXPECT_NEAR(cal.attention_fwd_bwd_flops(128), 158.1e12, 1e6);  // kept
+  // The layer row rescales the 650M layer so that one layer's fwd+bwd takes the measured 7.5 ms.
+  const PlanResult r = make_plan(single(model_config("esm2-650m"), true, 16384), cal);
+  EXPECT_GT(r.layer_factor, 1.0);
+  EXPECT_NEAR((r.time.gemm + r.time.attention + r.time.memory_bound) / 33, 7.5e-3, 1e-9);
+  std::filesystem::remove(path);
 }
 
 }  // namespace
