@@ -57,6 +57,7 @@ Calibration load_calibration(const std::string& path) {
   c.nvlink_latency_us = num_or(j, "nvlink_latency_us", 0, path);
   c.network_latency_us = num_or(j, "network_latency_us", 0, path);
   c.copy_gbps = num_or(j, "copy_gbps", 0, path);
+  c.comm_overlap_slowdown = num_or(j, "comm_overlap_slowdown", 0, path);
   if (j.has("gemm")) {
     for (const Json& r : j.at("gemm").as_array(path + ": gemm")) {
       const std::string w = path + ": gemm row";
@@ -116,6 +117,7 @@ void merge_calibration(Calibration& base, const Calibration& extra) {
   take(base.nvlink_latency_us, extra.nvlink_latency_us);
   take(base.network_latency_us, extra.network_latency_us);
   take(base.copy_gbps, extra.copy_gbps);
+  take(base.comm_overlap_slowdown, extra.comm_overlap_slowdown);
   if (extra.gpus_per_node > 0) base.gpus_per_node = extra.gpus_per_node;
   // Extra rows first: an exact-shape lookup finds them before the base file's.
   base.fit_cache_.clear();

@@ -45,6 +45,7 @@ struct Calibration {
   double nvlink_latency_us = 0;   // per collective call
   double network_latency_us = 0;
   double copy_gbps = 0;           // device-to-device copy: rate of memory-bound ops not listed
+  double comm_overlap_slowdown = 0;  // share of overlapped communication time that still slows compute
   std::vector<GemmRow> gemm;
   std::vector<AttentionRow> attention;
   std::map<std::string, double> memory_bound_gbps;  // op name (tests/bench/kernels_memory.cpp) -> GB/s

@@ -28,10 +28,10 @@ double pipeline_bubble_fraction(const PipelineShape& s) {
   return idle / (double(s.virtual_stages) * s.micro_batches + idle);
 }
 
-double pipeline_stage0_in_flight(const PipelineShape& s) {
+double pipeline_in_flight(const PipelineShape& s, int stage) {
   const int p = s.stages, v = s.virtual_stages, m = s.micro_batches;
-  if (v == 1) return std::min(p, m);
-  const int chunks = std::min(2 * (p - 1) + (v - 1) * p + 1, m * v);
+  if (v == 1) return std::min(p - stage, m);
+  const int chunks = std::min(2 * (p - stage - 1) + (v - 1) * p + 1, m * v);
   return double(chunks) / v;
 }
 
@@ -82,7 +82,7 @@ PipelineSimResult simulate_pipeline(const PipelineShape& sh, double tf, double t
   for (int s = 0; s < p; ++s) ops[s] = stage_ops(sh, s);
   std::vector<size_t> next(p, 0);
   std::vector<double> free_at(p, 0);
-  int in_flight0 = 0, max_in_flight0 = 0;
+  std::vector<int> in_flight(p, 0), max_in_flight(p, 0);
   size_t left = 0;
   for (auto& o : ops) left += o.size();
   while (left > 0) {
@@ -99,10 +99,8 @@ PipelineSimResult simulate_pipeline(const PipelineShape& sh, double tf, double t
         const double end = start + (op.forward ? cf : cb);
         (op.forward ? fend : bend)[size_t(vs) * m + op.mb] = end;
         free_at[s] = end;
-        if (s == 0) {
-          in_flight0 += op.forward ? 1 : -1;
-          max_in_flight0 = std::max(max_in_flight0, in_flight0);
-        }
+        in_flight[s] += op.forward ? 1 : -1;
+        max_in_flight[s] = std::max(max_in_flight[s], in_flight[s]);
         ++next[s];
         --left;
         progress = true;
@@ -112,7 +110,8 @@ PipelineSimResult simulate_pipeline(const PipelineShape& sh, double tf, double t
   }
   PipelineSimResult r;
   r.makespan = *std::max_element(free_at.begin(), free_at.end());
-  r.max_in_flight_stage0 = double(max_in_flight0) / v;
+  for (int s = 0; s < p; ++s) r.max_in_flight.push_back(double(max_in_flight[s]) / v);
+  r.max_in_flight_stage0 = r.max_in_flight[0];
   r.busy_per_stage = m * (tf + tb);
   return r;
 }

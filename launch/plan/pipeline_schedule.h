@@ -5,6 +5,7 @@
 // hold the formulas against.
 #include <cstdint>
 #include <string>
+#include <vector>
 
 namespace helix {
 
@@ -24,14 +25,16 @@ std::string pipeline_shape_error(const PipelineShape& s);
 double pipeline_step_units(const PipelineShape& s);
 // Idle share of the step: (p - 1) / (v * m + p - 1).
 double pipeline_bubble_fraction(const PipelineShape& s);
-// Most micro-batches whose activations the first stage holds at once, in whole-stage units (a chunk
-// counts 1/v): 1F1B min(p, m); interleaved min(p + (p - 1) / v, m) (warm-up of 2(p-1) + (v-1)p
-// chunks, plus the one in flight).
-double pipeline_stage0_in_flight(const PipelineShape& s);
+// Most micro-batches whose activations stage `stage` holds at once, in whole-stage units (a chunk
+// counts 1/v): 1F1B min(p - stage, m); interleaved min(2(p - stage - 1) + (v-1)p + 1, m v) / v (its
+// warm-up forwards plus the one in flight). Stage 0 holds the most: p, or p + (p - 1) / v.
+double pipeline_in_flight(const PipelineShape& s, int stage);
+inline double pipeline_stage0_in_flight(const PipelineShape& s) { return pipeline_in_flight(s, 0); }
 
 struct PipelineSimResult {
   double makespan = 0;            // time of the last op's end
   double max_in_flight_stage0 = 0;  // chunks forwarded but not yet backwarded on stage 0, divided by v
+  std::vector<double> max_in_flight;  // the same for every stage
   double busy_per_stage = 0;      // m * v * (tf + tb) / v
 };
 // Simulates the schedule with per-chunk forward time tf / v and backward time tb / v (tf, tb: one

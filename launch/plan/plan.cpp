@@ -292,12 +292,7 @@ PlanResult make_plan(const PlanInput& in, const Calibration& cal) {
     mem.grads = 4 * std::ceil(pe / d2);
     mem.optimizer = 8 * std::ceil(pe / d1);
     // Activations: micro-batches (chunks) in flight on this stage under the schedule.
-    double in_flight;
-    if (v == 1) {
-      in_flight = std::min(pp - s, mbs);
-    } else {
-      in_flight = double(std::min(2 * (pp - s - 1) + (v - 1) * pp + 1, mbs * v)) / v;
-    }
+    const double in_flight = pipeline_in_flight(shape, s);
     mem.activations = in_flight * st.layers * act_layer;
     if (l.recompute == RecomputeMode::kFull) mem.activations += act_layer_full;
     if (st.last) mem.activations += head_act;
@@ -374,26 +369,32 @@ PlanResult make_plan(const PlanInput& in, const Calibration& cal) {
   // gradients; zero 3 also all-gathers the parameters for every micro-batch's forward and backward.
   const double pe = double(sl->param_elements);
   double dp_exposed = 0;
+  // Communication hidden behind compute still costs `comm_overlap_slowdown` of its time (NCCL
+  // kernels take SMs and memory bandwidth from the compute they overlap).
+  const double slow = cal.comm_overlap_slowdown;
+  const auto behind = [slow](double comm, double window) {
+    return std::max(0.0, comm - window) + slow * std::min(comm, window);
+  };
   if (dp > 1) {
     const double grad = 4 * pe, copy = e * pe;
     const double bwd = sl->bwd_seconds;
     const double fwd = sl->fwd_seconds;
     if (l.zero == 0) {
       r.comm.dp = ar_bytes(grad, dp);
-      dp_exposed = std::max(0.0, coll_seconds(r.comm.dp, dp, dp_link, 1) - bwd);
+      dp_exposed = behind(coll_seconds(r.comm.dp, dp, dp_link, 1), bwd);
     } else if (l.zero == 1) {
       const double rs = ag_bytes(grad, dp), ag = ag_bytes(copy, dp);
       r.comm.dp = rs + ag;
-      dp_exposed = std::max(0.0, coll_seconds(rs, dp, dp_link, 1) - bwd) + coll_seconds(ag, dp, dp_link, 1);
+      dp_exposed = behind(coll_seconds(rs, dp, dp_link, 1), bwd) + coll_seconds(ag, dp, dp_link, 1);
     } else {
       const double rs = ag_bytes(grad, dp), ag = ag_bytes(copy, dp);
       const double t_rs = coll_seconds(rs, dp, dp_link, 1), t_ag = coll_seconds(ag, dp, dp_link, 1);
       if (l.zero == 2) {
         r.comm.dp = mbs * rs + ag;
-        dp_exposed = mbs * std::max(0.0, t_rs - bwd) + t_ag;
+        dp_exposed = mbs * behind(t_rs, bwd) + t_ag;
       } else {
         r.comm.dp = mbs * (rs + 2 * ag);
-        dp_exposed = mbs * (std::max(0.0, t_ag - fwd) + std::max(0.0, t_ag + t_rs - bwd));
+        dp_exposed = mbs * (behind(t_ag, fwd) + behind(t_ag + t_rs, bwd));
       }
     }
   }

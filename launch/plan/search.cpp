@@ -59,6 +59,12 @@ SearchResult search_layouts(const PlanInput& base, const Calibration& cal, const
             if (!any_feasible && rej_rank >= 0) out.rejected.push_back(rej);
           }
         }
+  // Rejections closest to working first: memory, then bubble, then broken rules.
+  const auto order = [](const SearchRejection& r) {
+    return r.reason.starts_with("memory:") ? 0 : r.reason.starts_with("bubble:") ? 1 : 2;
+  };
+  std::stable_sort(out.rejected.begin(), out.rejected.end(),
+                   [&](const SearchRejection& a, const SearchRejection& b) { return order(a) < order(b); });
   std::stable_sort(out.feasible.begin(), out.feasible.end(), [](const SearchCandidate& a, const SearchCandidate& b) {
     if (a.result.tokens_per_second != b.result.tokens_per_second)
       return a.result.tokens_per_second > b.result.tokens_per_second;

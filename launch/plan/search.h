@@ -34,7 +34,7 @@ struct SearchRejection {
 
 struct SearchResult {
   std::vector<SearchCandidate> feasible;  // best first
-  std::vector<SearchRejection> rejected;
+  std::vector<SearchRejection> rejected;  // memory first, then bubble, then rules
   int evaluated = 0;
 };
 

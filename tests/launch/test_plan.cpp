@@ -153,6 +153,9 @@ TEST(Plan, BubbleAndInFlightFormulasMatchTheScheduleSimulation) {
           EXPECT_NEAR(1.0 - sim.busy_per_stage / sim.makespan, pipeline_bubble_fraction(s), 1e-12);
           EXPECT_NEAR(sim.max_in_flight_stage0, pipeline_stage0_in_flight(s), 1e-12)
               << "p " << p << " v " << v << " m " << m;
+          for (int st = 0; st < p; ++st)
+            EXPECT_NEAR(sim.max_in_flight[st], pipeline_in_flight(s, st), 1e-12)
+                << "p " << p << " v " << v << " m " << m << " stage " << st;
           ++checked;
         }
       }
