@@ -43,10 +43,12 @@ struct Held {
 // Builds the model and optimizer, runs two steps (forward + backward + AdamW) on a packed batch of
 // `lens`, and sums the bytes of the tensors that exist; during the second step, the CPU allocator's
 // live bytes that the forward adds and the step's peak.
-Held build_and_measure(const ModelConfig& c, DType compute, const std::vector<int>& lens) {
+Held build_and_measure(const ModelConfig& c, DType compute, const std::vector<int>& lens,
+                       RecomputePolicy recompute = RecomputePolicy::kNone) {
   Esm2Options o;
   o.device = Device::cpu();
   o.compute = compute;
+  o.recompute = recompute;
   Esm2Model model(c, o);
   model.init_random(3);
   AdamW opt(model.params(), AdamWConfig{});
@@ -57,7 +59,9 @@ Held build_and_measure(const ModelConfig& c, DType compute, const std::vector<in
     model.params().zero_grads(Stream());
     alloc.reset_peak();
     const double before = double(alloc.stats().current_bytes);
-    Tape tape;
+    TapeOptions to;
+    to.recompute = recompute;  // the trainer passes the model's policy to its tape the same way
+    Tape tape(to);
     Var logits = model.forward(tape, b);
     h.forward_bytes = double(alloc.stats().current_bytes) - before;
     Var loss = model.loss(tape, logits, b, 1.0f / float(std::max<int64_t>(1, b.num_labels)));
@@ -116,6 +120,13 @@ TEST(Plan, ActivationBytesEqualWhatAForwardAllocates) {
     // LM head and backward workspace): within 10%.
     const PlanResult r = make_plan(single(c, compute == DType::kBF16, t), h100());
     EXPECT_NEAR(r.memory.total() / h3.step_peak, 1.0, 0.10) << dtype_name(compute);
+    // Full recompute (Tape::segment keeps each layer's input only).
+    const Held f3 = build_and_measure(c, compute, lens, RecomputePolicy::kFull);
+    const Held f1 = build_and_measure(c1, compute, lens, RecomputePolicy::kFull);
+    PlanLayout full;
+    full.recompute = RecomputeMode::kFull;
+    EXPECT_EQ(f3.forward_bytes - f1.forward_bytes, 2 * layer_activation_bytes(c, t, full, compute == DType::kBF16))
+        << dtype_name(compute);
   }
 }
 
