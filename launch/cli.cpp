@@ -74,6 +74,7 @@ int run_cli(int argc, char** argv) {
   const std::string cmd = vm["command"].as<std::string>();
   std::vector<std::string> rest = po::collect_unrecognized(parsed.options, po::include_positional);
   rest.erase(rest.begin());  // the command itself
+  if (vm.count("help")) rest.push_back("--help");  // `helix <command> --help`: the command's help
   if (cmd == "info") return cmd_info(rest);
   if (cmd == "plan") return cmd_plan(rest);
   if (cmd == "train") {

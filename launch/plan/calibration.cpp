@@ -58,6 +58,7 @@ Calibration load_calibration(const std::string& path) {
   c.network_latency_us = num_or(j, "network_latency_us", 0, path);
   c.copy_gbps = num_or(j, "copy_gbps", 0, path);
   c.comm_overlap_slowdown = num_or(j, "comm_overlap_slowdown", 0, path);
+  c.host_step_ms = num_or(j, "host_step_ms", 0, path);
   if (j.has("gemm")) {
     for (const Json& r : j.at("gemm").as_array(path + ": gemm")) {
       const std::string w = path + ": gemm row";
@@ -68,7 +69,8 @@ Calibration load_calibration(const std::string& path) {
       g.k = r.at("k", w).as_int(w);
       g.bf16_tflops = num_or(r, "bf16_tflops", 0, w);
       g.fp8_tflops = num_or(r, "fp8_tflops", 0, w);
-      HELIX_CHECK(g.m > 0 && g.n > 0 && g.k > 0, "{}: expected positive m, n, k, got {} {} {}", w, g.m, g.n, g.k);
+      HELIX_CHECK(g.m > 0 && g.n > 0 && g.k > 0, "{}: expected positive m, n, k, got {} {} {}", w,
+                  g.m, g.n, g.k);
       c.gemm.push_back(g);
     }
   }
@@ -79,7 +81,8 @@ Calibration load_calibration(const std::string& path) {
       a.head_dim = static_cast<int>(r.at("head_dim", w).as_int(w));
       a.fwd_tflops = num_or(r, "fwd_tflops", 0, w);
       a.fwd_bwd_tflops = num_or(r, "fwd_bwd_tflops", 0, w);
-      HELIX_CHECK(a.fwd_tflops > 0 && a.fwd_bwd_tflops > 0, "{}: expected positive fwd_tflops and fwd_bwd_tflops", w);
+      HELIX_CHECK(a.fwd_tflops > 0 && a.fwd_bwd_tflops > 0,
+                  "{}: expected positive fwd_tflops and fwd_bwd_tflops", w);
       c.attention.push_back(a);
     }
   }
@@ -118,6 +121,7 @@ void merge_calibration(Calibration& base, const Calibration& extra) {
   take(base.network_latency_us, extra.network_latency_us);
   take(base.copy_gbps, extra.copy_gbps);
   take(base.comm_overlap_slowdown, extra.comm_overlap_slowdown);
+  take(base.host_step_ms, extra.host_step_ms);
   if (extra.gpus_per_node > 0) base.gpus_per_node = extra.gpus_per_node;
   // Extra rows first: an exact-shape lookup finds them before the base file's.
   base.fit_cache_.clear();
@@ -136,7 +140,8 @@ void merge_calibration(Calibration& base, const Calibration& extra) {
 std::pair<double, double> Calibration::gemm_fit(GemmPass pass, bool fp8) const {
   const int key = int(pass) * 2 + (fp8 ? 1 : 0);
   if (const auto it = fit_cache_.find(key); it != fit_cache_.end()) return it->second;
-  // Least squares of time = flops * a + b over the measured rows of this pass; R = 1/a, t0 = b >= 0.
+  // Least squares of time = flops * a + b over the measured rows of this pass; R = 1/a, t0 = b >=
+  // 0.
   std::vector<std::pair<double, double>> pts;  // (flops, seconds)
   for (const GemmRow& r : gemm) {
     const double rate = fp8 ? r.fp8_tflops : r.bf16_tflops;
@@ -144,8 +149,8 @@ std::pair<double, double> Calibration::gemm_fit(GemmPass pass, bool fp8) const {
     const double fl = 2.0 * double(r.m) * double(r.n) * double(r.k);
     pts.emplace_back(fl, fl / (rate * 1e12));
   }
-  HELIX_CHECK(!pts.empty(), "calibration '{}': no {} gemm rows for pass {} (expected at least one)", path,
-              fp8 ? "fp8" : "bf16", gemm_pass_name(pass));
+  HELIX_CHECK(!pts.empty(), "calibration '{}': no {} gemm rows for pass {} (expected at least one)",
+              path, fp8 ? "fp8" : "bf16", gemm_pass_name(pass));
   double sx = 0, sy = 0, sxx = 0, sxy = 0;
   for (auto [x, y] : pts) sx += x, sy += y, sxx += x * x, sxy += x * y;
   const double n = double(pts.size());
@@ -166,7 +171,8 @@ double Calibration::gemm_seconds(GemmPass pass, int64_t m, int64_t n, int64_t k,
   const double fl = 2.0 * double(m) * double(n) * double(k);
   for (const GemmRow& r : gemm) {
     const double rate = fp8 ? r.fp8_tflops : r.bf16_tflops;
-    if (r.pass == pass && r.n == n && r.k == k && rate > 0 && std::abs(double(r.m) / double(m) - 1.0) <= 0.25)
+    if (r.pass == pass && r.n == n && r.k == k && rate > 0 &&
+        std::abs(double(r.m) / double(m) - 1.0) <= 0.25)
       return fl / (rate * 1e12);
   }
   const auto [rate, t0] = gemm_fit(pass, fp8);
@@ -174,16 +180,18 @@ double Calibration::gemm_seconds(GemmPass pass, int64_t m, int64_t n, int64_t k,
 }
 
 namespace {
-// Attention rate at `head_dim` from rows measured at other head dims: the time per (query, key, head)
-// is modelled as a + b * head_dim (softmax and tile work per score, plus the two matmuls' work per
-// dimension), a straight line through the rows' times (least squares; one row: a = 0). FLOPs per
-// (query, key, head) are flops_per_dim * head_dim.
-double attention_rate(const std::vector<AttentionRow>& rows, int head_dim, bool fwd_bwd, const std::string& path) {
+// Attention rate at `head_dim` from rows measured at other head dims: the time per (query, key,
+// head) is modelled as a + b * head_dim (softmax and tile work per score, plus the two matmuls'
+// work per dimension), a straight line through the rows' times (least squares; one row: a = 0).
+// FLOPs per (query, key, head) are flops_per_dim * head_dim.
+double attention_rate(const std::vector<AttentionRow>& rows, int head_dim, bool fwd_bwd,
+                      const std::string& path) {
   HELIX_CHECK(!rows.empty(), "calibration '{}': no attention rows (expected at least one)", path);
   const double per_dim = fwd_bwd ? 14.0 : 4.0;  // 4 (forward) or 3.5 * 4 (forward + backward) FLOPs
   std::vector<std::pair<double, double>> pts;   // (head_dim, seconds per score)
   for (const AttentionRow& r : rows)
-    pts.emplace_back(r.head_dim, per_dim * r.head_dim / ((fwd_bwd ? r.fwd_bwd_tflops : r.fwd_tflops) * 1e12));
+    pts.emplace_back(r.head_dim,
+                     per_dim * r.head_dim / ((fwd_bwd ? r.fwd_bwd_tflops : r.fwd_tflops) * 1e12));
   double sx = 0, sy = 0, sxx = 0, sxy = 0;
   for (auto [x, y] : pts) sx += x, sy += y, sxx += x * x, sxy += x * y;
   const double n = double(pts.size()), den = n * sxx - sx * sx;
@@ -201,12 +209,15 @@ double Calibration::attention_fwd_bwd_flops(int head_dim) const {
   return attention_rate(attention, head_dim, true, path);
 }
 
-double Calibration::attention_fwd_flops(int head_dim) const { return attention_rate(attention, head_dim, false, path); }
+double Calibration::attention_fwd_flops(int head_dim) const {
+  return attention_rate(attention, head_dim, false, path);
+}
 
 double Calibration::memory_bound_rate(const std::string& name) const {
   const auto it = memory_bound_gbps.find(name);
   const double gbps = it != memory_bound_gbps.end() ? it->second : copy_gbps;
-  HELIX_CHECK(gbps > 0, "calibration '{}': no rate for memory-bound op '{}' and no copy_gbps", path, name);
+  HELIX_CHECK(gbps > 0, "calibration '{}': no rate for memory-bound op '{}' and no copy_gbps", path,
+              name);
   return gbps * 1e9;
 }
 

@@ -1,8 +1,9 @@
 #pragma once
-// Rates of one GPU type for `helix plan`, read from a calibration JSON (examples/calibration/*.json):
-// measured GEMM rows, attention and memory-bound rates, link bandwidths and memory. The design
-// choice: the planner never hard-codes a rate; it fits a small model (time = FLOPs / R + t0 per GEMM
-// pass and dtype) to the measured rows and uses a measured row directly where the shape matches.
+// Rates of one GPU type for `helix plan`, read from a calibration JSON
+// (examples/calibration/*.json): measured GEMM rows, attention and memory-bound rates, link
+// bandwidths and memory. The design choice: the planner never hard-codes a rate; it fits a small
+// model (time = FLOPs / R + t0 per GEMM pass and dtype) to the measured rows and uses a measured
+// row directly where the shape matches.
 #include <map>
 #include <string>
 #include <vector>
@@ -35,20 +36,23 @@ struct LayerRow {
 
 struct Calibration {
   std::string name;
-  std::string path;               // file(s) it came from
-  double memory_gib = 0;          // usable device memory
-  double reserved_gib = 0;        // CUDA context, cuBLAS workspaces, NCCL buffers (outside tensors)
-  double bf16_peak_tflops = 0;    // dense peak used for MFU
+  std::string path;             // file(s) it came from
+  double memory_gib = 0;        // usable device memory
+  double reserved_gib = 0;      // CUDA context, cuBLAS workspaces, NCCL buffers (outside tensors)
+  double bf16_peak_tflops = 0;  // dense peak used for MFU
   int gpus_per_node = 8;
-  double nvlink_gbps = 0;         // per-GPU bus bandwidth of NCCL collectives inside a node
-  double network_gbps = 0;        // per-GPU bus bandwidth of NCCL collectives across nodes
-  double nvlink_latency_us = 0;   // per collective call
+  double nvlink_gbps = 0;        // per-GPU bus bandwidth of NCCL collectives inside a node
+  double network_gbps = 0;       // per-GPU bus bandwidth of NCCL collectives across nodes
+  double nvlink_latency_us = 0;  // per collective call
   double network_latency_us = 0;
-  double copy_gbps = 0;           // device-to-device copy: rate of memory-bound ops not listed
-  double comm_overlap_slowdown = 0;  // share of overlapped communication time that still slows compute
+  double copy_gbps = 0;  // device-to-device copy: rate of memory-bound ops not listed
+  // Share of overlapped communication time that still slows compute.
+  double comm_overlap_slowdown = 0;
+  double host_step_ms = 0;  // host work per step before GPU work (batch packing; data_pack bench)
   std::vector<GemmRow> gemm;
   std::vector<AttentionRow> attention;
-  std::map<std::string, double> memory_bound_gbps;  // op name (tests/bench/kernels_memory.cpp) -> GB/s
+  std::map<std::string, double>
+      memory_bound_gbps;  // op name (tests/bench/kernels_memory.cpp) -> GB/s
   std::vector<LayerRow> layers;
 
   // Seconds of one GEMM [m, n, k] in `pass`: a measured row of the same (pass, n, k) and m within
@@ -56,8 +60,8 @@ struct Calibration {
   double gemm_seconds(GemmPass pass, int64_t m, int64_t n, int64_t k, bool fp8) const;
   // The fitted (R in FLOP/s, t0 in s) of a pass; exposed for the docs and tests.
   std::pair<double, double> gemm_fit(GemmPass pass, bool fp8) const;
-  // Forward + backward attention rate (FLOP/s, 3.5x forward FLOPs counted) at this head dim, from the
-  // rows' time per score modelled as a + b * head_dim (exact at the measured head dims).
+  // Forward + backward attention rate (FLOP/s, 3.5x forward FLOPs counted) at this head dim, from
+  // the rows' time per score modelled as a + b * head_dim (exact at the measured head dims).
   double attention_fwd_bwd_flops(int head_dim) const;
   double attention_fwd_flops(int head_dim) const;
   // Memory-bound rate (bytes/s) of op `name`, or the copy rate when the op is not listed.

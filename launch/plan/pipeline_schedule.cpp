@@ -10,12 +10,12 @@ namespace helix {
 
 std::string pipeline_shape_error(const PipelineShape& s) {
   if (s.stages < 1 || s.virtual_stages < 1 || s.micro_batches < 1)
-    return fmt::format("expected --pp, --pp-virtual and --micro-batches >= 1, got {}, {}, {}", s.stages,
-                       s.virtual_stages, s.micro_batches);
+    return fmt::format("expected --pp, --pp-virtual and --micro-batches >= 1, got {}, {}, {}",
+                       s.stages, s.virtual_stages, s.micro_batches);
   if (s.virtual_stages > 1 && s.stages == 1) return "--pp-virtual > 1 needs --pp > 1";
   if (s.virtual_stages > 1 && s.micro_batches % s.stages != 0)
-    return fmt::format("interleaved 1F1B needs --micro-batches ({}) divisible by --pp ({})", s.micro_batches,
-                       s.stages);
+    return fmt::format("interleaved 1F1B needs --micro-batches ({}) divisible by --pp ({})",
+                       s.micro_batches, s.stages);
   return "";
 }
 
@@ -58,7 +58,9 @@ std::vector<Op> stage_ops(const PipelineShape& sh, int s) {
   }
   const int total = m * v;
   const auto fwd_op = [&](int k) { return Op{true, (k / (p * v)) * p + k % p, (k / p) % v}; };
-  const auto bwd_op = [&](int k) { return Op{false, (k / (p * v)) * p + k % p, v - 1 - (k / p) % v}; };
+  const auto bwd_op = [&](int k) {
+    return Op{false, (k / (p * v)) * p + k % p, v - 1 - (k / p) % v};
+  };
   const int warm = std::min((p - s - 1) * 2 + (v - 1) * p, total);
   for (int k = 0; k < warm; ++k) ops.push_back(fwd_op(k));
   for (int i = 0; i < total - warm; ++i) {
@@ -93,7 +95,8 @@ PipelineSimResult simulate_pipeline(const PipelineShape& sh, double tf, double t
         const int vs = op.chunk * p + s;  // virtual stage of this chunk on this rank
         double dep = 0;
         if (op.forward && vs > 0) dep = fend[size_t(vs - 1) * m + op.mb];
-        if (!op.forward) dep = vs + 1 < nv ? bend[size_t(vs + 1) * m + op.mb] : fend[size_t(vs) * m + op.mb];
+        if (!op.forward)
+          dep = vs + 1 < nv ? bend[size_t(vs + 1) * m + op.mb] : fend[size_t(vs) * m + op.mb];
         if (dep < 0) break;  // dependency not run yet
         const double start = std::max(free_at[s], dep);
         const double end = start + (op.forward ? cf : cb);

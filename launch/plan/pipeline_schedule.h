@@ -19,8 +19,8 @@ struct PipelineShape {
 // empty string when valid, else the rule that fails.
 std::string pipeline_shape_error(const PipelineShape& s);
 
-// Step time in units of one micro-batch's forward + backward through one whole stage (all v chunks):
-// (m + (p - 1) / v). With tf, tb the forward and backward times of a stage, the step takes
+// Step time in units of one micro-batch's forward + backward through one whole stage (all v
+// chunks): (m + (p - 1) / v). With tf, tb the forward and backward times of a stage, the step takes
 // (m + (p-1)/v) * (tf + tb): every stage is busy m * (tf + tb) and idles (p-1)(tf+tb)/v.
 double pipeline_step_units(const PipelineShape& s);
 // Idle share of the step: (p - 1) / (v * m + p - 1).
@@ -32,10 +32,11 @@ double pipeline_in_flight(const PipelineShape& s, int stage);
 inline double pipeline_stage0_in_flight(const PipelineShape& s) { return pipeline_in_flight(s, 0); }
 
 struct PipelineSimResult {
-  double makespan = 0;            // time of the last op's end
-  double max_in_flight_stage0 = 0;  // chunks forwarded but not yet backwarded on stage 0, divided by v
+  double makespan = 0;  // time of the last op's end
+  double max_in_flight_stage0 =
+      0;  // chunks forwarded but not yet backwarded on stage 0, divided by v
   std::vector<double> max_in_flight;  // the same for every stage
-  double busy_per_stage = 0;      // m * v * (tf + tb) / v
+  double busy_per_stage = 0;          // m * v * (tf + tb) / v
 };
 // Simulates the schedule with per-chunk forward time tf / v and backward time tb / v (tf, tb: one
 // whole stage), no communication latency: each stage runs its op list in order, an op starts when

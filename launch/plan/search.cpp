@@ -8,7 +8,8 @@
 
 namespace helix {
 
-SearchResult search_layouts(const PlanInput& base, const Calibration& cal, const SearchOptions& opts) {
+SearchResult search_layouts(const PlanInput& base, const Calibration& cal,
+                            const SearchOptions& opts) {
   SearchResult out;
   const double gib = double(1ull << 30);
   for (int tp : opts.tp)
@@ -17,7 +18,8 @@ SearchResult search_layouts(const PlanInput& base, const Calibration& cal, const
         for (int v : opts.virtual_stages) {
           if (v > 1 && pp == 1) continue;  // interleaving needs a pipeline: not a layout of its own
           for (int zero : opts.zero) {
-            // Best rejection of this family: a rule (least informative) < bubble < memory (closest to fitting).
+            // Best rejection of this family: a rule (least informative) < bubble < memory (closest
+            // to fitting).
             SearchRejection rej;
             int rej_rank = -1;
             double rej_need = 0;
@@ -38,8 +40,10 @@ SearchResult search_layouts(const PlanInput& base, const Calibration& cal, const
                 if (!r.fits) {
                   const double need = r.memory.total() + r.reserved_bytes;
                   if (rej_rank < 2 || need < rej_need) {
-                    rej = {in.layout, fmt::format("memory: needs {:.1f} GiB per rank (stage {}), {:.1f} GiB usable",
-                                                  need / gib, r.worst_stage, r.capacity_bytes / gib)};
+                    rej = {in.layout,
+                           fmt::format(
+                               "memory: needs {:.1f} GiB per rank (stage {}), {:.1f} GiB usable",
+                               need / gib, r.worst_stage, r.capacity_bytes / gib)};
                     rej_rank = 2;
                     rej_need = need;
                   }
@@ -47,8 +51,9 @@ SearchResult search_layouts(const PlanInput& base, const Calibration& cal, const
                 }
                 if (r.bubble_fraction > opts.max_bubble) {
                   if (rej_rank < 1) {
-                    rej = {in.layout, fmt::format("bubble: {:.0f}% of the step idle (limit {:.0f}%)",
-                                                  100 * r.bubble_fraction, 100 * opts.max_bubble)};
+                    rej = {in.layout,
+                           fmt::format("bubble: {:.0f}% of the step idle (limit {:.0f}%)",
+                                       100 * r.bubble_fraction, 100 * opts.max_bubble)};
                     rej_rank = 1;
                   }
                   continue;
@@ -63,13 +68,15 @@ SearchResult search_layouts(const PlanInput& base, const Calibration& cal, const
   const auto order = [](const SearchRejection& r) {
     return r.reason.starts_with("memory:") ? 0 : r.reason.starts_with("bubble:") ? 1 : 2;
   };
-  std::stable_sort(out.rejected.begin(), out.rejected.end(),
-                   [&](const SearchRejection& a, const SearchRejection& b) { return order(a) < order(b); });
-  std::stable_sort(out.feasible.begin(), out.feasible.end(), [](const SearchCandidate& a, const SearchCandidate& b) {
-    if (a.result.tokens_per_second != b.result.tokens_per_second)
-      return a.result.tokens_per_second > b.result.tokens_per_second;
-    return a.result.memory.total() < b.result.memory.total();
-  });
+  std::stable_sort(
+      out.rejected.begin(), out.rejected.end(),
+      [&](const SearchRejection& a, const SearchRejection& b) { return order(a) < order(b); });
+  std::stable_sort(out.feasible.begin(), out.feasible.end(),
+                   [](const SearchCandidate& a, const SearchCandidate& b) {
+                     if (a.result.tokens_per_second != b.result.tokens_per_second)
+                       return a.result.tokens_per_second > b.result.tokens_per_second;
+                     return a.result.memory.total() < b.result.memory.total();
+                   });
   return out;
 }
 

@@ -17,7 +17,8 @@ struct SearchOptions {
   std::vector<int> virtual_stages{1, 2, 4};
   std::vector<int> zero{0, 1, 2, 3};
   std::vector<int> micro_batches{1, 2, 4, 8, 16, 32, 64, 128, 256};
-  std::vector<RecomputeMode> recompute{RecomputeMode::kNone, RecomputeMode::kSelective, RecomputeMode::kFull};
+  std::vector<RecomputeMode> recompute{RecomputeMode::kNone, RecomputeMode::kSelective,
+                                       RecomputeMode::kFull};
   double max_bubble = 0.5;  // a layout idling more than this share of the step is rejected
 };
 
@@ -39,6 +40,7 @@ struct SearchResult {
 };
 
 // `base` gives the model, GPU count, tokens per step, FP8 and the rest; its layout is ignored.
-SearchResult search_layouts(const PlanInput& base, const Calibration& cal, const SearchOptions& opts);
+SearchResult search_layouts(const PlanInput& base, const Calibration& cal,
+                            const SearchOptions& opts);
 
 }  // namespace helix

@@ -44,9 +44,13 @@ struct SliceCase {
 };
 
 const SliceCase kCases[] = {
-    {"esm2-150m", 640, 20, 2560, 1},      {"esm2-650m", 1280, 20, 5120, 1}, {"esm2-3b", 2560, 40, 10240, 1},
-    {"esm2-15b", 5120, 40, 20480, 1},     {"esm3-98b-tp8", 6144, 96, 24576, 8},
-    {"esm3-98b-tp4", 6144, 96, 24576, 4}, {"tiny", 64, 4, 128, 1},
+    {"esm2-150m", 640, 20, 2560, 1},
+    {"esm2-650m", 1280, 20, 5120, 1},
+    {"esm2-3b", 2560, 40, 10240, 1},
+    {"esm2-15b", 5120, 40, 20480, 1},
+    {"esm3-98b-tp8", 6144, 96, 24576, 8},
+    {"esm3-98b-tp4", 6144, 96, 24576, 4},
+    {"tiny", 64, 4, 128, 1},
 };
 
 // Protein-like lengths: log-normal (median 300, sigma 0.6) clipped to [8, 1024], drawn with a fixed
@@ -105,28 +109,33 @@ struct Linear {
   int64_t out, in;
 };
 
-void bench_case(const SliceCase& c, int64_t tokens, int iters, const Stream& s, Json::Array& gemm_rows,
-                Json::Array& attn_rows, Json::Array& layer_rows) {
-  const int64_t t = tokens, h = c.hidden, hr = h / c.tp, fr = c.ffn / c.tp, heads = c.heads / c.tp, d = h / c.heads;
+void bench_case(const SliceCase& c, int64_t tokens, int iters, const Stream& s,
+                Json::Array& gemm_rows, Json::Array& attn_rows, Json::Array& layer_rows) {
+  const int64_t t = tokens, h = c.hidden, hr = h / c.tp, fr = c.ffn / c.tp, heads = c.heads / c.tp,
+                d = h / c.heads;
   const DType bf = DType::kBF16;
-  std::printf("%s (tp %d): T=%lld, hidden %lld, %lld heads of %lld per GPU, ffn %lld per GPU\n", c.name.c_str(), c.tp,
-              (long long)t, (long long)h, (long long)heads, (long long)d, (long long)fr);
+  std::printf("%s (tp %d): T=%lld, hidden %lld, %lld heads of %lld per GPU, ffn %lld per GPU\n",
+              c.name.c_str(), c.tp, (long long)t, (long long)h, (long long)heads, (long long)d,
+              (long long)fr);
   // GEMMs of the slice, as layers/linear.cpp runs them.
-  const Linear linears[] = {{"qkv", 3 * hr, h}, {"out_proj", h, hr}, {"fc1", fr, h}, {"fc2", h, fr}};
+  const Linear linears[] = {
+      {"qkv", 3 * hr, h}, {"out_proj", h, hr}, {"fc1", fr, h}, {"fc2", h, fr}};
   for (const Linear& l : linears) {
     Tensor x = random({t, l.in}, bf, 1, s), w = random({l.out, l.in}, bf, 2, s, 0.02f);
     Tensor y = Tensor::empty({t, l.out}, bf, s.device(), s), dy = random({t, l.out}, bf, 3, s);
-    Tensor dx = Tensor::zeros({t, l.in}, bf, s.device(), s), dw = Tensor::zeros({l.out, l.in}, DType::kF32, s.device(), s);
+    Tensor dx = Tensor::zeros({t, l.in}, bf, s.device(), s),
+           dw = Tensor::zeros({l.out, l.in}, DType::kF32, s.device(), s);
     GemmParams fwd{.a = x, .b = w, .c = y, .op_b = GemmOp::kTranspose};
     GemmParams dgrad{.a = dy, .b = w, .c = dx, .beta = 1.0f};
     GemmParams wgrad{.a = dy, .b = x, .c = dw, .op_a = GemmOp::kTranspose, .beta = 1.0f};
-    const std::pair<const char*, GemmParams*> passes[] = {{"fwd", &fwd}, {"dgrad", &dgrad}, {"wgrad", &wgrad}};
+    const std::pair<const char*, GemmParams*> passes[] = {
+        {"fwd", &fwd}, {"dgrad", &dgrad}, {"wgrad", &wgrad}};
     for (auto [pass, p] : passes) {
       const GemmShape g = gemm_shape(*p);
       const double ms = time_ms([&] { gemm(*p, s); }, s, iters);
       const double tflops = 2.0 * g.m * g.n * g.k / (ms * 1e-3) / 1e12;
-      std::printf("  gemm %-8s %-5s M %6lld N %6lld K %6lld  %8.3f ms  %7.1f TFLOP/s\n", l.name, pass, (long long)g.m,
-                  (long long)g.n, (long long)g.k, ms, tflops);
+      std::printf("  gemm %-8s %-5s M %6lld N %6lld K %6lld  %8.3f ms  %7.1f TFLOP/s\n", l.name,
+                  pass, (long long)g.m, (long long)g.n, (long long)g.k, ms, tflops);
       Json::Object row;
       row["source"] = c.name + " " + l.name + " " + pass;
       row["pass"] = pass;
@@ -166,7 +175,12 @@ void bench_case(const SliceCase& c, int64_t tokens, int iters, const Stream& s, 
     b.d_k = Tensor::empty({t, heads, d}, bf, s.device(), s);
     b.d_v = Tensor::empty({t, heads, d}, bf, s.device(), s);
     const double fwd_ms = time_ms([&] { thd_attention_fwd(f, s); }, s, iters);
-    const double fb_ms = time_ms([&] { thd_attention_fwd(f, s); thd_attention_bwd(b, s); }, s, iters);
+    const double fb_ms = time_ms(
+        [&] {
+          thd_attention_fwd(f, s);
+          thd_attention_bwd(b, s);
+        },
+        s, iters);
     const double fwd_flops = 4.0 * double(heads) * double(d) * sum_sq;
     Json::Object row;
     row["source"] = c.name;
@@ -175,15 +189,19 @@ void bench_case(const SliceCase& c, int64_t tokens, int iters, const Stream& s, 
     row["seq_len"] = seq_len;
     row["fwd_tflops"] = fwd_flops / (fwd_ms * 1e-3) / 1e12;
     row["fwd_bwd_tflops"] = 3.5 * fwd_flops / (fb_ms * 1e-3) / 1e12;
-    std::printf("  attention %lld heads of %lld, sum s^2/T %.0f: fwd %.3f ms (%.1f TFLOP/s), fwd+bwd %.3f ms (%.1f)\n",
-                (long long)heads, (long long)d, seq_len, fwd_ms, row["fwd_tflops"].as_double(), fb_ms,
-                row["fwd_bwd_tflops"].as_double());
+    std::printf(
+        "  attention %lld heads of %lld, sum s^2/T %.0f: fwd %.3f ms (%.1f TFLOP/s), fwd+bwd %.3f "
+        "ms (%.1f)\n",
+        (long long)heads, (long long)d, seq_len, fwd_ms, row["fwd_tflops"].as_double(), fb_ms,
+        row["fwd_bwd_tflops"].as_double());
     attn_rows.push_back(Json(std::move(row)));
   }
-  if (c.tp != 1) return;  // the TP graph's layer needs its communicators: GEMM and attention rows only
+  if (c.tp != 1)
+    return;  // the TP graph's layer needs its communicators: GEMM and attention rows only
   // The whole layer, as Esm2Model::forward's single-device segment builds it.
   const float eps = 1e-5f;
-  auto attn = std::make_shared<const AttentionInputs>(AttentionInputs::from_batch(batch, int(heads), int(d)));
+  auto attn = std::make_shared<const AttentionInputs>(
+      AttentionInputs::from_batch(batch, int(heads), int(d)));
   const auto param = [&](const Shape& shape, uint64_t seed, float scale) {
     return Var::leaf(random(shape, bf, seed, s, scale), true, DType::kF32);
   };
@@ -192,9 +210,12 @@ void bench_case(const SliceCase& c, int64_t tokens, int iters, const Stream& s, 
     fill_uniform(g, 9, 0, 0.9f, 1.1f, s);
     return Var::leaf(g, true, DType::kF32);
   };
-  Var ln1w = ones(h), ln1b = param({h}, 10, 0.01f), wqkv = param({3 * h, h}, 11, 0.02f), bqkv = param({3 * h}, 12, 0.01f);
-  Var wo = param({h, h}, 13, 0.02f), bo = param({h}, 14, 0.01f), ln2w = ones(h), ln2b = param({h}, 15, 0.01f);
-  Var w1 = param({c.ffn, h}, 16, 0.02f), b1 = param({c.ffn}, 17, 0.01f), w2 = param({h, c.ffn}, 18, 0.02f);
+  Var ln1w = ones(h), ln1b = param({h}, 10, 0.01f), wqkv = param({3 * h, h}, 11, 0.02f),
+      bqkv = param({3 * h}, 12, 0.01f);
+  Var wo = param({h, h}, 13, 0.02f), bo = param({h}, 14, 0.01f), ln2w = ones(h),
+      ln2b = param({h}, 15, 0.01f);
+  Var w1 = param({c.ffn, h}, 16, 0.02f), b1 = param({c.ffn}, 17, 0.01f),
+      w2 = param({h, c.ffn}, 18, 0.02f);
   Var b2 = param({h}, 19, 0.01f);
   Tensor x0 = random({t, h}, bf, 20, s), dy = random({t, h}, bf, 21, s);
   const auto step = [&] {
@@ -223,7 +244,8 @@ void bench_case(const SliceCase& c, int64_t tokens, int iters, const Stream& s, 
 }
 
 int run(int argc, char** argv) {
-  std::string out = "layer_slice.json", cases = "esm2-150m,esm2-650m,esm2-3b,esm2-15b,esm3-98b-tp8,esm3-98b-tp4";
+  std::string out = "layer_slice.json",
+              cases = "esm2-150m,esm2-650m,esm2-3b,esm2-15b,esm3-98b-tp8,esm3-98b-tp4";
   int64_t tokens = 16384;
   int iters = 10;
   bool cpu_smoke = false;
@@ -236,13 +258,20 @@ int run(int argc, char** argv) {
       }
       return argv[++i];
     };
-    if (a == "--out") out = value();
-    else if (a == "--tokens") tokens = std::atoll(value().c_str());
-    else if (a == "--iters") iters = std::atoi(value().c_str());
-    else if (a == "--cases") cases = value();
-    else if (a == "--cpu-smoke") cpu_smoke = true;
+    if (a == "--out")
+      out = value();
+    else if (a == "--tokens")
+      tokens = std::atoll(value().c_str());
+    else if (a == "--iters")
+      iters = std::atoi(value().c_str());
+    else if (a == "--cases")
+      cases = value();
+    else if (a == "--cpu-smoke")
+      cpu_smoke = true;
     else {
-      std::fprintf(stderr, "helix_bench_layer_slice: unknown option '%s' (--out, --tokens, --iters, --cases, --cpu-smoke)\n",
+      std::fprintf(stderr,
+                   "helix_bench_layer_slice: unknown option '%s' (--out, --tokens, --iters, "
+                   "--cases, --cpu-smoke)\n",
                    a.c_str());
       return 2;
     }
@@ -257,8 +286,9 @@ int run(int argc, char** argv) {
     tokens = std::min<int64_t>(tokens, 256);
     iters = 1;
   } else if (cuda_device_count() == 0) {
-    std::printf("helix_bench_layer_slice: no GPU (%s); nothing measured (--cpu-smoke checks the harness)\n",
-                cuda_unavailable_reason().c_str());
+    std::printf(
+        "helix_bench_layer_slice: no GPU (%s); nothing measured (--cpu-smoke checks the harness)\n",
+        cuda_unavailable_reason().c_str());
     return 0;
   } else {
     s = Stream::cuda_default(0);
@@ -277,7 +307,8 @@ int run(int argc, char** argv) {
   }
   Json::Object root;
   root["name"] = cpu_smoke ? "cpu smoke (not a calibration)" : "helix_bench_layer_slice";
-  root["about"] = "measured by tests/bench/layer_slice.cpp; merge with helix plan --calibration-extra";
+  root["about"] =
+      "measured by tests/bench/layer_slice.cpp; merge with helix plan --calibration-extra";
   root["tokens"] = tokens;
   root["gemm"] = Json(std::move(gemm_rows));
   root["attention"] = Json(std::move(attn_rows));

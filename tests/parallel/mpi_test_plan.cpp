@@ -27,7 +27,8 @@ struct RankBytes {
   double master = 0, grads = 0, moments = 0, forward = 0;
 };
 
-RankBytes measure(const ModelConfig& cfg, const ParallelContext& ctx, bool sp, const std::vector<int>& lens) {
+RankBytes measure(const ModelConfig& cfg, const ParallelContext& ctx, bool sp,
+                  const std::vector<int>& lens) {
   Esm2Options o{.device = Device::cpu(), .compute = DType::kF32};
   o.parallel = &ctx;
   o.sequence_parallel = sp;
