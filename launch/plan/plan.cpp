@@ -262,7 +262,7 @@ PlanResult make_plan(const PlanInput& in, const Calibration& cal) {
   const Link net{cal.network_gbps * 1e9, cal.network_latency_us * 1e-6, false};
   const Link tp_link = tp <= gpn ? nvl : net;
   const Link cp_link = tp * cp <= gpn ? nvl : net;
-  const Link dp_link = tp * cp * dp <= gpn ? nvl : net;
+  const Link dp_link = tp * cp * dp <= gpn ? nvl : net;  // the dp x cp group spans tp*cp*dp ranks
   const Link pp_link = tp * cp * dp * pp <= gpn ? nvl : net;
   const auto where = [](const Link& k) { return k.nvlink ? "nvlink" : "network"; };
   r.comm_placement = fmt::format("tp {}, cp {}, dp {}, pp {}", where(tp_link), where(cp_link),
@@ -307,7 +307,11 @@ PlanResult make_plan(const PlanInput& in, const Calibration& cal) {
     st.last = s == pp - 1;
     st.param_elements = stage_param_elements(m, tp, st.layers, st.first, st.last, pp > 1);
     const double pe = double(st.param_elements);
-    const double d1 = l.zero >= 1 ? dp : 1, d2 = l.zero >= 2 ? dp : 1, d3 = l.zero >= 3 ? dp : 1;
+    // ZeRO shards over dp x cp (docs/fsdp.md: the shard group includes cp, whose ranks hold the
+    // same parameters); persistent buffers as zero_memory_bytes counts them (less the flat
+    // padding).
+    const double zs = double(dp) * cp;
+    const double d1 = l.zero >= 1 ? zs : 1, d2 = l.zero >= 2 ? zs : 1, d3 = l.zero >= 3 ? zs : 1;
     MemoryBytes& mem = st.memory;
     mem.master = 4 * std::ceil(pe / d1);
     const int64_t layer_matmul = 4LL * m.hidden * m.hidden / tp + 2LL * m.hidden * m.ffn / tp;
@@ -321,9 +325,17 @@ PlanResult make_plan(const PlanInput& in, const Calibration& cal) {
     if (l.recompute == RecomputeMode::kFull) mem.activations += act_layer_full;
     if (st.last) mem.activations += head_act;
     mem.workspace = bwd_transient;
-    if (l.zero >= 2 && dp > 1) mem.comm_buffers += 2 * double(25 << 20);  // reduce-scatter buckets
-    if (l.zero >= 3 && dp > 1)
-      mem.comm_buffers += 2 * e * double(layer_matmul + 4 * m.hidden);  // 2 gathered layers
+    // ZeRO transients (docs/fsdp.md): stage 2 fills full gradient buffers during the step and
+    // reduce-scatters them at its end; stage 3 holds a layer's gathered weights from its forward
+    // to its backward unless --recompute full (then the running and the prefetched layer's), and,
+    // with gradient accumulation, every layer's full gradient from its first backward to the last.
+    const double layer_elems = double(stage_param_elements(m, tp, 1, false, false, false));
+    if (l.zero == 2 && zs > 1) mem.comm_buffers += 4 * (pe - std::ceil(pe / zs));
+    if (l.zero == 3 && zs > 1) {
+      const bool all_weights = l.recompute != RecomputeMode::kFull;
+      mem.comm_buffers += e * (all_weights ? pe - std::ceil(pe / zs) : 2 * layer_elems);
+      mem.comm_buffers += 4 * (mbs > 1 ? pe - std::ceil(pe / zs) : 2 * layer_elems);
+    }
     if (pp > 1)
       mem.comm_buffers += 4 * e * ts * m.hidden;  // send/recv of activations and their grads
     if (cp > 1)
@@ -399,10 +411,12 @@ PlanResult make_plan(const PlanInput& in, const Calibration& cal) {
     if (st.fwd_seconds + st.bwd_seconds > sl->fwd_seconds + sl->bwd_seconds) sl = &st;
   r.comm.tp = lc.tp_bytes * sl->layers * mbs;
   r.comm.cp = lc.cp_bytes * sl->layers * mbs;
-  // Data parallel: zero 0/1 all-reduce (or reduce-scatter + all-gather of the bf16 copy) once per
-  // step, overlapped with the last micro-batch's backward; zero 2 reduce-scatters every
-  // micro-batch's gradients; zero 3 also all-gathers the parameters for every micro-batch's forward
-  // and backward.
+  // Data parallel (gradients summed over dp x cp), as docs/fsdp.md describes each stage: zero 0
+  // all-reduces DP buckets during the last micro-batch's backward; zero 1 all-reduces the full flat
+  // gradients after backward and all-gathers the bf16 copies after the update; zero 2
+  // reduce-scatters after backward and all-gathers the copies; zero 3 reduce-scatters each layer's
+  // gradient right after its last backward (overlapped) and all-gathers the weights before every
+  // micro-batch's forward (and again before its backward under --recompute full), prefetched.
   const double pe = double(sl->param_elements);
   double dp_exposed = 0;
   // Communication hidden behind compute still costs `comm_overlap_slowdown` of its time (NCCL
@@ -411,27 +425,28 @@ PlanResult make_plan(const PlanInput& in, const Calibration& cal) {
   const auto behind = [slow](double comm, double window) {
     return std::max(0.0, comm - window) + slow * std::min(comm, window);
   };
-  if (dp > 1) {
+  const int g = dp * cp;
+  if (g > 1) {
     const double grad = 4 * pe, copy = e * pe;
     const double bwd = sl->bwd_seconds;
     const double fwd = sl->fwd_seconds;
+    const double rs = ag_bytes(grad, g), ag = ag_bytes(copy, g), ar = ar_bytes(grad, g);
+    const double t_rs = coll_seconds(rs, g, dp_link, 1), t_ag = coll_seconds(ag, g, dp_link, 1);
+    const double t_ar = coll_seconds(ar, g, dp_link, 1);
     if (l.zero == 0) {
-      r.comm.dp = ar_bytes(grad, dp);
-      dp_exposed = behind(coll_seconds(r.comm.dp, dp, dp_link, 1), bwd);
+      r.comm.dp = ar;
+      dp_exposed = behind(t_ar, bwd);
     } else if (l.zero == 1) {
-      const double rs = ag_bytes(grad, dp), ag = ag_bytes(copy, dp);
+      r.comm.dp = ar + ag;
+      dp_exposed = t_ar + t_ag;
+    } else if (l.zero == 2) {
       r.comm.dp = rs + ag;
-      dp_exposed = behind(coll_seconds(rs, dp, dp_link, 1), bwd) + coll_seconds(ag, dp, dp_link, 1);
+      dp_exposed = t_rs + t_ag;
     } else {
-      const double rs = ag_bytes(grad, dp), ag = ag_bytes(copy, dp);
-      const double t_rs = coll_seconds(rs, dp, dp_link, 1), t_ag = coll_seconds(ag, dp, dp_link, 1);
-      if (l.zero == 2) {
-        r.comm.dp = mbs * rs + ag;
-        dp_exposed = mbs * behind(t_rs, bwd) + t_ag;
-      } else {
-        r.comm.dp = mbs * (rs + 2 * ag);
-        dp_exposed = mbs * (behind(t_ag, fwd) + behind(t_ag + t_rs, bwd));
-      }
+      const int gathers = l.recompute == RecomputeMode::kFull ? 2 : 1;
+      r.comm.dp = rs + mbs * gathers * ag;
+      dp_exposed = behind(t_rs, bwd) + mbs * behind(t_ag, fwd) +
+                   (gathers == 2 ? mbs * behind(t_ag, bwd) : 0.0);
     }
   }
   double slow_fb = 0, opt = 0;

@@ -257,6 +257,17 @@ TEST(Plan, ShardingDividesStateAsZeroSays) {
   EXPECT_EQ(z3.memory.grads, 4 * std::ceil(p / 8));
   EXPECT_EQ(z3.memory.model_copy, 2 * std::ceil(p / 8));
   EXPECT_GT(z0.comm.dp, 0);
+  // Transients (docs/fsdp.md): stage 2 fills full gradient buffers during the step; stage 3 without
+  // full recompute keeps every layer's gathered weights until its backward (one micro-batch here).
+  in.layout.zero = 2;
+  EXPECT_EQ(make_plan(in, cal).memory.comm_buffers, 4 * (p - std::ceil(p / 8)));
+  EXPECT_EQ(z3.memory.comm_buffers,
+            2 * (p - std::ceil(p / 8)) +
+                8 * double(stage_param_elements(in.model, 1, 1, false, false, false)));
+  // Context parallelism joins the shard group: dp 4 x cp 2 shards over 8.
+  in.layout.zero = 1;
+  in.layout.cp = 2;
+  EXPECT_EQ(make_plan(in, cal).memory.optimizer, 8 * std::ceil(p / 8));
 }
 
 TEST(Plan, SearchRanksFeasibleLayoutsAndExplainsRejections) {
