@@ -8,6 +8,7 @@
 
 #include "launch/lr_schedule.h"
 #include "layers/model_config.h"
+#include "parallel/cp_attention.h"
 
 namespace helix {
 
@@ -44,6 +45,10 @@ struct TrainOptions {
   int tp = 1;
   int dp = 0;                      // 0: derived from the world size
   bool sequence_parallel = false;  // split LayerNorm / residual regions along T over tp
+  // Context parallelism (rank order tp-cp-dp): each sequence split over cp ranks (docs/context-parallel.md).
+  int cp = 1;
+  std::string cp_comm = "ring";        // all-gather | ring
+  int32_t cp_split_min_len = kDefaultCpSplitMinLen;  // shorter sequences stay whole on one cp rank
 
   int64_t tokens_per_micro_batch() const { return tokens_per_step / micro_batches; }
 };

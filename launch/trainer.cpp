@@ -95,7 +95,7 @@ TrainSummary run_train(const TrainOptions& o) {
   }
   // Parallel context (collective; refuses sizes that do not fit the world, naming the flag).
   ParallelOptions par;
-  par.sizes = ParallelSizes{.tp = o.tp, .dp = o.dp};
+  par.sizes = ParallelSizes{.tp = o.tp, .cp = o.cp, .dp = o.dp};
   par.device = device;
   int world = 1;
   MPI_Comm_size(MPI_COMM_WORLD, &world);
@@ -150,6 +150,7 @@ TrainSummary run_train(const TrainOptions& o) {
   mo.recompute = o.recompute == "full" ? RecomputePolicy::kFull : RecomputePolicy::kNone;
   mo.parallel = &ctx;
   mo.sequence_parallel = o.sequence_parallel;
+  mo.cp = CpOptions{.comm = parse_cp_comm(o.cp_comm), .split_min_len = o.cp_split_min_len};
   Esm2Model model(o.model_config, mo);
   model.init_random(o.seed);
   AdamW opt(model.params(), AdamWConfig{.beta1 = o.beta1, .beta2 = o.beta2, .eps = o.adam_eps,
@@ -204,14 +205,21 @@ TrainSummary run_train(const TrainOptions& o) {
       // (earlier micro-batches still accumulate); sync.reduce() waits for them.
       if (m + 1 == micro.size()) to.on_grad_ready = sync.ready_hook(stream);
       Tape tape(to);
-      Var logits = model.forward(tape, b);
-      Var loss = model.loss(tape, logits, b, grad_scale);
+      // Context parallelism: every cp rank read the same global micro-batch and keeps its shard.
+      std::unique_ptr<CpBatch> cpb;
+      if (o.cp > 1) {
+        const CpShardOptions so{.split_min_len = o.cp_split_min_len, .pad_id = o.model_config.pad_token_id};
+        cpb = std::make_unique<CpBatch>(cp_split_batch(to_thd(micro[m], Device::cpu()), o.cp, ctx.coords().cp, so).to(device));
+      }
+      Var logits = model.forward(tape, cpb ? cpb->local : b, cpb.get());
+      Var loss = model.loss(tape, logits, cpb ? cpb->local : b, grad_scale);
       tape.backward(loss);
       loss_sum += loss.data().to_floats()[0];
     }
     sync.reduce(stream);
     Tensor loss_t = Tensor::from_vector<double>({loss_sum}, Shape{1});
     sync.sum_over_dp(loss_t, Stream());
+    if (o.cp > 1) ctx.cp().all_reduce(loss_t, ReduceOp::kSum, Stream());  // cp ranks hold other labels
     loss_sum = loss_t.to_vector<double>()[0];
     const double mean_loss = labels > 0 ? loss_sum / double(labels) : std::nan("");
     const double lr = o.lr.at(step);
