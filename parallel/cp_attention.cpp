@@ -117,6 +117,7 @@ std::shared_ptr<const CpAttentionPlan> make_cp_attention_plan(const std::vector<
   }
   plan->remote.resize(static_cast<size_t>(cp));
   if (mine.empty() || cp == 1) return plan;
+  if (device.is_cuda() && comm == CpComm::kRing) plan->comm_stream = Stream::create(device);
   // Queries: a leading empty sequence spanning rows [0, first offset), then the split sequences at
   // their local offsets (the whole sequences between them are gaps: no query there).
   std::vector<int32_t> q_cu{0, 0}, q_pad{0, static_cast<int32_t>(mine[0].offset)};
@@ -221,19 +222,6 @@ class PartMerger {
   std::vector<Tensor> outs_, lses_;
 };
 
-// The ring's transfers run on a second stream when the communicator enqueues on streams (NCCL on a
-// GPU); otherwise (MPI, host-blocking) on the compute stream, one after the other.
-struct CommStream {
-  Stream stream;
-  bool separate = false;
-  CommStream(const Communicator& comm, const Stream& compute, Device dev) : stream(compute) {
-    if (dev.is_cuda() && comm.backend_name() == "nccl") {
-      stream = Stream::create(dev);
-      separate = true;
-    }
-  }
-};
-
 }  // namespace
 
 void cp_attention_fwd(const CpAttentionFwdParams& p, const Stream& stream) {
@@ -282,38 +270,42 @@ void cp_attention_fwd(const CpAttentionFwdParams& p, const Stream& stream) {
       if (s != r) partial(s, all.slice(s * 2 * R, (s + 1) * 2 * R));
   } else {
     // blocks[j] = the block of rank (r - j) mod cp, received from the previous rank while block
-    // j - 1 goes to the next; block j + 1 is in flight while block j is computed on.
-    CommStream cs(*p.comm, stream, dev);
+    // j - 1 goes to the next; block j + 1 is in flight while block j is computed on. The transfers
+    // run on the plan's comm stream when the communicator enqueues on streams (NCCL); the MPI
+    // backend blocks the host, so there they run on the compute stream, one after the other.
+    const bool separate = dev.is_cuda() && p.comm->backend_name() == "nccl" && plan.comm_stream.device() == dev;
+    const Stream cs = separate ? plan.comm_stream : stream;
     std::vector<Tensor> blocks(static_cast<size_t>(cp));
     std::vector<std::unique_ptr<Event>> arrived(static_cast<size_t>(cp));
     blocks[0] = own;
-    if (cs.separate) {
-      Event packed(dev);
-      packed.record(stream);
-      packed.wait(cs.stream);
-      // Both streams use the blocks; they stay alive (held in `blocks`) until the compute stream
-      // has waited for the last transfer below.
+    // Every block is allocated on the compute stream before the comm stream starts (it waits for
+    // the compute stream here, so memory the allocator hands out is free on both streams); they
+    // are freed only after the compute stream has waited for the last transfer.
+    for (int j = 1; j < cp; ++j) blocks[j] = Tensor::empty(block_shape, p.k.dtype(), dev, stream);
+    if (separate) {
+      Event ready(dev);
+      ready.record(stream);
+      ready.wait(cs);
     }
     const auto post = [&](int j) {
-      blocks[j] = Tensor::empty(block_shape, p.k.dtype(), dev, cs.stream);
       p.comm->send_recv(SendRecvParams{.send = blocks[j - 1], .dst = mod(r + 1, cp), .recv = blocks[j],
                                        .src = mod(r - 1, cp)},
-                        cs.stream);
-      if (cs.separate) {
+                        cs);
+      if (separate) {
         arrived[j] = std::make_unique<Event>(dev);
-        arrived[j]->record(cs.stream);
+        arrived[j]->record(cs);
       }
     };
     post(1);
     local();
     for (int j = 1; j < cp; ++j) {
       if (j + 1 < cp) post(j + 1);
-      if (cs.separate) arrived[j]->wait(stream);
+      if (separate) arrived[j]->wait(stream);
       partial(mod(r - j, cp), blocks[j]);
     }
-    if (cs.separate) {
+    if (separate) {
       Event done(dev);
-      done.record(cs.stream);
+      done.record(cs);
       done.wait(stream);
     }
   }

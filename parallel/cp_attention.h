@@ -67,6 +67,9 @@ struct CpAttentionPlan {
   // [cp]: remote[s] = the rank's queries of split sequences against rank s's block (a leading
   // empty sequence makes the padded offsets start at 0); remote[rank] is unused.
   std::vector<ThdAttentionLayout> remote;
+  // CUDA: the second stream the ring's transfers run on when the communicator enqueues on streams
+  // (NCCL), created once per batch; the CPU stream otherwise.
+  Stream comm_stream;
 };
 
 std::shared_ptr<const CpAttentionPlan> make_cp_attention_plan(const std::vector<CpLayout>& layouts,
