@@ -13,7 +13,8 @@
 // staged through MPI): their time is CP's overhead, not its speedup; with one GPU per rank (NCCL)
 // the ring overlaps the transfers with compute.
 //   mpirun -np N helix_bench_cp_attention [--cases protein,mixed,long8k,long32k] [--iters 10]
-//     [--warmup 3] [--split-min-lens 0,2048] [--comms ring,all-gather]
+//     [--warmup 3] [--split-min-lens 0,2048] [--comms ring,all-gather] [--dry-run]
+// --dry-run: plans only (no attention, fwdbwd_ms = -1): the bytes and row tables on any machine.
 #include <mpi.h>
 
 #include <algorithm>
@@ -115,27 +116,25 @@ struct Run {
   CpComm comm = CpComm::kRing;
   int32_t split_min_len = 0;
   int warmup = 3, iters = 10;
+  bool dry_run = false;
 };
 
-void run(const ParallelContext& ctx, const Run& r, const std::string& device_name) {
-  const Case& c = *r.c;
+// Median wall time (ms, the slowest rank) of one cp attention fwd+bwd step on random operands.
+double time_step(const ParallelContext& ctx, const CpBatch& cb, const CpAttentionPlan& plan, const Case& c,
+                 const Run& r) {
   const Device dev = ctx.device();
   const Stream s = dev.is_cuda() ? Stream::cuda_default(dev.index) : Stream();
   Communicator& comm = ctx.cp();
-  const int cp = comm.size(), rank = comm.rank();
-  const ThdBatch global = batch_of(c.lengths);
-  const CpBatch cb = cp_split_batch(global, cp, rank, CpShardOptions{.split_min_len = r.split_min_len});
-  const auto plan = make_cp_attention_plan(cb.layouts, rank, r.comm, dev);
   const int64_t t = cb.local.total_tokens(), h = c.heads, d = c.dim;
   const DType dt = DType::kBF16;
   const auto make = [&](uint64_t sub) {
     Tensor host = Tensor::empty({t, h, d}, DType::kF32);
-    fill_normal(host, 42 + static_cast<uint64_t>(rank), sub, 0.f, 1.f);
+    fill_normal(host, 42 + static_cast<uint64_t>(comm.rank()), sub, 0.f, 1.f);
     return host.to(dt).to(dev);
   };
   CpAttentionFwdParams f;
   f.comm = &comm;
-  f.plan = plan.get();
+  f.plan = &plan;
   f.q = make(1), f.k = make(2), f.v = make(3);
   f.local = layout_of(cb.local, dev);
   f.softmax_scale = static_cast<float>(1.0 / std::sqrt(double(d)));
@@ -161,6 +160,18 @@ void run(const ParallelContext& ctx, const Run& r, const std::string& device_nam
     if (i >= r.warmup) ms.push_back(dt_ms);
   }
   std::sort(ms.begin(), ms.end());
+  return ms[ms.size() / 2];
+}
+
+void run(const ParallelContext& ctx, const Run& r, const std::string& device_name) {
+  const Case& c = *r.c;
+  const Device dev = ctx.device();
+  Communicator& comm = ctx.cp();
+  const int cp = comm.size(), rank = comm.rank();
+  const CpBatch cb = cp_split_batch(batch_of(c.lengths), cp, rank, CpShardOptions{.split_min_len = r.split_min_len});
+  const auto plan = make_cp_attention_plan(cb.layouts, rank, r.comm, dev);
+  const int64_t t = cb.local.total_tokens(), h = c.heads, d = c.dim;
+  const double step_ms = r.dry_run ? -1.0 : time_step(ctx, cb, *plan, c, r);
   const CpAttentionBytes bytes = cp_attention_bytes(*plan, h, d, 2);
   int64_t rows[2] = {t, -t};  // max rows, -min rows
   MPI_Allreduce(MPI_IN_PLACE, rows, 2, MPI_INT64_T, MPI_MAX, MPI_COMM_WORLD);
@@ -175,13 +186,14 @@ void run(const ParallelContext& ctx, const Run& r, const std::string& device_nam
       c.name.c_str(), cp, std::string(cp_comm_name(r.comm)).c_str(), r.split_min_len,
       std::string(comm.backend_name()).c_str(), c.heads, c.dim, c.lengths.size(), static_cast<long long>(tokens),
       plan->num_split, static_cast<long long>(rows[0]), static_cast<long long>(-rows[1]),
-      static_cast<long long>(bytes.fwd), static_cast<long long>(bytes.bwd), ms[ms.size() / 2], device_name.c_str());
+      static_cast<long long>(bytes.fwd), static_cast<long long>(bytes.bwd), step_ms, device_name.c_str());
   std::fflush(stdout);
 }
 
 int bench_main(int argc, char** argv) {
   std::string case_list = "protein,mixed,long8k,long32k", lens_list = "0,2048", comm_list = "ring,all-gather";
   int iters = 10, warmup = 3;
+  bool dry_run = false;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     auto next = [&]() -> std::string {
@@ -193,6 +205,7 @@ int bench_main(int argc, char** argv) {
     else if (a == "--cases") case_list = next();
     else if (a == "--split-min-lens") lens_list = next();
     else if (a == "--comms") comm_list = next();
+    else if (a == "--dry-run") dry_run = true;
     else HELIX_FAIL("unknown argument {} (see the header of tests/bench/cp_attention.cpp)", a);
   }
   HELIX_CHECK(iters >= 1 && warmup >= 0, "--iters: expected >= 1, got {}", iters);
@@ -222,7 +235,7 @@ int bench_main(int argc, char** argv) {
     for (const std::string& cm : split(comm_list))
       for (const std::string& l : split(lens_list))
         run(ctx, Run{.c = &*it, .comm = parse_cp_comm(cm), .split_min_len = std::atoi(l.c_str()),
-                     .warmup = warmup, .iters = iters},
+                     .warmup = warmup, .iters = iters, .dry_run = dry_run},
             device_name);
   }
   return 0;
