@@ -209,7 +209,9 @@ TrainSummary run_train(const TrainOptions& o) {
       std::unique_ptr<CpBatch> cpb;
       if (o.cp > 1) {
         const CpShardOptions so{.split_min_len = o.cp_split_min_len, .pad_id = o.model_config.pad_token_id};
-        cpb = std::make_unique<CpBatch>(cp_split_batch(to_thd(micro[m], Device::cpu()), o.cp, ctx.coords().cp, so).to(device));
+        cpb = std::make_unique<CpBatch>(cp_split_batch(to_thd(micro[m], Device::cpu()), o.cp, ctx.coords().cp, so));
+        cpb->global = b;  // already on the device
+        cpb->local = cpb->local.to(device);
       }
       Var logits = model.forward(tape, cpb ? cpb->local : b, cpb.get());
       Var loss = model.loss(tape, logits, cpb ? cpb->local : b, grad_scale);

@@ -364,24 +364,52 @@ void cp_attention_bwd(const CpAttentionBwdParams& p, const Stream& stream) {
     unpack_add(plan, mine, p.d_k, p.d_v, stream);
     return;
   }
-  // Ring: the traveller [4R, H, D] = (K, V, dK, dV) of one block; step j holds rank (r - j)'s
-  // block and adds this rank's share of its dK/dV; the last step returns each sum to its owner.
+  // Ring: K/V blocks go around as in the forward (prefetched one step ahead on the comm stream
+  // under NCCL); each block's dK/dV sum follows one step behind: kv[j] = the block of rank
+  // (r - j), acc[j] = its dK/dV summed over the ranks it has visited, this one included. The last
+  // transfer hands each sum to its owner.
+  const bool separate = dev.is_cuda() && p.comm->backend_name() == "nccl" && plan.comm_stream.device() == dev;
+  const Stream cs = separate ? plan.comm_stream : stream;
   const int next = mod(r + 1, cp), prev = mod(r - 1, cp);
-  Tensor travel = Tensor::empty({4 * R, H, D}, dt, dev, stream);
-  p.comm->send_recv(SendRecvParams{.send = own, .dst = next, .recv = travel.slice(0, 2 * R), .src = prev},
-                    stream);
-  contribute(mod(r - 1, cp), travel.slice(0, 2 * R), travel.slice(2 * R, 4 * R));
-  Tensor dkv = Tensor::empty({2 * R, H, D}, dt, dev, stream);
-  for (int j = 2; j < cp; ++j) {
-    Tensor arrived = Tensor::empty({4 * R, H, D}, dt, dev, stream);
-    p.comm->send_recv(SendRecvParams{.send = travel, .dst = next, .recv = arrived, .src = prev}, stream);
-    travel = arrived;
-    contribute(mod(r - j, cp), travel.slice(0, 2 * R), dkv);
-    axpy(1.0f, dkv, travel.slice(2 * R, 4 * R), stream);
+  std::vector<Tensor> kv(static_cast<size_t>(cp)), acc(static_cast<size_t>(cp));
+  kv[0] = own;
+  for (int j = 1; j < cp; ++j) {
+    kv[j] = Tensor::empty({2 * R, H, D}, dt, dev, stream);
+    acc[j] = Tensor::empty({2 * R, H, D}, dt, dev, stream);
   }
+  Tensor contrib = Tensor::empty({2 * R, H, D}, dt, dev, stream);
   Tensor mine = Tensor::empty({2 * R, H, D}, dt, dev, stream);
-  p.comm->send_recv(SendRecvParams{.send = travel.slice(2 * R, 4 * R), .dst = next, .recv = mine, .src = prev},
-                    stream);
+  std::vector<std::unique_ptr<Event>> kv_in(static_cast<size_t>(cp)), acc_in(static_cast<size_t>(cp));
+  const auto mark = [&](const Stream& on) {  // an event recorded on `on` (separate streams only)
+    auto e = std::make_unique<Event>(dev);
+    e->record(on);
+    return e;
+  };
+  if (separate) mark(stream)->wait(cs);  // packed block and buffers ready
+  const auto post_kv = [&](int j) {
+    p.comm->send_recv(SendRecvParams{.send = kv[j - 1], .dst = next, .recv = kv[j], .src = prev}, cs);
+    if (separate) kv_in[j] = mark(cs);
+  };
+  // Sends acc[j - 1] on (once computed) and receives acc[j] (or, j == cp, this rank's own sum).
+  const auto post_acc = [&](int j, const Tensor& recv) {
+    if (separate) mark(stream)->wait(cs);
+    p.comm->send_recv(SendRecvParams{.send = acc[j - 1], .dst = next, .recv = recv, .src = prev}, cs);
+    if (separate) acc_in[j < cp ? j : 0] = mark(cs);
+  };
+  post_kv(1);
+  for (int j = 1; j < cp; ++j) {
+    if (j + 1 < cp) post_kv(j + 1);
+    if (separate) kv_in[j]->wait(stream);
+    if (j == 1) {
+      contribute(prev, kv[1], acc[1]);
+    } else {
+      contribute(mod(r - j, cp), kv[j], contrib);
+      if (separate) acc_in[j]->wait(stream);
+      axpy(1.0f, contrib, acc[j], stream);
+    }
+    post_acc(j + 1, j + 1 < cp ? acc[j + 1] : mine);
+  }
+  if (separate) acc_in[0]->wait(stream);
   unpack_add(plan, mine, p.d_k, p.d_v, stream);
 }
 
