@@ -43,12 +43,13 @@ struct TrainOptions {
   std::string recompute = "none";  // none | full
   // Parallelism (launched with mpirun): rank order tp-dp, dp = world / tp unless given.
   int tp = 1;
+  // Context parallelism (docs/context-parallel.md): ranks sharing each sequence, K/V exchange
+  // (all-gather | ring), shorter sequences stay whole on one cp rank (0: split every sequence).
+  int cp = 1;
+  std::string cp_comm = "ring";
+  int32_t cp_split_min_len = kDefaultCpSplitMinLen;
   int dp = 0;                      // 0: derived from the world size
   bool sequence_parallel = false;  // split LayerNorm / residual regions along T over tp
-  // Context parallelism (rank order tp-cp-dp): each sequence split over cp ranks (docs/context-parallel.md).
-  int cp = 1;
-  std::string cp_comm = "ring";        // all-gather | ring
-  int32_t cp_split_min_len = kDefaultCpSplitMinLen;  // shorter sequences stay whole on one cp rank
 
   int64_t tokens_per_micro_batch() const { return tokens_per_step / micro_batches; }
 };

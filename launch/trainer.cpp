@@ -149,8 +149,8 @@ TrainSummary run_train(const TrainOptions& o) {
   mo.compute = compute;
   mo.recompute = o.recompute == "full" ? RecomputePolicy::kFull : RecomputePolicy::kNone;
   mo.parallel = &ctx;
-  mo.sequence_parallel = o.sequence_parallel;
   mo.cp = CpOptions{.comm = parse_cp_comm(o.cp_comm), .split_min_len = o.cp_split_min_len};
+  mo.sequence_parallel = o.sequence_parallel;
   Esm2Model model(o.model_config, mo);
   model.init_random(o.seed);
   AdamW opt(model.params(), AdamWConfig{.beta1 = o.beta1, .beta2 = o.beta2, .eps = o.adam_eps,
@@ -216,12 +216,12 @@ TrainSummary run_train(const TrainOptions& o) {
       Var logits = model.forward(tape, cpb ? cpb->local : b, cpb.get());
       Var loss = model.loss(tape, logits, cpb ? cpb->local : b, grad_scale);
       tape.backward(loss);
+      if (cpb) ctx.cp().all_reduce(loss.data(), ReduceOp::kSum, stream);  // cp ranks hold other labels
       loss_sum += loss.data().to_floats()[0];
     }
     sync.reduce(stream);
     Tensor loss_t = Tensor::from_vector<double>({loss_sum}, Shape{1});
     sync.sum_over_dp(loss_t, Stream());
-    if (o.cp > 1) ctx.cp().all_reduce(loss_t, ReduceOp::kSum, Stream());  // cp ranks hold other labels
     loss_sum = loss_t.to_vector<double>()[0];
     const double mean_loss = labels > 0 ? loss_sum / double(labels) : std::nan("");
     const double lr = o.lr.at(step);
