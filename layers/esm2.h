@@ -34,12 +34,12 @@ struct Esm2Options {
   // Tensor parallelism over parallel->tp() (null or tp = 1: the single-device graph). Data
   // parallelism is the caller's (the model only reads its tp coordinate).
   const ParallelContext* parallel = nullptr;
-  // Sequence parallelism: LayerNorm / residual regions split along T over the tp group (T padded
-  // to a multiple of tp with a dummy <pad> sequence that carries no label). Needs tp > 1.
-  bool sequence_parallel = false;
   // Context parallelism over parallel->cp() (forward with a CpBatch): K/V exchange mode and the
   // trainer's sequence-aware placement threshold (parallel/cp_attention.h).
   CpOptions cp;
+  // Sequence parallelism: LayerNorm / residual regions split along T over the tp group (T padded
+  // to a multiple of tp with a dummy <pad> sequence that carries no label). Needs tp > 1.
+  bool sequence_parallel = false;
 };
 
 class Esm2Model {
