@@ -75,13 +75,35 @@ struct AttnCase {
   CpComm comm = CpComm::kRing;
   int32_t split_min_len = 0;
   std::vector<int> lens = {37, 5, 130, 12, 3, 61, 9};
+  int pad_to = 1;  // > 1: every sequence's slot in the global batch padded to a multiple of this
 };
+
+// `b` with every sequence's slot padded to a multiple of `m` (<pad> rows, no label).
+ThdBatch pad_slots(const ThdBatch& b, int m) {
+  const std::vector<int32_t> tok = b.tokens.to_vector<int32_t>(), lab = b.labels.to_vector<int32_t>();
+  const std::vector<int32_t> cu = b.cu_seqlens.to_vector<int32_t>();
+  std::vector<int32_t> t2, l2, cup{0};
+  for (size_t i = 0; i + 1 < cu.size(); ++i) {
+    const int32_t len = cu[i + 1] - cu[i], slot = (len + m - 1) / m * m;
+    for (int32_t j = 0; j < slot; ++j) {
+      t2.push_back(j < len ? tok[static_cast<size_t>(cu[i] + j)] : 1);
+      l2.push_back(j < len ? lab[static_cast<size_t>(cu[i] + j)] : -100);
+    }
+    cup.push_back(cup.back() + slot);
+  }
+  ThdBatch o = b;
+  o.tokens = Tensor::from_vector(t2, {static_cast<int64_t>(t2.size())});
+  o.labels = Tensor::from_vector(l2, {static_cast<int64_t>(l2.size())});
+  o.cu_seqlens_padded = Tensor::from_vector(cup, {static_cast<int64_t>(cup.size())});
+  return o;
+}
 
 void run_attention(const AttnCase& c) {
   ParallelContext ctx = testing::make_context(ParallelSizes{.cp = c.cp});
   const int rank = ctx.coords().cp;
   const int64_t H = 3, D = 8;
-  const ThdBatch global = testing::synthetic_esm2_batch(c.lens, 99, 20, Device::cpu());
+  ThdBatch global = testing::synthetic_esm2_batch(c.lens, 99, 20, Device::cpu());
+  if (c.pad_to > 1) global = pad_slots(global, c.pad_to);
   const int64_t tg = global.total_tokens();
   // The same random operands on every rank (one seed per tensor).
   const auto rnd = [](Shape s, uint64_t sub) {
@@ -164,6 +186,11 @@ TEST(CpAttention, AllGatherEqualsFullAttention) {
 TEST(CpAttention, ShortSequencesOnlyStayLocal) {  // nothing split: no communication at all
   for (CpComm m : {CpComm::kRing, CpComm::kAllGather})
     run_attention({.cp = 2, .comm = m, .split_min_len = 1000, .lens = {37, 5, 13, 12, 3, 61, 9}});
+}
+
+TEST(CpAttention, PaddedGlobalSlots) {  // the global batch has padding rows of its own
+  for (CpComm m : {CpComm::kRing, CpComm::kAllGather})
+    for (int32_t l : {0, 40}) run_attention({.cp = 2, .comm = m, .split_min_len = l, .pad_to = 8});
 }
 
 TEST(CpAttention, BytesPerRankFollowTheBlock) {
