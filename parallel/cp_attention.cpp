@@ -117,7 +117,7 @@ std::shared_ptr<const CpAttentionPlan> make_cp_attention_plan(const std::vector<
   }
   plan->remote.resize(static_cast<size_t>(cp));
   if (mine.empty() || cp == 1) return plan;
-  if (device.is_cuda() && comm == CpComm::kRing) plan->comm_stream = Stream::create(device);
+  if (device.is_cuda()) plan->comm_stream = Stream::create(device);
   // Queries: a leading empty sequence spanning rows [0, first offset), then the split sequences at
   // their local offsets (the whole sequences between them are gaps: no query there).
   std::vector<int32_t> q_cu{0, 0}, q_pad{0, static_cast<int32_t>(mine[0].offset)};
@@ -200,6 +200,20 @@ void unpack_add(const CpAttentionPlan& plan, const Tensor& src, const Tensor& d_
 
 int mod(int a, int n) { return ((a % n) + n) % n; }
 
+// Transfers run on the plan's comm stream when the communicator enqueues on streams (NCCL on a
+// GPU), overlapped with compute; the MPI backend blocks the host, so there they run on the compute
+// stream, one after the other.
+bool use_comm_stream(const CpAttentionPlan& plan, const Communicator& comm, Device dev) {
+  return dev.is_cuda() && comm.backend_name() == "nccl" && plan.comm_stream.device() == dev;
+}
+
+// Makes `waiter` wait for the work enqueued on `on` so far.
+void order_after(const Stream& on, const Stream& waiter, Device dev) {
+  Event e(dev);
+  e.record(on);
+  e.wait(waiter);
+}
+
 // Partial outputs merged up to kMaxLseMergeParts at a time.
 class PartMerger {
  public:
@@ -262,19 +276,20 @@ void cp_attention_fwd(const CpAttentionFwdParams& p, const Stream& stream) {
     thd_attention_fwd(a, stream);
     merger.add(a.o, a.lse, stream);
   };
+  const bool separate = use_comm_stream(plan, *p.comm, dev);
+  const Stream cs = separate ? plan.comm_stream : stream;
   if (plan.comm == CpComm::kAllGather) {
+    // The gather runs while the local attention computes.
     Tensor all = Tensor::empty({cp * 2 * R, H, D}, p.k.dtype(), dev, stream);
-    p.comm->all_gather(own, all, stream);
+    if (separate) order_after(stream, cs, dev);
+    p.comm->all_gather(own, all, cs);
     local();
+    if (separate) order_after(cs, stream, dev);
     for (int s = 0; s < cp; ++s)
       if (s != r) partial(s, all.slice(s * 2 * R, (s + 1) * 2 * R));
   } else {
     // blocks[j] = the block of rank (r - j) mod cp, received from the previous rank while block
-    // j - 1 goes to the next; block j + 1 is in flight while block j is computed on. The transfers
-    // run on the plan's comm stream when the communicator enqueues on streams (NCCL); the MPI
-    // backend blocks the host, so there they run on the compute stream, one after the other.
-    const bool separate = dev.is_cuda() && p.comm->backend_name() == "nccl" && plan.comm_stream.device() == dev;
-    const Stream cs = separate ? plan.comm_stream : stream;
+    // j - 1 goes to the next; block j + 1 is in flight while block j is computed on.
     std::vector<Tensor> blocks(static_cast<size_t>(cp));
     std::vector<std::unique_ptr<Event>> arrived(static_cast<size_t>(cp));
     blocks[0] = own;
@@ -282,11 +297,7 @@ void cp_attention_fwd(const CpAttentionFwdParams& p, const Stream& stream) {
     // the compute stream here, so memory the allocator hands out is free on both streams); they
     // are freed only after the compute stream has waited for the last transfer.
     for (int j = 1; j < cp; ++j) blocks[j] = Tensor::empty(block_shape, p.k.dtype(), dev, stream);
-    if (separate) {
-      Event ready(dev);
-      ready.record(stream);
-      ready.wait(cs);
-    }
+    if (separate) order_after(stream, cs, dev);
     const auto post = [&](int j) {
       p.comm->send_recv(SendRecvParams{.send = blocks[j - 1], .dst = mod(r + 1, cp), .recv = blocks[j],
                                        .src = mod(r - 1, cp)},
@@ -303,11 +314,7 @@ void cp_attention_fwd(const CpAttentionFwdParams& p, const Stream& stream) {
       if (separate) arrived[j]->wait(stream);
       partial(mod(r - j, cp), blocks[j]);
     }
-    if (separate) {
-      Event done(dev);
-      done.record(cs);
-      done.wait(stream);
-    }
+    if (separate) order_after(cs, stream, dev);
   }
   merger.finish(p.o, p.lse, stream);
 }
@@ -331,10 +338,12 @@ void cp_attention_bwd(const CpAttentionBwdParams& p, const Stream& stream) {
   a.d_k = p.d_k;
   a.d_v = p.d_v;
   // Local keys (every local sequence) with the final O and LSE: the exact share of these keys.
-  thd_attention_bwd(a, stream);
-  if (cp == 1 || plan.num_split == 0) return;
+  const auto local = [&] { thd_attention_bwd(a, stream); };
+  if (cp == 1 || plan.num_split == 0) return local();
   const int64_t T = p.q.dim(0), H = p.q.dim(1), D = p.q.dim(2), R = plan.block_rows;
   const DType dt = p.k.dtype();
+  const bool separate = use_comm_stream(plan, *p.comm, dev);
+  const Stream cs = separate ? plan.comm_stream : stream;
   Tensor own = Tensor::empty({2 * R, H, D}, dt, dev, stream);
   pack_block(plan, p.k, p.v, own, stream);
   Tensor dq = Tensor::empty({T, H, D}, p.q.dtype(), dev, stream);
@@ -353,7 +362,10 @@ void cp_attention_bwd(const CpAttentionBwdParams& p, const Stream& stream) {
   };
   if (plan.comm == CpComm::kAllGather) {
     Tensor all = Tensor::empty({cp * 2 * R, H, D}, dt, dev, stream);
-    p.comm->all_gather(own, all, stream);
+    if (separate) order_after(stream, cs, dev);
+    p.comm->all_gather(own, all, cs);  // runs while the local backward computes
+    local();
+    if (separate) order_after(cs, stream, dev);
     Tensor dall = Tensor::empty({cp * 2 * R, H, D}, dt, dev, stream);
     Tensor mine_slot = dall.slice(r * 2 * R, (r + 1) * 2 * R);
     mine_slot.zero(stream);
@@ -368,8 +380,6 @@ void cp_attention_bwd(const CpAttentionBwdParams& p, const Stream& stream) {
   // under NCCL); each block's dK/dV sum follows one step behind: kv[j] = the block of rank
   // (r - j), acc[j] = its dK/dV summed over the ranks it has visited, this one included. The last
   // transfer hands each sum to its owner.
-  const bool separate = dev.is_cuda() && p.comm->backend_name() == "nccl" && plan.comm_stream.device() == dev;
-  const Stream cs = separate ? plan.comm_stream : stream;
   const int next = mod(r + 1, cp), prev = mod(r - 1, cp);
   std::vector<Tensor> kv(static_cast<size_t>(cp)), acc(static_cast<size_t>(cp));
   kv[0] = own;
@@ -397,6 +407,7 @@ void cp_attention_bwd(const CpAttentionBwdParams& p, const Stream& stream) {
     if (separate) acc_in[j < cp ? j : 0] = mark(cs);
   };
   post_kv(1);
+  local();
   for (int j = 1; j < cp; ++j) {
     if (j + 1 < cp) post_kv(j + 1);
     if (separate) kv_in[j]->wait(stream);
