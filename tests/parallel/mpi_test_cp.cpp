@@ -237,6 +237,7 @@ struct CpSetup {
   double grad_tol = 1e-4;      // max difference relative to the tensor's largest element (step 0)
   double grad_tol_later = 1e-3;
   double norm_tol = 1e-4;  // relative, the gradient norm
+  CommBackend backend = CommBackend::kMpi;
 };
 
 double max_rel(const Tensor& got, const Tensor& want) {
@@ -250,7 +251,7 @@ double max_rel(const Tensor& got, const Tensor& want) {
 }
 
 void run_esm2_cp(const CpSetup& s) {
-  ParallelContext ctx = testing::make_context(ParallelSizes{.tp = s.tp, .cp = s.cp}, CommBackend::kMpi, s.device);
+  ParallelContext ctx = testing::make_context(ParallelSizes{.tp = s.tp, .cp = s.cp}, s.backend, s.device);
   const int dp = ctx.sizes().dp, my_dp = ctx.coords().dp, my_cp = ctx.coords().cp;
   const Stream stream = s.device.is_cuda() ? Stream::cuda_default(s.device.index) : Stream();
   const uint64_t seed = 5;
@@ -343,6 +344,24 @@ TEST(Esm2CpCuda, ContextParallelEqualsOneRank) {
     run_esm2_cp({.cp = 2, .comm = m, .split_min_len = 30, .device = testing::rank_gpu(), .compute = DType::kBF16,
                  .config = c, .loss_tol = r / 2, .grad_tol = 4 * r, .grad_tol_later = 4 * r,
                  .norm_tol = 2 * r});
+}
+
+// One GPU per rank through NCCL: the transfers run on the plan's comm stream, overlapped with
+// compute (ring and all-gather), so this checks the stream ordering too.
+TEST(Esm2CpCuda, ContextParallelOverNcclEqualsOneRank) {
+  HELIX_REQUIRE_CUDA();
+  HELIX_REQUIRE_GPU_PER_RANK();
+#if !HELIX_WITH_NCCL
+  GTEST_SKIP() << "built without NCCL";
+#endif
+  ModelConfig c = tiny_config();
+  c.hidden = 128;
+  c.ffn = 256;
+  const double r = testing::tolerance_for(DType::kBF16).rtol;
+  for (CpComm m : {CpComm::kRing, CpComm::kAllGather})
+    run_esm2_cp({.cp = testing::world_size(), .comm = m, .split_min_len = 30, .device = testing::rank_gpu(),
+                 .compute = DType::kBF16, .config = c, .loss_tol = r / 2, .grad_tol = 4 * r,
+                 .grad_tol_later = 4 * r, .norm_tol = 2 * r, .backend = CommBackend::kNccl});
 }
 
 }  // namespace
