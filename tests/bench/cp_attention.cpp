@@ -123,7 +123,9 @@ struct Run {
 double time_step(const ParallelContext& ctx, const CpBatch& cb, const CpAttentionPlan& plan, const Case& c,
                  const Run& r) {
   const Device dev = ctx.device();
-  const Stream s = dev.is_cuda() ? Stream::cuda_default(dev.index) : Stream();
+  // A created (non-legacy) compute stream: CUDA serialises the legacy default stream with every
+  // blocking stream, which would keep the comm stream's transfers from overlapping.
+  const Stream s = dev.is_cuda() ? Stream::create(dev) : Stream();
   Communicator& comm = ctx.cp();
   const int64_t t = cb.local.total_tokens(), h = c.heads, d = c.dim;
   const DType dt = DType::kBF16;
