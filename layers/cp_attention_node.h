@@ -19,7 +19,8 @@ class CpTakeRowsNode final : public Node {
   CpTakeRowsNode(const CpLayout& layout, int64_t rows);
   std::string name() const override { return "cp_take_rows"; }
   std::vector<Tensor> forward(const std::vector<Tensor>& in, const Stream& stream) override;
-  void backward(const std::vector<Tensor>& gout, std::vector<Tensor>& gin, const Stream& stream) override;
+  void backward(const std::vector<Tensor>& gout, std::vector<Tensor>& gin,
+                const Stream& stream) override;
 
  private:
   struct Run {
@@ -30,7 +31,8 @@ class CpTakeRowsNode final : public Node {
 };
 
 // `base` (from the rank's batch) with the CP plan of `batch` on the cp group `comm`.
-std::shared_ptr<const AttentionInputs> cp_attention_inputs(AttentionInputs base, const CpBatch& batch,
-                                                           Communicator& comm, CpComm mode);
+std::shared_ptr<const AttentionInputs> cp_attention_inputs(AttentionInputs base,
+                                                           const CpBatch& batch, Communicator& comm,
+                                                           CpComm mode);
 
 }  // namespace helix

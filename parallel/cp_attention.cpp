@@ -33,8 +33,10 @@ CpBatch cp_split_batch(const ThdBatch& global, int cp, int rank, const CpShardOp
     std::vector<bool> has(static_cast<size_t>(cp), false);
     bool any_split = false;
     for (int w : owner) {
-      if (w < 0) any_split = true;
-      else has[static_cast<size_t>(w)] = true;
+      if (w < 0)
+        any_split = true;
+      else
+        has[static_cast<size_t>(w)] = true;
     }
     if (!any_split && std::find(has.begin(), has.end(), false) != has.end()) o.split_min_len = 0;
   }
@@ -49,7 +51,8 @@ CpBatch cp_split_batch(const ThdBatch& global, int cp, int rank, const CpShardOp
   return b;
 }
 
-// ---- Plan ----------------------------------------------------------------------------------------
+// ---- Plan
+// ----------------------------------------------------------------------------------------
 namespace {
 
 struct SplitRows {
@@ -67,7 +70,8 @@ std::vector<SplitRows> split_rows_of(const CpLayout& L, int64_t* local_rows) {
   std::vector<SplitRows> out;
   int64_t off = 0;
   for (size_t k = 0; k < L.seq_index.size(); ++k) {
-    const int32_t slot = (L.chunk0_end[k] - L.chunk0_begin[k]) + (L.chunk1_end[k] - L.chunk1_begin[k]);
+    const int32_t slot =
+        (L.chunk0_end[k] - L.chunk0_begin[k]) + (L.chunk1_end[k] - L.chunk1_begin[k]);
     if (L.split[k]) {
       const int32_t real = real_in(L.chunk0_begin[k], L.chunk0_end[k], L.global_len[k]) +
                            real_in(L.chunk1_begin[k], L.chunk1_end[k], L.global_len[k]);
@@ -85,8 +89,8 @@ std::shared_ptr<const CpAttentionPlan> make_cp_attention_plan(const std::vector<
                                                               int rank, CpComm comm,
                                                               Device device) {
   const int cp = static_cast<int>(layouts.size());
-  HELIX_CHECK(cp >= 1 && rank >= 0 && rank < cp, "cp attention plan: expected 0 <= rank < {} layouts, got rank {}",
-              cp, rank);
+  HELIX_CHECK(cp >= 1 && rank >= 0 && rank < cp,
+              "cp attention plan: expected 0 <= rank < {} layouts, got rank {}", cp, rank);
   auto plan = std::make_shared<CpAttentionPlan>();
   plan->cp = cp;
   plan->rank = rank;
@@ -94,8 +98,8 @@ std::shared_ptr<const CpAttentionPlan> make_cp_attention_plan(const std::vector<
   std::vector<std::vector<SplitRows>> rows(static_cast<size_t>(cp));
   for (int s = 0; s < cp; ++s) {
     HELIX_CHECK(layouts[s].cp == cp && layouts[s].rank == s,
-                "cp attention plan: expected layout {} of rank {} with cp {}, got rank {} cp {}", s, s, cp,
-                layouts[s].rank, layouts[s].cp);
+                "cp attention plan: expected layout {} of rank {} with cp {}, got rank {} cp {}", s,
+                s, cp, layouts[s].rank, layouts[s].cp);
     int64_t lr = 0;
     rows[s] = split_rows_of(layouts[s], &lr);
     if (s == rank) plan->local_rows = lr;
@@ -103,16 +107,20 @@ std::shared_ptr<const CpAttentionPlan> make_cp_attention_plan(const std::vector<
   const std::vector<SplitRows>& mine = rows[static_cast<size_t>(rank)];
   plan->num_split = static_cast<int>(mine.size());
   for (int s = 0; s < cp; ++s) {
-    HELIX_CHECK(rows[s].size() == mine.size(), "cp attention plan: rank {} holds {} split sequences, rank {} holds {}",
-                s, rows[s].size(), rank, mine.size());
+    HELIX_CHECK(rows[s].size() == mine.size(),
+                "cp attention plan: rank {} holds {} split sequences, rank {} holds {}", s,
+                rows[s].size(), rank, mine.size());
     for (size_t j = 0; j < mine.size(); ++j) {
       HELIX_CHECK(rows[s][j].seq == mine[j].seq && rows[s][j].slot == mine[j].slot,
-                  "cp attention plan: split sequence {} differs between ranks {} and {}", j, s, rank);
+                  "cp attention plan: split sequence {} differs between ranks {} and {}", j, s,
+                  rank);
     }
   }
   for (const SplitRows& r : mine) {
-    if (!plan->runs.empty() && plan->runs.back().second == r.offset) plan->runs.back().second += r.slot;
-    else plan->runs.emplace_back(r.offset, r.offset + r.slot);
+    if (!plan->runs.empty() && plan->runs.back().second == r.offset)
+      plan->runs.back().second += r.slot;
+    else
+      plan->runs.emplace_back(r.offset, r.offset + r.slot);
     plan->block_rows += r.slot;
   }
   plan->remote.resize(static_cast<size_t>(cp));
@@ -127,7 +135,8 @@ std::shared_ptr<const CpAttentionPlan> make_cp_attention_plan(const std::vector<
     q_pad.push_back(static_cast<int32_t>(r.offset + r.slot));
     max_q = std::max(max_q, static_cast<int>(r.real));
   }
-  for (size_t j = 0; j + 1 < mine.size(); ++j) q_pad[j + 2] = static_cast<int32_t>(mine[j + 1].offset);
+  for (size_t j = 0; j + 1 < mine.size(); ++j)
+    q_pad[j + 2] = static_cast<int32_t>(mine[j + 1].offset);
   const CuSeqlens cu_q = CuSeqlens::make(q_cu, device), pad_q = CuSeqlens::make(q_pad, device);
   for (int s = 0; s < cp; ++s) {
     if (s == rank) continue;
@@ -159,17 +168,18 @@ CpAttentionBytes cp_attention_bytes(const CpAttentionPlan& plan, int64_t heads, 
   return b;
 }
 
-// ---- Forward and backward ------------------------------------------------------------------------
+// ---- Forward and backward
+// ------------------------------------------------------------------------
 namespace {
 
 void check_params(const Communicator* comm, const CpAttentionPlan* plan, const Tensor& q) {
   HELIX_CHECK(comm && plan, "cp attention: expected a communicator and a plan");
   HELIX_CHECK(comm->size() == plan->cp && comm->rank() == plan->rank,
-              "cp attention: expected the cp group of the plan (size {}, rank {}), got {}", plan->cp, plan->rank,
-              comm->describe());
+              "cp attention: expected the cp group of the plan (size {}, rank {}), got {}",
+              plan->cp, plan->rank, comm->describe());
   HELIX_CHECK(q.defined() && q.ndim() == 3 && q.dim(0) >= plan->local_rows,
-              "cp attention: expected q [T >= {}, H, D] (the rank's layout rows), got {}", plan->local_rows,
-              q.defined() ? q.str() : std::string("undefined"));
+              "cp attention: expected q [T >= {}, H, D] (the rank's layout rows), got {}",
+              plan->local_rows, q.defined() ? q.str() : std::string("undefined"));
 }
 
 // dst [2R, H, D] = (rows of k in the plan's runs; the same rows of v).
@@ -187,8 +197,8 @@ void pack_block(const CpAttentionPlan& plan, const Tensor& k, const Tensor& v, c
 }
 
 // d_k, d_v rows in the plan's runs += the two halves of src [2R, H, D].
-void unpack_add(const CpAttentionPlan& plan, const Tensor& src, const Tensor& d_k, const Tensor& d_v,
-                const Stream& stream) {
+void unpack_add(const CpAttentionPlan& plan, const Tensor& src, const Tensor& d_k,
+                const Tensor& d_v, const Stream& stream) {
   const int64_t R = plan.block_rows;
   int64_t at = 0;
   for (const auto& [b, e] : plan.runs) {
@@ -299,7 +309,9 @@ void cp_attention_fwd(const CpAttentionFwdParams& p, const Stream& stream) {
     for (int j = 1; j < cp; ++j) blocks[j] = Tensor::empty(block_shape, p.k.dtype(), dev, stream);
     if (separate) order_after(stream, cs, dev);
     const auto post = [&](int j) {
-      p.comm->send_recv(SendRecvParams{.send = blocks[j - 1], .dst = mod(r + 1, cp), .recv = blocks[j],
+      p.comm->send_recv(SendRecvParams{.send = blocks[j - 1],
+                                       .dst = mod(r + 1, cp),
+                                       .recv = blocks[j],
                                        .src = mod(r - 1, cp)},
                         cs);
       if (separate) {
@@ -370,7 +382,9 @@ void cp_attention_bwd(const CpAttentionBwdParams& p, const Stream& stream) {
     Tensor mine_slot = dall.slice(r * 2 * R, (r + 1) * 2 * R);
     mine_slot.zero(stream);
     for (int s = 0; s < cp; ++s)
-      if (s != r) contribute(s, all.slice(s * 2 * R, (s + 1) * 2 * R), dall.slice(s * 2 * R, (s + 1) * 2 * R));
+      if (s != r)
+        contribute(s, all.slice(s * 2 * R, (s + 1) * 2 * R),
+                   dall.slice(s * 2 * R, (s + 1) * 2 * R));
     Tensor mine = Tensor::empty({2 * R, H, D}, dt, dev, stream);
     p.comm->reduce_scatter(dall, mine, ReduceOp::kSum, stream);
     unpack_add(plan, mine, p.d_k, p.d_v, stream);
@@ -389,7 +403,8 @@ void cp_attention_bwd(const CpAttentionBwdParams& p, const Stream& stream) {
   }
   Tensor contrib = Tensor::empty({2 * R, H, D}, dt, dev, stream);
   Tensor mine = Tensor::empty({2 * R, H, D}, dt, dev, stream);
-  std::vector<std::unique_ptr<Event>> kv_in(static_cast<size_t>(cp)), acc_in(static_cast<size_t>(cp));
+  std::vector<std::unique_ptr<Event>> kv_in(static_cast<size_t>(cp)),
+      acc_in(static_cast<size_t>(cp));
   const auto mark = [&](const Stream& on) {  // an event recorded on `on` (separate streams only)
     auto e = std::make_unique<Event>(dev);
     e->record(on);
@@ -397,13 +412,15 @@ void cp_attention_bwd(const CpAttentionBwdParams& p, const Stream& stream) {
   };
   if (separate) mark(stream)->wait(cs);  // packed block and buffers ready
   const auto post_kv = [&](int j) {
-    p.comm->send_recv(SendRecvParams{.send = kv[j - 1], .dst = next, .recv = kv[j], .src = prev}, cs);
+    p.comm->send_recv(SendRecvParams{.send = kv[j - 1], .dst = next, .recv = kv[j], .src = prev},
+                      cs);
     if (separate) kv_in[j] = mark(cs);
   };
   // Sends acc[j - 1] on (once computed) and receives acc[j] (or, j == cp, this rank's own sum).
   const auto post_acc = [&](int j, const Tensor& recv) {
     if (separate) mark(stream)->wait(cs);
-    p.comm->send_recv(SendRecvParams{.send = acc[j - 1], .dst = next, .recv = recv, .src = prev}, cs);
+    p.comm->send_recv(SendRecvParams{.send = acc[j - 1], .dst = next, .recv = recv, .src = prev},
+                      cs);
     if (separate) acc_in[j < cp ? j : 0] = mark(cs);
   };
   post_kv(1);

@@ -59,9 +59,9 @@ struct CpAttentionPlan {
   int cp = 1;
   int rank = 0;
   CpComm comm = CpComm::kRing;
-  int num_split = 0;        // split sequences (the same on every rank, in global order)
-  int64_t block_rows = 0;   // R: rows of every rank's packed block (sum of split slots / cp)
-  int64_t local_rows = 0;   // rows of the rank's CpLayout (the tensors may have more at the end)
+  int num_split = 0;       // split sequences (the same on every rank, in global order)
+  int64_t block_rows = 0;  // R: rows of every rank's packed block (sum of split slots / cp)
+  int64_t local_rows = 0;  // rows of the rank's CpLayout (the tensors may have more at the end)
   // Local rows [begin, end) copied, in order, into the rank's packed block (merged runs).
   std::vector<std::pair<int64_t, int64_t>> runs;
   // [cp]: remote[s] = the rank's queries of split sequences against rank s's block (a leading
@@ -73,32 +73,31 @@ struct CpAttentionPlan {
 };
 
 std::shared_ptr<const CpAttentionPlan> make_cp_attention_plan(const std::vector<CpLayout>& layouts,
-                                                              int rank, CpComm comm,
-                                                              Device device);
+                                                              int rank, CpComm comm, Device device);
 
 struct CpAttentionFwdParams {
-  Communicator* comm = nullptr;          // the cp group (size plan->cp, this rank plan->rank)
+  Communicator* comm = nullptr;  // the cp group (size plan->cp, this rank plan->rank)
   const CpAttentionPlan* plan = nullptr;
-  Tensor q;                   // [T, H, D] the rank's rows, rotated (rotary before K/V travel)
-  Tensor k;                   // [T, H, D]
-  Tensor v;                   // [T, H, D]
-  ThdAttentionLayout local;   // the rank's batch: every local sequence against its local keys
+  Tensor q;                  // [T, H, D] the rank's rows, rotated (rotary before K/V travel)
+  Tensor k;                  // [T, H, D]
+  Tensor v;                  // [T, H, D]
+  ThdAttentionLayout local;  // the rank's batch: every local sequence against its local keys
   float softmax_scale = 0.f;
-  Tensor o;                   // [T, H, D] written
-  Tensor lse;                 // [H, T] f32 written
+  Tensor o;    // [T, H, D] written
+  Tensor lse;  // [H, T] f32 written
 };
 
 struct CpAttentionBwdParams {
   Communicator* comm = nullptr;
   const CpAttentionPlan* plan = nullptr;
-  Tensor q, k, v;             // [T, H, D] as in the forward
-  Tensor o;                   // [T, H, D] the forward's (merged) output
-  Tensor d_o;                 // [T, H, D]
-  Tensor lse;                 // [H, T] f32 the forward's (merged) LSE
+  Tensor q, k, v;  // [T, H, D] as in the forward
+  Tensor o;        // [T, H, D] the forward's (merged) output
+  Tensor d_o;      // [T, H, D]
+  Tensor lse;      // [H, T] f32 the forward's (merged) LSE
   ThdAttentionLayout local;
   float softmax_scale = 0.f;
   AttentionBwdMode mode = AttentionBwdMode::kAtomic;
-  Tensor d_q, d_k, d_v;       // [T, H, D] written
+  Tensor d_q, d_k, d_v;  // [T, H, D] written
 };
 
 // Collective over the cp group: every rank calls it with plans built from the same layouts.

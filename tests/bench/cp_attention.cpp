@@ -15,6 +15,8 @@
 //   mpirun -np N helix_bench_cp_attention [--cases protein,mixed,long8k,long32k] [--iters 10]
 //     [--warmup 3] [--split-min-lens 0,2048] [--comms ring,all-gather] [--dry-run]
 // --dry-run: plans only (no attention, fwdbwd_ms = -1): the bytes and row tables on any machine.
+#include "parallel/cp_attention.h"
+
 #include <mpi.h>
 
 #include <algorithm>
@@ -32,7 +34,6 @@
 #include "core/tensor.h"
 #include "kernels/attention/attention.h"
 #include "parallel/context.h"
-#include "parallel/cp_attention.h"
 
 #if HELIX_WITH_CUDA
 #include <cuda_runtime.h>
@@ -56,7 +57,8 @@ std::vector<int32_t> protein_lengths(uint64_t seed, int64_t budget) {
   std::vector<int32_t> lens;
   int64_t total = 0;
   for (;;) {
-    const auto len = static_cast<int32_t>(std::clamp(std::lround(std::exp(normal(rng))), 8L, 1026L));
+    const auto len =
+        static_cast<int32_t>(std::clamp(std::lround(std::exp(normal(rng))), 8L, 1026L));
     if (total + len > budget) break;
     lens.push_back(len);
     total += len;
@@ -108,7 +110,9 @@ ThdAttentionLayout layout_of(const ThdBatch& b, Device dev) {
 }
 
 double now_ms() {
-  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now().time_since_epoch()).count();
+  return std::chrono::duration<double, std::milli>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
 }
 
 struct Run {
@@ -120,8 +124,8 @@ struct Run {
 };
 
 // Median wall time (ms, the slowest rank) of one cp attention fwd+bwd step on random operands.
-double time_step(const ParallelContext& ctx, const CpBatch& cb, const CpAttentionPlan& plan, const Case& c,
-                 const Run& r) {
+double time_step(const ParallelContext& ctx, const CpBatch& cb, const CpAttentionPlan& plan,
+                 const Case& c, const Run& r) {
   const Device dev = ctx.device();
   // A created (non-legacy) compute stream: CUDA serialises the legacy default stream with every
   // blocking stream, which would keep the comm stream's transfers from overlapping.
@@ -170,7 +174,8 @@ void run(const ParallelContext& ctx, const Run& r, const std::string& device_nam
   const Device dev = ctx.device();
   Communicator& comm = ctx.cp();
   const int cp = comm.size(), rank = comm.rank();
-  const CpBatch cb = cp_split_batch(batch_of(c.lengths), cp, rank, CpShardOptions{.split_min_len = r.split_min_len});
+  const CpBatch cb = cp_split_batch(batch_of(c.lengths), cp, rank,
+                                    CpShardOptions{.split_min_len = r.split_min_len});
   const auto plan = make_cp_attention_plan(cb.layouts, rank, r.comm, dev);
   const int64_t t = cb.local.total_tokens(), h = c.heads, d = c.dim;
   const double step_ms = r.dry_run ? -1.0 : time_step(ctx, cb, *plan, c, r);
@@ -181,19 +186,24 @@ void run(const ParallelContext& ctx, const Run& r, const std::string& device_nam
   int64_t tokens = 0;
   for (int32_t l : c.lengths) tokens += l;
   std::printf(
-      "{\"bench\": \"cp_attention\", \"case\": \"%s\", \"cp\": %d, \"comm\": \"%s\", \"split_min_len\": %d, "
-      "\"backend\": \"%s\", \"heads\": %d, \"head_dim\": %d, \"seqs\": %zu, \"tokens\": %lld, \"split_seqs\": %d, "
-      "\"rows_max\": %lld, \"rows_min\": %lld, \"bytes_fwd_per_rank\": %lld, \"bytes_bwd_per_rank\": %lld, "
+      "{\"bench\": \"cp_attention\", \"case\": \"%s\", \"cp\": %d, \"comm\": \"%s\", "
+      "\"split_min_len\": %d, "
+      "\"backend\": \"%s\", \"heads\": %d, \"head_dim\": %d, \"seqs\": %zu, \"tokens\": %lld, "
+      "\"split_seqs\": %d, "
+      "\"rows_max\": %lld, \"rows_min\": %lld, \"bytes_fwd_per_rank\": %lld, "
+      "\"bytes_bwd_per_rank\": %lld, "
       "\"fwdbwd_ms\": %.3f, \"device\": \"%s\"}\n",
       c.name.c_str(), cp, std::string(cp_comm_name(r.comm)).c_str(), r.split_min_len,
-      std::string(comm.backend_name()).c_str(), c.heads, c.dim, c.lengths.size(), static_cast<long long>(tokens),
-      plan->num_split, static_cast<long long>(rows[0]), static_cast<long long>(-rows[1]),
-      static_cast<long long>(bytes.fwd), static_cast<long long>(bytes.bwd), step_ms, device_name.c_str());
+      std::string(comm.backend_name()).c_str(), c.heads, c.dim, c.lengths.size(),
+      static_cast<long long>(tokens), plan->num_split, static_cast<long long>(rows[0]),
+      static_cast<long long>(-rows[1]), static_cast<long long>(bytes.fwd),
+      static_cast<long long>(bytes.bwd), step_ms, device_name.c_str());
   std::fflush(stdout);
 }
 
 int bench_main(int argc, char** argv) {
-  std::string case_list = "protein,mixed,long8k,long32k", lens_list = "0,2048", comm_list = "ring,all-gather";
+  std::string case_list = "protein,mixed,long8k,long32k", lens_list = "0,2048",
+              comm_list = "ring,all-gather";
   int iters = 10, warmup = 3;
   bool dry_run = false;
   for (int i = 1; i < argc; ++i) {
@@ -202,13 +212,20 @@ int bench_main(int argc, char** argv) {
       HELIX_CHECK(i + 1 < argc, "{}: expected a value", a);
       return argv[++i];
     };
-    if (a == "--iters") iters = std::atoi(next().c_str());
-    else if (a == "--warmup") warmup = std::atoi(next().c_str());
-    else if (a == "--cases") case_list = next();
-    else if (a == "--split-min-lens") lens_list = next();
-    else if (a == "--comms") comm_list = next();
-    else if (a == "--dry-run") dry_run = true;
-    else HELIX_FAIL("unknown argument {} (see the header of tests/bench/cp_attention.cpp)", a);
+    if (a == "--iters")
+      iters = std::atoi(next().c_str());
+    else if (a == "--warmup")
+      warmup = std::atoi(next().c_str());
+    else if (a == "--cases")
+      case_list = next();
+    else if (a == "--split-min-lens")
+      lens_list = next();
+    else if (a == "--comms")
+      comm_list = next();
+    else if (a == "--dry-run")
+      dry_run = true;
+    else
+      HELIX_FAIL("unknown argument {} (see the header of tests/bench/cp_attention.cpp)", a);
   }
   HELIX_CHECK(iters >= 1 && warmup >= 0, "--iters: expected >= 1, got {}", iters);
   int world = 1, world_rank = 0;
@@ -232,12 +249,18 @@ int bench_main(int argc, char** argv) {
   const ParallelContext ctx = ParallelContext::create(MPI_COMM_WORLD, po);
   const std::vector<Case> cases = all_cases();
   for (const std::string& name : split(case_list)) {
-    const auto it = std::find_if(cases.begin(), cases.end(), [&](const Case& c) { return c.name == name; });
+    const auto it =
+        std::find_if(cases.begin(), cases.end(), [&](const Case& c) { return c.name == name; });
     HELIX_CHECK(it != cases.end(), "--cases: unknown case '{}'", name);
     for (const std::string& cm : split(comm_list))
       for (const std::string& l : split(lens_list))
-        run(ctx, Run{.c = &*it, .comm = parse_cp_comm(cm), .split_min_len = std::atoi(l.c_str()),
-                     .warmup = warmup, .iters = iters, .dry_run = dry_run},
+        run(ctx,
+            Run{.c = &*it,
+                .comm = parse_cp_comm(cm),
+                .split_min_len = std::atoi(l.c_str()),
+                .warmup = warmup,
+                .iters = iters,
+                .dry_run = dry_run},
             device_name);
   }
   return 0;

@@ -33,7 +33,8 @@ TEST(CpOptions, DefaultsAndParsing) {
   EXPECT_EQ(o.cp_comm, "ring");
   EXPECT_EQ(o.cp_split_min_len, kDefaultCpSplitMinLen);
   TrainOptions p;
-  ASSERT_TRUE(parse_train_options(args({"--cp", "4", "--cp-comm", "all-gather", "--cp-split-min-len", "0"}), p));
+  ASSERT_TRUE(parse_train_options(
+      args({"--cp", "4", "--cp-comm", "all-gather", "--cp-split-min-len", "0"}), p));
   EXPECT_EQ(p.cp, 4);
   EXPECT_EQ(parse_cp_comm(p.cp_comm), CpComm::kAllGather);
   EXPECT_EQ(p.cp_split_min_len, 0);

@@ -34,7 +34,8 @@ double max_rel_rows(const Tensor& local, const Tensor& global, const CpLayout& L
     for (int64_t i = 0; i < h; ++i)
       for (size_t j = 0; j < L.global_row.size(); ++j) {
         const int64_t row = L.global_row[j];
-        if (row >= 0) diff = std::max(diff, std::abs(double(g[i * tl + j]) - double(w[i * tg + row])));
+        if (row >= 0)
+          diff = std::max(diff, std::abs(double(g[i * tl + j]) - double(w[i * tg + row])));
       }
     return diff / scale;
   }
@@ -80,7 +81,8 @@ struct AttnCase {
 
 // `b` with every sequence's slot padded to a multiple of `m` (<pad> rows, no label).
 ThdBatch pad_slots(const ThdBatch& b, int m) {
-  const std::vector<int32_t> tok = b.tokens.to_vector<int32_t>(), lab = b.labels.to_vector<int32_t>();
+  const std::vector<int32_t> tok = b.tokens.to_vector<int32_t>(),
+                             lab = b.labels.to_vector<int32_t>();
   const std::vector<int32_t> cu = b.cu_seqlens.to_vector<int32_t>();
   std::vector<int32_t> t2, l2, cup{0};
   for (size_t i = 0; i + 1 < cu.size(); ++i) {
@@ -111,7 +113,8 @@ void run_attention(const AttnCase& c) {
     fill_normal(t, 2024, sub, 0.f, 1.f);
     return t;
   };
-  const Tensor q = rnd({tg, H, D}, 1), k = rnd({tg, H, D}, 2), v = rnd({tg, H, D}, 3), d_o = rnd({tg, H, D}, 4);
+  const Tensor q = rnd({tg, H, D}, 1), k = rnd({tg, H, D}, 2), v = rnd({tg, H, D}, 3),
+               d_o = rnd({tg, H, D}, 4);
   ThdAttentionFwdParams ref;
   ref.q = q, ref.k = k, ref.v = v;
   ref.layout = layout_of(global);
@@ -128,11 +131,13 @@ void run_attention(const AttnCase& c) {
   rb.d_v = Tensor::empty(q.shape(), DType::kF32);
   thd_attention_bwd(rb, Stream());
 
-  const CpBatch cb = cp_split_batch(global, c.cp, rank, CpShardOptions{.split_min_len = c.split_min_len});
+  const CpBatch cb =
+      cp_split_batch(global, c.cp, rank, CpShardOptions{.split_min_len = c.split_min_len});
   const CpLayout& L = cb.layouts[static_cast<size_t>(rank)];
   const auto plan = make_cp_attention_plan(cb.layouts, rank, c.comm, Device::cpu());
   if (c.split_min_len > 0 && c.split_min_len <= 130) {
-    EXPECT_LT(plan->num_split, static_cast<int>(c.lens.size())) << "placement kept short sequences whole";
+    EXPECT_LT(plan->num_split, static_cast<int>(c.lens.size()))
+        << "placement kept short sequences whole";
   }
   CpAttentionFwdParams f;
   f.comm = &ctx.cp();
@@ -145,8 +150,9 @@ void run_attention(const AttnCase& c) {
   f.o = Tensor::empty({tl, H, D}, DType::kF32);
   f.lse = Tensor::empty({H, tl}, DType::kF32);
   cp_attention_fwd(f, Stream());
-  const std::string what = std::string(cp_comm_name(c.comm)) + " cp " + std::to_string(c.cp) + " split_min_len " +
-                           std::to_string(c.split_min_len) + " rank " + std::to_string(rank);
+  const std::string what = std::string(cp_comm_name(c.comm)) + " cp " + std::to_string(c.cp) +
+                           " split_min_len " + std::to_string(c.split_min_len) + " rank " +
+                           std::to_string(rank);
   EXPECT_LE(max_rel_rows(f.o, ref.o, L, false), 1e-5) << "O, " << what;
   EXPECT_LE(max_rel_rows(f.lse, ref.lse, L, true), 1e-5) << "LSE, " << what;
 
@@ -168,19 +174,22 @@ void run_attention(const AttnCase& c) {
   const std::vector<float> dk = b.d_k.to_floats();
   for (size_t j = 0; j < L.global_row.size(); ++j)
     if (L.global_row[j] < 0)
-      for (int64_t e = 0; e < H * D; ++e) ASSERT_EQ(dk[j * H * D + e], 0.f) << "padding row " << j << ", " << what;
+      for (int64_t e = 0; e < H * D; ++e)
+        ASSERT_EQ(dk[j * H * D + e], 0.f) << "padding row " << j << ", " << what;
 }
 
 TEST(CpAttention, RingEqualsFullAttention) {
   for (int cp : {2, 4})  // cp 4 on 4 ranks only (cp 2 on 4 ranks: two cp groups)
     if (testing::world_size() % cp == 0)
-      for (int32_t l : {0, 40}) run_attention({.cp = cp, .comm = CpComm::kRing, .split_min_len = l});
+      for (int32_t l : {0, 40})
+        run_attention({.cp = cp, .comm = CpComm::kRing, .split_min_len = l});
 }
 
 TEST(CpAttention, AllGatherEqualsFullAttention) {
   for (int cp : {2, 4})
     if (testing::world_size() % cp == 0)
-      for (int32_t l : {0, 40}) run_attention({.cp = cp, .comm = CpComm::kAllGather, .split_min_len = l});
+      for (int32_t l : {0, 40})
+        run_attention({.cp = cp, .comm = CpComm::kAllGather, .split_min_len = l});
 }
 
 TEST(CpAttention, ShortSequencesOnlyStayLocal) {  // nothing split: no communication at all
@@ -195,7 +204,8 @@ TEST(CpAttention, PaddedGlobalSlots) {  // the global batch has padding rows of 
 
 TEST(CpAttention, BytesPerRankFollowTheBlock) {
   // Two split sequences of 130 and 61 tokens: padded to 132 and 64 (cp 2), R = 66 + 32 rows.
-  const ThdBatch g = testing::synthetic_esm2_batch({37, 5, 130, 12, 3, 61, 9}, 5, 20, Device::cpu());
+  const ThdBatch g =
+      testing::synthetic_esm2_batch({37, 5, 130, 12, 3, 61, 9}, 5, 20, Device::cpu());
   const CpBatch cb = cp_split_batch(g, 2, 0, CpShardOptions{.split_min_len = 40});
   const auto plan = make_cp_attention_plan(cb.layouts, 0, CpComm::kRing, Device::cpu());
   EXPECT_EQ(plan->num_split, 2);
@@ -218,9 +228,9 @@ ModelConfig tiny_config() {
 
 // Short and long proteins mixed, lengths not multiples of 2*cp; `shard` picks the dp shard.
 ThdBatch esm2_batch(int step, int shard, Device device) {
-  return testing::synthetic_esm2_batch({37 + shard, 9, 70 - step, 14, 5 + 2 * shard, 23},
-                                       0xA24BAED4963EE407ull * static_cast<uint64_t>(5 + 13 * step + shard), 25,
-                                       device);
+  return testing::synthetic_esm2_batch(
+      {37 + shard, 9, 70 - step, 14, 5 + 2 * shard, 23},
+      0xA24BAED4963EE407ull * static_cast<uint64_t>(5 + 13 * step + shard), 25, device);
 }
 
 struct CpSetup {
@@ -233,8 +243,8 @@ struct CpSetup {
   Device device = Device::cpu();
   DType compute = DType::kF32;
   ModelConfig config = tiny_config();
-  double loss_tol = 1e-5;      // relative
-  double grad_tol = 1e-4;      // max difference relative to the tensor's largest element (step 0)
+  double loss_tol = 1e-5;  // relative
+  double grad_tol = 1e-4;  // max difference relative to the tensor's largest element (step 0)
   double grad_tol_later = 1e-3;
   double norm_tol = 1e-4;  // relative, the gradient norm
   CommBackend backend = CommBackend::kMpi;
@@ -251,7 +261,8 @@ double max_rel(const Tensor& got, const Tensor& want) {
 }
 
 void run_esm2_cp(const CpSetup& s) {
-  ParallelContext ctx = testing::make_context(ParallelSizes{.tp = s.tp, .cp = s.cp}, s.backend, s.device);
+  ParallelContext ctx =
+      testing::make_context(ParallelSizes{.tp = s.tp, .cp = s.cp}, s.backend, s.device);
   const int dp = ctx.sizes().dp, my_dp = ctx.coords().dp, my_cp = ctx.coords().cp;
   const Stream stream = s.device.is_cuda() ? Stream::cuda_default(s.device.index) : Stream();
   const uint64_t seed = 5;
@@ -272,8 +283,8 @@ void run_esm2_cp(const CpSetup& s) {
   TapeOptions to;
   to.stream = stream;
   to.recompute = s.recompute;
-  const std::string what = std::string(cp_comm_name(s.comm)) + " cp " + std::to_string(s.cp) + " tp " +
-                           std::to_string(s.tp) + (s.sp ? " sp" : "") + " split_min_len " +
+  const std::string what = std::string(cp_comm_name(s.comm)) + " cp " + std::to_string(s.cp) +
+                           " tp " + std::to_string(s.tp) + (s.sp ? " sp" : "") + " split_min_len " +
                            std::to_string(s.split_min_len);
   for (int step = 0; step < 2; ++step) {
     const std::string at = what + " at step " + std::to_string(step);
@@ -290,10 +301,10 @@ void run_esm2_cp(const CpSetup& s) {
       ref_loss += loss.data().to_floats()[0];
     }
     // This rank: its cp shard of its dp shard's global batch.
-    const CpBatch cb =
-        cp_split_batch(esm2_batch(step, my_dp, Device::cpu()), s.cp, my_cp,
-                       CpShardOptions{.split_min_len = s.split_min_len, .pad_id = s.config.pad_token_id})
-            .to(s.device);
+    const CpBatch cb = cp_split_batch(esm2_batch(step, my_dp, Device::cpu()), s.cp, my_cp,
+                                      CpShardOptions{.split_min_len = s.split_min_len,
+                                                     .pad_id = s.config.pad_token_id})
+                           .to(s.device);
     sync.zero_grads(stream);
     TapeOptions o = to;
     o.on_grad_ready = sync.ready_hook(stream);
@@ -303,7 +314,8 @@ void run_esm2_cp(const CpSetup& s) {
     sync.reduce(stream);
     Tensor loss_t = Tensor::from_vector<double>({double(loss.data().to_floats()[0])}, Shape{1});
     ctx.dp_cp().all_reduce(loss_t, ReduceOp::kSum, Stream());
-    EXPECT_NEAR(loss_t.to_vector<double>()[0], ref_loss, s.loss_tol * std::abs(ref_loss)) << "loss, " << at;
+    EXPECT_NEAR(loss_t.to_vector<double>()[0], ref_loss, s.loss_tol * std::abs(ref_loss))
+        << "loss, " << at;
     for (size_t i = 0; i < par.params().all().size(); ++i) {
       const Parameter& p = par.params().all()[i];
       const Tensor want = ref.params().all()[i].grad();
@@ -320,7 +332,8 @@ void run_esm2_cp(const CpSetup& s) {
 
 TEST(Esm2Cp, ContextParallelEqualsOneRank) {  // CP = world (2 or 4), both modes, +- placement
   for (CpComm m : {CpComm::kRing, CpComm::kAllGather})
-    for (int32_t l : {0, 30}) run_esm2_cp({.cp = testing::world_size(), .comm = m, .split_min_len = l});
+    for (int32_t l : {0, 30})
+      run_esm2_cp({.cp = testing::world_size(), .comm = m, .split_min_len = l});
 }
 
 TEST(Esm2Cp, ContextParallelTimesDataParallel) {  // CP=2 x DP=2 on 4 ranks (CP=2 on 2)
@@ -329,7 +342,11 @@ TEST(Esm2Cp, ContextParallelTimesDataParallel) {  // CP=2 x DP=2 on 4 ranks (CP=
 
 TEST(Esm2Cp, ContextParallelTimesTensorParallel) {  // CP=2 x TP=2 on 4 ranks
   if (testing::world_size() != 4) GTEST_SKIP() << "needs 4 ranks";
-  run_esm2_cp({.cp = 2, .tp = 2, .comm = CpComm::kRing, .split_min_len = 30, .recompute = RecomputePolicy::kFull});
+  run_esm2_cp({.cp = 2,
+               .tp = 2,
+               .comm = CpComm::kRing,
+               .split_min_len = 30,
+               .recompute = RecomputePolicy::kFull});
   run_esm2_cp({.cp = 2, .tp = 2, .sp = true, .comm = CpComm::kAllGather, .split_min_len = 0});
 }
 
@@ -341,8 +358,15 @@ TEST(Esm2CpCuda, ContextParallelEqualsOneRank) {
   c.ffn = 256;
   const double r = testing::tolerance_for(DType::kBF16).rtol;
   for (CpComm m : {CpComm::kRing, CpComm::kAllGather})
-    run_esm2_cp({.cp = 2, .comm = m, .split_min_len = 30, .device = testing::rank_gpu(), .compute = DType::kBF16,
-                 .config = c, .loss_tol = r / 2, .grad_tol = 4 * r, .grad_tol_later = 4 * r,
+    run_esm2_cp({.cp = 2,
+                 .comm = m,
+                 .split_min_len = 30,
+                 .device = testing::rank_gpu(),
+                 .compute = DType::kBF16,
+                 .config = c,
+                 .loss_tol = r / 2,
+                 .grad_tol = 4 * r,
+                 .grad_tol_later = 4 * r,
                  .norm_tol = 2 * r});
 }
 
@@ -359,9 +383,17 @@ TEST(Esm2CpCuda, ContextParallelOverNcclEqualsOneRank) {
   c.ffn = 256;
   const double r = testing::tolerance_for(DType::kBF16).rtol;
   for (CpComm m : {CpComm::kRing, CpComm::kAllGather})
-    run_esm2_cp({.cp = testing::world_size(), .comm = m, .split_min_len = 30, .device = testing::rank_gpu(),
-                 .compute = DType::kBF16, .config = c, .loss_tol = r / 2, .grad_tol = 4 * r,
-                 .grad_tol_later = 4 * r, .norm_tol = 2 * r, .backend = CommBackend::kNccl});
+    run_esm2_cp({.cp = testing::world_size(),
+                 .comm = m,
+                 .split_min_len = 30,
+                 .device = testing::rank_gpu(),
+                 .compute = DType::kBF16,
+                 .config = c,
+                 .loss_tol = r / 2,
+                 .grad_tol = 4 * r,
+                 .grad_tol_later = 4 * r,
+                 .norm_tol = 2 * r,
+                 .backend = CommBackend::kNccl});
 }
 
 }  // namespace
