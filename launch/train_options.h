@@ -50,6 +50,7 @@ struct TrainOptions {
   int32_t cp_split_min_len = kDefaultCpSplitMinLen;
   int dp = 0;                      // 0: derived from the world size
   bool sequence_parallel = false;  // split LayerNorm / residual regions along T over tp
+  int zero = 0;  // ZeRO stage over dp: 1 optimizer state, 2 + gradients, 3 + parameters (docs/fsdp.md)
 
   int64_t tokens_per_micro_batch() const { return tokens_per_step / micro_batches; }
 };
