@@ -178,6 +178,7 @@ TrainSummary run_train(const TrainOptions& o) {
   if (o.zero > 0) {
     ZeroOptions zo;
     zo.stage = o.zero;
+    if (o.cp > 1) zo.shard_comm = &ctx.dp_cp();  // CP: gradients summed (and state sharded) over dp x cp
     zo.regather_in_backward = mo.recompute == RecomputePolicy::kFull;
     zero = std::make_unique<ZeroSync>(model, ctx, zo);
     zero_opt = std::make_unique<ZeroAdamW>(*zero, adam_cfg);
@@ -218,6 +219,9 @@ TrainSummary run_train(const TrainOptions& o) {
     }
     // Labelled and padded tokens of the global batch (summed over dp): the gradient of the step's
     // mean loss needs 1 / global labelled tokens on every rank.
+    // ZeRO under CP sums over dp x cp, and the cp ranks of a dp group read the same global batch:
+    // only cp rank 0 counts it.
+    if (zero && o.cp > 1 && ctx.coords().cp != 0) labels = tokens = 0;
     Tensor counts = Tensor::from_vector<int64_t>({labels, tokens}, Shape{2});
     zero ? zero->sum_over_dp(counts, Stream()) : sync.sum_over_dp(counts, Stream());
     labels = counts.to_vector<int64_t>()[0];
@@ -246,7 +250,8 @@ TrainSummary run_train(const TrainOptions& o) {
       Var logits = model.forward(tape, cpb ? cpb->local : b, cpb.get());
       Var loss = model.loss(tape, logits, cpb ? cpb->local : b, grad_scale);
       tape.backward(loss);
-      if (cpb) ctx.cp().all_reduce(loss.data(), ReduceOp::kSum, stream);  // cp ranks hold other labels
+      // cp ranks hold other labels (ZeRO's sum_over_dp below runs over dp x cp already).
+      if (cpb && !zero) ctx.cp().all_reduce(loss.data(), ReduceOp::kSum, stream);
       loss_sum += loss.data().to_floats()[0];
     }
     zero ? zero->reduce(stream) : sync.reduce(stream);
