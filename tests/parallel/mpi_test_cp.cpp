@@ -18,6 +18,8 @@
 #include "layers/esm2.h"
 #include "layers/grad_sync.h"
 #include "layers/optimizer.h"
+#include "layers/zero_optimizer.h"
+#include "layers/zero_sync.h"
 #include "mpi_test_util.h"
 #include "parallel/cp_attention.h"
 
@@ -348,6 +350,66 @@ TEST(Esm2Cp, ContextParallelTimesTensorParallel) {  // CP=2 x TP=2 on 4 ranks
                .split_min_len = 30,
                .recompute = RecomputePolicy::kFull});
   run_esm2_cp({.cp = 2, .tp = 2, .sp = true, .comm = CpComm::kAllGather, .split_min_len = 0});
+}
+
+// ZeRO under CP: state and gradients sharded over dp x cp (ZeroOptions::shard_comm = dp_cp), the
+// loss summed over the same group; CP = world (2 or 4), stages 1 and 3, against one rank.
+void run_esm2_cp_zero(int stage, CpComm comm) {
+  const int cp = testing::world_size();
+  ParallelContext ctx = testing::make_context(ParallelSizes{.cp = cp});
+  const Stream stream;
+  Esm2Model ref(tiny_config(), Esm2Options{.device = Device::cpu(), .compute = DType::kF32});
+  ref.init_random(5);
+  Esm2Options po{.device = Device::cpu(), .compute = DType::kF32};
+  po.parallel = &ctx;
+  po.cp = CpOptions{.comm = comm, .split_min_len = 30};
+  Esm2Model par(tiny_config(), po);
+  par.init_random(5);
+  ZeroOptions zo;
+  zo.stage = stage;
+  zo.shard_comm = &ctx.dp_cp();
+  zo.regather_in_backward = false;
+  ZeroSync zero(par, ctx, zo);
+  const AdamWConfig acfg{.weight_decay = 0.01, .clip_norm = 0.05};
+  AdamW ref_opt(ref.params(), acfg);
+  ZeroAdamW par_opt(zero, acfg);
+  for (int step = 0; step < 2; ++step) {
+    const std::string at = "zero " + std::to_string(stage) + " " + std::string(cp_comm_name(comm)) +
+                           " step " + std::to_string(step);
+    const ThdBatch g = esm2_batch(step, 0, Device::cpu());
+    const float scale = 1.0f / static_cast<float>(g.num_labels);
+    ref.params().zero_grads(stream);
+    Tape rt;
+    Var rl = ref.loss(rt, ref.forward(rt, g), g, scale);
+    rt.backward(rl);
+    const CpBatch cb = cp_split_batch(g, cp, ctx.coords().cp, CpShardOptions{.split_min_len = 30});
+    zero.zero_grads(stream);
+    zero.begin_micro_batch(true);
+    Tape tape;
+    Var loss = par.loss(tape, par.forward(tape, cb.local, &cb), cb.local, scale);
+    tape.backward(loss);
+    Tensor loss_sum = loss.data().clone();
+    zero.sum_over_dp(loss_sum, stream);
+    zero.reduce(stream);
+    EXPECT_NEAR(loss_sum.to_floats()[0], rl.data().to_floats()[0],
+                1e-5 * std::abs(rl.data().to_floats()[0]))
+        << "loss, " << at;
+    for (size_t i = 0; i < par.params().all().size(); ++i) {
+      const Parameter& p = par.params().all()[i];
+      EXPECT_LE(max_rel(zero.local_grad(i), par.shard_of(p, ref.params().all()[i].grad())),
+                step == 0 ? 1e-4 : 1e-3)
+          << "gradient of " << p.name << ", " << at;
+    }
+    const OptimizerStepResult rr = ref_opt.step(1e-3, true, stream);
+    const OptimizerStepResult pr = par_opt.step(1e-3, true, stream);
+    ASSERT_TRUE(rr.applied && pr.applied);
+    EXPECT_NEAR(pr.grad_norm, rr.grad_norm, 1e-4 * rr.grad_norm) << "gradient norm, " << at;
+  }
+}
+
+TEST(Esm2Cp, ZeroOverDpCpEqualsOneRank) {
+  run_esm2_cp_zero(1, CpComm::kRing);
+  run_esm2_cp_zero(3, CpComm::kAllGather);
 }
 
 // ---- CUDA: CP=2 equals CP=1 on the GPU (ranks share it through the host-staged MPI backend) ---
