@@ -5,6 +5,7 @@
 #include <iostream>
 
 #include "core/error.h"
+#include "launch/fp8_setup.h"
 
 namespace po = boost::program_options;
 
@@ -69,8 +70,17 @@ bool parse_train_options(const std::vector<std::string>& args, TrainOptions& o) 
       "sequence-parallel", po::bool_switch(&o.sequence_parallel), "split LayerNorm/residual regions along T over tp")(
       "zero", po::value(&o.zero)->default_value(o.zero),
       "ZeRO sharding over dp: 0 off | 1 optimizer state | 2 + gradients | 3 + parameters");
+  po::options_description fp8("FP8 (docs/fp8.md)");
+  fp8.add_options()("fp8", po::value(&o.fp8)->default_value(o.fp8), "none | delayed (FP8 GEMMs with delayed scaling)")(
+      "fp8-format", po::value(&o.fp8_format)->default_value(o.fp8_format),
+      "e4m3 | hybrid (E4M3 forward, E5M2 gradients)")(
+      "amax-history", po::value(&o.amax_history)->default_value(o.amax_history), "amax history length (steps)")(
+      "amax-algo", po::value(&o.amax_algo)->default_value(o.amax_algo), "max | most_recent")(
+      "fp8-margin", po::value(&o.fp8_margin)->default_value(o.fp8_margin), "scale = fp8_max / amax / 2^margin")(
+      "fp8-amax-group", po::value(&o.fp8_amax_group)->default_value(o.fp8_amax_group),
+      "ranks sharing amaxes: tp | tp-cp-dp");
   po::options_description all;
-  all.add(general).add(model).add(data).add(batch).add(optim).add(out).add(exec);
+  all.add(general).add(model).add(data).add(batch).add(optim).add(out).add(exec).add(fp8);
 
   po::variables_map vm;
   po::store(po::command_line_parser(args).options(all).run(), vm);
@@ -135,6 +145,11 @@ void validate_train_options(const TrainOptions& o) {
   HELIX_CHECK(!o.sequence_parallel || o.tp > 1, "--sequence-parallel: needs --tp > 1, got --tp {}", o.tp);
   HELIX_CHECK(o.zero >= 0 && o.zero <= 3, "--zero: expected 0, 1, 2 or 3, got {}", o.zero);
   HELIX_CHECK(o.zero == 0 || o.dp != 1, "--zero {}: shards over the data-parallel group, but --dp is 1", o.zero);
+  HELIX_CHECK(o.fp8 == "none" || o.fp8 == "delayed", "--fp8: expected none or delayed, got '{}'", o.fp8);
+  if (o.fp8 == "delayed") (void)fp8_recipe_of(o);  // each bad --fp8-* value names its flag
+  HELIX_CHECK(o.fp8 == "none" || (o.model_config.hidden % (16 * o.tp) == 0 && o.model_config.ffn % (16 * o.tp) == 0),
+              "--fp8 delayed: expected hidden ({}) and ffn ({}) divisible by 16 * tp = {} (FP8 GEMM sizes)",
+              o.model_config.hidden, o.model_config.ffn, 16 * o.tp);
   HELIX_CHECK(o.recompute == "none" || o.recompute == "full", "--recompute: expected none or full, got '{}'",
               o.recompute);
   HELIX_CHECK(o.eval_batches >= 0 && o.eval_interval >= 0 && o.log_interval >= 1,

@@ -51,6 +51,13 @@ struct TrainOptions {
   int dp = 0;                      // 0: derived from the world size
   bool sequence_parallel = false;  // split LayerNorm / residual regions along T over tp
   int zero = 0;  // ZeRO stage over dp: 1 optimizer state, 2 + gradients, 3 + parameters (docs/fsdp.md)
+  // FP8 (docs/fp8.md): none | delayed; recipe of the delayed scaling.
+  std::string fp8 = "none";
+  std::string fp8_format = "hybrid";      // e4m3 | hybrid (E4M3 forward, E5M2 grad-output)
+  int64_t amax_history = 1024;
+  std::string amax_algo = "max";          // max | most_recent
+  int fp8_margin = 0;
+  std::string fp8_amax_group = "tp-cp-dp";  // tp | tp-cp-dp
 
   int64_t tokens_per_micro_batch() const { return tokens_per_step / micro_batches; }
 };

@@ -11,6 +11,7 @@
 #include "core/json.h"
 #include "core/log.h"
 #include "launch/data/loader.h"
+#include "launch/fp8_setup.h"
 #include "launch/metrics.h"
 #include "layers/esm2.h"
 #include "layers/grad_sync.h"
@@ -167,6 +168,8 @@ TrainSummary run_train(const TrainOptions& o) {
   mo.parallel = &ctx;
   mo.cp = CpOptions{.comm = parse_cp_comm(o.cp_comm), .split_min_len = o.cp_split_min_len};
   mo.sequence_parallel = o.sequence_parallel;
+  const std::unique_ptr<Fp8ScalingManager> fp8 = make_fp8_manager(o, ctx, device, rank0);  // --fp8
+  mo.fp8 = fp8.get();
   Esm2Model model(o.model_config, mo);
   model.init_random(o.seed);
   const AdamWConfig adam_cfg{.beta1 = o.beta1, .beta2 = o.beta2, .eps = o.adam_eps,
@@ -255,6 +258,7 @@ TrainSummary run_train(const TrainOptions& o) {
       loss_sum += loss.data().to_floats()[0];
     }
     zero ? zero->reduce(stream) : sync.reduce(stream);
+    if (fp8) fp8->update(stream);  // one amax all-reduce; scales for the next step (docs/fp8.md)
     Tensor loss_t = Tensor::from_vector<double>({loss_sum}, Shape{1});
     zero ? zero->sum_over_dp(loss_t, Stream()) : sync.sum_over_dp(loss_t, Stream());
     loss_sum = loss_t.to_vector<double>()[0];

@@ -38,6 +38,7 @@ class Esm2LayerHooks {
   virtual Var enter_layer(Tape& tape, int layer, const Var& x) = 0;
   virtual Var leave_layer(Tape& tape, int layer, const Var& x) = 0;
 };
+class Fp8ScalingManager;
 
 struct Esm2Options {
   Device device;
@@ -53,6 +54,9 @@ struct Esm2Options {
   // to a multiple of tp with a dummy <pad> sequence that carries no label). Needs tp > 1.
   bool sequence_parallel = false;
   Esm2LayerHooks* layer_hooks = nullptr;  // null: none (ZeRO-3 installs its own)
+  // FP8 delayed scaling (layers/fp8_scaling.h): QKV, out-proj, FC1, FC2 run as FP8 GEMMs with the
+  // manager's scales, T is padded to a multiple of 16 with a dummy <pad> sequence. Null: no FP8.
+  Fp8ScalingManager* fp8 = nullptr;
 };
 
 class Esm2Model {
