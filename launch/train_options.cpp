@@ -62,6 +62,10 @@ bool parse_train_options(const std::vector<std::string>& args, TrainOptions& o) 
       "recompute", po::value(&o.recompute)->default_value(o.recompute),
       "activation recompute: none | full (re-run each layer's forward in backward)")(
       "tp", po::value(&o.tp)->default_value(o.tp), "tensor-parallel size (ranks per TP group)")(
+      "cp", po::value(&o.cp)->default_value(o.cp), "context-parallel size (ranks sharing each sequence)")(
+      "cp-comm", po::value(&o.cp_comm)->default_value(o.cp_comm), "K/V exchange under --cp: all-gather | ring")(
+      "cp-split-min-len", po::value(&o.cp_split_min_len)->default_value(o.cp_split_min_len),
+      "under --cp, sequences shorter than this stay whole on one cp rank (0: split every sequence)")(
       "dp", po::value(&o.dp)->default_value(o.dp), "data-parallel size (0: world size / tp)")(
       "sequence-parallel", po::bool_switch(&o.sequence_parallel), "split LayerNorm/residual regions along T over tp")(
       "zero", po::value(&o.zero)->default_value(o.zero),
@@ -129,6 +133,10 @@ void validate_train_options(const TrainOptions& o) {
   HELIX_CHECK(o.dtype == "auto" || o.dtype == "f32" || o.dtype == "bf16", "--dtype: expected auto, f32 or bf16, got '{}'",
               o.dtype);
   HELIX_CHECK(o.tp >= 1, "--tp: expected >= 1, got {}", o.tp);
+  HELIX_CHECK(o.cp >= 1, "--cp: expected >= 1, got {}", o.cp);
+  HELIX_CHECK(o.cp_comm == "ring" || o.cp_comm == "all-gather", "--cp-comm: expected all-gather or ring, got '{}'",
+              o.cp_comm);
+  HELIX_CHECK(o.cp_split_min_len >= 0, "--cp-split-min-len: expected >= 0, got {}", o.cp_split_min_len);
   HELIX_CHECK(o.dp >= 0, "--dp: expected >= 0 (0: derived), got {}", o.dp);
   HELIX_CHECK(o.model_config.heads % o.tp == 0, "--tp {}: expected the number of attention heads ({}) divisible by tp",
               o.tp, o.model_config.heads);

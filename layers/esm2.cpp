@@ -5,6 +5,7 @@
 
 #include "core/random.h"
 #include "layers/attention.h"
+#include "layers/cp_attention_node.h"
 #include "layers/embedding.h"
 #include "layers/fp8_layers.h"
 #include "layers/layernorm_linear.h"
@@ -264,9 +265,9 @@ ThdBatch with_pad_sequence(const ThdBatch& b, int64_t pad, int32_t pad_id);  // 
 Var take_rows(Tape& tape, const Var& x, int64_t rows);
 }  // namespace
 
-Var Esm2Model::forward(Tape& tape, const ThdBatch& fwd_batch) {
+Var Esm2Model::forward(Tape& tape, const ThdBatch& fwd_batch, const CpBatch* cp) {
   if (opts_.layer_hooks) opts_.layer_hooks->begin_forward(tape);
-  if (tp_size() > 1) return forward_tp(tape, fwd_batch);
+  if (tp_size() > 1) return forward_tp(tape, fwd_batch, cp);
   Fp8ScalingManager* fp8 = opts_.fp8;  // FP8: T padded to a multiple of 16 with a dummy sequence
   const int64_t t_in = fwd_batch.total_tokens(), fp8_pad = fp8 ? -t_in & (kFp8TokenMultiple - 1) : 0;
   const ThdBatch batch = fp8_pad ? with_pad_sequence(fwd_batch, fp8_pad, config_.pad_token_id) : fwd_batch;
@@ -281,9 +282,11 @@ Var Esm2Model::forward(Tape& tape, const ThdBatch& fwd_batch) {
   EmbeddingOptions eo;
   eo.token_dropout = c.token_dropout;
   eo.mask_token_id = c.mask_token_id;
-  Var x = tape.apply1(std::make_shared<EmbeddingNode>(batch, eo, opts_.compute), {w(kEmbedding)});
+  Var x = tape.apply1(std::make_shared<EmbeddingNode>(cp ? cp->global : batch, eo, opts_.compute), {w(kEmbedding)});
+  if (cp) x = tape.apply1(std::make_shared<CpTakeRowsNode>(cp->layouts.at(cp->rank), batch.total_tokens()), {x});
 
   auto attn = std::make_shared<const AttentionInputs>(AttentionInputs::from_batch(batch, c.heads, c.head_dim()));
+  if (cp) attn = cp_attention_inputs(*attn, *cp, opts_.parallel->cp(), opts_.cp.comm);
   for (int i = 0; i < c.layers; ++i) {
     const std::string p = layer_prefix(i);
     auto layer = [w, p, eps, attn, fp8, i](Tape& t, const std::vector<Var>& in) -> std::vector<Var> {
@@ -376,7 +379,7 @@ Var take_rows(Tape& tape, const Var& x, int64_t rows) { return tape.apply1(std::
 //   h   = x + leave(attn(u Wqkv_r^T + bqkv_r) Wo_r^T) + bo       leave = reduce_from_tp, or
 //   y   = h + leave(GELU(enter(LN2(h)) W1_r^T + b1_r) W2_r^T) + b2      reduce_scatter_to_sp under SP
 // then the final LayerNorm, gather_from_sp(kSplit) under SP, and the LM head on the full T.
-Var Esm2Model::forward_tp(Tape& tape, const ThdBatch& batch) {
+Var Esm2Model::forward_tp(Tape& tape, const ThdBatch& batch, const CpBatch* cp) {
   const ModelConfig& c = config_;
   const float eps = c.layer_norm_eps;
   const int n = tp_size();
@@ -399,10 +402,12 @@ Var Esm2Model::forward_tp(Tape& tape, const ThdBatch& batch) {
   eo.mask_token_id = c.mask_token_id;
   eo.vocab_rows = rows_per_rank(c.vocab, n);
   eo.vocab_start = tp_rank() * eo.vocab_rows;
-  Var x = tape.apply1(std::make_shared<EmbeddingNode>(b, eo, opts_.compute), {w(kEmbedding)});
+  Var x = tape.apply1(std::make_shared<EmbeddingNode>(cp ? cp->global : b, eo, opts_.compute), {w(kEmbedding)});
+  if (cp) x = tape.apply1(std::make_shared<CpTakeRowsNode>(cp->layouts.at(cp->rank), b.total_tokens()), {x});
   x = sp ? reduce_scatter_to_sp(tape, *tp, x) : reduce_from_tp(tape, *tp, x);
 
   auto attn = std::make_shared<const AttentionInputs>(AttentionInputs::from_batch(b, c.heads / n, c.head_dim()));
+  if (cp) attn = cp_attention_inputs(*attn, *cp, opts_.parallel->cp(), opts_.cp.comm);
   for (int i = 0; i < c.layers; ++i) {
     const std::string p = layer_prefix(i);
     auto layer = [w, p, eps, attn, tp, sp, fp8, i](Tape& tt, const std::vector<Var>& in) -> std::vector<Var> {

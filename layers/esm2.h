@@ -23,6 +23,7 @@
 #include "layers/model_config.h"
 #include "layers/parameter.h"
 #include "parallel/context.h"
+#include "parallel/cp_attention.h"
 
 namespace helix {
 
@@ -46,6 +47,9 @@ struct Esm2Options {
   // Tensor parallelism over parallel->tp() (null or tp = 1: the single-device graph). Data
   // parallelism is the caller's (the model only reads its tp coordinate).
   const ParallelContext* parallel = nullptr;
+  // Context parallelism over parallel->cp() (forward with a CpBatch): K/V exchange mode and the
+  // trainer's sequence-aware placement threshold (parallel/cp_attention.h).
+  CpOptions cp;
   // Sequence parallelism: LayerNorm / residual regions split along T over the tp group (T padded
   // to a multiple of tp with a dummy <pad> sequence that carries no label). Needs tp > 1.
   bool sequence_parallel = false;
@@ -91,7 +95,8 @@ class Esm2Model {
 
   // Builds the forward graph of one packed batch (on the model's device) and returns the logits
   // [T, vocab] (compute dtype); under TP this rank's vocabulary columns [T, Vr] (pad columns left out).
-  Var forward(Tape& tape, const ThdBatch& batch);
+  // Context parallelism: `batch` is cp->local and the logits are the rank's rows.
+  Var forward(Tape& tape, const ThdBatch& batch, const CpBatch* cp = nullptr);
   // Masked-LM loss node: returns the loss sum over labelled tokens [1] f32; its gradient is scaled by
   // `grad_scale` (1 / labelled tokens of the whole step, over micro-batches and ranks).
   Var loss(Tape& tape, const Var& logits, const ThdBatch& batch, float grad_scale);
@@ -99,7 +104,7 @@ class Esm2Model {
   std::string layer_prefix(int i) const { return "esm.encoder.layer." + std::to_string(i) + "."; }
 
  private:
-  Var forward_tp(Tape& tape, const ThdBatch& batch);
+  Var forward_tp(Tape& tape, const ThdBatch& batch, const CpBatch* cp);
   Tensor gather_shards(const Parameter& p, const Tensor& local) const;
 
   ModelConfig config_;
