@@ -68,6 +68,7 @@ struct ZeroCase {
   double loss_tol = 1e-5;
   double grad_tol_first = 1e-4, grad_tol = 1e-3;  // step 0 (bitwise-equal weights), later steps
   double param_tol = 0.01 * 1e-3;                 // absolute, after 3 steps of lr 1e-3
+  double norm_tol_later = 0;                      // grad norm after step 0 (0: loss_tol)
 };
 
 ZeroCase bf16_case(ZeroCase c, Device device) {
@@ -77,6 +78,15 @@ ZeroCase bf16_case(ZeroCase c, Device device) {
   c.loss_tol = r / 2;
   c.grad_tol_first = c.grad_tol = 4 * r;
   c.param_tol = 3 * 3 * 1e-3;  // AdamW moves an element by ~lr per step: 3 steps, either direction
+  if (device.is_cuda()) {
+    // cuBLASLt and the CUDA kernels round in other places than the one-rank run (split-K, TP partial
+    // sums in bf16). AdamW's first steps move each element by about +-lr whatever the gradient's
+    // size, so an element whose tiny gradient flips sign under that rounding moves 2 lr apart, and
+    // the next step's gradients differ by more than rounding (measured on the H100: up to 0.10 of
+    // the largest element, grad norm 1.5%). Still far from a wrong reduction or shard (O(1)).
+    c.grad_tol = 12 * r;
+    c.norm_tol_later = 2 * r;
+  }
   return c;
 }
 
@@ -160,7 +170,8 @@ void run_zero_equivalence(ZeroCase c) {
     const OptimizerStepResult rr = ref_opt.step(kLr, true, stream);
     const OptimizerStepResult pr = par_opt.step(kLr, true, stream);
     ASSERT_TRUE(rr.applied && pr.applied);
-    EXPECT_NEAR(pr.grad_norm, rr.grad_norm, std::max(1e-5, c.loss_tol) * rr.grad_norm) << "step " << step;
+    const double norm_tol = step > 0 && c.norm_tol_later > 0 ? c.norm_tol_later : c.loss_tol;
+    EXPECT_NEAR(pr.grad_norm, rr.grad_norm, std::max(1e-5, norm_tol) * rr.grad_norm) << "step " << step;
     expect_memory(zero, "after step " + std::to_string(step));
   }
   for (size_t i = 0; i < par.params().all().size(); ++i) {
@@ -190,9 +201,19 @@ void run_zero_equivalence(ZeroCase c) {
   zero.materialize_masters();
   const auto got = par.hf_tensors(), want = ref.hf_tensors();
   ASSERT_EQ(got.size(), want.size());
-  for (size_t i = 0; i < got.size(); ++i)
-    expect_close(got[i].second, want[i].second, c.compute == DType::kF32 ? 2e-3 : 10 * c.param_tol,
-                 "export " + got[i].first);
+  for (size_t i = 0; i < got.size(); ++i) {
+    if (c.compute == DType::kF32) {
+      expect_close(got[i].second, want[i].second, 2e-3, "export " + got[i].first);
+      continue;
+    }
+    // bf16: the same absolute bound as the masters above (elements near zero, e.g. LayerNorm
+    // biases of size ~lr, make a bound relative to the tensor's scale meaningless).
+    const std::vector<float> g = got[i].second.to_floats(), w = want[i].second.to_floats();
+    ASSERT_EQ(g.size(), w.size()) << got[i].first;
+    double diff = 0;
+    for (size_t j = 0; j < g.size(); ++j) diff = std::max(diff, std::abs(double(g[j]) - double(w[j])));
+    EXPECT_LE(diff, c.param_tol) << "export " << got[i].first;
+  }
 }
 
 TEST(Zero, Stage1DataParallelEqualsOneRank) { run_zero_equivalence({.stage = 1}); }  // DP=2 / DP=4
