@@ -77,7 +77,7 @@ int run_cli(int argc, char** argv) {
     TrainOptions o;
     if (!parse_train_options(rest, o)) return 0;
     const TrainSummary s = run_train(o);
-    return s.steps == o.steps ? 0 : 1;
+    return s.steps == o.last_step() ? 0 : 1;
   }
   HELIX_FAIL("unknown command '{}' (known: train, info); run `helix --help`", cmd);
 }

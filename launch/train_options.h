@@ -6,6 +6,7 @@
 #include <string>
 #include <vector>
 
+#include "launch/checkpoint_options.h"
 #include "launch/lr_schedule.h"
 #include "layers/model_config.h"
 
@@ -44,6 +45,9 @@ struct TrainOptions {
   int tp = 1;
   int dp = 0;                      // 0: derived from the world size
   bool sequence_parallel = false;  // split LayerNorm / residual regions along T over tp
+  // Checkpoints (--save, --save-every, --keep, --resume, --stop-after): launch/checkpoint.h
+  CheckpointOptions checkpoint;
+  int64_t last_step() const { return checkpoint.stop_after > 0 ? checkpoint.stop_after : steps; }
 
   int64_t tokens_per_micro_batch() const { return tokens_per_step / micro_batches; }
 };
