@@ -7,6 +7,7 @@
 
 #include "core/device.h"
 #include "core/error.h"
+#include "launch/convert.h"
 #include "launch/trainer.h"
 
 namespace po = boost::program_options;
@@ -20,6 +21,8 @@ constexpr const char* kUsage =
     "commands:\n"
     "  train    train an ESM-2 masked language model on a FASTA file\n"
     "  info     print the build configuration and the devices helix can use\n"
+    "  convert  Hugging Face safetensors <-> helix checkpoint (--from hf:FILE --to DIR, --from DIR --to hf:OUT)\n"
+    "  eval     masked-LM loss and perplexity of a checkpoint on a FASTA file\n"
     "\n"
     "Run `helix <command> --help` for the options of a command.\n";
 
@@ -73,13 +76,15 @@ int run_cli(int argc, char** argv) {
   std::vector<std::string> rest = po::collect_unrecognized(parsed.options, po::include_positional);
   rest.erase(rest.begin());  // the command itself
   if (cmd == "info") return cmd_info(rest);
+  if (cmd == "convert") return run_convert(rest);
+  if (cmd == "eval") return run_eval(rest);
   if (cmd == "train") {
     TrainOptions o;
     if (!parse_train_options(rest, o)) return 0;
     const TrainSummary s = run_train(o);
     return s.steps == o.last_step() ? 0 : 1;
   }
-  HELIX_FAIL("unknown command '{}' (known: train, info); run `helix --help`", cmd);
+  HELIX_FAIL("unknown command '{}' (known: train, info, convert, eval); run `helix --help`", cmd);
 }
 
 }  // namespace helix
