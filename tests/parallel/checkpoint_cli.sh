@@ -5,6 +5,7 @@
 # an uninterrupted run (never a run against itself):
 #   resume_1rank / resume_tp2 / resume_dp2  N steps straight == K steps, new process, N-K steps:
 #                                            per-step losses and every final shard file bitwise equal
+#                                            (resume_1rank also checks --keep)
 #   reshard_4to1 / reshard_1to4              saved on tp 2 x dp 2, resumed on 1 rank (and back): the
 #                                            losses of the continued steps within fp32 tolerance
 #   killed_save                              a process that dies in the middle of a save leaves the
@@ -64,7 +65,13 @@ bitwise_resume() {
 }
 
 case $CASE in
-  resume_1rank) bitwise_resume 1 ;;
+  resume_1rank)
+    bitwise_resume 1
+    # --keep 2 with a save every 2 steps: only the newest two of steps 2, 4, 6 remain.
+    run 1 train "${ARGS[@]}" --save kept --save-every 2 --keep 2 > log_k 2>&1 || { cat log_k; fail "--keep run"; }
+    [ "$(ls kept | tr '\n' ' ')" = "step_00000004 step_00000006 " ] || fail "--keep 2 left: $(ls -a kept)"
+    echo "ok: --keep 2 keeps steps 4 and 6"
+    ;;
   resume_tp2) bitwise_resume 2 --tp 2 ;;
   resume_dp2) bitwise_resume 2 ;;
   reshard_4to1)
