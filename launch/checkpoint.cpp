@@ -548,6 +548,11 @@ TrainProgress Checkpointer::resume(const CheckpointOptions& o) {
                 "overwrite them: pass --resume '{}' or choose another directory",
                 o.save_dir, existing.back().step, progress.step, o.save_dir);
   }
+  if (p_.options)
+    HELIX_CHECK(progress.step < p_.options->last_step(),
+                "--resume '{}': the checkpoint is at step {}, this run ends at step {} (--steps / --stop-after): "
+                "nothing to do",
+                o.resume, progress.step, p_.options->last_step());
   resumed_step_ = progress.step;
   return progress;
 }

@@ -71,6 +71,12 @@ case $CASE in
     run 1 train "${ARGS[@]}" --save kept --save-every 2 --keep 2 > log_k 2>&1 || { cat log_k; fail "--keep run"; }
     [ "$(ls kept | tr '\n' ' ')" = "step_00000004 step_00000006 " ] || fail "--keep 2 left: $(ls -a kept)"
     echo "ok: --keep 2 keeps steps 4 and 6"
+    # A fresh run into a directory with newer checkpoints, or a resume with nothing left to do: refused.
+    run 1 train "${ARGS[@]}" --save kept > log_f 2>&1 && fail "a fresh run overwrote --save kept"
+    grep -q "holds checkpoints up to step 6, past this run's start (step 0)" log_f || { cat log_f; fail "overwrite message"; }
+    run 1 train "${ARGS[@]}" --resume kept > log_g 2>&1 && fail "resume at the last step exited 0"
+    grep -q "the checkpoint is at step 6, this run ends at step 6" log_g || { cat log_g; fail "nothing-to-do message"; }
+    [ "$(ls kept | tr '\n' ' ')" = "step_00000004 step_00000006 " ] || fail "the refused runs changed kept/"
     ;;
   resume_tp2) bitwise_resume 2 --tp 2 ;;
   resume_dp2) bitwise_resume 2 ;;
