@@ -293,21 +293,13 @@ Json Checkpointer::local_record(const std::string& file, int64_t step, int64_t s
   return j;
 }
 
-std::string Checkpointer::save(const std::string& run_dir, int64_t step, int64_t skipped) {
-  const ParallelContext& ctx = *p_.ctx;
-  Communicator& world = ctx.world();
-  const int rank = ctx.world_rank();
-  const std::string name = step_dir_name(step);
-  const std::string final_dir = run_dir + "/" + name, tmp = run_dir + "/." + name + ".tmp";
-  if (rank == 0) {
-    fs::create_directories(run_dir);
-    fs::remove_all(tmp);  // left by a save that was killed
-    fs::create_directory(tmp);
-  }
-  world.barrier();
-
+// Writes this rank's file into `tmp` and returns its record (file digest, pieces, trainer state)
+// for rank 0's meta.json.
+Json Checkpointer::write_rank_file(const std::string& tmp, int64_t step, int64_t skipped) const {
   // This rank's pieces: a tensor part is written by the first replica only (dp 0, cp 0; tp 0 for
   // tensors replicated over tp).
+  const ParallelContext& ctx = *p_.ctx;
+  const int rank = ctx.world_rank();
   const RankCoords& c = ctx.coords();
   const int tp = p_.model->tp_size(), tr = p_.model->tp_rank();
   const std::string file = rank_file_name(rank);
@@ -359,6 +351,23 @@ std::string Checkpointer::save(const std::string& run_dir, int64_t step, int64_t
   rec["crc32"] = crc32_hex(d.crc32);
   rec["pieces"] = pieces;
   rec["shapes"] = shapes;
+  return rec;
+}
+
+std::string Checkpointer::save(const std::string& run_dir, int64_t step, int64_t skipped) {
+  const ParallelContext& ctx = *p_.ctx;
+  Communicator& world = ctx.world();
+  const int rank = ctx.world_rank();
+  const std::string name = step_dir_name(step);
+  const std::string final_dir = run_dir + "/" + name, tmp = run_dir + "/." + name + ".tmp";
+  if (rank == 0) {
+    fs::create_directories(run_dir);
+    fs::remove_all(tmp);  // left by a save that was killed
+    fs::create_directory(tmp);
+  }
+  world.barrier();
+
+  const Json rec = write_rank_file(tmp, step, skipped);
   const std::vector<std::string> all = all_gather_strings(world, rec.dump());
 
   if (rank == 0) {

@@ -70,6 +70,7 @@ class Checkpointer {
 
  private:
   Json local_record(const std::string& file, int64_t step, int64_t skipped) const;
+  Json write_rank_file(const std::string& tmp, int64_t step, int64_t skipped) const;
   Json build_meta(const std::vector<Json>& records, int64_t step, int64_t skipped) const;
   void check_meta(const Json& meta, const std::string& dir, const std::string& flag) const;
 

@@ -128,72 +128,62 @@ int run_convert(const std::vector<std::string>& args) {
   return 0;
 }
 
-int run_eval(const std::vector<std::string>& args) {
-  std::string load, data, preset, device_name = "auto", dtype = "auto", dump;
+namespace {
+
+struct EvalOptions {
+  std::string load, data, preset, device = "auto", dtype = "auto", dump;
   int tp = 1;
-  int64_t tokens_per_batch = 16384, max_residues = 1022, batches = 0;
+  int64_t tokens_per_batch = 16384, max_residues = 1022, batches = 0;  // batches 0: all
   uint64_t seed = 1;
+};
+
+// Returns false when --help was printed.
+bool parse_eval_options(const std::vector<std::string>& args, EvalOptions& e) {
   po::options_description d("helix eval options");
-  d.add_options()("help,h", "show this help")("load", po::value(&load),
+  d.add_options()("help,h", "show this help")("load", po::value(&e.load),
                                              "helix checkpoint / run directory, or hf:FILE.safetensors")(
-      "data", po::value(&data), "FASTA or FASTA.gz file (every protein is evaluated, file order)")(
-      "model", po::value(&preset), "model preset when hf:FILE has no config.json beside it")(
-      "seed", po::value(&seed)->default_value(seed), "seed of the crops and the MLM masking (deterministic)")(
-      "tokens-per-batch", po::value(&tokens_per_batch)->default_value(tokens_per_batch), "tokens per batch")(
-      "max-residues", po::value(&max_residues)->default_value(max_residues), "crop length")(
-      "batches", po::value(&batches)->default_value(batches), "evaluate only the first N batches (0: all)")(
-      "tp", po::value(&tp)->default_value(tp), "tensor-parallel size (the rest of the ranks split the batches)")(
-      "device", po::value(&device_name)->default_value(device_name), "auto | cpu | cuda")(
-      "dtype", po::value(&dtype)->default_value(dtype), "auto (bf16 on CUDA, f32 on CPU) | f32 | bf16")(
-      "dump-logits", po::value(&dump), "write batch 0's tokens, cu_seqlens, labels and logits here (safetensors; --tp 1)");
+      "data", po::value(&e.data), "FASTA or FASTA.gz file (every protein is evaluated, file order)")(
+      "model", po::value(&e.preset), "model preset when hf:FILE has no config.json beside it")(
+      "seed", po::value(&e.seed)->default_value(e.seed), "seed of the crops and the MLM masking (deterministic)")(
+      "tokens-per-batch", po::value(&e.tokens_per_batch)->default_value(e.tokens_per_batch), "tokens per batch")(
+      "max-residues", po::value(&e.max_residues)->default_value(e.max_residues), "crop length")(
+      "batches", po::value(&e.batches)->default_value(e.batches), "evaluate only the first N batches (0: all)")(
+      "tp", po::value(&e.tp)->default_value(e.tp), "tensor-parallel size (the rest of the ranks split the batches)")(
+      "device", po::value(&e.device)->default_value(e.device), "auto | cpu | cuda")(
+      "dtype", po::value(&e.dtype)->default_value(e.dtype), "auto (bf16 on CUDA, f32 on CPU) | f32 | bf16")(
+      "dump-logits", po::value(&e.dump), "write batch 0's tokens, cu_seqlens, labels and logits here (safetensors; --tp 1)");
   po::variables_map vm;
   po::store(po::command_line_parser(args).options(d).run(), vm);
   if (vm.count("help")) {
     std::cout << "usage: helix eval --load DIR --data FASTA [options]\n\n" << d;
-    return 0;
+    return false;
   }
   po::notify(vm);
-  HELIX_CHECK(!load.empty(), "--load: a checkpoint directory or hf:FILE is required");
-  HELIX_CHECK(!data.empty(), "--data: a FASTA file is required");
-  HELIX_CHECK(batches >= 0, "--batches: expected >= 0, got {}", batches);
-  HELIX_CHECK(device_name == "auto" || device_name == "cpu" || device_name == "cuda",
-              "--device: expected auto, cpu or cuda, got '{}'", device_name);
-  HELIX_CHECK(dtype == "auto" || dtype == "f32" || dtype == "bf16", "--dtype: expected auto, f32 or bf16, got '{}'", dtype);
-  HELIX_CHECK(dump.empty() || tp == 1, "--dump-logits: needs --tp 1 (the logits are whole there), got --tp {}", tp);
-  const ModelConfig config = source_config(load, preset, "--load");
-  HELIX_CHECK(max_residues + 2 <= config.max_positions, "--max-residues {} + 2 exceeds the model's {} positions",
-              max_residues, config.max_positions);
-  int world_rank = 0;
-  MPI_Comm_rank(MPI_COMM_WORLD, &world_rank);
-  Device device = Device::cpu();
-  if (device_name == "cuda" || (device_name == "auto" && cuda_available())) {
-    HELIX_CHECK(cuda_available(), "--device cuda: {}", cuda_unavailable_reason());
-    device = Device::cuda(world_rank % cuda_device_count());
-  }
-  const ParallelContext ctx = make_context(tp, device);
-  set_log_rank(world_rank);
-  Esm2Options mo;
-  mo.device = device;
-  mo.compute = dtype == "f32" ? DType::kF32 : dtype == "bf16" ? DType::kBF16 : (device.is_cuda() ? DType::kBF16 : DType::kF32);
-  mo.parallel = &ctx;
-  Esm2Model model(config, mo);
-  load_source(load, model, ctx, "--load");
+  HELIX_CHECK(!e.load.empty(), "--load: a checkpoint directory or hf:FILE is required");
+  HELIX_CHECK(!e.data.empty(), "--data: a FASTA file is required");
+  HELIX_CHECK(e.batches >= 0, "--batches: expected >= 0, got {}", e.batches);
+  HELIX_CHECK(e.device == "auto" || e.device == "cpu" || e.device == "cuda",
+              "--device: expected auto, cpu or cuda, got '{}'", e.device);
+  HELIX_CHECK(e.dtype == "auto" || e.dtype == "f32" || e.dtype == "bf16",
+              "--dtype: expected auto, f32 or bf16, got '{}'", e.dtype);
+  HELIX_CHECK(e.dump.empty() || e.tp == 1, "--dump-logits: needs --tp 1 (the logits are whole there), got --tp {}",
+              e.tp);
+  return true;
+}
 
-  auto dataset = std::make_shared<ProteinDataset>(ProteinDataset::from_fasta(data));
-  std::vector<int64_t> all(static_cast<size_t>(dataset->size()));
-  for (size_t i = 0; i < all.size(); ++i) all[i] = static_cast<int64_t>(i);
-  HELIX_CHECK(!all.empty(), "--data '{}': no proteins", data);
-  DataLoaderOptions lo;
-  lo.seed = seed;
-  lo.shuffle = false;
-  lo.packing.tokens_per_batch = tokens_per_batch;
-  lo.packing.max_residues = max_residues;
-  const DataLoader loader(dataset, all, lo);
-  const int64_t n = batches > 0 ? std::min(batches, loader.num_batches(0)) : loader.num_batches(0);
-  const int dp = ctx.sizes().dp, dr = ctx.coords().dp;
+struct EvalSums {
+  double loss = 0;    // summed over labelled tokens
+  double labels = 0;  // labelled tokens
+};
+
+// This dp rank's share of the first n batches (i = dp rank, + dp, ...); batch 0's logits to
+// e.dump when asked.
+EvalSums eval_batches(Esm2Model& model, const DataLoader& loader, int64_t n, const EvalOptions& e,
+                      const ParallelContext& ctx) {
+  const Device device = model.options().device;
   const Stream stream = device.is_cuda() ? Stream::cuda_default(device.index) : Stream();
-  double sums[2] = {0, 0};  // loss sum, labelled tokens
-  for (int64_t i = dr; i < n; i += dp) {
+  EvalSums sums;
+  for (int64_t i = ctx.coords().dp; i < n; i += ctx.sizes().dp) {
     const PackedBatch pb = loader.batch(0, i);
     ThdBatch b;
     b.tokens = pb.tokens;
@@ -210,25 +200,66 @@ int run_eval(const std::vector<std::string>& args) {
     Tape tape(o);
     Var logits = model.forward(tape, b);
     Var loss = model.loss(tape, logits, b, 1.0f);
-    sums[0] += loss.data().to_floats()[0];
-    sums[1] += static_cast<double>(pb.num_labels);
-    if (i == 0 && !dump.empty() && world_rank == 0)
-    {
+    sums.loss += loss.data().to_floats()[0];
+    sums.labels += static_cast<double>(pb.num_labels);
+    if (i == 0 && !e.dump.empty() && ctx.world_rank() == 0) {
       const std::vector<std::pair<std::string, Tensor>> tensors = {
           {"tokens", pb.tokens},
           {"labels", pb.labels},
           {"cu_seqlens", pb.cu_seqlens},
           {"logits", logits.data().to(Device::cpu()).to(DType::kF32)}};
-      save_safetensors(dump, tensors, {{"source", load}, {"dtype", std::string(dtype_name(mo.compute))}});
+      save_safetensors(e.dump, tensors,
+                       {{"source", e.load}, {"dtype", std::string(dtype_name(model.options().compute))}});
     }
   }
-  Tensor t = Tensor::from_vector<double>({sums[0], sums[1]}, Shape{2});
+  return sums;
+}
+
+}  // namespace
+
+int run_eval(const std::vector<std::string>& args) {
+  EvalOptions e;
+  if (!parse_eval_options(args, e)) return 0;
+  const ModelConfig config = source_config(e.load, e.preset, "--load");
+  HELIX_CHECK(e.max_residues + 2 <= config.max_positions, "--max-residues {} + 2 exceeds the model's {} positions",
+              e.max_residues, config.max_positions);
+  int world_rank = 0;
+  MPI_Comm_rank(MPI_COMM_WORLD, &world_rank);
+  Device device = Device::cpu();
+  if (e.device == "cuda" || (e.device == "auto" && cuda_available())) {
+    HELIX_CHECK(cuda_available(), "--device cuda: {}", cuda_unavailable_reason());
+    device = Device::cuda(world_rank % cuda_device_count());
+  }
+  const ParallelContext ctx = make_context(e.tp, device);
+  set_log_rank(world_rank);
+  Esm2Options mo;
+  mo.device = device;
+  mo.compute = e.dtype == "f32"    ? DType::kF32
+               : e.dtype == "bf16" ? DType::kBF16
+                                   : (device.is_cuda() ? DType::kBF16 : DType::kF32);
+  mo.parallel = &ctx;
+  Esm2Model model(config, mo);
+  load_source(e.load, model, ctx, "--load");
+
+  auto dataset = std::make_shared<ProteinDataset>(ProteinDataset::from_fasta(e.data));
+  HELIX_CHECK(dataset->size() > 0, "--data '{}': no proteins", e.data);
+  std::vector<int64_t> all(static_cast<size_t>(dataset->size()));
+  for (size_t i = 0; i < all.size(); ++i) all[i] = static_cast<int64_t>(i);
+  DataLoaderOptions lo;
+  lo.seed = e.seed;
+  lo.shuffle = false;
+  lo.packing.tokens_per_batch = e.tokens_per_batch;
+  lo.packing.max_residues = e.max_residues;
+  const DataLoader loader(dataset, all, lo);
+  const int64_t n = e.batches > 0 ? std::min(e.batches, loader.num_batches(0)) : loader.num_batches(0);
+  const EvalSums sums = eval_batches(model, loader, n, e, ctx);
+  Tensor t = Tensor::from_vector<double>({sums.loss, sums.labels}, Shape{2});
   ctx.dp().all_reduce(t, ReduceOp::kSum, Stream());
   const std::vector<double> s = t.to_vector<double>();
   const double loss = s[1] > 0 ? s[0] / s[1] : std::nan("");
   if (world_rank == 0)
-    std::cout << fmt::format("eval {}: {} batches, {} masked tokens (seed {}): loss {:.6f} perplexity {:.4f}\n", load, n,
-                             static_cast<int64_t>(s[1]), seed, loss, std::exp(loss));
+    std::cout << fmt::format("eval {}: {} batches, {} masked tokens (seed {}): loss {:.6f} perplexity {:.4f}\n", e.load,
+                             n, static_cast<int64_t>(s[1]), e.seed, loss, std::exp(loss));
   return std::isfinite(loss) ? 0 : 1;
 }
 
