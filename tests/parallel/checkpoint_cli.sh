@@ -26,7 +26,12 @@ DATA=$SRC/examples/data/swissprot_3k.fasta.gz
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 cd "$WORK" || exit 1
-COMMON=(--data "$DATA" --max-residues 62 --tokens-per-step 512 --warmup 2 --eval-batches 0 --log-interval 100)
+# CPU ranks by default (ctest); HELIX_CKPT_TEST_DEVICE=cuda runs the same cases on the GPU (bf16
+# compute: the cross-layout comparisons then use a bf16 tolerance, bitwise resume stays bitwise).
+DEVICE=${HELIX_CKPT_TEST_DEVICE:-cpu}
+TOL=2e-5
+[ "$DEVICE" = cpu ] || TOL=2e-2
+COMMON=(--device "$DEVICE" --data "$DATA" --max-residues 62 --tokens-per-step 512 --warmup 2 --eval-batches 0 --log-interval 100)
 MODEL=(--layers 2 --hidden 64 --heads 4 --ffn 128)
 ARGS=("${COMMON[@]}" "${MODEL[@]}" --steps 6)
 
@@ -41,10 +46,10 @@ same_files() {  # same_files DIR_A DIR_B: every file of A byte-identical in B
   local f
   for f in "$1"/*; do cmp -s "$f" "$2/$(basename "$f")" || fail "$(basename "$f") differs between $1 and $2"; done
 }
-close_losses() {  # close_losses FILE_A FILE_B: same count, |a-b| <= 2e-5 * max(1, |a|)
-  paste <(losses "$1") <(losses "$2") | awk -v a="$1" -v b="$2" '
+close_losses() {  # close_losses FILE_A FILE_B: same count, |a-b| <= TOL * max(1, |a|)
+  paste <(losses "$1") <(losses "$2") | awk -v a="$1" -v b="$2" -v tol="$TOL" '
     NF != 2 { bad = 1 } { d = $1 - $2; if (d < 0) d = -d; m = $1 < 0 ? -$1 : $1; if (m < 1) m = 1;
-      if (d > 2e-5 * m) { bad = 1; print "  loss " NR ": " $1 " vs " $2 } }
+      if (d > tol * m) { bad = 1; print "  loss " NR ": " $1 " vs " $2 } }
     END { if (NR == 0 || bad) { print "losses differ: " a " vs " b; exit 1 } }' || fail "losses"
 }
 
@@ -97,10 +102,10 @@ case $CASE in
     close_losses one_tail.jsonl four/metrics.jsonl
     # And the continued run's final parameters match the 1-rank run's (fp32 tolerance is checked by
     # the losses; the shapes and names by the export loading at all).
-    "$HELIX" eval --load hf:four/model.safetensors --data "$DATA" --max-residues 62 --batches 4 > e4 || fail "eval 4"
-    "$HELIX" eval --load hf:one/model.safetensors --data "$DATA" --max-residues 62 --batches 4 > e1 || fail "eval 1"
+    "$HELIX" eval --device "$DEVICE" --load hf:four/model.safetensors --data "$DATA" --max-residues 62 --batches 4 > e4 || fail "eval 4"
+    "$HELIX" eval --device "$DEVICE" --load hf:one/model.safetensors --data "$DATA" --max-residues 62 --batches 4 > e1 || fail "eval 1"
     paste <(grep -o 'loss [0-9.]*' e1 | cut -d' ' -f2) <(grep -o 'loss [0-9.]*' e4 | cut -d' ' -f2) |
-      awk '{ d = $1 - $2; if (d < 0) d = -d; exit !(d < 1e-4) }' || fail "eval losses differ: $(cat e1 e4)"
+      awk -v tol="$TOL" '{ d = $1 - $2; if (d < 0) d = -d; exit !(d < 5 * tol) }' || fail "eval losses differ: $(cat e1 e4)"
     echo "ok: saved on 1 rank, resumed on tp 2 x dp 2: steps 4-6 and the final model match"
     ;;
   killed_save)
@@ -170,10 +175,10 @@ case $CASE in
     cmp -s a/model.safetensors from_ckpt/model.safetensors || fail "checkpoint export differs from the trainer's"
     # A training run continues from the imported weights (a weights-only checkpoint: step 0).
     run 1 train "${COMMON[@]}" "${MODEL[@]}" --steps 2 --resume imported --out ft > log_e 2>&1 || { cat log_e; fail "fine-tune"; }
-    "$HELIX" eval --load ck --data "$DATA" --max-residues 62 --batches 3 --seed 5 > e1 || fail "eval ck"
-    "$HELIX" eval --load hf:exported/model.safetensors --data "$DATA" --max-residues 62 --batches 3 --seed 5 > e2 || fail "eval hf"
+    "$HELIX" eval --device "$DEVICE" --load ck --data "$DATA" --max-residues 62 --batches 3 --seed 5 > e1 || fail "eval ck"
+    "$HELIX" eval --device "$DEVICE" --load hf:exported/model.safetensors --data "$DATA" --max-residues 62 --batches 3 --seed 5 > e2 || fail "eval hf"
     [ "$(grep ^eval e1 | sed "s/.*: //")" = "$(grep ^eval e2 | sed "s/.*: //")" ] || fail "eval differs: $(cat e1 e2)"
-    "$HELIX" eval --load ck --data "$DATA" --max-residues 62 --batches 3 --seed 6 > e3 || fail "eval seed 6"
+    "$HELIX" eval --device "$DEVICE" --load ck --data "$DATA" --max-residues 62 --batches 3 --seed 6 > e3 || fail "eval seed 6"
     [ "$(grep ^eval e1 | sed "s/.*: //")" != "$(grep ^eval e3 | sed "s/.*: //")" ] || fail "the masking seed changes nothing"
     "$HELIX" convert --from hf:a/model.safetensors --to imported > log_f 2>&1 && fail "convert over a run directory"
     grep -q "already holds checkpoints" log_f || fail "convert refusal message"
