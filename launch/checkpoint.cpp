@@ -21,15 +21,19 @@ namespace po = boost::program_options;
 
 namespace helix {
 
-// ---- Options ---------------------------------------------------------------------------------------
+// ---- Options
+// ---------------------------------------------------------------------------------------
 
 po::options_description checkpoint_options_description(CheckpointOptions& o) {
   po::options_description d("Checkpoints");
-  d.add_options()("save", po::value(&o.save_dir), "run directory for sharded checkpoints (step_XXXXXXXX/)")(
+  d.add_options()("save", po::value(&o.save_dir),
+                  "run directory for sharded checkpoints (step_XXXXXXXX/)")(
       "save-every", po::value(&o.save_every)->default_value(o.save_every),
       "steps between checkpoints (0: only at the end of the process)")(
-      "keep", po::value(&o.keep)->default_value(o.keep), "newest checkpoints kept in --save (0: all)")(
-      "resume", po::value(&o.resume), "continue from a run directory's newest complete checkpoint (or one checkpoint)")(
+      "keep", po::value(&o.keep)->default_value(o.keep),
+      "newest checkpoints kept in --save (0: all)")(
+      "resume", po::value(&o.resume),
+      "continue from a run directory's newest complete checkpoint (or one checkpoint)")(
       "stop-after", po::value(&o.stop_after)->default_value(o.stop_after),
       "end this process after this global step (0: --steps); the schedule still spans --steps");
   return d;
@@ -38,13 +42,15 @@ po::options_description checkpoint_options_description(CheckpointOptions& o) {
 void validate_checkpoint_options(const CheckpointOptions& o, int64_t steps) {
   HELIX_CHECK(o.save_every >= 0, "--save-every: expected >= 0, got {}", o.save_every);
   HELIX_CHECK(o.keep >= 0, "--keep: expected >= 0, got {}", o.keep);
-  HELIX_CHECK(o.save_every == 0 || !o.save_dir.empty(), "--save-every {}: needs --save DIR", o.save_every);
+  HELIX_CHECK(o.save_every == 0 || !o.save_dir.empty(), "--save-every {}: needs --save DIR",
+              o.save_every);
   HELIX_CHECK(o.keep == 0 || !o.save_dir.empty(), "--keep {}: needs --save DIR", o.keep);
-  HELIX_CHECK(o.stop_after >= 0 && o.stop_after <= steps, "--stop-after: expected 0..--steps ({}), got {}", steps,
-              o.stop_after);
+  HELIX_CHECK(o.stop_after >= 0 && o.stop_after <= steps,
+              "--stop-after: expected 0..--steps ({}), got {}", steps, o.stop_after);
 }
 
-// ---- Model config and vocabulary blocks ------------------------------------------------------------
+// ---- Model config and vocabulary blocks
+// ------------------------------------------------------------
 
 Json model_config_to_json(const ModelConfig& c) {
   Json j;
@@ -110,7 +116,8 @@ Json hf_config(const ModelConfig& c) {
 
 ModelConfig model_config_from_hf(const Json& j, const std::string& what) {
   HELIX_CHECK(!j.has("model_type") || j.at("model_type").as_string(what) == "esm",
-              "{}: expected model_type \"esm\", got '{}'", what, j.at("model_type").as_string(what));
+              "{}: expected model_type \"esm\", got '{}'", what,
+              j.at("model_type").as_string(what));
   ModelConfig c;
   c.name = "hf-esm";
   c.layers = static_cast<int>(j.at("num_hidden_layers", what).as_int(what));
@@ -118,21 +125,25 @@ ModelConfig model_config_from_hf(const Json& j, const std::string& what) {
   c.heads = static_cast<int>(j.at("num_attention_heads", what).as_int(what));
   c.ffn = static_cast<int>(j.at("intermediate_size", what).as_int(what));
   c.vocab = static_cast<int>(j.at("vocab_size", what).as_int(what));
-  if (j.has("max_position_embeddings")) c.max_positions = static_cast<int>(j.at("max_position_embeddings").as_int(what));
-  if (j.has("layer_norm_eps")) c.layer_norm_eps = static_cast<float>(j.at("layer_norm_eps").as_double(what));
+  if (j.has("max_position_embeddings"))
+    c.max_positions = static_cast<int>(j.at("max_position_embeddings").as_int(what));
+  if (j.has("layer_norm_eps"))
+    c.layer_norm_eps = static_cast<float>(j.at("layer_norm_eps").as_double(what));
   if (j.has("token_dropout")) c.token_dropout = j.at("token_dropout").as_bool(what);
   if (j.has("mask_token_id") && !j.at("mask_token_id").is_null())
     c.mask_token_id = static_cast<int>(j.at("mask_token_id").as_int(what));
   if (j.has("pad_token_id") && !j.at("pad_token_id").is_null())
     c.pad_token_id = static_cast<int>(j.at("pad_token_id").as_int(what));
-  HELIX_CHECK(!j.has("position_embedding_type") || j.at("position_embedding_type").as_string(what) == "rotary",
+  HELIX_CHECK(!j.has("position_embedding_type") ||
+                  j.at("position_embedding_type").as_string(what) == "rotary",
               "{}: expected position_embedding_type \"rotary\" (ESM-2), got '{}'", what,
               j.at("position_embedding_type").as_string(what));
   c.validate();
   return c;
 }
 
-// ---- Helpers ---------------------------------------------------------------------------------------
+// ---- Helpers
+// ---------------------------------------------------------------------------------------
 
 namespace {
 
@@ -143,8 +154,8 @@ std::string rank_file_name(int rank) {
 }
 
 // Test-only fault injection: HELIX_CHECKPOINT_FAULT="<point>:<step>" ends the process at that point
-// of the save of that step (points: rank_file = the last rank after writing its file, before_rename =
-// rank 0 after writing meta.json). Simulates a job killed in the middle of a save.
+// of the save of that step (points: rank_file = the last rank after writing its file, before_rename
+// = rank 0 after writing meta.json). Simulates a job killed in the middle of a save.
 void maybe_fault(const char* point, int64_t step, bool this_rank) {
   const char* env = std::getenv("HELIX_CHECKPOINT_FAULT");
   if (!env || !this_rank) return;
@@ -166,13 +177,15 @@ std::vector<std::string> all_gather_strings(Communicator& comm, const std::strin
   Tensor all = all_gather(comm, mine, Stream());
   std::vector<std::string> out;
   const auto* p = all.data<uint8_t>();
-  for (int r = 0; r < n; ++r) out.emplace_back(reinterpret_cast<const char*>(p + r * width), static_cast<size_t>(l[r]));
+  for (int r = 0; r < n; ++r)
+    out.emplace_back(reinterpret_cast<const char*>(p + r * width), static_cast<size_t>(l[r]));
   return out;
 }
 
 // This rank's parts of the full tensor of parameter `p`: (box of the full tensor, the CPU tensor of
 // `local` holding exactly that box). Mirrors the TpShard layouts of layers/parameter.h.
-std::vector<std::pair<TensorPiece, Tensor>> tp_pieces(const Parameter& p, const Tensor& local, int r, int n) {
+std::vector<std::pair<TensorPiece, Tensor>> tp_pieces(const Parameter& p, const Tensor& local,
+                                                      int r, int n) {
   std::vector<std::pair<TensorPiece, Tensor>> out;
   const std::vector<int64_t> full = p.full_shape.vec();
   const auto box = [&](std::vector<int64_t> off, std::vector<int64_t> shape, Tensor t) {
@@ -187,7 +200,8 @@ std::vector<std::pair<TensorPiece, Tensor>> tp_pieces(const Parameter& p, const 
       box(zero, full, local);
       break;
     case TpShard::kRows: {  // vocabulary rows: the pad rows past the end are not stored
-      const int64_t rows = local.dim(0), lo = std::min(full[0], r * rows), hi = std::min(full[0], (r + 1) * rows);
+      const int64_t rows = local.dim(0), lo = std::min(full[0], r * rows),
+                    hi = std::min(full[0], (r + 1) * rows);
       if (hi > lo) {
         std::vector<int64_t> off = zero, shape = full;
         off[0] = lo;
@@ -230,8 +244,9 @@ Json layout_json(const ParallelContext& ctx, bool sequence_parallel) {
 }
 
 std::string layout_str(const Json& l) {
-  return fmt::format("tp {} x cp {} x dp {} x pp {} ({} ranks)", l.at("tp").as_int(), l.at("cp").as_int(),
-                     l.at("dp").as_int(), l.at("pp").as_int(), l.at("world_size").as_int());
+  return fmt::format("tp {} x cp {} x dp {} x pp {} ({} ranks)", l.at("tp").as_int(),
+                     l.at("cp").as_int(), l.at("dp").as_int(), l.at("pp").as_int(),
+                     l.at("world_size").as_int());
 }
 
 // The options that decide which batch comes at a cursor position: a resume must use the same.
@@ -252,7 +267,9 @@ Json schedule_json(const TrainOptions& o) {
   j["min_lr"] = o.lr.min_lr;
   j["warmup_steps"] = o.lr.warmup_steps;
   j["total_steps"] = o.lr.total_steps;
-  j["decay"] = o.lr.decay == LrDecay::kConstant ? "constant" : o.lr.decay == LrDecay::kLinear ? "linear" : "cosine";
+  j["decay"] = o.lr.decay == LrDecay::kConstant ? "constant"
+               : o.lr.decay == LrDecay::kLinear ? "linear"
+                                                : "cosine";
   return j;
 }
 
@@ -268,14 +285,16 @@ Json optimizer_json(const AdamWConfig& c) {
 
 }  // namespace
 
-// ---- Checkpointer ----------------------------------------------------------------------------------
+// ---- Checkpointer
+// ----------------------------------------------------------------------------------
 
 Checkpointer::Checkpointer(const CheckpointerParams& p) : p_(p) {
   HELIX_CHECK(p_.ctx && p_.model, "Checkpointer: expected a parallel context and a model");
 }
 
 void Checkpointer::add_state(ExtraState s) {
-  for (const ExtraState& e : extra_) HELIX_CHECK(e.name != s.name, "Checkpointer: state '{}' registered twice", s.name);
+  for (const ExtraState& e : extra_)
+    HELIX_CHECK(e.name != s.name, "Checkpointer: state '{}' registered twice", s.name);
   extra_.push_back(std::move(s));
 }
 
@@ -306,9 +325,11 @@ Json Checkpointer::write_rank_file(const std::string& tmp, int64_t step, int64_t
   std::vector<std::pair<std::string, Tensor>> tensors;
   Json pieces = Json(Json::Object{}), shapes = Json(Json::Object{});
   // Adds one piece of global tensor `tensor` (global shape `full`) held by `t`.
-  const auto add = [&](const std::string& tensor, TensorPiece piece, const Tensor& t, const Shape& full, Reshard r) {
+  const auto add = [&](const std::string& tensor, TensorPiece piece, const Tensor& t,
+                       const Shape& full, Reshard r) {
     piece.file = file;
-    piece.key = tensor + "#" + std::to_string(pieces.has(tensor) ? pieces[tensor].as_array().size() : 0);
+    piece.key =
+        tensor + "#" + std::to_string(pieces.has(tensor) ? pieces[tensor].as_array().size() : 0);
     tensors.emplace_back(piece.key, t.is_contiguous() ? t : t.clone());
     if (!pieces.has(tensor)) {
       pieces[tensor] = Json(Json::Array{});
@@ -336,14 +357,18 @@ Json Checkpointer::write_rank_file(const std::string& tmp, int64_t step, int64_t
   }
   for (const ExtraState& e : extra_) {
     if (e.reshard == Reshard::kAny && rank != 0) continue;
-    const std::string key = e.reshard == Reshard::kAny ? "extra/" + e.name : "extra/" + e.name + "@rank" + std::to_string(rank);
+    const std::string key = e.reshard == Reshard::kAny
+                                ? "extra/" + e.name
+                                : "extra/" + e.name + "@rank" + std::to_string(rank);
     TensorPiece piece;
     piece.offsets.assign(static_cast<size_t>(e.tensor.ndim()), 0);
     piece.shape = e.tensor.shape().vec();
     add(key, piece, e.tensor.to(Device::cpu()), e.tensor.shape(), e.reshard);
   }
-  save_safetensors(tmp + "/" + file, tensors, {{"format", kCheckpointFormat}, {"step", std::to_string(step)},
-                                               {"rank", std::to_string(rank)}});
+  save_safetensors(tmp + "/" + file, tensors,
+                   {{"format", kCheckpointFormat},
+                    {"step", std::to_string(step)},
+                    {"rank", std::to_string(rank)}});
   maybe_fault("rank_file", step, rank == ctx.world_size() - 1);
   const FileDigest d = digest_file(tmp + "/" + file);
   Json rec = local_record(file, step, skipped);
@@ -374,7 +399,8 @@ std::string Checkpointer::save(const std::string& run_dir, int64_t step, int64_t
     std::vector<Json> records;
     for (const std::string& s : all) records.push_back(Json::parse(s, "checkpoint rank record"));
     const Json meta = build_meta(records, step, skipped);
-    write_file_atomic(tmp + "/" + kCheckpointMetaFile, [&](std::ofstream& f) { f << meta.dump(1) << "\n"; });
+    write_file_atomic(tmp + "/" + kCheckpointMetaFile,
+                      [&](std::ofstream& f) { f << meta.dump(1) << "\n"; });
     maybe_fault("before_rename", step, true);
     fsync_directory(tmp);
     fs::rename(tmp, final_dir);
@@ -384,7 +410,8 @@ std::string Checkpointer::save(const std::string& run_dir, int64_t step, int64_t
   return final_dir;
 }
 
-Json Checkpointer::build_meta(const std::vector<Json>& records, int64_t step, int64_t skipped) const {
+Json Checkpointer::build_meta(const std::vector<Json>& records, int64_t step,
+                              int64_t skipped) const {
   Json meta;
   meta["format"] = kCheckpointFormat;
   meta["version"] = kCheckpointVersion;
@@ -413,10 +440,11 @@ Json Checkpointer::build_meta(const std::vector<Json>& records, int64_t step, in
   for (size_t r = 0; r < records.size(); ++r) {
     const Json& rec = records[r];
     // Every rank is at the same step, cursor and optimizer count (an invariant of the trainer).
-    HELIX_CHECK(rec.at("step").as_int() == step && rec.at("skipped").as_int() == skipped &&
-                    (!p_.train || rec.at("data_cursor").dump() == records[0].at("data_cursor").dump()),
-                "checkpoint of step {}: rank {} disagrees on the trainer state ({} vs rank 0's {})", step, r,
-                rec.dump(), records[0].dump());
+    HELIX_CHECK(
+        rec.at("step").as_int() == step && rec.at("skipped").as_int() == skipped &&
+            (!p_.train || rec.at("data_cursor").dump() == records[0].at("data_cursor").dump()),
+        "checkpoint of step {}: rank {} disagrees on the trainer state ({} vs rank 0's {})", step,
+        r, rec.dump(), records[0].dump());
     const std::string file = rec.at("file").as_string();
     files[file]["bytes"] = rec.at("bytes");
     files[file]["crc32"] = rec.at("crc32");
@@ -437,33 +465,39 @@ Json Checkpointer::build_meta(const std::vector<Json>& records, int64_t step, in
   return meta;
 }
 
-void Checkpointer::check_meta(const Json& meta, const std::string& dir, const std::string& flag) const {
+void Checkpointer::check_meta(const Json& meta, const std::string& dir,
+                              const std::string& flag) const {
   const std::string what = dir + "/" + kCheckpointMetaFile;
   const ModelConfig saved = model_config_from_json(meta.at("model", what), what);
   const ModelConfig& mine = p_.model->config();
   const Json a = model_config_to_json(saved), b = model_config_to_json(mine);
-  for (const char* k : {"layers", "hidden", "heads", "ffn", "vocab", "max_positions", "layer_norm_eps", "token_dropout",
-                        "mask_token_id", "pad_token_id"})
-    HELIX_CHECK(a.at(k).dump() == b.at(k).dump(),
-                "{} '{}': checkpoint of another model: {} {} (model '{}'), this run has {} {} (model '{}')", flag, dir, k,
-                a.at(k).dump(), saved.name, k, b.at(k).dump(), mine.name);
+  for (const char* k : {"layers", "hidden", "heads", "ffn", "vocab", "max_positions",
+                        "layer_norm_eps", "token_dropout", "mask_token_id", "pad_token_id"})
+    HELIX_CHECK(
+        a.at(k).dump() == b.at(k).dump(),
+        "{} '{}': checkpoint of another model: {} {} (model '{}'), this run has {} {} (model '{}')",
+        flag, dir, k, a.at(k).dump(), saved.name, k, b.at(k).dump(), mine.name);
   const Json::Array& vocab = meta.at("vocabulary", what).as_array(what);
   const Json::Array ours = vocabulary_json().as_array();
-  HELIX_CHECK(vocab.size() == ours.size(), "{} '{}': checkpoint vocabulary has {} tokens, this helix has {}", flag, dir,
+  HELIX_CHECK(vocab.size() == ours.size(),
+              "{} '{}': checkpoint vocabulary has {} tokens, this helix has {}", flag, dir,
               vocab.size(), ours.size());
   for (size_t i = 0; i < ours.size(); ++i)
     HELIX_CHECK(vocab[i].as_string(what) == ours[i].as_string(),
-                "{} '{}': checkpoint vocabulary differs at id {}: '{}', this helix has '{}'", flag, dir, i,
-                vocab[i].as_string(what), ours[i].as_string());
+                "{} '{}': checkpoint vocabulary differs at id {}: '{}', this helix has '{}'", flag,
+                dir, i, vocab[i].as_string(what), ours[i].as_string());
   // Per-rank state only resumes on the same layout.
   const Json layout = layout_json(*p_.ctx, p_.model->options().sequence_parallel);
   const TensorIndex index = tensor_index_from_json(meta.at("tensors", what), what);
   for (const auto& [name, e] : index)
     HELIX_CHECK(e.reshard == Reshard::kAny || meta.at("layout", what).dump() == layout.dump(),
-                "{} '{}': state '{}' is per-rank and was saved on {}; this run is {}: it cannot be resharded, resume "
+                "{} '{}': state '{}' is per-rank and was saved on {}; this run is {}: it cannot be "
+                "resharded, resume "
                 "on the same layout",
                 flag, dir, name, layout_str(meta.at("layout", what)), layout_str(layout));
-  if (!p_.optimizer || meta.at("kind", what).as_string(what) != "training" || !p_.options || !p_.train) return;
+  if (!p_.optimizer || meta.at("kind", what).as_string(what) != "training" || !p_.options ||
+      !p_.train)
+    return;
   const Json& t = meta.at("trainer", what);
   const Json plan = data_plan_json(*p_.options, *p_.train);
   const std::pair<const char*, const char*> flags[] = {
@@ -475,15 +509,18 @@ void Checkpointer::check_meta(const Json& meta, const std::string& dir, const st
       {"train_proteins", "--data (training proteins)"}};
   for (const auto& [k, f] : flags)
     HELIX_CHECK(t.at("data_plan", what).at(k, what).dump() == plan.at(k).dump(),
-                "{} '{}': {} was {} when the checkpoint was written, this run has {}; the data order would not "
+                "{} '{}': {} was {} when the checkpoint was written, this run has {}; the data "
+                "order would not "
                 "continue where it stopped",
                 flag, dir, f, t.at("data_plan").at(k).dump(), plan.at(k).dump());
-  if (t.at("lr_schedule", what).dump() != schedule_json(*p_.options).dump() && p_.ctx->world_rank() == 0)
-    log_warn("{} '{}': the learning-rate schedule differs from the checkpoint's ({} now, {} then)", flag, dir,
-             schedule_json(*p_.options).dump(), t.at("lr_schedule").dump());
-  if (t.at("optimizer", what).dump() != optimizer_json(p_.optimizer->config()).dump() && p_.ctx->world_rank() == 0)
-    log_warn("{} '{}': the AdamW settings differ from the checkpoint's ({} now, {} then)", flag, dir,
-             optimizer_json(p_.optimizer->config()).dump(), t.at("optimizer").dump());
+  if (t.at("lr_schedule", what).dump() != schedule_json(*p_.options).dump() &&
+      p_.ctx->world_rank() == 0)
+    log_warn("{} '{}': the learning-rate schedule differs from the checkpoint's ({} now, {} then)",
+             flag, dir, schedule_json(*p_.options).dump(), t.at("lr_schedule").dump());
+  if (t.at("optimizer", what).dump() != optimizer_json(p_.optimizer->config()).dump() &&
+      p_.ctx->world_rank() == 0)
+    log_warn("{} '{}': the AdamW settings differ from the checkpoint's ({} now, {} then)", flag,
+             dir, optimizer_json(p_.optimizer->config()).dump(), t.at("optimizer").dump());
 }
 
 TrainProgress Checkpointer::load(const std::string& path, const std::string& flag) {
@@ -496,13 +533,14 @@ TrainProgress Checkpointer::load(const std::string& path, const std::string& fla
 
   const std::string what = dir + "/" + kCheckpointMetaFile;
   CheckpointReader reader(dir, tensor_index_from_json(meta.at("tensors", what), what));
-  const bool training = meta.at("kind", what).as_string(what) == "training" && p_.optimizer != nullptr;
+  const bool training =
+      meta.at("kind", what).as_string(what) == "training" && p_.optimizer != nullptr;
   std::vector<Parameter>& params = p_.model->params().all();
   const auto load_into = [&](const Parameter& p, const std::string& tname, Tensor& dst) {
     const Tensor full = reader.assemble(tname);
     HELIX_CHECK(full.shape() == p.full_shape && full.dtype() == DType::kF32,
-                "{} '{}': tensor '{}' is {} in the checkpoint, the model needs f32{}", flag, dir, tname, full.str(),
-                p.full_shape.str());
+                "{} '{}': tensor '{}' is {} in the checkpoint, the model needs f32{}", flag, dir,
+                tname, full.str(), p.full_shape.str());
     dst.copy_from(p_.model->shard_of(p, full), Stream());
   };
   for (size_t i = 0; i < params.size(); ++i) {
@@ -516,20 +554,23 @@ TrainProgress Checkpointer::load(const std::string& path, const std::string& fla
   p_.model->params().sync_model_copies(Stream());
   TrainProgress progress;
   if (!training) {
-    if (ctx.world_rank() == 0) log_info("loaded weights of {} (step {})", dir, meta.at("step", what).as_int(what));
+    if (ctx.world_rank() == 0)
+      log_info("loaded weights of {} (step {})", dir, meta.at("step", what).as_int(what));
     return progress;
   }
   for (ExtraState& e : extra_) {
-    const std::string tname = e.reshard == Reshard::kAny ? "extra/" + e.name
-                                                         : "extra/" + e.name + "@rank" + std::to_string(ctx.world_rank());
+    const std::string tname = e.reshard == Reshard::kAny
+                                  ? "extra/" + e.name
+                                  : "extra/" + e.name + "@rank" + std::to_string(ctx.world_rank());
     if (!reader.has(tname)) {
-      if (ctx.world_rank() == 0) log_warn("{} '{}': no state '{}' in the checkpoint; it starts fresh", flag, dir, e.name);
+      if (ctx.world_rank() == 0)
+        log_warn("{} '{}': no state '{}' in the checkpoint; it starts fresh", flag, dir, e.name);
       continue;
     }
     const Tensor full = reader.assemble(tname);
     HELIX_CHECK(full.shape() == e.tensor.shape() && full.dtype() == e.tensor.dtype(),
-                "{} '{}': state '{}' is {} in the checkpoint, this run needs {}", flag, dir, e.name, full.str(),
-                e.tensor.str());
+                "{} '{}': state '{}' is {} in the checkpoint, this run needs {}", flag, dir, e.name,
+                full.str(), e.tensor.str());
     e.tensor.copy_from(full, Stream());
   }
   const Json& t = meta.at("trainer", what);
@@ -541,9 +582,9 @@ TrainProgress Checkpointer::load(const std::string& path, const std::string& fla
                                     t.at("data_cursor").at("position", what).as_int(what)});
   resumed_step_ = progress.step;
   if (ctx.world_rank() == 0)
-    log_info("resumed from {} (step {}, saved on {}), data cursor epoch {} position {}", dir, progress.step,
-             layout_str(meta.at("layout", what)), p_.train ? p_.train->cursor().epoch : 0,
-             p_.train ? p_.train->cursor().position : 0);
+    log_info("resumed from {} (step {}, saved on {}), data cursor epoch {} position {}", dir,
+             progress.step, layout_str(meta.at("layout", what)),
+             p_.train ? p_.train->cursor().epoch : 0, p_.train ? p_.train->cursor().position : 0);
   return progress;
 }
 
@@ -553,20 +594,23 @@ TrainProgress Checkpointer::resume(const CheckpointOptions& o) {
   if (!o.save_dir.empty()) {
     const std::vector<CheckpointDir> existing = list_checkpoints(o.save_dir);
     HELIX_CHECK(existing.empty() || existing.back().step <= progress.step,
-                "--save '{}': holds checkpoints up to step {}, past this run's start (step {}); continuing would "
+                "--save '{}': holds checkpoints up to step {}, past this run's start (step {}); "
+                "continuing would "
                 "overwrite them: pass --resume '{}' or choose another directory",
                 o.save_dir, existing.back().step, progress.step, o.save_dir);
   }
   if (p_.options)
     HELIX_CHECK(progress.step < p_.options->last_step(),
-                "--resume '{}': the checkpoint is at step {}, this run ends at step {} (--steps / --stop-after): "
+                "--resume '{}': the checkpoint is at step {}, this run ends at step {} (--steps / "
+                "--stop-after): "
                 "nothing to do",
                 o.resume, progress.step, p_.options->last_step());
   resumed_step_ = progress.step;
   return progress;
 }
 
-void Checkpointer::after_step(const CheckpointOptions& o, int64_t step, int64_t last_step, int64_t skipped) {
+void Checkpointer::after_step(const CheckpointOptions& o, int64_t step, int64_t last_step,
+                              int64_t skipped) {
   if (o.save_dir.empty() || step == resumed_step_) return;
   const bool due = (o.save_every > 0 && step % o.save_every == 0) || step == last_step;
   if (!due) return;
@@ -576,10 +620,12 @@ void Checkpointer::after_step(const CheckpointOptions& o, int64_t step, int64_t 
   // --keep: prune the oldest complete checkpoints, and any temporary directory of a killed save.
   const std::vector<CheckpointDir> all = list_checkpoints(o.save_dir);
   if (o.keep > 0)
-    for (size_t i = 0; i + static_cast<size_t>(o.keep) < all.size(); ++i) fs::remove_all(all[i].path);
+    for (size_t i = 0; i + static_cast<size_t>(o.keep) < all.size(); ++i)
+      fs::remove_all(all[i].path);
   for (const auto& e : fs::directory_iterator(o.save_dir)) {
     const std::string n = e.path().filename().string();
-    if (e.is_directory() && n.starts_with(".step_") && n.ends_with(".tmp")) fs::remove_all(e.path());
+    if (e.is_directory() && n.starts_with(".step_") && n.ends_with(".tmp"))
+      fs::remove_all(e.path());
   }
 }
 

@@ -5,7 +5,8 @@
 // writes meta.json (model, vocabulary, layout, trainer state, tensor index, CRC-32 per file) and
 // renames the directory to step_XXXXXXXX only after every rank has written and fsynced. Resume
 // assembles each global tensor from the index and takes this rank's shard, so a checkpoint resumes
-// on any parallel layout the model supports. Format: launch/checkpoint_format.h, docs/checkpoints.md.
+// on any parallel layout the model supports. Format: launch/checkpoint_format.h,
+// docs/checkpoints.md.
 #include <string>
 #include <vector>
 
@@ -24,7 +25,8 @@ class ParallelContext;
 struct TrainOptions;
 
 // State other than parameters and optimizer moments (FP8 scaling histories, ...), registered by
-// whoever owns it before resume(). The tensor is written on save and overwritten in place on resume.
+// whoever owns it before resume(). The tensor is written on save and overwritten in place on
+// resume.
 struct ExtraState {
   std::string name;                 // unique, e.g. "fp8/amax_history"
   Tensor tensor;                    // this rank's tensor (any device)
@@ -33,11 +35,11 @@ struct ExtraState {
 };
 
 struct CheckpointerParams {
-  const ParallelContext* ctx = nullptr;  // required
-  Esm2Model* model = nullptr;            // required
-  AdamW* optimizer = nullptr;            // null: weights only (convert, eval)
-  DataLoader* train = nullptr;           // null: no data cursor
-  const TrainOptions* options = nullptr; // null: no data plan / schedule recorded or checked
+  const ParallelContext* ctx = nullptr;   // required
+  Esm2Model* model = nullptr;             // required
+  AdamW* optimizer = nullptr;             // null: weights only (convert, eval)
+  DataLoader* train = nullptr;            // null: no data cursor
+  const TrainOptions* options = nullptr;  // null: no data plan / schedule recorded or checked
 };
 
 // Where training continues after a resume.
@@ -60,8 +62,8 @@ class Checkpointer {
   TrainProgress load(const std::string& path, const std::string& flag);
 
   // The trainer's entry points: resume() applies --resume (step 0 without it) and refuses a --save
-  // directory whose checkpoints the run would overwrite; after_step() saves when --save-every or the
-  // end of the process says so.
+  // directory whose checkpoints the run would overwrite; after_step() saves when --save-every or
+  // the end of the process says so.
   TrainProgress resume(const CheckpointOptions& o);
   void after_step(const CheckpointOptions& o, int64_t step, int64_t last_step, int64_t skipped);
 

@@ -41,7 +41,9 @@ std::string hex32(uint32_t v) {
 
 }  // namespace
 
-int64_t TensorPiece::numel() const { return flat_end >= 0 ? flat_end - flat_begin : product(shape); }
+int64_t TensorPiece::numel() const {
+  return flat_end >= 0 ? flat_end - flat_begin : product(shape);
+}
 
 Json TensorPiece::to_json() const {
   Json j;
@@ -61,7 +63,8 @@ TensorPiece TensorPiece::from_json(const Json& j, const std::string& what) {
   p.shape = int_list(j.at("shape", what), what);
   if (j.has("flat")) {
     const std::vector<int64_t> f = int_list(j.at("flat", what), what);
-    HELIX_CHECK(f.size() == 2, "{}: expected \"flat\": [begin, end], got {} numbers", what, f.size());
+    HELIX_CHECK(f.size() == 2, "{}: expected \"flat\": [begin, end], got {} numbers", what,
+                f.size());
     p.flat_begin = f[0];
     p.flat_end = f[1];
   }
@@ -93,10 +96,13 @@ TensorIndex tensor_index_from_json(const Json& j, const std::string& what) {
     e.shape = Shape(int_list(v.at("shape", w), w));
     e.dtype = dtype_from_safetensors(v.at("dtype", w).as_string(w), w);
     const std::string r = v.at("reshard", w).as_string(w);
-    HELIX_CHECK(r == "any" || r == "same_layout", "{}: expected reshard \"any\" or \"same_layout\", got '{}' (a newer "
-                "helix wrote it?)", w, r);
+    HELIX_CHECK(r == "any" || r == "same_layout",
+                "{}: expected reshard \"any\" or \"same_layout\", got '{}' (a newer "
+                "helix wrote it?)",
+                w, r);
     e.reshard = r == "any" ? Reshard::kAny : Reshard::kSameLayout;
-    for (const Json& p : v.at("pieces", w).as_array(w)) e.pieces.push_back(TensorPiece::from_json(p, w));
+    for (const Json& p : v.at("pieces", w).as_array(w))
+      e.pieces.push_back(TensorPiece::from_json(p, w));
     index[name] = std::move(e);
   }
   return index;
@@ -124,26 +130,30 @@ void verify_checkpoint_files(const std::string& dir, const Json& meta) {
   const std::string what = dir + "/" + kCheckpointMetaFile;
   for (const auto& [name, rec] : meta.at("files", what).as_object(what)) {
     const std::string path = dir + "/" + name;
-    HELIX_CHECK(fs::exists(path), "checkpoint '{}': rank file '{}' is missing (listed in meta.json)", dir, name);
+    HELIX_CHECK(fs::exists(path),
+                "checkpoint '{}': rank file '{}' is missing (listed in meta.json)", dir, name);
     const uint64_t want_bytes = static_cast<uint64_t>(rec.at("bytes", what).as_int(what));
     const std::string want_crc = rec.at("crc32", what).as_string(what);
     const uint64_t size = fs::file_size(path);
-    HELIX_CHECK(size >= want_bytes, "checkpoint '{}': rank file '{}' is truncated: expected {} bytes, got {}", dir,
+    HELIX_CHECK(size >= want_bytes,
+                "checkpoint '{}': rank file '{}' is truncated: expected {} bytes, got {}", dir,
                 name, want_bytes, size);
-    HELIX_CHECK(size == want_bytes, "checkpoint '{}': rank file '{}' has the wrong size: expected {} bytes, got {}",
+    HELIX_CHECK(size == want_bytes,
+                "checkpoint '{}': rank file '{}' has the wrong size: expected {} bytes, got {}",
                 dir, name, want_bytes, size);
     const FileDigest d = digest_file(path);
     HELIX_CHECK(hex32(d.crc32) == want_crc,
-                "checkpoint '{}': rank file '{}' is damaged: expected CRC-32 {}, got {}", dir, name, want_crc,
-                hex32(d.crc32));
+                "checkpoint '{}': rank file '{}' is damaged: expected CRC-32 {}, got {}", dir, name,
+                want_crc, hex32(d.crc32));
   }
 }
 
 Json read_checkpoint_meta(const std::string& dir) {
   const std::string path = dir + "/" + kCheckpointMetaFile;
   std::ifstream f(path, std::ios::binary);
-  HELIX_CHECK(f.good(), "checkpoint '{}': cannot open {} (not a helix checkpoint, or an unfinished save)", dir,
-              kCheckpointMetaFile);
+  HELIX_CHECK(f.good(),
+              "checkpoint '{}': cannot open {} (not a helix checkpoint, or an unfinished save)",
+              dir, kCheckpointMetaFile);
   std::stringstream ss;
   ss << f.rdbuf();
   Json meta = Json::parse(ss.str(), path);
@@ -151,7 +161,8 @@ Json read_checkpoint_meta(const std::string& dir) {
                   meta.at("format").as_string() == kCheckpointFormat,
               "'{}': expected a {} metadata file, got something else", path, kCheckpointFormat);
   const int64_t v = meta.at("version", path).as_int(path);
-  HELIX_CHECK(v == kCheckpointVersion, "'{}': checkpoint format version {}, this helix reads version {}", path, v,
+  HELIX_CHECK(v == kCheckpointVersion,
+              "'{}': checkpoint format version {}, this helix reads version {}", path, v,
               kCheckpointVersion);
   return meta;
 }
@@ -170,11 +181,13 @@ std::vector<CheckpointDir> list_checkpoints(const std::string& run_dir) {
   for (const auto& e : fs::directory_iterator(run_dir)) {
     const std::string name = e.path().filename().string();
     if (!e.is_directory() || !name.starts_with("step_") || name.size() != 13) continue;
-    if (!std::all_of(name.begin() + 5, name.end(), [](char c) { return c >= '0' && c <= '9'; })) continue;
+    if (!std::all_of(name.begin() + 5, name.end(), [](char c) { return c >= '0' && c <= '9'; }))
+      continue;
     if (!fs::exists(e.path() / kCheckpointMetaFile)) continue;
     out.push_back({std::stoll(name.substr(5)), e.path().string()});
   }
-  std::sort(out.begin(), out.end(), [](const CheckpointDir& a, const CheckpointDir& b) { return a.step < b.step; });
+  std::sort(out.begin(), out.end(),
+            [](const CheckpointDir& a, const CheckpointDir& b) { return a.step < b.step; });
   return out;
 }
 
@@ -182,22 +195,25 @@ std::string resolve_checkpoint(const std::string& path, const std::string& flag)
   HELIX_CHECK(fs::is_directory(path), "{} '{}': no such directory", flag, path);
   if (fs::exists(fs::path(path) / kCheckpointMetaFile)) return path;
   const std::vector<CheckpointDir> all = list_checkpoints(path);
-  HELIX_CHECK(!all.empty(), "{} '{}': no complete checkpoint (step_*/{}) in this directory", flag, path,
-              kCheckpointMetaFile);
+  HELIX_CHECK(!all.empty(), "{} '{}': no complete checkpoint (step_*/{}) in this directory", flag,
+              path, kCheckpointMetaFile);
   return all.back().path;
 }
 
-CheckpointReader::CheckpointReader(std::string dir, TensorIndex index) : dir_(std::move(dir)), index_(std::move(index)) {}
+CheckpointReader::CheckpointReader(std::string dir, TensorIndex index)
+    : dir_(std::move(dir)), index_(std::move(index)) {}
 
 const SafetensorsReader& CheckpointReader::file(const std::string& name) {
   auto it = files_.find(name);
-  if (it == files_.end()) it = files_.emplace(name, std::make_unique<SafetensorsReader>(dir_ + "/" + name)).first;
+  if (it == files_.end())
+    it = files_.emplace(name, std::make_unique<SafetensorsReader>(dir_ + "/" + name)).first;
   return *it->second;
 }
 
 Tensor CheckpointReader::assemble(const std::string& name) {
   const auto it = index_.find(name);
-  HELIX_CHECK(it != index_.end(), "checkpoint '{}': tensor '{}' is missing from the index", dir_, name);
+  HELIX_CHECK(it != index_.end(), "checkpoint '{}': tensor '{}' is missing from the index", dir_,
+              name);
   const TensorIndexEntry& e = it->second;
   const std::vector<int64_t> g = e.shape.vec();
   const int nd = static_cast<int>(g.size());
@@ -208,27 +224,32 @@ Tensor CheckpointReader::assemble(const std::string& name) {
   std::vector<int64_t> gstride(static_cast<size_t>(nd), 1);
   for (int d = nd - 2; d >= 0; --d) gstride[d] = gstride[d + 1] * g[d + 1];
   for (const TensorPiece& p : e.pieces) {
-    const std::string w = "checkpoint '" + dir_ + "': tensor '" + name + "' piece '" + p.file + ":" + p.key + "'";
+    const std::string w =
+        "checkpoint '" + dir_ + "': tensor '" + name + "' piece '" + p.file + ":" + p.key + "'";
     HELIX_CHECK(static_cast<int>(p.offsets.size()) == nd && static_cast<int>(p.shape.size()) == nd,
-                "{}: expected {} dimensions, got offsets {} and shape {}", w, nd, p.offsets.size(), p.shape.size());
+                "{}: expected {} dimensions, got offsets {} and shape {}", w, nd, p.offsets.size(),
+                p.shape.size());
     for (int d = 0; d < nd; ++d)
       HELIX_CHECK(p.offsets[d] >= 0 && p.shape[d] >= 0 && p.offsets[d] + p.shape[d] <= g[d],
                   "{}: box outside the global shape {} in dimension {}", w, e.shape.str(), d);
     const int64_t box = product(p.shape);
     const int64_t b = p.flat_end >= 0 ? p.flat_begin : 0, en = p.flat_end >= 0 ? p.flat_end : box;
-    HELIX_CHECK(0 <= b && b <= en && en <= box, "{}: flat range [{}, {}) outside the box of {} elements", w, b, en, box);
+    HELIX_CHECK(0 <= b && b <= en && en <= box,
+                "{}: flat range [{}, {}) outside the box of {} elements", w, b, en, box);
     const SafetensorsReader& f = file(p.file);
     HELIX_CHECK(f.has(p.key), "{}: not in the rank file", w);
     const SafetensorsEntry& se = f.entry(p.key);
-    HELIX_CHECK(se.dtype == e.dtype && se.shape.numel() == en - b, "{}: expected {} elements of {}, got {} of {}", w,
-                en - b, dtype_name(e.dtype), se.shape.numel(), dtype_name(se.dtype));
+    HELIX_CHECK(se.dtype == e.dtype && se.shape.numel() == en - b,
+                "{}: expected {} elements of {}, got {} of {}", w, en - b, dtype_name(e.dtype),
+                se.shape.numel(), dtype_name(se.dtype));
     if (en == b) continue;
     const Tensor src = f.load(p.key);
     const auto* s = static_cast<const uint8_t*>(src.data_ptr());
     const int64_t last = nd > 0 ? p.shape[nd - 1] : 1;
     std::vector<int64_t> idx(static_cast<size_t>(std::max(nd - 1, 0)));
     for (int64_t row = b / last; row * last < en; ++row) {
-      const int64_t lo = std::max<int64_t>(b - row * last, 0), hi = std::min<int64_t>(en - row * last, last);
+      const int64_t lo = std::max<int64_t>(b - row * last, 0),
+                    hi = std::min<int64_t>(en - row * last, last);
       int64_t goff = nd > 0 ? p.offsets[nd - 1] + lo : 0;
       int64_t rem = row;
       for (int d = nd - 2; d >= 0; --d) {
@@ -239,13 +260,15 @@ Tensor CheckpointReader::assemble(const std::string& name) {
         HELIX_CHECK(!covered[goff + k], "{}: overlaps another piece at element {}", w, goff + k);
         covered[goff + k] = 1;
       }
-      std::memcpy(dst + goff * es, s + (row * last + lo - b) * es, static_cast<size_t>(hi - lo) * es);
+      std::memcpy(dst + goff * es, s + (row * last + lo - b) * es,
+                  static_cast<size_t>(hi - lo) * es);
     }
   }
   const auto n = std::count(covered.begin(), covered.end(), uint8_t{1});
-  HELIX_CHECK(n == full.numel(),
-              "checkpoint '{}': tensor '{}' cannot be assembled: its pieces cover {} of {} elements", dir_, name, n,
-              full.numel());
+  HELIX_CHECK(
+      n == full.numel(),
+      "checkpoint '{}': tensor '{}' cannot be assembled: its pieces cover {} of {} elements", dir_,
+      name, n, full.numel());
   return full;
 }
 

@@ -1,11 +1,11 @@
 #pragma once
 // The on-disk format of helix checkpoints, independent of any running model: the tensor index
-// (every global tensor described as pieces, each piece one tensor of one rank file covering a box of
-// the global tensor, or a flat range of such a box), the metadata file, file checksums, and the
-// assembly of a global tensor from its pieces. Resharding onto another layout is "assemble the global
-// tensor, take this rank's part", so any layout whose parts are boxes or flat ranges of boxes (TP
-// rows/columns, vocabulary rows, ZeRO flat shards, PP stages owning whole tensors) needs no format
-// change. Single-process code: the collective parts are in launch/checkpoint.h.
+// (every global tensor described as pieces, each piece one tensor of one rank file covering a box
+// of the global tensor, or a flat range of such a box), the metadata file, file checksums, and the
+// assembly of a global tensor from its pieces. Resharding onto another layout is "assemble the
+// global tensor, take this rank's part", so any layout whose parts are boxes or flat ranges of
+// boxes (TP rows/columns, vocabulary rows, ZeRO flat shards, PP stages owning whole tensors) needs
+// no format change. Single-process code: the collective parts are in launch/checkpoint.h.
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -72,8 +72,8 @@ void verify_checkpoint_files(const std::string& dir, const Json& meta);
 // Reads and checks meta.json of one checkpoint directory (format name and version).
 Json read_checkpoint_meta(const std::string& dir);
 
-// Step directories of a run directory: "step_00000042" (complete: renamed after every rank wrote and
-// fsynced). Temporary directories of unfinished saves (".step_*.tmp") are not listed.
+// Step directories of a run directory: "step_00000042" (complete: renamed after every rank wrote
+// and fsynced). Temporary directories of unfinished saves (".step_*.tmp") are not listed.
 std::string step_dir_name(int64_t step);
 struct CheckpointDir {
   int64_t step = 0;

@@ -37,7 +37,8 @@ Json read_json_file(const std::string& path) {
 
 // The model shape of a source: a helix checkpoint's meta.json, or for hf:FILE the config.json
 // beside FILE (else the --model preset).
-ModelConfig source_config(const std::string& spec, const std::string& preset, const std::string& flag) {
+ModelConfig source_config(const std::string& spec, const std::string& preset,
+                          const std::string& flag) {
   if (!is_hf(spec)) {
     const std::string dir = resolve_checkpoint(spec, flag);
     const Json meta = read_checkpoint_meta(dir);
@@ -50,7 +51,8 @@ ModelConfig source_config(const std::string& spec, const std::string& preset, co
   if (fs::exists(cfg)) {
     c = model_config_from_hf(read_json_file(cfg), cfg);
   } else {
-    HELIX_CHECK(!preset.empty(), "{} '{}': no config.json beside the file; name the shape with --model", flag, file);
+    HELIX_CHECK(!preset.empty(),
+                "{} '{}': no config.json beside the file; name the shape with --model", flag, file);
     c = model_config(preset);
   }
   const SafetensorsReader r(file);
@@ -59,7 +61,8 @@ ModelConfig source_config(const std::string& spec, const std::string& preset, co
 }
 
 // Fills `model` from the source (collective for checkpoints).
-void load_source(const std::string& spec, Esm2Model& model, const ParallelContext& ctx, const std::string& flag) {
+void load_source(const std::string& spec, Esm2Model& model, const ParallelContext& ctx,
+                 const std::string& flag) {
   if (is_hf(spec)) {
     model.load_hf(SafetensorsReader(hf_path(spec)));
     return;
@@ -87,8 +90,10 @@ int run_convert(const std::vector<std::string>& args) {
   std::string from, to, preset;
   po::options_description d("helix convert options");
   d.add_options()("help,h", "show this help")(
-      "from", po::value(&from), "hf:FILE.safetensors (Hugging Face EsmForMaskedLM) or a helix checkpoint / run directory")(
-      "to", po::value(&to), "a new helix run directory, or hf:OUTDIR (model.safetensors + config.json)")(
+      "from", po::value(&from),
+      "hf:FILE.safetensors (Hugging Face EsmForMaskedLM) or a helix checkpoint / run directory")(
+      "to", po::value(&to),
+      "a new helix run directory, or hf:OUTDIR (model.safetensors + config.json)")(
       "model", po::value(&preset), "model preset when hf:FILE has no config.json beside it");
   po::variables_map vm;
   po::store(po::command_line_parser(args).options(d).run(), vm);
@@ -102,8 +107,10 @@ int run_convert(const std::vector<std::string>& args) {
   HELIX_CHECK(!from.empty() && !to.empty(), "helix convert: expected --from and --to, got {}{}",
               from.empty() ? "no --from" : "--from", to.empty() ? " and no --to" : "");
   HELIX_CHECK(world_size() == 1, "helix convert: runs on one process, got {} ranks", world_size());
-  HELIX_CHECK(is_hf(from) != is_hf(to), "helix convert: expected one side hf:..., the other a helix directory, got "
-              "--from '{}' --to '{}'", from, to);
+  HELIX_CHECK(is_hf(from) != is_hf(to),
+              "helix convert: expected one side hf:..., the other a helix directory, got "
+              "--from '{}' --to '{}'",
+              from, to);
   const ModelConfig config = source_config(from, preset, "--from");
   const ParallelContext ctx = make_context(1, Device::cpu());
   Esm2Options mo;
@@ -112,10 +119,12 @@ int run_convert(const std::vector<std::string>& args) {
   Esm2Model model(config, mo);
   if (is_hf(from)) {
     const std::vector<CheckpointDir> existing = list_checkpoints(to);
-    HELIX_CHECK(existing.empty(), "--to '{}': already holds checkpoints (step {}); choose a new directory", to,
+    HELIX_CHECK(existing.empty(),
+                "--to '{}': already holds checkpoints (step {}); choose a new directory", to,
                 existing.empty() ? 0 : existing.back().step);
     load_source(from, model, ctx, "--from");
-    const std::string dir = Checkpointer(CheckpointerParams{.ctx = &ctx, .model = &model}).save(to, 0, 0);
+    const std::string dir =
+        Checkpointer(CheckpointerParams{.ctx = &ctx, .model = &model}).save(to, 0, 0);
     log_info("converted {} -> {} (helix checkpoint, weights only)", hf_path(from), dir);
     return 0;
   }
@@ -123,8 +132,10 @@ int run_convert(const std::vector<std::string>& args) {
   const std::string out = hf_path(to);
   fs::create_directories(out);
   model.save_hf(out + "/model.safetensors");
-  write_file_atomic(out + "/config.json", [&](std::ofstream& f) { f << hf_config(config).dump(2) << "\n"; });
-  log_info("converted {} -> {}/model.safetensors and config.json (Hugging Face EsmForMaskedLM)", from, out);
+  write_file_atomic(out + "/config.json",
+                    [&](std::ofstream& f) { f << hf_config(config).dump(2) << "\n"; });
+  log_info("converted {} -> {}/model.safetensors and config.json (Hugging Face EsmForMaskedLM)",
+           from, out);
   return 0;
 }
 
@@ -140,18 +151,24 @@ struct EvalOptions {
 // Returns false when --help was printed.
 bool parse_eval_options(const std::vector<std::string>& args, EvalOptions& e) {
   po::options_description d("helix eval options");
-  d.add_options()("help,h", "show this help")("load", po::value(&e.load),
-                                             "helix checkpoint / run directory, or hf:FILE.safetensors")(
-      "data", po::value(&e.data), "FASTA or FASTA.gz file (every protein is evaluated, file order)")(
+  d.add_options()("help,h", "show this help")(
+      "load", po::value(&e.load), "helix checkpoint / run directory, or hf:FILE.safetensors")(
+      "data", po::value(&e.data),
+      "FASTA or FASTA.gz file (every protein is evaluated, file order)")(
       "model", po::value(&e.preset), "model preset when hf:FILE has no config.json beside it")(
-      "seed", po::value(&e.seed)->default_value(e.seed), "seed of the crops and the MLM masking (deterministic)")(
-      "tokens-per-batch", po::value(&e.tokens_per_batch)->default_value(e.tokens_per_batch), "tokens per batch")(
-      "max-residues", po::value(&e.max_residues)->default_value(e.max_residues), "crop length")(
-      "batches", po::value(&e.batches)->default_value(e.batches), "evaluate only the first N batches (0: all)")(
-      "tp", po::value(&e.tp)->default_value(e.tp), "tensor-parallel size (the rest of the ranks split the batches)")(
+      "seed", po::value(&e.seed)->default_value(e.seed),
+      "seed of the crops and the MLM masking (deterministic)")(
+      "tokens-per-batch", po::value(&e.tokens_per_batch)->default_value(e.tokens_per_batch),
+      "tokens per batch")("max-residues", po::value(&e.max_residues)->default_value(e.max_residues),
+                          "crop length")("batches", po::value(&e.batches)->default_value(e.batches),
+                                         "evaluate only the first N batches (0: all)")(
+      "tp", po::value(&e.tp)->default_value(e.tp),
+      "tensor-parallel size (the rest of the ranks split the batches)")(
       "device", po::value(&e.device)->default_value(e.device), "auto | cpu | cuda")(
-      "dtype", po::value(&e.dtype)->default_value(e.dtype), "auto (bf16 on CUDA, f32 on CPU) | f32 | bf16")(
-      "dump-logits", po::value(&e.dump), "write batch 0's tokens, cu_seqlens, labels and logits here (safetensors; --tp 1)");
+      "dtype", po::value(&e.dtype)->default_value(e.dtype),
+      "auto (bf16 on CUDA, f32 on CPU) | f32 | bf16")(
+      "dump-logits", po::value(&e.dump),
+      "write batch 0's tokens, cu_seqlens, labels and logits here (safetensors; --tp 1)");
   po::variables_map vm;
   po::store(po::command_line_parser(args).options(d).run(), vm);
   if (vm.count("help")) {
@@ -166,8 +183,8 @@ bool parse_eval_options(const std::vector<std::string>& args, EvalOptions& e) {
               "--device: expected auto, cpu or cuda, got '{}'", e.device);
   HELIX_CHECK(e.dtype == "auto" || e.dtype == "f32" || e.dtype == "bf16",
               "--dtype: expected auto, f32 or bf16, got '{}'", e.dtype);
-  HELIX_CHECK(e.dump.empty() || e.tp == 1, "--dump-logits: needs --tp 1 (the logits are whole there), got --tp {}",
-              e.tp);
+  HELIX_CHECK(e.dump.empty() || e.tp == 1,
+              "--dump-logits: needs --tp 1 (the logits are whole there), got --tp {}", e.tp);
   return true;
 }
 
@@ -208,8 +225,9 @@ EvalSums eval_batches(Esm2Model& model, const DataLoader& loader, int64_t n, con
           {"labels", pb.labels},
           {"cu_seqlens", pb.cu_seqlens},
           {"logits", logits.data().to(Device::cpu()).to(DType::kF32)}};
-      save_safetensors(e.dump, tensors,
-                       {{"source", e.load}, {"dtype", std::string(dtype_name(model.options().compute))}});
+      save_safetensors(
+          e.dump, tensors,
+          {{"source", e.load}, {"dtype", std::string(dtype_name(model.options().compute))}});
     }
   }
   return sums;
@@ -221,8 +239,9 @@ int run_eval(const std::vector<std::string>& args) {
   EvalOptions e;
   if (!parse_eval_options(args, e)) return 0;
   const ModelConfig config = source_config(e.load, e.preset, "--load");
-  HELIX_CHECK(e.max_residues + 2 <= config.max_positions, "--max-residues {} + 2 exceeds the model's {} positions",
-              e.max_residues, config.max_positions);
+  HELIX_CHECK(e.max_residues + 2 <= config.max_positions,
+              "--max-residues {} + 2 exceeds the model's {} positions", e.max_residues,
+              config.max_positions);
   int world_rank = 0;
   MPI_Comm_rank(MPI_COMM_WORLD, &world_rank);
   Device device = Device::cpu();
@@ -251,15 +270,17 @@ int run_eval(const std::vector<std::string>& args) {
   lo.packing.tokens_per_batch = e.tokens_per_batch;
   lo.packing.max_residues = e.max_residues;
   const DataLoader loader(dataset, all, lo);
-  const int64_t n = e.batches > 0 ? std::min(e.batches, loader.num_batches(0)) : loader.num_batches(0);
+  const int64_t n =
+      e.batches > 0 ? std::min(e.batches, loader.num_batches(0)) : loader.num_batches(0);
   const EvalSums sums = eval_batches(model, loader, n, e, ctx);
   Tensor t = Tensor::from_vector<double>({sums.loss, sums.labels}, Shape{2});
   ctx.dp().all_reduce(t, ReduceOp::kSum, Stream());
   const std::vector<double> s = t.to_vector<double>();
   const double loss = s[1] > 0 ? s[0] / s[1] : std::nan("");
   if (world_rank == 0)
-    std::cout << fmt::format("eval {}: {} batches, {} masked tokens (seed {}): loss {:.6f} perplexity {:.4f}\n", e.load,
-                             n, static_cast<int64_t>(s[1]), e.seed, loss, std::exp(loss));
+    std::cout << fmt::format(
+        "eval {}: {} batches, {} masked tokens (seed {}): loss {:.6f} perplexity {:.4f}\n", e.load,
+        n, static_cast<int64_t>(s[1]), e.seed, loss, std::exp(loss));
   return std::isfinite(loss) ? 0 : 1;
 }
 

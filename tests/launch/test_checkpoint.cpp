@@ -23,8 +23,9 @@ namespace fs = std::filesystem;
 class CheckpointFormat : public ::testing::Test {
  protected:
   void SetUp() override {
-    dir_ = fs::temp_directory_path() / ("helix_ckpt_" + std::to_string(::getpid()) + "_" +
-                                        ::testing::UnitTest::GetInstance()->current_test_info()->name());
+    dir_ = fs::temp_directory_path() /
+           ("helix_ckpt_" + std::to_string(::getpid()) + "_" +
+            ::testing::UnitTest::GetInstance()->current_test_info()->name());
     fs::remove_all(dir_);
     fs::create_directories(dir_);
   }
@@ -42,15 +43,17 @@ Tensor global(int64_t rows, int64_t cols) {
 }
 
 // The elements of box (r0, c0, h, w) of g, row-major, restricted to [b, e).
-Tensor box_of(const Tensor& g, int64_t r0, int64_t c0, int64_t h, int64_t w, int64_t b = 0, int64_t e = -1) {
+Tensor box_of(const Tensor& g, int64_t r0, int64_t c0, int64_t h, int64_t w, int64_t b = 0,
+              int64_t e = -1) {
   if (e < 0) e = h * w;
   Tensor out = Tensor::empty({e - b}, DType::kF32);
-  for (int64_t k = b; k < e; ++k) out.data<float>()[k - b] = g.data<float>()[(r0 + k / w) * g.dim(1) + c0 + k % w];
+  for (int64_t k = b; k < e; ++k)
+    out.data<float>()[k - b] = g.data<float>()[(r0 + k / w) * g.dim(1) + c0 + k % w];
   return out;
 }
 
-TensorPiece piece(const std::string& file, const std::string& key, std::vector<int64_t> off, std::vector<int64_t> shape,
-                  int64_t fb = 0, int64_t fe = -1) {
+TensorPiece piece(const std::string& file, const std::string& key, std::vector<int64_t> off,
+                  std::vector<int64_t> shape, int64_t fb = 0, int64_t fe = -1) {
   TensorPiece p;
   p.file = file;
   p.key = key;
@@ -77,12 +80,16 @@ std::string error_of(const std::function<void()>& f) {
 TEST_F(CheckpointFormat, AssemblesTensorParallelBoxes) {
   const Tensor g = global(6, 4);
   // rank 0: rows 0-3 of columns 0-1 and all rows of column 2-3 in two pieces; rank 1: rows 4-5.
-  save_safetensors(dir() + "/r0.safetensors", {{"a", box_of(g, 0, 0, 4, 2).view({4, 2})}, {"b", box_of(g, 0, 2, 6, 2)}});
+  save_safetensors(dir() + "/r0.safetensors",
+                   {{"a", box_of(g, 0, 0, 4, 2).view({4, 2})}, {"b", box_of(g, 0, 2, 6, 2)}});
   save_safetensors(dir() + "/r1.safetensors", {{"c", box_of(g, 4, 0, 2, 2)}});
   TensorIndex index;
-  index["w"] = TensorIndexEntry{Shape{6, 4}, DType::kF32, Reshard::kAny,
-                                {piece("r0.safetensors", "a", {0, 0}, {4, 2}), piece("r0.safetensors", "b", {0, 2}, {6, 2}),
-                                 piece("r1.safetensors", "c", {4, 0}, {2, 2})}};
+  index["w"] = TensorIndexEntry{
+      Shape{6, 4},
+      DType::kF32,
+      Reshard::kAny,
+      {piece("r0.safetensors", "a", {0, 0}, {4, 2}), piece("r0.safetensors", "b", {0, 2}, {6, 2}),
+       piece("r1.safetensors", "c", {4, 0}, {2, 2})}};
   CheckpointReader reader(dir(), tensor_index_from_json(tensor_index_to_json(index), "test"));
   EXPECT_TRUE(equal(reader.assemble("w"), g));
 }
@@ -93,9 +100,12 @@ TEST_F(CheckpointFormat, AssemblesFlatRangesOfBoxes) {
   const Tensor g = global(5, 4);
   save_safetensors(dir() + "/r0.safetensors", {{"p", box_of(g, 0, 0, 3, 4, 0, 5)}});
   save_safetensors(dir() + "/r1.safetensors", {{"p", box_of(g, 0, 0, 3, 4, 5, 12)}});
-  save_safetensors(dir() + "/r2.safetensors", {{"p", box_of(g, 3, 0, 2, 4, 0, 3)}, {"q", box_of(g, 3, 0, 2, 4, 3, 8)}});
+  save_safetensors(dir() + "/r2.safetensors",
+                   {{"p", box_of(g, 3, 0, 2, 4, 0, 3)}, {"q", box_of(g, 3, 0, 2, 4, 3, 8)}});
   TensorIndex index;
-  index["w"] = TensorIndexEntry{Shape{5, 4}, DType::kF32, Reshard::kAny,
+  index["w"] = TensorIndexEntry{Shape{5, 4},
+                                DType::kF32,
+                                Reshard::kAny,
                                 {piece("r0.safetensors", "p", {0, 0}, {3, 4}, 0, 5),
                                  piece("r1.safetensors", "p", {0, 0}, {3, 4}, 5, 12),
                                  piece("r2.safetensors", "p", {3, 0}, {2, 4}, 0, 3),
@@ -108,30 +118,45 @@ TEST_F(CheckpointFormat, AssemblesFlatRangesOfBoxes) {
 
 TEST_F(CheckpointFormat, RefusesGapsOverlapsAndBadPieces) {
   const Tensor g = global(4, 4);
-  save_safetensors(dir() + "/r0.safetensors",
-                   {{"top", box_of(g, 0, 0, 2, 4)}, {"mid", box_of(g, 1, 0, 2, 4)}, {"i32", Tensor::zeros({8}, DType::kI32)}});
+  save_safetensors(dir() + "/r0.safetensors", {{"top", box_of(g, 0, 0, 2, 4)},
+                                               {"mid", box_of(g, 1, 0, 2, 4)},
+                                               {"i32", Tensor::zeros({8}, DType::kI32)}});
   const auto assemble = [&](std::vector<TensorPiece> pieces) {
     TensorIndex index;
     index["w"] = TensorIndexEntry{Shape{4, 4}, DType::kF32, Reshard::kAny, std::move(pieces)};
     CheckpointReader reader(dir(), index);
     return error_of([&] { reader.assemble("w"); });
   };
-  EXPECT_NE(assemble({piece("r0.safetensors", "top", {0, 0}, {2, 4})}).find("cover 8 of 16 elements"), std::string::npos);
-  EXPECT_NE(assemble({piece("r0.safetensors", "top", {0, 0}, {2, 4}), piece("r0.safetensors", "mid", {1, 0}, {2, 4})})
+  EXPECT_NE(
+      assemble({piece("r0.safetensors", "top", {0, 0}, {2, 4})}).find("cover 8 of 16 elements"),
+      std::string::npos);
+  EXPECT_NE(assemble({piece("r0.safetensors", "top", {0, 0}, {2, 4}),
+                      piece("r0.safetensors", "mid", {1, 0}, {2, 4})})
                 .find("overlaps another piece"),
             std::string::npos);
-  EXPECT_NE(assemble({piece("r0.safetensors", "top", {3, 0}, {2, 4})}).find("outside the global shape"), std::string::npos);
-  EXPECT_NE(assemble({piece("r0.safetensors", "i32", {0, 0}, {2, 4})}).find("expected 8 elements of f32"),
+  EXPECT_NE(
+      assemble({piece("r0.safetensors", "top", {3, 0}, {2, 4})}).find("outside the global shape"),
+      std::string::npos);
+  EXPECT_NE(
+      assemble({piece("r0.safetensors", "i32", {0, 0}, {2, 4})}).find("expected 8 elements of f32"),
+      std::string::npos);
+  EXPECT_NE(
+      assemble({piece("r0.safetensors", "nope", {0, 0}, {2, 4})}).find("not in the rank file"),
+      std::string::npos);
+  EXPECT_NE(assemble({piece("r9.safetensors", "top", {0, 0}, {2, 4})}).find("r9.safetensors"),
             std::string::npos);
-  EXPECT_NE(assemble({piece("r0.safetensors", "nope", {0, 0}, {2, 4})}).find("not in the rank file"), std::string::npos);
-  EXPECT_NE(assemble({piece("r9.safetensors", "top", {0, 0}, {2, 4})}).find("r9.safetensors"), std::string::npos);
   TensorIndex empty;
   CheckpointReader reader(dir(), empty);
-  EXPECT_NE(error_of([&] { reader.assemble("w"); }).find("missing from the index"), std::string::npos);
+  EXPECT_NE(error_of([&] { reader.assemble("w"); }).find("missing from the index"),
+            std::string::npos);
   // A piece naming a file outside the checkpoint directory is refused when the index is read.
-  Json bad = tensor_index_to_json({{"w", TensorIndexEntry{Shape{1}, DType::kF32, Reshard::kAny,
-                                                          {piece("../x.safetensors", "a", {0}, {1})}}}});
-  EXPECT_NE(error_of([&] { tensor_index_from_json(bad, "meta"); }).find("inside the checkpoint directory"),
+  Json bad = tensor_index_to_json(
+      {{"w",
+        TensorIndexEntry{
+            Shape{1}, DType::kF32, Reshard::kAny, {piece("../x.safetensors", "a", {0}, {1})}}}});
+  EXPECT_NE(error_of([&] {
+              tensor_index_from_json(bad, "meta");
+            }).find("inside the checkpoint directory"),
             std::string::npos);
 }
 
@@ -148,19 +173,26 @@ TEST_F(CheckpointFormat, DigestsAndVerifiesFiles) {
   meta["files"]["digits"]["crc32"] = "cbf43926";
   EXPECT_NO_THROW(verify_checkpoint_files(dir(), meta));
   meta["files"]["digits"]["crc32"] = "cbf43927";
-  EXPECT_NE(error_of([&] { verify_checkpoint_files(dir(), meta); }).find("'digits' is damaged: expected CRC-32 cbf43927, got cbf43926"),
+  EXPECT_NE(error_of([&] {
+              verify_checkpoint_files(dir(), meta);
+            }).find("'digits' is damaged: expected CRC-32 cbf43927, got cbf43926"),
             std::string::npos);
   meta["files"]["digits"]["bytes"] = int64_t{12};
-  EXPECT_NE(error_of([&] { verify_checkpoint_files(dir(), meta); }).find("is truncated: expected 12 bytes, got 9"),
+  EXPECT_NE(error_of([&] {
+              verify_checkpoint_files(dir(), meta);
+            }).find("is truncated: expected 12 bytes, got 9"),
             std::string::npos);
   meta["files"]["other"]["bytes"] = int64_t{1};
   meta["files"]["other"]["crc32"] = "00000000";
-  EXPECT_NE(error_of([&] { verify_checkpoint_files(dir(), meta); }).find("rank file 'digits' is truncated"),
+  EXPECT_NE(error_of([&] {
+              verify_checkpoint_files(dir(), meta);
+            }).find("rank file 'digits' is truncated"),
             std::string::npos);  // files are checked in name order
   meta["files"]["digits"]["bytes"] = int64_t{9};
   meta["files"]["digits"]["crc32"] = "cbf43926";
-  EXPECT_NE(error_of([&] { verify_checkpoint_files(dir(), meta); }).find("rank file 'other' is missing"),
-            std::string::npos);
+  EXPECT_NE(
+      error_of([&] { verify_checkpoint_files(dir(), meta); }).find("rank file 'other' is missing"),
+      std::string::npos);
 }
 
 void write_meta(const std::string& dir, int version) {
@@ -170,8 +202,10 @@ void write_meta(const std::string& dir, int version) {
 }
 
 TEST_F(CheckpointFormat, FindsTheNewestCompleteCheckpoint) {
-  EXPECT_NE(error_of([&] { resolve_checkpoint(dir(), "--resume"); }).find("no complete checkpoint"), std::string::npos);
-  EXPECT_NE(error_of([&] { resolve_checkpoint(dir() + "/nope", "--resume"); }).find("--resume '"), std::string::npos);
+  EXPECT_NE(error_of([&] { resolve_checkpoint(dir(), "--resume"); }).find("no complete checkpoint"),
+            std::string::npos);
+  EXPECT_NE(error_of([&] { resolve_checkpoint(dir() + "/nope", "--resume"); }).find("--resume '"),
+            std::string::npos);
   write_meta(dir() + "/" + step_dir_name(20), 1);
   write_meta(dir() + "/" + step_dir_name(100), 1);
   fs::create_directories(dir() + "/" + step_dir_name(300));  // no meta.json: not complete
@@ -186,18 +220,23 @@ TEST_F(CheckpointFormat, FindsTheNewestCompleteCheckpoint) {
   EXPECT_EQ(resolve_checkpoint(dir() + "/step_00000020", "--resume"), dir() + "/step_00000020");
   EXPECT_NO_THROW(read_checkpoint_meta(dir() + "/step_00000020"));
   write_meta(dir() + "/v2", 2);
-  EXPECT_NE(error_of([&] { read_checkpoint_meta(dir() + "/v2"); }).find("format version 2, this helix reads version 1"),
+  EXPECT_NE(error_of([&] {
+              read_checkpoint_meta(dir() + "/v2");
+            }).find("format version 2, this helix reads version 1"),
             std::string::npos);
   fs::create_directories(dir() + "/junk");
   std::ofstream(dir() + "/junk/meta.json") << "{\"format\": \"something\"}";
-  EXPECT_NE(error_of([&] { read_checkpoint_meta(dir() + "/junk"); }).find("expected a helix-checkpoint metadata file"),
+  EXPECT_NE(error_of([&] {
+              read_checkpoint_meta(dir() + "/junk");
+            }).find("expected a helix-checkpoint metadata file"),
             std::string::npos);
 }
 
 TEST(CheckpointConfig, ModelAndHuggingFaceConfigsRoundTrip) {
   ModelConfig c = model_config("esm2-35m");
   c.layer_norm_eps = 1e-5f;
-  const ModelConfig back = model_config_from_json(Json::parse(model_config_to_json(c).dump()), "test");
+  const ModelConfig back =
+      model_config_from_json(Json::parse(model_config_to_json(c).dump()), "test");
   EXPECT_EQ(model_config_to_json(back).dump(), model_config_to_json(c).dump());
   const ModelConfig hf = model_config_from_hf(Json::parse(hf_config(c).dump()), "config.json");
   Json a = model_config_to_json(hf), b = model_config_to_json(c);
@@ -206,7 +245,9 @@ TEST(CheckpointConfig, ModelAndHuggingFaceConfigsRoundTrip) {
   EXPECT_EQ(a.dump(), b.dump());
   Json bad = hf_config(c);
   bad["model_type"] = "bert";
-  EXPECT_NE(error_of([&] { model_config_from_hf(bad, "config.json"); }).find("expected model_type \"esm\""),
+  EXPECT_NE(error_of([&] {
+              model_config_from_hf(bad, "config.json");
+            }).find("expected model_type \"esm\""),
             std::string::npos);
   EXPECT_EQ(vocabulary_json().as_array().size(), 33u);
   EXPECT_EQ(vocabulary_json().as_array()[32].as_string(), "<mask>");
@@ -215,16 +256,21 @@ TEST(CheckpointConfig, ModelAndHuggingFaceConfigsRoundTrip) {
 TEST(CheckpointOptionsTest, RefusesImpossibleFlags) {
   CheckpointOptions o;
   o.save_every = 5;
-  EXPECT_NE(error_of([&] { validate_checkpoint_options(o, 10); }).find("--save-every 5: needs --save DIR"),
+  EXPECT_NE(error_of([&] {
+              validate_checkpoint_options(o, 10);
+            }).find("--save-every 5: needs --save DIR"),
             std::string::npos);
   o.save_dir = "runs/x";
   o.stop_after = 11;
-  EXPECT_NE(error_of([&] { validate_checkpoint_options(o, 10); }).find("--stop-after: expected 0..--steps (10), got 11"),
+  EXPECT_NE(error_of([&] {
+              validate_checkpoint_options(o, 10);
+            }).find("--stop-after: expected 0..--steps (10), got 11"),
             std::string::npos);
   o.stop_after = 10;
   EXPECT_NO_THROW(validate_checkpoint_options(o, 10));
   o.keep = -1;
-  EXPECT_NE(error_of([&] { validate_checkpoint_options(o, 10); }).find("--keep"), std::string::npos);
+  EXPECT_NE(error_of([&] { validate_checkpoint_options(o, 10); }).find("--keep"),
+            std::string::npos);
 }
 
 }  // namespace

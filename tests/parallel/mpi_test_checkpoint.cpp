@@ -55,7 +55,8 @@ Tensor moment_of(const Tensor& full, float a, float b) {
 
 bool bitwise_equal(const Tensor& a, const Tensor& b) {
   const Tensor x = a.to(Device::cpu()), y = b.to(Device::cpu());
-  return x.shape() == y.shape() && x.dtype() == y.dtype() && std::memcmp(x.data_ptr(), y.data_ptr(), x.nbytes()) == 0;
+  return x.shape() == y.shape() && x.dtype() == y.dtype() &&
+         std::memcmp(x.data_ptr(), y.data_ptr(), x.nbytes()) == 0;
 }
 
 Esm2Options cpu_options(const ParallelContext* ctx) {
@@ -83,8 +84,9 @@ TEST(Checkpoint, ReshardsTensorParallelToOneRankAndBackBitwise) {
     opt_a.moments()[i].first.copy_from(a.shard_of(p, full_m1.back()));
     opt_a.moments()[i].second.copy_from(a.shard_of(p, full_m2.back()));
   }
-  const std::string saved = Checkpointer(CheckpointerParams{.ctx = &split, .model = &a, .optimizer = &opt_a})
-                                .save(dir + "/split", 3, 1);
+  const std::string saved =
+      Checkpointer(CheckpointerParams{.ctx = &split, .model = &a, .optimizer = &opt_a})
+          .save(dir + "/split", 3, 1);
 
   // The index assembles into the gathered full tensors.
   const Json meta = read_checkpoint_meta(saved);
@@ -96,7 +98,8 @@ TEST(Checkpoint, ReshardsTensorParallelToOneRankAndBackBitwise) {
     ok = ok && bitwise_equal(reader.assemble("optim/exp_avg/" + n), full_m1[i]);
     ok = ok && bitwise_equal(reader.assemble("optim/exp_avg_sq/" + n), full_m2[i]);
   }
-  EXPECT_TRUE(testing::all_ranks(ok)) << "assembled tensors differ from the gathered masters / moments";
+  EXPECT_TRUE(testing::all_ranks(ok))
+      << "assembled tensors differ from the gathered masters / moments";
   EXPECT_EQ(meta.at("layout").at("tp").as_int(), world);
   EXPECT_EQ(meta.at("files").as_object().size(), static_cast<size_t>(world));
 
@@ -105,8 +108,9 @@ TEST(Checkpoint, ReshardsTensorParallelToOneRankAndBackBitwise) {
   Esm2Model b(ckpt_config(), cpu_options(&whole));
   b.init_random(99);
   AdamW opt_b(b.params(), AdamWConfig{});
-  const TrainProgress pr = Checkpointer(CheckpointerParams{.ctx = &whole, .model = &b, .optimizer = &opt_b})
-                               .load(dir + "/split", "--resume");
+  const TrainProgress pr =
+      Checkpointer(CheckpointerParams{.ctx = &whole, .model = &b, .optimizer = &opt_b})
+          .load(dir + "/split", "--resume");
   EXPECT_EQ(pr.step, 3);
   EXPECT_EQ(pr.skipped, 1);
   EXPECT_EQ(opt_b.steps_applied(), 5);
@@ -119,11 +123,13 @@ TEST(Checkpoint, ReshardsTensorParallelToOneRankAndBackBitwise) {
   EXPECT_TRUE(testing::all_ranks(ok)) << "tp " << world << " -> 1 is not bitwise";
 
   // And back onto tp = world.
-  Checkpointer(CheckpointerParams{.ctx = &whole, .model = &b, .optimizer = &opt_b}).save(dir + "/whole", 3, 1);
+  Checkpointer(CheckpointerParams{.ctx = &whole, .model = &b, .optimizer = &opt_b})
+      .save(dir + "/whole", 3, 1);
   Esm2Model c(ckpt_config(), cpu_options(&split));
   c.init_random(7);
   AdamW opt_c(c.params(), AdamWConfig{});
-  Checkpointer(CheckpointerParams{.ctx = &split, .model = &c, .optimizer = &opt_c}).load(dir + "/whole", "--resume");
+  Checkpointer(CheckpointerParams{.ctx = &split, .model = &c, .optimizer = &opt_c})
+      .load(dir + "/whole", "--resume");
   ok = true;
   for (size_t i = 0; i < c.params().all().size(); ++i) {
     const Parameter& p = c.params().all()[i];
@@ -166,12 +172,14 @@ TEST(Checkpoint, ExtraStateReplicatedReshardsPerRankOnlyOnItsLayout) {
   AdamW opt_b(b.params(), AdamWConfig{});
   std::string message;
   try {
-    Checkpointer(CheckpointerParams{.ctx = &whole, .model = &b, .optimizer = &opt_b}).load(dir, "--resume");
+    Checkpointer(CheckpointerParams{.ctx = &whole, .model = &b, .optimizer = &opt_b})
+        .load(dir, "--resume");
   } catch (const Error& e) {
     message = e.what();
   }
-  const bool refused = message.find("state 'extra/test/mine@rank0' is per-rank") != std::string::npos &&
-                       message.find("cannot be resharded") != std::string::npos;
+  const bool refused =
+      message.find("state 'extra/test/mine@rank0' is per-rank") != std::string::npos &&
+      message.find("cannot be resharded") != std::string::npos;
   EXPECT_TRUE(testing::all_ranks(refused)) << message;
   cleanup(dir);
 }
