@@ -10,7 +10,8 @@
 #                                            losses of the continued steps within fp32 tolerance
 #   killed_save                              a process that dies in the middle of a save leaves the
 #                                            previous checkpoint, which resumes bitwise
-#   damaged                                  truncated / corrupted / missing rank file, another model,
+#   damaged                                  truncated / corrupted / missing rank file, a cut meta.json,
+#                                            another model,
 #                                            another vocabulary, a per-rank state on another layout,
 #                                            another data plan, an empty directory: refused with one
 #                                            line, non-zero, nothing in the run directory changed
@@ -154,6 +155,8 @@ case $CASE in
     expect_refused checksum 1 crc "rank file 'rank_00000.safetensors' is damaged: expected CRC-32"
     cp -r good2 missing && rm missing/step_00000003/rank_00001.safetensors
     expect_refused missing_rank 1 missing "rank file 'rank_00001.safetensors' is missing"
+    cp -r good meta && truncate -s 300 meta/step_00000006/meta.json
+    expect_refused meta 1 meta "meta.json"
     cp -r good model
     expect_refused other_model 1 model "checkpoint of another model: hidden 64 .*, this run has hidden 32"
     cp -r good vocab && sed -i 's/"<mask>"/"<msk>"/' vocab/step_00000006/meta.json
