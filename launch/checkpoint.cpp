@@ -14,6 +14,8 @@
 #include "launch/train_options.h"
 #include "layers/esm2.h"
 #include "layers/optimizer.h"
+#include "layers/zero_optimizer.h"
+#include "layers/zero_sync.h"
 #include "parallel/context.h"
 
 namespace fs = std::filesystem;
@@ -21,8 +23,7 @@ namespace po = boost::program_options;
 
 namespace helix {
 
-// ---- Options
-// ---------------------------------------------------------------------------------------
+// ---- Options ----
 
 po::options_description checkpoint_options_description(CheckpointOptions& o) {
   po::options_description d("Checkpoints");
@@ -49,8 +50,7 @@ void validate_checkpoint_options(const CheckpointOptions& o, int64_t steps) {
               "--stop-after: expected 0..--steps ({}), got {}", steps, o.stop_after);
 }
 
-// ---- Model config and vocabulary blocks
-// ------------------------------------------------------------
+// ---- Model config and vocabulary blocks ----
 
 Json model_config_to_json(const ModelConfig& c) {
   Json j;
@@ -142,8 +142,7 @@ ModelConfig model_config_from_hf(const Json& j, const std::string& what) {
   return c;
 }
 
-// ---- Helpers
-// ---------------------------------------------------------------------------------------
+// ---- Helpers ----
 
 namespace {
 
@@ -182,41 +181,51 @@ std::vector<std::string> all_gather_strings(Communicator& comm, const std::strin
   return out;
 }
 
-// This rank's parts of the full tensor of parameter `p`: (box of the full tensor, the CPU tensor of
-// `local` holding exactly that box). Mirrors the TpShard layouts of layers/parameter.h.
-std::vector<std::pair<TensorPiece, Tensor>> tp_pieces(const Parameter& p, const Tensor& local,
-                                                      int r, int n) {
-  std::vector<std::pair<TensorPiece, Tensor>> out;
+// One box of a parameter's full tensor held by this tp rank, and the elements [local_begin,
+// local_end) of the rank's (row-major) local tensor that hold it.
+struct LocalBox {
+  TensorPiece box;
+  int64_t local_begin = 0, local_end = 0;
+};
+
+// The boxes of parameter `p` that tp rank r of n holds, in local memory order. Mirrors the TpShard
+// layouts of layers/parameter.h (vocabulary pad rows past the end are not stored).
+std::vector<LocalBox> local_boxes(const Parameter& p, int r, int n) {
+  std::vector<LocalBox> out;
   const std::vector<int64_t> full = p.full_shape.vec();
-  const auto box = [&](std::vector<int64_t> off, std::vector<int64_t> shape, Tensor t) {
-    TensorPiece piece;
-    piece.offsets = std::move(off);
-    piece.shape = std::move(shape);
-    out.emplace_back(std::move(piece), std::move(t));
+  int64_t row = 1;  // elements of one row of dim 0
+  for (size_t d = 1; d < full.size(); ++d) row *= full[d];
+  const auto box = [&](std::vector<int64_t> off, std::vector<int64_t> shape, int64_t begin) {
+    LocalBox b;
+    b.box.offsets = std::move(off);
+    b.box.shape = std::move(shape);
+    b.local_begin = begin;
+    b.local_end = begin + b.box.numel();
+    out.push_back(std::move(b));
   };
-  std::vector<int64_t> zero(full.size(), 0);
+  const std::vector<int64_t> zero(full.size(), 0);
   switch (p.shard) {
     case TpShard::kReplicated:
-      box(zero, full, local);
+      box(zero, full, 0);
       break;
-    case TpShard::kRows: {  // vocabulary rows: the pad rows past the end are not stored
-      const int64_t rows = local.dim(0), lo = std::min(full[0], r * rows),
+    case TpShard::kRows: {
+      const int64_t rows = (full[0] + n - 1) / n, lo = std::min(full[0], r * rows),
                     hi = std::min(full[0], (r + 1) * rows);
       if (hi > lo) {
         std::vector<int64_t> off = zero, shape = full;
         off[0] = lo;
         shape[0] = hi - lo;
-        box(off, shape, local.slice(0, hi - lo));
+        box(off, shape, 0);
       }
       break;
     }
-    case TpShard::kQkvRows: {
+    case TpShard::kQkvRows: {  // [q; k; v] rows of this rank's heads
       const int64_t part = full[0] / 3, rows = part / n;
       for (int j = 0; j < 3; ++j) {
         std::vector<int64_t> off = zero, shape = full;
         off[0] = j * part + r * rows;
         shape[0] = rows;
-        box(off, shape, local.slice(j * rows, (j + 1) * rows));
+        box(off, shape, j * rows * row);
       }
       break;
     }
@@ -224,14 +233,54 @@ std::vector<std::pair<TensorPiece, Tensor>> tp_pieces(const Parameter& p, const 
       std::vector<int64_t> off = zero, shape = full;
       shape[1] = full[1] / n;
       off[1] = r * shape[1];
-      box(off, shape, local);
+      box(off, shape, 0);
       break;
     }
   }
   return out;
 }
 
-Json layout_json(const ParallelContext& ctx, bool sequence_parallel) {
+// Pieces for elements [begin, end) of the local tensor of `p`, whose values are `data` (1-D CPU,
+// end - begin elements): one per box it meets, a flat range where it covers the box only partly
+// (ZeRO shards). Returns (piece, stored tensor).
+std::vector<std::pair<TensorPiece, Tensor>> range_pieces(const Parameter& p, int r, int n,
+                                                         const Tensor& data, int64_t begin,
+                                                         int64_t end) {
+  std::vector<std::pair<TensorPiece, Tensor>> out;
+  for (const LocalBox& b : local_boxes(p, r, n)) {
+    const int64_t lo = std::max(begin, b.local_begin), hi = std::min(end, b.local_end);
+    if (lo >= hi) continue;
+    TensorPiece piece = b.box;
+    Tensor t = data.slice(lo - begin, hi - begin);
+    if (lo == b.local_begin && hi == b.local_end) {
+      t = t.view(Shape(piece.shape));
+    } else {
+      piece.flat_begin = lo - b.local_begin;
+      piece.flat_end = hi - b.local_begin;
+    }
+    out.emplace_back(std::move(piece), std::move(t));
+  }
+  return out;
+}
+
+// The element ranges of unit u's parameters inside this rank's ZeRO shard: (parameter index,
+// [begin, end) of its local tensor, offset of `begin` in the shard).
+struct ZeroRange {
+  size_t param = 0;
+  int64_t begin = 0, end = 0, shard_offset = 0;
+};
+std::vector<ZeroRange> zero_ranges(const ZeroSync& z, size_t u) {
+  std::vector<ZeroRange> out;
+  const ZeroUnitLayout& l = z.layout().units[u];
+  const int64_t lo = z.shard_comm().rank() * l.shard_numel, hi = lo + l.shard_numel;
+  for (size_t k = 0; k < z.unit_params(u).size(); ++k) {
+    const int64_t a = std::max(lo, l.offsets[k]), b = std::min(hi, l.offsets[k] + l.numels[k]);
+    if (a < b) out.push_back({z.unit_params(u)[k], a - l.offsets[k], b - l.offsets[k], a - lo});
+  }
+  return out;
+}
+
+Json layout_json(const ParallelContext& ctx, bool sequence_parallel, int zero_stage) {
   Json j;
   j["world_size"] = ctx.world_size();
   j["tp"] = ctx.sizes().tp;
@@ -239,7 +288,7 @@ Json layout_json(const ParallelContext& ctx, bool sequence_parallel) {
   j["dp"] = ctx.sizes().dp;
   j["pp"] = ctx.sizes().pp;
   j["sequence_parallel"] = sequence_parallel;
-  j["zero"] = 0;
+  j["zero"] = zero_stage;
   return j;
 }
 
@@ -285,8 +334,18 @@ Json optimizer_json(const AdamWConfig& c) {
 
 }  // namespace
 
-// ---- Checkpointer
-// ----------------------------------------------------------------------------------
+// ---- Checkpointer ----
+
+int64_t Checkpointer::steps_applied() const {
+  return p_.zero_optimizer ? p_.zero_optimizer->steps_applied() : p_.optimizer->steps_applied();
+}
+void Checkpointer::set_steps_applied(int64_t s) {
+  if (p_.zero_optimizer) p_.zero_optimizer->set_steps_applied(s);
+  if (p_.optimizer) p_.optimizer->set_steps_applied(s);
+}
+const AdamWConfig& Checkpointer::adam_config() const {
+  return p_.zero_optimizer ? p_.zero_optimizer->config() : p_.optimizer->config();
+}
 
 Checkpointer::Checkpointer(const CheckpointerParams& p) : p_(p) {
   HELIX_CHECK(p_.ctx && p_.model, "Checkpointer: expected a parallel context and a model");
@@ -304,7 +363,7 @@ Json Checkpointer::local_record(const std::string& file, int64_t step, int64_t s
   j["file"] = file;
   j["step"] = step;
   j["skipped"] = skipped;
-  if (p_.optimizer) j["optimizer_steps_applied"] = p_.optimizer->steps_applied();
+  if (has_optimizer()) j["optimizer_steps_applied"] = steps_applied();
   if (p_.train) {
     j["data_cursor"]["epoch"] = p_.train->cursor().epoch;
     j["data_cursor"]["position"] = p_.train->cursor().position;
@@ -342,17 +401,40 @@ Json Checkpointer::write_rank_file(const std::string& tmp, int64_t step, int64_t
     pieces[tensor].mutable_array().push_back(piece.to_json());
   };
   std::vector<Parameter>& params = p_.model->params().all();
-  for (size_t i = 0; i < params.size(); ++i) {
-    const Parameter& p = params[i];
-    if (c.dp != 0 || c.cp != 0 || (p.shard == TpShard::kReplicated && c.tp != 0)) continue;
-    const auto put = [&](const std::string& prefix, const Tensor& local) {
-      for (auto& [piece, t] : tp_pieces(p, local.to(Device::cpu()), tr, tp))
-        add(prefix + p.name, piece, t, p.full_shape, Reshard::kAny);
-    };
-    put("model/", p.master);
-    if (p_.optimizer) {
-      put("optim/exp_avg/", p_.optimizer->moments()[i].first);
-      put("optim/exp_avg_sq/", p_.optimizer->moments()[i].second);
+  // Without ZeRO the first dp replica writes each parameter's whole local tensor; with ZeRO every
+  // dp rank writes the parts of its flat shards (flat ranges of the boxes).
+  const auto owns = [&](const Parameter& p) {
+    return c.cp == 0 && (p_.zero || c.dp == 0) && (p.shard != TpShard::kReplicated || c.tp == 0);
+  };
+  const auto put = [&](const std::string& prefix, const Parameter& p, const Tensor& data,
+                       int64_t begin, int64_t end) {
+    for (auto& [piece, t] : range_pieces(p, tr, tp, data, begin, end))
+      add(prefix + p.name, piece, t, p.full_shape, Reshard::kAny);
+  };
+  if (!p_.zero) {
+    for (size_t i = 0; i < params.size(); ++i) {
+      const Parameter& p = params[i];
+      if (!owns(p)) continue;
+      const auto flat = [](const Tensor& t) { return t.to(Device::cpu()).view(Shape{t.numel()}); };
+      put("model/", p, flat(p.master), 0, p.master.numel());
+      if (p_.optimizer) {
+        put("optim/exp_avg/", p, flat(p_.optimizer->moments()[i].first), 0, p.master.numel());
+        put("optim/exp_avg_sq/", p, flat(p_.optimizer->moments()[i].second), 0, p.master.numel());
+      }
+    }
+  } else {
+    for (size_t u = 0; u < p_.zero->num_units(); ++u) {
+      const Tensor m = p_.zero->master_shard(u).to(Device::cpu());
+      const Tensor m1 = p_.zero->exp_avg_shard(u).to(Device::cpu());
+      const Tensor m2 = p_.zero->exp_avg_sq_shard(u).to(Device::cpu());
+      for (const ZeroRange& z : zero_ranges(*p_.zero, u)) {
+        const Parameter& p = params[z.param];
+        if (!owns(p)) continue;
+        const int64_t len = z.end - z.begin;
+        put("model/", p, m.slice(z.shard_offset, z.shard_offset + len), z.begin, z.end);
+        put("optim/exp_avg/", p, m1.slice(z.shard_offset, z.shard_offset + len), z.begin, z.end);
+        put("optim/exp_avg_sq/", p, m2.slice(z.shard_offset, z.shard_offset + len), z.begin, z.end);
+      }
     }
   }
   for (const ExtraState& e : extra_) {
@@ -415,12 +497,12 @@ Json Checkpointer::build_meta(const std::vector<Json>& records, int64_t step,
   Json meta;
   meta["format"] = kCheckpointFormat;
   meta["version"] = kCheckpointVersion;
-  meta["kind"] = p_.optimizer ? "training" : "weights";
+  meta["kind"] = has_optimizer() ? "training" : "weights";
   meta["step"] = step;
   meta["model"] = model_config_to_json(p_.model->config());
   meta["vocabulary"] = vocabulary_json();
-  meta["layout"] = layout_json(*p_.ctx, p_.model->options().sequence_parallel);
-  if (p_.optimizer) {
+  meta["layout"] = layout_json(*p_.ctx, p_.model->options().sequence_parallel, p_.zero ? p_.zero->stage() : 0);
+  if (has_optimizer()) {
     Json t;
     t["step"] = step;
     t["skipped_steps"] = skipped;
@@ -432,7 +514,7 @@ Json Checkpointer::build_meta(const std::vector<Json>& records, int64_t step,
       t["data_plan"] = data_plan_json(*p_.options, *p_.train);
       t["lr_schedule"] = schedule_json(*p_.options);
     }
-    t["optimizer"] = optimizer_json(p_.optimizer->config());
+    t["optimizer"] = optimizer_json(adam_config());
     meta["trainer"] = t;
   }
   Json files = Json(Json::Object{});
@@ -487,7 +569,7 @@ void Checkpointer::check_meta(const Json& meta, const std::string& dir,
                 "{} '{}': checkpoint vocabulary differs at id {}: '{}', this helix has '{}'", flag,
                 dir, i, vocab[i].as_string(what), ours[i].as_string());
   // Per-rank state only resumes on the same layout.
-  const Json layout = layout_json(*p_.ctx, p_.model->options().sequence_parallel);
+  const Json layout = layout_json(*p_.ctx, p_.model->options().sequence_parallel, p_.zero ? p_.zero->stage() : 0);
   const TensorIndex index = tensor_index_from_json(meta.at("tensors", what), what);
   for (const auto& [name, e] : index)
     HELIX_CHECK(e.reshard == Reshard::kAny || meta.at("layout", what).dump() == layout.dump(),
@@ -495,7 +577,7 @@ void Checkpointer::check_meta(const Json& meta, const std::string& dir,
                 "resharded, resume "
                 "on the same layout",
                 flag, dir, name, layout_str(meta.at("layout", what)), layout_str(layout));
-  if (!p_.optimizer || meta.at("kind", what).as_string(what) != "training" || !p_.options ||
+  if (!has_optimizer() || meta.at("kind", what).as_string(what) != "training" || !p_.options ||
       !p_.train)
     return;
   const Json& t = meta.at("trainer", what);
@@ -517,10 +599,10 @@ void Checkpointer::check_meta(const Json& meta, const std::string& dir,
       p_.ctx->world_rank() == 0)
     log_warn("{} '{}': the learning-rate schedule differs from the checkpoint's ({} now, {} then)",
              flag, dir, schedule_json(*p_.options).dump(), t.at("lr_schedule").dump());
-  if (t.at("optimizer", what).dump() != optimizer_json(p_.optimizer->config()).dump() &&
+  if (t.at("optimizer", what).dump() != optimizer_json(adam_config()).dump() &&
       p_.ctx->world_rank() == 0)
     log_warn("{} '{}': the AdamW settings differ from the checkpoint's ({} now, {} then)", flag,
-             dir, optimizer_json(p_.optimizer->config()).dump(), t.at("optimizer").dump());
+             dir, optimizer_json(adam_config()).dump(), t.at("optimizer").dump());
 }
 
 TrainProgress Checkpointer::load(const std::string& path, const std::string& flag) {
@@ -533,25 +615,44 @@ TrainProgress Checkpointer::load(const std::string& path, const std::string& fla
 
   const std::string what = dir + "/" + kCheckpointMetaFile;
   CheckpointReader reader(dir, tensor_index_from_json(meta.at("tensors", what), what));
-  const bool training =
-      meta.at("kind", what).as_string(what) == "training" && p_.optimizer != nullptr;
+  const bool training = meta.at("kind", what).as_string(what) == "training" && has_optimizer();
   std::vector<Parameter>& params = p_.model->params().all();
-  const auto load_into = [&](const Parameter& p, const std::string& tname, Tensor& dst) {
+  // This tp rank's local tensor of a parameter (CPU f32), from the global one.
+  const auto local_of = [&](const Parameter& p, const std::string& tname) {
     const Tensor full = reader.assemble(tname);
     HELIX_CHECK(full.shape() == p.full_shape && full.dtype() == DType::kF32,
                 "{} '{}': tensor '{}' is {} in the checkpoint, the model needs f32{}", flag, dir,
                 tname, full.str(), p.full_shape.str());
-    dst.copy_from(p_.model->shard_of(p, full), Stream());
+    return p_.model->shard_of(p, full);
   };
-  for (size_t i = 0; i < params.size(); ++i) {
-    Parameter& p = params[i];
-    load_into(p, "model/" + p.name, p.master);
-    if (training) {
-      load_into(p, "optim/exp_avg/" + p.name, p_.optimizer->moments()[i].first);
-      load_into(p, "optim/exp_avg_sq/" + p.name, p_.optimizer->moments()[i].second);
+  if (!p_.zero) {
+    for (size_t i = 0; i < params.size(); ++i) {
+      Parameter& p = params[i];
+      p.master.copy_from(local_of(p, "model/" + p.name), Stream());
+      if (!training) continue;
+      p_.optimizer->moments()[i].first.copy_from(local_of(p, "optim/exp_avg/" + p.name), Stream());
+      p_.optimizer->moments()[i].second.copy_from(local_of(p, "optim/exp_avg_sq/" + p.name),
+                                                  Stream());
     }
+    p_.model->params().sync_model_copies(Stream());
+  } else {
+    // ZeRO: this rank's part of each unit's flat shards.
+    for (size_t u = 0; u < p_.zero->num_units(); ++u) {
+      for (const ZeroRange& z : zero_ranges(*p_.zero, u)) {
+        const Parameter& p = params[z.param];
+        const auto fill = [&](const std::string& prefix, const Tensor& shard) {
+          const Tensor local = local_of(p, prefix + p.name);
+          Tensor dst = shard.slice(z.shard_offset, z.shard_offset + z.end - z.begin);
+          dst.copy_from(local.view(Shape{local.numel()}).slice(z.begin, z.end), Stream());
+        };
+        fill("model/", p_.zero->master_shard(u));
+        if (!training) continue;
+        fill("optim/exp_avg/", p_.zero->exp_avg_shard(u));
+        fill("optim/exp_avg_sq/", p_.zero->exp_avg_sq_shard(u));
+      }
+    }
+    p_.zero->refresh_model_copies(Stream());
   }
-  p_.model->params().sync_model_copies(Stream());
   TrainProgress progress;
   if (!training) {
     if (ctx.world_rank() == 0)
@@ -576,7 +677,7 @@ TrainProgress Checkpointer::load(const std::string& path, const std::string& fla
   const Json& t = meta.at("trainer", what);
   progress.step = t.at("step", what).as_int(what);
   progress.skipped = t.at("skipped_steps", what).as_int(what);
-  p_.optimizer->set_steps_applied(t.at("optimizer_steps_applied", what).as_int(what));
+  set_steps_applied(t.at("optimizer_steps_applied", what).as_int(what));
   if (p_.train && t.has("data_cursor"))
     p_.train->set_cursor(DataCursor{t.at("data_cursor").at("epoch", what).as_int(what),
                                     t.at("data_cursor").at("position", what).as_int(what)});

@@ -19,6 +19,9 @@
 namespace helix {
 
 class AdamW;
+class ZeroAdamW;
+class ZeroSync;
+struct AdamWConfig;
 class DataLoader;
 class Esm2Model;
 class ParallelContext;
@@ -37,7 +40,9 @@ struct ExtraState {
 struct CheckpointerParams {
   const ParallelContext* ctx = nullptr;   // required
   Esm2Model* model = nullptr;             // required
-  AdamW* optimizer = nullptr;             // null: weights only (convert, eval)
+  AdamW* optimizer = nullptr;  // null (and no zero_optimizer): weights only (convert, eval)
+  ZeroSync* zero = nullptr;             // --zero: masters and moments live in its flat shards
+  ZeroAdamW* zero_optimizer = nullptr;  // --zero: the step counter and AdamW settings
   DataLoader* train = nullptr;            // null: no data cursor
   const TrainOptions* options = nullptr;  // null: no data plan / schedule recorded or checked
 };
@@ -71,6 +76,10 @@ class Checkpointer {
   std::string save(const std::string& run_dir, int64_t step, int64_t skipped);
 
  private:
+  bool has_optimizer() const { return p_.optimizer || p_.zero_optimizer; }
+  int64_t steps_applied() const;
+  void set_steps_applied(int64_t s);
+  const AdamWConfig& adam_config() const;
   Json local_record(const std::string& file, int64_t step, int64_t skipped) const;
   Json write_rank_file(const std::string& tmp, int64_t step, int64_t skipped) const;
   Json build_meta(const std::vector<Json>& records, int64_t step, int64_t skipped) const;

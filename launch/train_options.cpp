@@ -62,7 +62,9 @@ bool parse_train_options(const std::vector<std::string>& args, TrainOptions& o) 
       "activation recompute: none | full (re-run each layer's forward in backward)")(
       "tp", po::value(&o.tp)->default_value(o.tp), "tensor-parallel size (ranks per TP group)")(
       "dp", po::value(&o.dp)->default_value(o.dp), "data-parallel size (0: world size / tp)")(
-      "sequence-parallel", po::bool_switch(&o.sequence_parallel), "split LayerNorm/residual regions along T over tp");
+      "sequence-parallel", po::bool_switch(&o.sequence_parallel), "split LayerNorm/residual regions along T over tp")(
+      "zero", po::value(&o.zero)->default_value(o.zero),
+      "ZeRO sharding over dp: 0 off | 1 optimizer state | 2 + gradients | 3 + parameters");
   po::options_description all;
   all.add(general).add(model).add(data).add(batch).add(optim).add(out).add(exec);
   all.add(checkpoint_options_description(o.checkpoint));
@@ -124,6 +126,8 @@ void validate_train_options(const TrainOptions& o) {
   HELIX_CHECK(o.model_config.ffn % o.tp == 0, "--tp {}: expected the FFN size ({}) divisible by tp", o.tp,
               o.model_config.ffn);
   HELIX_CHECK(!o.sequence_parallel || o.tp > 1, "--sequence-parallel: needs --tp > 1, got --tp {}", o.tp);
+  HELIX_CHECK(o.zero >= 0 && o.zero <= 3, "--zero: expected 0, 1, 2 or 3, got {}", o.zero);
+  HELIX_CHECK(o.zero == 0 || o.dp != 1, "--zero {}: shards over the data-parallel group, but --dp is 1", o.zero);
   HELIX_CHECK(o.recompute == "none" || o.recompute == "full", "--recompute: expected none or full, got '{}'",
               o.recompute);
   HELIX_CHECK(o.eval_batches >= 0 && o.eval_interval >= 0 && o.log_interval >= 1,

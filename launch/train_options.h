@@ -45,6 +45,7 @@ struct TrainOptions {
   int tp = 1;
   int dp = 0;                      // 0: derived from the world size
   bool sequence_parallel = false;  // split LayerNorm / residual regions along T over tp
+  int zero = 0;  // ZeRO stage over dp: 1 optimizer state, 2 + gradients, 3 + parameters (docs/fsdp.md)
   // Checkpoints (--save, --save-every, --keep, --resume, --stop-after): launch/checkpoint.h
   CheckpointOptions checkpoint;
   int64_t last_step() const { return checkpoint.stop_after > 0 ? checkpoint.stop_after : steps; }

@@ -256,6 +256,7 @@ void Esm2Model::load_hf(const SafetensorsReader& file) {
 namespace helix {
 
 Var Esm2Model::forward(Tape& tape, const ThdBatch& batch) {
+  if (opts_.layer_hooks) opts_.layer_hooks->begin_forward(tape);
   if (tp_size() > 1) return forward_tp(tape, batch);
   const ModelConfig& c = config_;
   const float eps = c.layer_norm_eps;
@@ -284,7 +285,9 @@ Var Esm2Model::forward(Tape& tape, const ThdBatch& batch) {
                        {h, w(p + "LayerNorm.weight"), w(p + "LayerNorm.bias"), w(p + "intermediate.dense.weight"),
                         w(p + "intermediate.dense.bias"), w(p + "output.dense.weight"), w(p + "output.dense.bias")})};
     };
+    if (opts_.layer_hooks) x = opts_.layer_hooks->enter_layer(tape, i, x);
     x = tape.segment("layer" + std::to_string(i), layer, {x})[0];
+    if (opts_.layer_hooks) x = opts_.layer_hooks->leave_layer(tape, i, x);
   }
   x = tape.apply1(std::make_shared<LayerNormNode>(eps), {x, w(kFinalLnW), w(kFinalLnB)});
   return tape.apply1(std::make_shared<LmHeadNode>(eps),
@@ -408,7 +411,9 @@ Var Esm2Model::forward_tp(Tape& tape, const ThdBatch& batch) {
       Var f2 = linear(tt.apply1(std::make_shared<GeluNode>(), {f1}), p + "output.dense", false);
       return {bias_residual(leave(f2), p + "output.dense.bias", h)};
     };
+    if (opts_.layer_hooks) x = opts_.layer_hooks->enter_layer(tape, i, x);
     x = tape.segment("layer" + std::to_string(i), layer, {x})[0];
+    if (opts_.layer_hooks) x = opts_.layer_hooks->leave_layer(tape, i, x);
   }
   x = tape.apply1(std::make_shared<LayerNormNode>(eps), {x, w(kFinalLnW), w(kFinalLnB)});
   if (sp) x = gather_from_sp(tape, *tp, x, GatherGrad::kSplit);

@@ -8,6 +8,8 @@
 #                                            (resume_1rank also checks --keep)
 #   reshard_4to1 / reshard_1to4              saved on tp 2 x dp 2, resumed on 1 rank (and back): the
 #                                            losses of the continued steps within fp32 tolerance
+#   resume_zero / reshard_zero               the same with ZeRO (flat shards): bitwise with --zero 3,
+#                                            tp 2 x dp 2 --zero 1 -> dp 2 --zero 3 and -> 1 rank
 #   killed_save                              a process that dies in the middle of a save leaves the
 #                                            previous checkpoint, which resumes bitwise
 #   damaged                                  truncated / corrupted / missing rank file, a cut meta.json,
@@ -86,6 +88,19 @@ case $CASE in
     ;;
   resume_tp2) bitwise_resume 2 --tp 2 ;;
   resume_dp2) bitwise_resume 2 ;;
+  resume_zero) bitwise_resume 2 --zero 3 ;;
+  reshard_zero)
+    # ZeRO shards are flat ranges of the TP boxes: saved on tp 2 x dp 2 with --zero 1, resumed on
+    # 2 ranks with --zero 3 (dp 2) and on 1 rank without ZeRO (2 micro-batches).
+    run 4 train "${ARGS[@]}" --tp 2 --zero 1 --out four --save four_ck --save-every 3 > log_a 2>&1 || { cat log_a; fail "4 ranks"; }
+    grep -q '"flat"' four_ck/step_00000003/meta.json || fail "expected flat pieces in a ZeRO checkpoint"
+    run 2 train "${ARGS[@]}" --zero 3 --out two --resume four_ck/step_00000003 > log_b 2>&1 || { cat log_b; fail "resume on 2 (zero 3)"; }
+    run 1 train "${ARGS[@]}" --micro-batches 2 --out one --resume four_ck/step_00000003 > log_c 2>&1 || { cat log_c; fail "resume on 1"; }
+    losses four/metrics.jsonl | tail -n 3 | sed 's/^/"loss":/' > four_tail.jsonl
+    close_losses four_tail.jsonl two/metrics.jsonl
+    close_losses four_tail.jsonl one/metrics.jsonl
+    echo "ok: saved on tp 2 x dp 2 --zero 1; resumed with --zero 3 on dp 2 and without ZeRO on 1 rank"
+    ;;
   reshard_4to1)
     # tp 2 x dp 2 with 1 micro-batch per rank == 1 rank with 2 micro-batches (same batches, same cursor).
     run 4 train "${ARGS[@]}" --tp 2 --out four --save four_ck --save-every 3 > log_a 2>&1 || { cat log_a; fail "4 ranks"; }
