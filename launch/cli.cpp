@@ -8,6 +8,7 @@
 #include "core/device.h"
 #include "core/error.h"
 #include "launch/plan/plan_cli.h"
+#include "launch/convert.h"
 #include "launch/trainer.h"
 
 namespace po = boost::program_options;
@@ -22,6 +23,8 @@ constexpr const char* kUsage =
     "  train    train an ESM-2 masked language model on a FASTA file\n"
     "  info     print the build configuration and the devices helix can use\n"
     "  plan     predict memory, communication and step time of a parallel layout (or --search)\n"
+    "  convert  Hugging Face safetensors <-> helix checkpoint (--from hf:FILE --to DIR, --from DIR --to hf:OUT)\n"
+    "  eval     masked-LM loss and perplexity of a checkpoint on a FASTA file\n"
     "\n"
     "Run `helix <command> --help` for the options of a command.\n";
 
@@ -77,13 +80,15 @@ int run_cli(int argc, char** argv) {
   if (vm.count("help")) rest.push_back("--help");  // `helix <command> --help`: the command's help
   if (cmd == "info") return cmd_info(rest);
   if (cmd == "plan") return cmd_plan(rest);
+  if (cmd == "convert") return run_convert(rest);
+  if (cmd == "eval") return run_eval(rest);
   if (cmd == "train") {
     TrainOptions o;
     if (!parse_train_options(rest, o)) return 0;
     const TrainSummary s = run_train(o);
-    return s.steps == o.steps ? 0 : 1;
+    return s.steps == o.last_step() ? 0 : 1;
   }
-  HELIX_FAIL("unknown command '{}' (known: train, info, plan); run `helix --help`", cmd);
+  HELIX_FAIL("unknown command '{}' (known: train, info, plan, convert, eval); run `helix --help`", cmd);
 }
 
 }  // namespace helix

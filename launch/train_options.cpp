@@ -81,6 +81,7 @@ bool parse_train_options(const std::vector<std::string>& args, TrainOptions& o) 
       "ranks sharing amaxes: tp | tp-cp-dp");
   po::options_description all;
   all.add(general).add(model).add(data).add(batch).add(optim).add(out).add(exec).add(fp8);
+  all.add(checkpoint_options_description(o.checkpoint));
 
   po::variables_map vm;
   po::store(po::command_line_parser(args).options(all).run(), vm);
@@ -156,6 +157,7 @@ void validate_train_options(const TrainOptions& o) {
               "--eval-batches/--eval-interval must be >= 0 and --log-interval >= 1");
   HELIX_CHECK(o.beta1 >= 0 && o.beta1 < 1 && o.beta2 >= 0 && o.beta2 < 1 && o.adam_eps > 0,
               "--beta1/--beta2 must be in [0, 1) and --adam-eps > 0");
+  validate_checkpoint_options(o.checkpoint, o.steps);
 }
 
 }  // namespace helix

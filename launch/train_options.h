@@ -6,6 +6,7 @@
 #include <string>
 #include <vector>
 
+#include "launch/checkpoint_options.h"
 #include "launch/lr_schedule.h"
 #include "layers/model_config.h"
 #include "parallel/cp_attention.h"
@@ -58,6 +59,9 @@ struct TrainOptions {
   std::string amax_algo = "max";          // max | most_recent
   int fp8_margin = 0;
   std::string fp8_amax_group = "tp-cp-dp";  // tp | tp-cp-dp
+  // Checkpoints (--save, --save-every, --keep, --resume, --stop-after): launch/checkpoint.h
+  CheckpointOptions checkpoint;
+  int64_t last_step() const { return checkpoint.stop_after > 0 ? checkpoint.stop_after : steps; }
 
   int64_t tokens_per_micro_batch() const { return tokens_per_step / micro_batches; }
 };

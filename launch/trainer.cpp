@@ -10,6 +10,7 @@
 #include "core/allocator.h"
 #include "core/json.h"
 #include "core/log.h"
+#include "launch/checkpoint.h"
 #include "launch/data/loader.h"
 #include "launch/fp8_setup.h"
 #include "launch/metrics.h"
@@ -40,31 +41,6 @@ std::vector<int> seqlens_of(const PackedBatch& b) {
   std::vector<int> s;
   for (size_t i = 0; i + 1 < cu.size(); ++i) s.push_back(cu[i + 1] - cu[i]);
   return s;
-}
-
-// Hugging Face EsmConfig for the exported model, so transformers opens it as EsmForMaskedLM.
-Json hf_config(const ModelConfig& c) {
-  Json j;
-  j["architectures"] = Json(Json::Array{Json("EsmForMaskedLM")});
-  j["model_type"] = "esm";
-  j["vocab_size"] = c.vocab;
-  j["hidden_size"] = c.hidden;
-  j["num_hidden_layers"] = c.layers;
-  j["num_attention_heads"] = c.heads;
-  j["intermediate_size"] = c.ffn;
-  j["max_position_embeddings"] = c.max_positions;
-  j["position_embedding_type"] = "rotary";
-  j["layer_norm_eps"] = double(c.layer_norm_eps);
-  j["hidden_act"] = "gelu";
-  j["hidden_dropout_prob"] = 0.0;
-  j["attention_probs_dropout_prob"] = 0.0;
-  j["token_dropout"] = c.token_dropout;
-  j["emb_layer_norm_before"] = false;
-  j["mask_token_id"] = c.mask_token_id;
-  j["pad_token_id"] = c.pad_token_id;
-  j["tie_word_embeddings"] = true;
-  j["initializer_range"] = 0.02;
-  return j;
 }
 
 // Every rank evaluates the same batches (the model may be split over tp; dp ranks repeat the work).
@@ -189,6 +165,11 @@ TrainSummary run_train(const TrainOptions& o) {
   std::optional<AdamW> opt;
   if (!zero) opt.emplace(model.params(), adam_cfg);
   GradSync sync(model.params(), zero ? nullptr : &ctx);
+  // --resume / --save: launch/checkpoint.h (restores parameters, moments, step, data cursor).
+  Checkpointer ckpt(CheckpointerParams{.ctx = &ctx, .model = &model, .optimizer = opt ? &*opt : nullptr,
+                                       .zero = zero.get(), .zero_optimizer = zero_opt.get(), .train = &train,
+                                       .options = &o});
+  const TrainProgress start = ckpt.resume(o.checkpoint);
   if (rank0)
     log_info("model {}: {} layers, hidden {}, {} heads, {:.2f}M parameters on {} ({}); {} ranks: tp {}{} x dp {}",
              o.model_config.name, o.model_config.layers, o.model_config.hidden, o.model_config.heads,
@@ -198,7 +179,7 @@ TrainSummary run_train(const TrainOptions& o) {
   MetricsWriter metrics;
   if (!o.out.empty() && rank0) {
     std::filesystem::create_directories(o.out);
-    metrics = MetricsWriter(o.out + "/metrics.jsonl");
+    metrics = MetricsWriter(o.out + "/metrics.jsonl", /*append=*/start.step > 0);
   }
   double peak = 0;
   if (device.is_cuda()) {
@@ -207,8 +188,9 @@ TrainSummary run_train(const TrainOptions& o) {
 
   TrainSummary summary;
   summary.valid_loss = std::nan("");
+  summary.skipped = start.skipped;
   Allocator& alloc = allocator_for(device);
-  for (int64_t step = 0; step < o.steps; ++step) {
+  for (int64_t step = start.step; step < o.last_step(); ++step) {
     const auto t0 = std::chrono::steady_clock::now();
     std::vector<PackedBatch> micro;
     int64_t labels = 0, tokens = 0;
@@ -285,11 +267,12 @@ TrainSummary run_train(const TrainOptions& o) {
     summary.skipped += m.skipped;
     m.skipped_total = summary.skipped;
     if (rank0) metrics.write(m);
-    if (step == 0) summary.first_loss = mean_loss;
+    if (step == start.step) summary.first_loss = mean_loss;
     summary.last_loss = mean_loss;
     summary.steps = step + 1;
     if (m.skipped && rank0) log_warn("step {}: non-finite loss or gradient, update skipped ({} so far)", m.step, m.skipped_total);
     if (rank0 && ((step + 1) % o.log_interval == 0 || step == 0 || step + 1 == o.steps)) log_info("{}", progress_line(m, o.steps));
+    ckpt.after_step(o.checkpoint, step + 1, o.last_step(), summary.skipped);
 
     const bool last = step + 1 == o.steps;
     if (valid && o.eval_batches > 0 && ((o.eval_interval > 0 && (step + 1) % o.eval_interval == 0) || last)) {
