@@ -169,6 +169,13 @@ TrainSummary run_train(const TrainOptions& o) {
   Checkpointer ckpt(CheckpointerParams{.ctx = &ctx, .model = &model, .optimizer = opt ? &*opt : nullptr,
                                        .zero = zero.get(), .zero_optimizer = zero_opt.get(), .train = &train,
                                        .options = &o});
+  if (fp8) {  // FP8 scaling state (docs/fp8.md): identical on every rank of the amax group
+    const bool whole_world = o.fp8_amax_group == "tp-cp-dp" || ctx.world_size() == o.tp;
+    const Reshard r = whole_world ? Reshard::kAny : Reshard::kSameLayout;
+    ckpt.add_state(ExtraState{.name = "fp8/amax_history", .tensor = fp8->history(), .reshard = r});
+    ckpt.add_state(ExtraState{.name = "fp8/scale", .tensor = fp8->scales(), .reshard = r});
+    ckpt.add_state(ExtraState{.name = "fp8/scale_inv", .tensor = fp8->scale_invs(), .reshard = r});
+  }
   const TrainProgress start = ckpt.resume(o.checkpoint);
   if (rank0)
     log_info("model {}: {} layers, hidden {}, {} heads, {:.2f}M parameters on {} ({}); {} ranks: tp {}{} x dp {}",
