@@ -5,6 +5,7 @@
 #include <iostream>
 
 #include "core/error.h"
+#include "launch/pipeline_step.h"
 
 namespace po = boost::program_options;
 
@@ -12,7 +13,7 @@ namespace helix {
 
 bool parse_train_options(const std::vector<std::string>& args, TrainOptions& o) {
   int layers = 0, hidden = 0, heads = 0, ffn = 0;
-  std::string decay = "linear", config;
+  std::string decay = "linear", config, pp_layers;
   po::options_description general("General");
   general.add_options()("help,h", "show this help")(
       "config", po::value(&config), "INI file with any of the options below (command line wins)");
@@ -62,7 +63,11 @@ bool parse_train_options(const std::vector<std::string>& args, TrainOptions& o) 
       "activation recompute: none | full (re-run each layer's forward in backward)")(
       "tp", po::value(&o.tp)->default_value(o.tp), "tensor-parallel size (ranks per TP group)")(
       "dp", po::value(&o.dp)->default_value(o.dp), "data-parallel size (0: world size / tp)")(
-      "sequence-parallel", po::bool_switch(&o.sequence_parallel), "split LayerNorm/residual regions along T over tp");
+      "sequence-parallel", po::bool_switch(&o.sequence_parallel), "split LayerNorm/residual regions along T over tp")(
+      "pp", po::value(&o.pp)->default_value(o.pp), "pipeline-parallel stages (1F1B over the micro-batches)")(
+      "pp-virtual", po::value(&o.pp_virtual)->default_value(o.pp_virtual),
+      "model chunks per pipeline rank (> 1: interleaved 1F1B; --micro-batches a multiple of --pp)")(
+      "pp-layers", po::value(&pp_layers), "layers per (virtual) stage, e.g. 9,8,8,8 (default: balanced)");
   po::options_description all;
   all.add(general).add(model).add(data).add(batch).add(optim).add(out).add(exec);
 
@@ -87,6 +92,7 @@ bool parse_train_options(const std::vector<std::string>& args, TrainOptions& o) 
   if (heads) o.model_config.heads = heads;
   if (ffn) o.model_config.ffn = ffn;
   if (layers || hidden || heads || ffn) o.model_config.name = o.model + "-custom";
+  if (!pp_layers.empty()) o.pp_layers = parse_pp_layers(pp_layers);
   validate_train_options(o);
   return true;
 }
@@ -125,6 +131,7 @@ void validate_train_options(const TrainOptions& o) {
   HELIX_CHECK(!o.sequence_parallel || o.tp > 1, "--sequence-parallel: needs --tp > 1, got --tp {}", o.tp);
   HELIX_CHECK(o.recompute == "none" || o.recompute == "full", "--recompute: expected none or full, got '{}'",
               o.recompute);
+  validate_pipeline_options(o);
   HELIX_CHECK(o.eval_batches >= 0 && o.eval_interval >= 0 && o.log_interval >= 1,
               "--eval-batches/--eval-interval must be >= 0 and --log-interval >= 1");
   HELIX_CHECK(o.beta1 >= 0 && o.beta1 < 1 && o.beta2 >= 0 && o.beta2 < 1 && o.adam_eps > 0,

@@ -44,6 +44,11 @@ struct TrainOptions {
   int tp = 1;
   int dp = 0;                      // 0: derived from the world size
   bool sequence_parallel = false;  // split LayerNorm / residual regions along T over tp
+  // Pipeline parallelism (launch/pipeline_step.h): stages, model chunks per rank (> 1: interleaved
+  // 1F1B), layers per virtual stage (empty: balanced).
+  int pp = 1;
+  int pp_virtual = 1;
+  std::vector<int> pp_layers;
 
   int64_t tokens_per_micro_batch() const { return tokens_per_step / micro_batches; }
 };

@@ -249,4 +249,10 @@ std::vector<std::pair<std::string, Tensor>> Esm2Pipeline::hf_tensors() const {
   return mine;
 }
 
+void Esm2Pipeline::save_hf(const std::string& path) const {
+  const auto tensors = hf_tensors();  // collective over tp and pp
+  if (ctx_.world_rank() != 0) return;
+  save_safetensors(path, tensors, {{"format", "pt"}, {"helix_model", model_.config().name}});
+}
+
 }  // namespace helix

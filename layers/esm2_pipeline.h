@@ -55,6 +55,8 @@ class Esm2Pipeline {
   // The model's tensors under Hugging Face names gathered over the stages (collective over tp and
   // pp); complete on pp rank 0, empty elsewhere.
   std::vector<std::pair<std::string, Tensor>> hf_tensors() const;
+  // Esm2Model::save_hf of the whole pipelined model (collective over tp and pp; world rank 0 writes).
+  void save_hf(const std::string& path) const;
 
   bool first_stage() const { return rank_ == 0; }
   bool last_stage() const { return rank_ == stages_ - 1; }
