@@ -142,6 +142,7 @@ double Esm2Pipeline::run(const std::vector<ThdBatch>& micro, float grad_scale, b
       sent = out.data();
     }
     if (train) live.emplace(std::make_pair(mb, chunk), std::move(l));
+    if (opts_.timed) stream.synchronize();
     return sent;
   };
   cb.backward = [&](int mb, int chunk, const Tensor& grad_output) -> Tensor {
@@ -151,6 +152,7 @@ double Esm2Pipeline::run(const std::vector<ThdBatch>& micro, float grad_scale, b
     live.erase(it);
     if (grad_output.defined()) l.tape->backward(l.output, grad_output);
     else l.tape->backward(l.output);
+    if (opts_.timed) stream.synchronize();
     if (!l.input.defined()) return Tensor();
     if (l.input.grad().defined()) return l.input.grad();
     return Tensor::zeros(l.input.data().shape(), l.input.data().dtype(), l.input.data().device());

@@ -255,42 +255,58 @@ PipelineRunStats run_pipeline_actions(const std::vector<PipelineAction>& actions
     return t;
   };
   const auto secs = [](Clock::time_point a) { return std::chrono::duration<double>(Clock::now() - a).count(); };
-  for (const PipelineAction& a : actions) {
+  const auto is_send = [](const PipelineAction& a) {
+    return a.kind == PipelineActionKind::kSendActivation || a.kind == PipelineActionKind::kSendGrad;
+  };
+  const auto is_recv = [](const PipelineAction& a) {
+    return a.kind == PipelineActionKind::kRecvActivation || a.kind == PipelineActionKind::kRecvGrad;
+  };
+  for (size_t i = 0; i < actions.size(); ++i) {
+    const PipelineAction& a = actions[i];
     const Slot s{a.micro_batch, a.chunk};
     const auto t = Clock::now();
-    switch (a.kind) {
-      case PipelineActionKind::kRecvActivation:
-      case PipelineActionKind::kRecvGrad: {
-        Tensor buf = cb.make_buffer(a.micro_batch, a.chunk);
-        pp.recv(buf, a.peer, stream);
-        (a.kind == PipelineActionKind::kRecvActivation ? act_in : grad_out)[s] = buf;
-        st.comm_s += secs(t);
-        ++st.messages;
-        break;
+    if (is_send(a) || is_recv(a)) {
+      // A send next to a receive (no compute between) goes out as one send_recv: both are posted
+      // together, so the send does not wait for the peer to finish its compute. The message order
+      // is unchanged, so the smallest undelivered message still has both sides posted.
+      SendRecvParams p;
+      Slot recv_slot;
+      bool recv_act = false;
+      const size_t n_ops = i + 1 < actions.size() && ((is_send(a) && is_recv(actions[i + 1])) ||
+                                                      (is_recv(a) && is_send(actions[i + 1])))
+                               ? 2
+                               : 1;
+      for (size_t j = i; j < i + n_ops; ++j) {
+        const PipelineAction& c = actions[j];
+        const Slot cs{c.micro_batch, c.chunk};
+        if (is_send(c)) {
+          p.send = take(c.kind == PipelineActionKind::kSendActivation ? act_out : grad_in, cs);
+          HELIX_CHECK(p.send.defined(), "pipeline: {} before its compute produced the tensor", c.str());
+          p.dst = c.peer;
+        } else {
+          p.recv = cb.make_buffer(c.micro_batch, c.chunk);
+          p.src = c.peer;
+          recv_slot = cs;
+          recv_act = c.kind == PipelineActionKind::kRecvActivation;
+        }
       }
-      case PipelineActionKind::kSendActivation:
-      case PipelineActionKind::kSendGrad: {
-        const bool act = a.kind == PipelineActionKind::kSendActivation;
-        Tensor out = take(act ? act_out : grad_in, s);
-        HELIX_CHECK(out.defined(), "pipeline: {} before its compute produced the tensor", a.str());
-        pp.send(out, a.peer, stream);
-        st.comm_s += secs(t);
-        ++st.messages;
-        break;
-      }
-      case PipelineActionKind::kForward: {
-        Tensor out = cb.forward(a.micro_batch, a.chunk, take(act_in, s));
-        if (out.defined()) act_out[s] = out;
-        st.compute_s += secs(t);
-        break;
-      }
-      case PipelineActionKind::kBackward: {
-        Tensor g = cb.backward(a.micro_batch, a.chunk, take(grad_out, s));
-        if (g.defined()) grad_in[s] = g;
-        st.compute_s += secs(t);
-        break;
-      }
+      pp.send_recv(p, stream);
+      if (p.recv.defined()) (recv_act ? act_in : grad_out)[recv_slot] = p.recv;
+      st.comm_s += secs(t);
+      st.messages += static_cast<int64_t>(n_ops);
+      i += n_ops - 1;
+      continue;
     }
+    if (a.kind == PipelineActionKind::kForward) {
+      Tensor out = cb.forward(a.micro_batch, a.chunk, take(act_in, s));
+      if (out.defined()) act_out[s] = out;
+      st.forward_s += secs(t);
+    } else {
+      Tensor g = cb.backward(a.micro_batch, a.chunk, take(grad_out, s));
+      if (g.defined()) grad_in[s] = g;
+      st.backward_s += secs(t);
+    }
+    st.compute_s += secs(t);
   }
   HELIX_CHECK(act_in.empty() && act_out.empty() && grad_in.empty() && grad_out.empty(),
               "pipeline: the action list left {} tensors unsent or unused", act_in.size() + act_out.size() +

@@ -116,6 +116,8 @@ struct PipelineCallbacks {
 
 struct PipelineRunStats {
   double compute_s = 0;  // in forward / backward callbacks (host time: on a GPU, enqueue time)
+  double forward_s = 0;  // the forward share of compute_s
+  double backward_s = 0;
   double comm_s = 0;     // in sends and receives, waiting for peers included
   double total_s = 0;
   int64_t messages = 0;  // sends + receives
