@@ -65,12 +65,12 @@ std::string describe_pipeline(const TrainOptions& o) {
   const std::vector<int> split = pipeline_split(o);
   PipelineCosts costs;
   for (int s : split) costs.stage_weight.push_back(s);
-  const double bubble = pipeline_bubble_fraction(
-      {.stages = o.pp, .virtual_stages = o.pp_virtual, .micro_batches = o.micro_batches}, costs);
+  const PipelineScheduleParams p{.stages = o.pp, .virtual_stages = o.pp_virtual, .micro_batches = o.micro_batches};
   return fmt::format("pipeline: {} stages x {} chunks ({}), layers per virtual stage {}, {} micro-batches, "
-                     "predicted bubble {:.1f}%",
+                     "predicted bubble {:.1f}% (schedule) / {:.1f}% (blocking executor)",
                      o.pp, o.pp_virtual, o.pp_virtual > 1 ? "interleaved 1F1B" : "1F1B", fmt::join(split, ","),
-                     o.micro_batches, 100 * bubble);
+                     o.micro_batches, 100 * pipeline_bubble_fraction(p, costs),
+                     100 * pipeline_executor_bubble_fraction(p, costs));
 }
 
 }  // namespace helix

@@ -181,8 +181,94 @@ PipelineTimeline simulate_pipeline(const PipelineScheduleParams& p, const Pipeli
   return out;
 }
 
+namespace {
+bool is_send(const PipelineAction& a) {
+  return a.kind == PipelineActionKind::kSendActivation || a.kind == PipelineActionKind::kSendGrad;
+}
+bool is_recv(const PipelineAction& a) {
+  return a.kind == PipelineActionKind::kRecvActivation || a.kind == PipelineActionKind::kRecvGrad;
+}
+// How many actions from i the executor posts as one operation: 2 for a send next to a receive
+// (either order), else 1.
+size_t op_size(const std::vector<PipelineAction>& a, size_t i) {
+  if (i + 1 >= a.size()) return 1;
+  return (is_send(a[i]) && is_recv(a[i + 1])) || (is_recv(a[i]) && is_send(a[i + 1])) ? 2 : 1;
+}
+}  // namespace
+
+PipelineTimeline simulate_pipeline_execution(const PipelineScheduleParams& p, const PipelineCosts& costs) {
+  const int n = p.stages;
+  (void)simulate(p, costs);  // validates the costs
+  std::vector<std::vector<PipelineAction>> lists;
+  for (int r = 0; r < n; ++r) lists.push_back(pipeline_schedule(p, r));
+  // A message is identified by (kind: 0 activation / 1 gradient, producing virtual stage, mb).
+  using Msg = std::tuple<int, int, int>;
+  const auto msg_of = [n](int r, const PipelineAction& a) -> Msg {
+    const int vs = a.chunk * n + r;
+    switch (a.kind) {
+      case PipelineActionKind::kSendActivation: return {0, vs, a.micro_batch};
+      case PipelineActionKind::kRecvActivation: return {0, vs - 1, a.micro_batch};
+      case PipelineActionKind::kSendGrad: return {1, vs, a.micro_batch};
+      default: return {1, vs + 1, a.micro_batch};
+    }
+  };
+  struct Sides {
+    double at[2] = {0, 0};  // post time of the sender (0) and the receiver (1)
+    bool posted[2] = {false, false};
+  };
+  std::map<Msg, Sides> msgs;
+  std::vector<size_t> pos(n, 0);
+  std::vector<double> now(n, 0.0);
+  PipelineTimeline out;
+  out.busy.assign(n, 0);
+  bool progress = true;
+  while (progress) {
+    progress = false;
+    for (int r = 0; r < n; ++r) {
+      while (pos[r] < lists[r].size()) {
+        const PipelineAction& a = lists[r][pos[r]];
+        if (!is_send(a) && !is_recv(a)) {
+          const int vs = a.chunk * n + r;
+          const double w = costs.stage_weight.empty() ? 1.0 : costs.stage_weight[vs];
+          const double c = w * (a.kind == PipelineActionKind::kForward ? costs.forward : costs.backward);
+          now[r] += c;
+          out.busy[r] += c;
+          ++pos[r];
+          progress = true;
+          continue;
+        }
+        const size_t k = op_size(lists[r], pos[r]);
+        bool ready = true;
+        double done = now[r];
+        for (size_t j = pos[r]; j < pos[r] + k; ++j) {
+          Sides& m = msgs[msg_of(r, lists[r][j])];
+          const int side = is_send(lists[r][j]) ? 0 : 1;
+          if (!m.posted[side]) m.at[side] = now[r];
+          m.posted[side] = true;
+          if (!m.posted[0] || !m.posted[1]) ready = false;
+          else done = std::max({done, m.at[0], m.at[1]});
+        }
+        if (!ready) break;  // the peer has not posted yet
+        now[r] = done;
+        pos[r] += k;
+        progress = true;
+      }
+    }
+  }
+  for (int r = 0; r < n; ++r)
+    HELIX_CHECK(pos[r] == lists[r].size(), "pipeline execution model: rank {} blocked at {}", r,
+                lists[r][pos[r]].str());
+  for (double t : now) out.makespan = std::max(out.makespan, t);
+  for (double b : out.busy) out.idle.push_back(out.makespan - b);
+  return out;
+}
+
 double pipeline_bubble_fraction(const PipelineScheduleParams& p, const PipelineCosts& costs) {
   return simulate_pipeline(p, costs).bubble_fraction();
+}
+
+double pipeline_executor_bubble_fraction(const PipelineScheduleParams& p, const PipelineCosts& costs) {
+  return simulate_pipeline_execution(p, costs).bubble_fraction();
 }
 
 std::vector<int> balanced_layer_split(const LayerSplitParams& p) {
@@ -255,12 +341,6 @@ PipelineRunStats run_pipeline_actions(const std::vector<PipelineAction>& actions
     return t;
   };
   const auto secs = [](Clock::time_point a) { return std::chrono::duration<double>(Clock::now() - a).count(); };
-  const auto is_send = [](const PipelineAction& a) {
-    return a.kind == PipelineActionKind::kSendActivation || a.kind == PipelineActionKind::kSendGrad;
-  };
-  const auto is_recv = [](const PipelineAction& a) {
-    return a.kind == PipelineActionKind::kRecvActivation || a.kind == PipelineActionKind::kRecvGrad;
-  };
   for (size_t i = 0; i < actions.size(); ++i) {
     const PipelineAction& a = actions[i];
     const Slot s{a.micro_batch, a.chunk};
@@ -272,10 +352,7 @@ PipelineRunStats run_pipeline_actions(const std::vector<PipelineAction>& actions
       SendRecvParams p;
       Slot recv_slot;
       bool recv_act = false;
-      const size_t n_ops = i + 1 < actions.size() && ((is_send(a) && is_recv(actions[i + 1])) ||
-                                                      (is_recv(a) && is_send(actions[i + 1])))
-                               ? 2
-                               : 1;
+      const size_t n_ops = op_size(actions, i);
       for (size_t j = i; j < i + n_ops; ++j) {
         const PipelineAction& c = actions[j];
         const Slot cs{c.micro_batch, c.chunk};

@@ -81,8 +81,15 @@ struct PipelineTimeline {
 // starts when its rank is free and its input is ready). For 1F1B with uniform stages the bubble
 // is (N-1) / (M+N-1).
 PipelineTimeline simulate_pipeline(const PipelineScheduleParams& p, const PipelineCosts& costs);
-// The predicted bubble fraction (what `helix plan` calls).
+// The same with the action lists as run_pipeline_actions executes them: a send or receive blocks
+// until the peer has posted its side (a send next to a receive is posted together with it, one
+// send_recv); transfers are free. A send can wait for the peer to finish a compute, so this is the
+// bubble of the blocking executor, >= simulate_pipeline's.
+PipelineTimeline simulate_pipeline_execution(const PipelineScheduleParams& p, const PipelineCosts& costs);
+// The predicted bubble fraction of the schedule (simulate_pipeline), and of the blocking executor
+// (simulate_pipeline_execution; what a run achieves today). `helix plan` calls these.
 double pipeline_bubble_fraction(const PipelineScheduleParams& p, const PipelineCosts& costs = {});
+double pipeline_executor_bubble_fraction(const PipelineScheduleParams& p, const PipelineCosts& costs = {});
 
 // Balanced split of `layers` transformer layers into `parts` contiguous parts (stages, or virtual
 // stages in order), each at least one layer: minimises the largest part cost, a layer costing 1,
@@ -123,7 +130,8 @@ struct PipelineRunStats {
   int64_t messages = 0;  // sends + receives
 };
 
-// Runs `actions` (from pipeline_schedule) on the pp communicator.
+// Runs `actions` (from pipeline_schedule) on the pp communicator. Sends and receives block (the
+// Communicator has no non-blocking point-to-point); a send next to a receive goes as one send_recv.
 PipelineRunStats run_pipeline_actions(const std::vector<PipelineAction>& actions, Communicator& pp,
                                       const PipelineCallbacks& callbacks, const Stream& stream);
 

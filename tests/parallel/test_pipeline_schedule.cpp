@@ -168,6 +168,22 @@ TEST(PipelineSchedule, PredictedBubble) {
   EXPECT_DOUBLE_EQ(t.makespan, 25);  // stage 0 waits once, for the first backward of stage 1 (1 unit)
 }
 
+// The blocking executor's model: never better than the ideal timeline, equal to it for 1F1B on two
+// stages (every message is a send_recv exchange or lands while the peer waits), and the same busy
+// time per rank.
+TEST(PipelineSchedule, BlockingExecutionModel) {
+  for (int n : {2, 3, 4})
+    for (int v : {1, 2})
+      for (int m : {n, 2 * n, 4 * n}) {
+        const PipelineScheduleParams p{.stages = n, .virtual_stages = v, .micro_batches = m};
+        const PipelineTimeline ideal = simulate_pipeline(p, {}), blocking = simulate_pipeline_execution(p, {});
+        EXPECT_GE(blocking.makespan, ideal.makespan - 1e-9) << n << " " << v << " " << m;
+        for (int r = 0; r < n; ++r) EXPECT_DOUBLE_EQ(blocking.busy[r], ideal.busy[r]);
+      }
+  const PipelineScheduleParams two{.stages = 2, .virtual_stages = 1, .micro_batches = 8};
+  EXPECT_DOUBLE_EQ(simulate_pipeline_execution(two, {}).makespan, simulate_pipeline(two, {}).makespan);
+}
+
 TEST(PipelineSchedule, BalancedLayerSplit) {
   EXPECT_EQ(balanced_layer_split({.layers = 33, .parts = 4}), (std::vector<int>{9, 8, 8, 8}));
   // The embedding's cost moves the ninth layer off the first stage.
