@@ -36,6 +36,8 @@ void validate_pipeline_options(const TrainOptions& o) {
   HELIX_CHECK(o.pp > 1 || (o.pp_virtual == 1 && o.pp_layers.empty()),
               "--pp-virtual / --pp-layers: need --pp > 1, got --pp {}", o.pp);
   if (o.pp == 1) return;
+  HELIX_CHECK(o.zero == 0, "--zero {} with --pp {}: ZeRO over a pipelined model is not implemented (docs/fsdp.md)",
+              o.zero, o.pp);
   validate_pipeline_schedule({.stages = o.pp, .virtual_stages = o.pp_virtual, .micro_batches = o.micro_batches});
   const int parts = o.pp * o.pp_virtual;
   HELIX_CHECK(o.model_config.layers >= parts,

@@ -67,7 +67,9 @@ bool parse_train_options(const std::vector<std::string>& args, TrainOptions& o) 
       "pp", po::value(&o.pp)->default_value(o.pp), "pipeline-parallel stages (1F1B over the micro-batches)")(
       "pp-virtual", po::value(&o.pp_virtual)->default_value(o.pp_virtual),
       "model chunks per pipeline rank (> 1: interleaved 1F1B; --micro-batches a multiple of --pp)")(
-      "pp-layers", po::value(&pp_layers), "layers per (virtual) stage, e.g. 9,8,8,8 (default: balanced)");
+      "pp-layers", po::value(&pp_layers), "layers per (virtual) stage, e.g. 9,8,8,8 (default: balanced)")(
+      "zero", po::value(&o.zero)->default_value(o.zero),
+      "ZeRO sharding over dp: 0 off | 1 optimizer state | 2 + gradients | 3 + parameters");
   po::options_description all;
   all.add(general).add(model).add(data).add(batch).add(optim).add(out).add(exec);
 
@@ -129,6 +131,8 @@ void validate_train_options(const TrainOptions& o) {
   HELIX_CHECK(o.model_config.ffn % o.tp == 0, "--tp {}: expected the FFN size ({}) divisible by tp", o.tp,
               o.model_config.ffn);
   HELIX_CHECK(!o.sequence_parallel || o.tp > 1, "--sequence-parallel: needs --tp > 1, got --tp {}", o.tp);
+  HELIX_CHECK(o.zero >= 0 && o.zero <= 3, "--zero: expected 0, 1, 2 or 3, got {}", o.zero);
+  HELIX_CHECK(o.zero == 0 || o.dp != 1, "--zero {}: shards over the data-parallel group, but --dp is 1", o.zero);
   HELIX_CHECK(o.recompute == "none" || o.recompute == "full", "--recompute: expected none or full, got '{}'",
               o.recompute);
   validate_pipeline_options(o);

@@ -44,6 +44,7 @@ struct TrainOptions {
   int tp = 1;
   int dp = 0;                      // 0: derived from the world size
   bool sequence_parallel = false;  // split LayerNorm / residual regions along T over tp
+  int zero = 0;  // ZeRO stage over dp: 1 optimizer state, 2 + gradients, 3 + parameters (docs/fsdp.md)
   // Pipeline parallelism (launch/pipeline_step.h): stages, model chunks per rank (> 1: interleaved
   // 1F1B), layers per virtual stage (empty: balanced).
   int pp = 1;

@@ -4,6 +4,8 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <memory>
+#include <optional>
 
 #include "core/allocator.h"
 #include "core/json.h"
@@ -14,6 +16,8 @@
 #include "layers/esm2.h"
 #include "layers/grad_sync.h"
 #include "layers/optimizer.h"
+#include "layers/zero_optimizer.h"
+#include "layers/zero_sync.h"
 #include "parallel/context.h"
 
 namespace helix {
@@ -87,6 +91,16 @@ double evaluate(Esm2Model& model, const DataLoader& valid, int64_t batches, cons
   return count > 0 ? loss_sum / count : std::nan("");
 }
 
+// Per-rank memory after the first step: the persistent buffers (exact) and the activations' share of
+// the allocator's peak (everything else at the peak: activations, ZeRO-3's gathered layers, comm).
+void log_memory(const ZeroMemory& m, int zero_stage, const Allocator& alloc) {
+  const double mib = 1024.0 * 1024.0;
+  const int64_t peak = static_cast<int64_t>(alloc.stats().peak_bytes);
+  log_info("memory per rank (--zero {}): parameters {:.1f} MiB, gradients {:.1f} MiB, optimizer state {:.1f} MiB, "
+           "peak activations {:.1f} MiB (allocator peak {:.1f} MiB)",
+           zero_stage, m.params / mib, m.grads / mib, m.optimizer / mib, (peak - m.total()) / mib, peak / mib);
+}
+
 }  // namespace
 
 TrainSummary run_train(const TrainOptions& o) {
@@ -117,6 +131,8 @@ TrainSummary run_train(const TrainOptions& o) {
   HELIX_CHECK(o.tokens_per_micro_batch() % dp == 0,
               "--tokens-per-step: expected tokens per micro-batch ({}) divisible by the data-parallel size {}",
               o.tokens_per_micro_batch(), dp);
+  HELIX_CHECK(o.zero == 0 || dp > 1, "--zero {}: shards over the data-parallel group, which has 1 rank here (world {} / tp {}); "
+              "use --zero 0 or more ranks", o.zero, world, o.tp);
   const DType compute = o.dtype == "f32" ? DType::kF32
                         : o.dtype == "bf16" ? DType::kBF16
                                             : (device.is_cuda() ? DType::kBF16 : DType::kF32);
@@ -160,9 +176,22 @@ TrainSummary run_train(const TrainOptions& o) {
   Esm2Model model(o.model_config, mo);
   model.init_random(o.seed);
   std::unique_ptr<Esm2Pipeline> pipeline = make_train_pipeline(o, model, ctx, lo.packing.tokens_per_batch);
-  AdamW opt(model.params(), AdamWConfig{.beta1 = o.beta1, .beta2 = o.beta2, .eps = o.adam_eps,
-                                        .weight_decay = o.weight_decay, .clip_norm = o.clip_norm});
-  GradSync sync(model.params(), &ctx);
+  const AdamWConfig adam_cfg{.beta1 = o.beta1, .beta2 = o.beta2, .eps = o.adam_eps,
+                             .weight_decay = o.weight_decay, .clip_norm = o.clip_norm};
+  // --zero 1..3: optimizer state (and gradients, and parameters) sharded over dp (docs/fsdp.md);
+  // ZeroSync and ZeroAdamW then stand in for GradSync's dp side and AdamW.
+  std::unique_ptr<ZeroSync> zero;
+  std::unique_ptr<ZeroAdamW> zero_opt;
+  if (o.zero > 0) {
+    ZeroOptions zo;
+    zo.stage = o.zero;
+    zo.regather_in_backward = mo.recompute == RecomputePolicy::kFull;
+    zero = std::make_unique<ZeroSync>(model, ctx, zo);
+    zero_opt = std::make_unique<ZeroAdamW>(*zero, adam_cfg);
+  }
+  std::optional<AdamW> opt;
+  if (!zero) opt.emplace(model.params(), adam_cfg);
+  GradSync sync(model.params(), zero ? nullptr : &ctx);
   if (rank0)
     log_info("model {}: {} layers, hidden {}, {} heads, {:.2f}M parameters on {} ({}); {} ranks: tp {}{} x dp {}",
              o.model_config.name, o.model_config.layers, o.model_config.hidden, o.model_config.heads,
@@ -198,10 +227,10 @@ TrainSummary run_train(const TrainOptions& o) {
     // Labelled and padded tokens of the global batch (summed over dp): the gradient of the step's
     // mean loss needs 1 / global labelled tokens on every rank.
     Tensor counts = Tensor::from_vector<int64_t>({labels, tokens}, Shape{2});
-    sync.sum_over_dp(counts, Stream());
+    zero ? zero->sum_over_dp(counts, Stream()) : sync.sum_over_dp(counts, Stream());
     labels = counts.to_vector<int64_t>()[0];
     tokens = counts.to_vector<int64_t>()[1];
-    sync.zero_grads(stream);
+    zero ? zero->zero_grads(stream) : sync.zero_grads(stream);
     const float grad_scale = labels > 0 ? 1.0f / static_cast<float>(labels) : 0.0f;
     double loss_sum = 0;
     if (pipeline) {  // every stage runs the same micro-batches through the schedule
@@ -217,21 +246,25 @@ TrainSummary run_train(const TrainOptions& o) {
       // dp > 1: the last micro-batch's backward launches the gradient buckets as they become final
       // (earlier micro-batches still accumulate); sync.reduce() waits for them.
       if (m + 1 == micro.size()) to.on_grad_ready = sync.ready_hook(stream);
+      if (zero) zero->begin_micro_batch(m + 1 == micro.size());  // ZeRO-3 reduces during the last
       Tape tape(to);
       Var logits = model.forward(tape, b);
       Var loss = model.loss(tape, logits, b, grad_scale);
       tape.backward(loss);
       loss_sum += loss.data().to_floats()[0];
     }
-    sync.reduce(stream);
+    zero ? zero->reduce(stream) : sync.reduce(stream);
     Tensor loss_t = Tensor::from_vector<double>({loss_sum}, Shape{1});
-    sync.sum_over_dp(loss_t, Stream());
+    zero ? zero->sum_over_dp(loss_t, Stream()) : sync.sum_over_dp(loss_t, Stream());
     loss_sum = loss_t.to_vector<double>()[0];
     const double mean_loss = labels > 0 ? loss_sum / double(labels) : std::nan("");
     const double lr = o.lr.at(step);
-    const OptimizerStepResult r = opt.step(lr, std::isfinite(mean_loss), stream,
-                                           pipeline ? pipeline->norm_reduce(sync.norm_reduce()) : sync.norm_reduce());
+    const OptimizerStepResult r =
+        zero ? zero_opt->step(lr, std::isfinite(mean_loss), stream)
+             : opt->step(lr, std::isfinite(mean_loss), stream,
+                         pipeline ? pipeline->norm_reduce(sync.norm_reduce()) : sync.norm_reduce());
     stream.synchronize();
+    if (step == 0 && rank0) log_memory(zero ? zero->memory() : unsharded_memory(model.params(), *opt), o.zero, alloc);
     const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 
     StepMetrics m;
@@ -267,6 +300,7 @@ TrainSummary run_train(const TrainOptions& o) {
     }
   }
   if (!o.out.empty()) {
+    if (zero) zero->materialize_masters();  // collective over dp: full masters for the export
     if (pipeline) pipeline->save_hf(o.out + "/model.safetensors");  // collective over tp and pp
     else model.save_hf(o.out + "/model.safetensors");  // collective over tp; world rank 0 writes
   }

@@ -278,6 +278,7 @@ namespace helix {
 Var Esm2Model::forward(Tape& tape, const ThdBatch& batch, const Esm2Span& span) {
   HELIX_CHECK(span.begin == 0 || span.input.defined(), "forward: a span from layer {} needs its input activation",
               span.begin);
+  if (opts_.layer_hooks) opts_.layer_hooks->begin_forward(tape);
   if (tp_size() > 1) return forward_tp(tape, batch, span);
   const int end = span.end < 0 ? config_.layers : span.end;
   const ModelConfig& c = config_;
@@ -308,7 +309,9 @@ Var Esm2Model::forward(Tape& tape, const ThdBatch& batch, const Esm2Span& span) 
                        {h, w(p + "LayerNorm.weight"), w(p + "LayerNorm.bias"), w(p + "intermediate.dense.weight"),
                         w(p + "intermediate.dense.bias"), w(p + "output.dense.weight"), w(p + "output.dense.bias")})};
     };
+    if (opts_.layer_hooks) x = opts_.layer_hooks->enter_layer(tape, i, x);
     x = tape.segment("layer" + std::to_string(i), layer, {x})[0];
+    if (opts_.layer_hooks) x = opts_.layer_hooks->leave_layer(tape, i, x);
   }
   if (end < c.layers) return x;
   x = tape.apply1(std::make_shared<LayerNormNode>(eps), {x, w(kFinalLnW), w(kFinalLnB)});
@@ -437,7 +440,9 @@ Var Esm2Model::forward_tp(Tape& tape, const ThdBatch& batch, const Esm2Span& spa
       Var f2 = linear(tt.apply1(std::make_shared<GeluNode>(), {f1}), p + "output.dense", false);
       return {bias_residual(leave(f2), p + "output.dense.bias", h)};
     };
+    if (opts_.layer_hooks) x = opts_.layer_hooks->enter_layer(tape, i, x);
     x = tape.segment("layer" + std::to_string(i), layer, {x})[0];
+    if (opts_.layer_hooks) x = opts_.layer_hooks->leave_layer(tape, i, x);
   }
   if (end < c.layers) return x;
   x = tape.apply1(std::make_shared<LayerNormNode>(eps), {x, w(kFinalLnW), w(kFinalLnB)});

@@ -26,6 +26,18 @@
 
 namespace helix {
 
+// Called by forward() around the transformer layers: begin_forward before the embedding, and
+// enter_layer / leave_layer right before and after layer i's segment, each returning x or an
+// identity of it (a node whose backward runs right after / before the layer's backward). ZeRO-3
+// gathers a layer's parameters there and frees them after (layers/zero_sync.h).
+class Esm2LayerHooks {
+ public:
+  virtual ~Esm2LayerHooks() = default;
+  virtual void begin_forward(Tape& tape) = 0;
+  virtual Var enter_layer(Tape& tape, int layer, const Var& x) = 0;
+  virtual Var leave_layer(Tape& tape, int layer, const Var& x) = 0;
+};
+
 struct Esm2Options {
   Device device;
   DType compute = DType::kF32;  // activations and the model copy of the weights: f32 or bf16
@@ -36,6 +48,7 @@ struct Esm2Options {
   // Sequence parallelism: LayerNorm / residual regions split along T over the tp group (T padded
   // to a multiple of tp with a dummy <pad> sequence that carries no label). Needs tp > 1.
   bool sequence_parallel = false;
+  Esm2LayerHooks* layer_hooks = nullptr;  // null: none (ZeRO-3 installs its own)
   // Pipeline parallelism (layers/esm2_pipeline.h): the transformer layers this model holds, as
   // ranges [first, last) of global layer indices, one per model chunk, ascending. Empty: every
   // layer. The embedding is held when a range starts at 0, the final LayerNorm and LM head when one
@@ -59,6 +72,7 @@ class Esm2Model {
 
   const ModelConfig& config() const { return config_; }
   const Esm2Options& options() const { return opts_; }
+  void set_layer_hooks(Esm2LayerHooks* hooks) { opts_.layer_hooks = hooks; }
   ParameterSet& params() { return params_; }
   const ParameterSet& params() const { return params_; }
 

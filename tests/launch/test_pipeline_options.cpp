@@ -52,6 +52,7 @@ TEST(PipelineOptions, BadCombinationsRefusedNamingTheFlag) {
   expect_refused({"--pp", "0"}, "--pp");
   expect_refused({"--pp", "4", "--layers", "3"}, "--pp 4");
   expect_refused({"--pp", "4", "--pp-virtual", "9", "--micro-batches", "4"}, "--pp-virtual 9");
+  expect_refused({"--pp", "2", "--zero", "1"}, "--zero 1 with --pp 2");
 }
 
 }  // namespace
