@@ -4,6 +4,8 @@
 // every stage (the tied embedding / decoder table on the first and last stage included), the
 // global gradient norm and the parameters after two AdamW steps. Stage initialisation equals the
 // single-device one; the Hugging Face export gathered over the stages equals the single-rank one.
+// On a GPU (skipped without one): CUDA ranks sharing the GPU through the host-staged MPI backend, bf16
+// compute, against one rank on the same GPU within bf16 tolerances.
 #include <algorithm>
 #include <cmath>
 #include <string>
@@ -32,10 +34,10 @@ ModelConfig pipe_config(int layers) {
 constexpr int64_t kBudget = 34;  // tokens of every padded micro-batch (the largest has 29)
 
 // Micro-batch `mb` of data shard `shard` at step `step`: 3 proteins, 15..29 tokens.
-ThdBatch make_micro(int step, int mb, int shard) {
+ThdBatch make_micro(int step, int mb, int shard, Device device = Device::cpu()) {
   return testing::synthetic_esm2_batch({5 + (mb + shard) % 4, 9 - step + mb % 3, 6 + 2 * shard + (mb * 5) % 7},
                                        0xD1B54A32D192ED03ull * static_cast<uint64_t>(1 + step * 131 + mb * 17 + shard),
-                                       25, Device::cpu());
+                                       25, device);
 }
 
 void expect_close(const Tensor& got, const Tensor& want, double tol, const std::string& what) {
@@ -58,12 +60,17 @@ struct PipeCase {
   int micro_batches = 4;
   bool sp = false;
   RecomputePolicy recompute = RecomputePolicy::kNone;
+  Device device = Device::cpu();
+  DType compute = DType::kF32;
+  double loss_tol = 1e-5;                    // relative
+  double grad_tol[2] = {1e-4, 1e-3};         // max difference / the tensor's largest, steps 0 and 1
+  double param_tol = 0.01;                   // after 2 steps, in units of the learning rate
 };
 
 constexpr double kLr = 1e-3;
 
 void run_pipeline_equivalence(const PipeCase& pc) {
-  ParallelContext ctx = testing::make_context(ParallelSizes{.tp = pc.tp, .pp = pc.pp});
+  ParallelContext ctx = testing::make_context(ParallelSizes{.tp = pc.tp, .pp = pc.pp}, CommBackend::kMpi, pc.device);
   const int dp = ctx.sizes().dp, my_dp = ctx.coords().dp;
   const ModelConfig cfg = pipe_config(pc.layers);
   const std::vector<int> split =
@@ -71,16 +78,17 @@ void run_pipeline_equivalence(const PipeCase& pc) {
   validate_layer_split(split, cfg.layers, pc.pp * pc.virtual_stages);
   const uint64_t seed = 5;
 
-  Esm2Model ref(cfg, Esm2Options{.device = Device::cpu(), .compute = DType::kF32});
+  Esm2Model ref(cfg, Esm2Options{.device = pc.device, .compute = pc.compute, .recompute = pc.recompute});
   ref.init_random(seed);
-  Esm2Options po{.device = Device::cpu(), .compute = DType::kF32, .recompute = pc.recompute};
+  Esm2Options po{.device = pc.device, .compute = pc.compute, .recompute = pc.recompute};
   po.parallel = &ctx;
   po.sequence_parallel = pc.sp;
   po.layer_ranges = pipeline_layer_ranges(split, pc.pp, ctx.coords().pp);
   Esm2Model stage(cfg, po);
   stage.init_random(seed);
   for (const Parameter& p : stage.params().all())  // stage init == slice of the single-device init
-    expect_close(p.master, stage.shard_of(p, ref.params().get(p.name).master), 0.0, "init of " + p.name);
+    expect_close(p.master.to(Device::cpu()), stage.shard_of(p, ref.params().get(p.name).master), 0.0,
+                 "init of " + p.name);
   ASSERT_EQ(stage.params().has("esm.embeddings.word_embeddings.weight"),
             ctx.coords().pp == 0 || ctx.coords().pp == pc.pp - 1);
   ASSERT_EQ(stage.params().has("lm_head.bias"), ctx.coords().pp == pc.pp - 1);
@@ -90,7 +98,7 @@ void run_pipeline_equivalence(const PipeCase& pc) {
   AdamW ref_opt(ref.params(), acfg);
   AdamW opt(stage.params(), acfg);
   GradSync sync(stage.params(), &ctx);
-  const Stream stream;
+  const Stream stream = pc.device.is_cuda() ? Stream::cuda_default(pc.device.index) : Stream();
   for (int step = 0; step < 2; ++step) {
     // Reference: every micro-batch of every dp shard, unpadded, on one rank.
     int64_t labels = 0;
@@ -101,7 +109,7 @@ void run_pipeline_equivalence(const PipeCase& pc) {
     double ref_loss = 0;
     for (int d = 0; d < dp; ++d)
       for (int m = 0; m < pc.micro_batches; ++m) {
-        const ThdBatch b = make_micro(step, m, d);
+        const ThdBatch b = make_micro(step, m, d, pc.device);
         Tape tape(TapeOptions{.stream = stream, .recompute = pc.recompute});
         Var loss = ref.loss(tape, ref.forward(tape, b), b, scale);
         tape.backward(loss);
@@ -109,25 +117,26 @@ void run_pipeline_equivalence(const PipeCase& pc) {
       }
     // Pipeline: this dp shard's micro-batches through the stages.
     std::vector<ThdBatch> micro;
-    for (int m = 0; m < pc.micro_batches; ++m) micro.push_back(make_micro(step, m, my_dp));
+    for (int m = 0; m < pc.micro_batches; ++m) micro.push_back(make_micro(step, m, my_dp, pc.device));
     sync.zero_grads(stream);
     Tensor loss = Tensor::from_vector<double>({pipe.train_step(micro, scale, stream)}, Shape{1});
     sync.reduce(stream);
     sync.sum_over_dp(loss, stream);
-    EXPECT_NEAR(loss.to_vector<double>()[0], ref_loss, 1e-5 * std::abs(ref_loss)) << "loss of step " << step;
+    EXPECT_NEAR(loss.to_vector<double>()[0], ref_loss, pc.loss_tol * std::abs(ref_loss)) << "loss of step " << step;
     for (const Parameter& p : stage.params().all())
-      expect_close(stage.full_grad(p), ref.params().get(p.name).grad(), step == 0 ? 1e-4 : 1e-3,
+      expect_close(stage.full_grad(p), ref.params().get(p.name).grad().to(Device::cpu()), pc.grad_tol[step],
                    "gradient of " + p.name + " at step " + std::to_string(step));
     const OptimizerStepResult rr = ref_opt.step(kLr, true, stream);
     const OptimizerStepResult pr = opt.step(kLr, true, stream, pipe.norm_reduce(sync.norm_reduce()));
     ASSERT_TRUE(rr.applied && pr.applied);
-    EXPECT_NEAR(pr.grad_norm, rr.grad_norm, 1e-5 * rr.grad_norm) << "gradient norm of step " << step;
+    EXPECT_NEAR(pr.grad_norm, rr.grad_norm, pc.loss_tol * rr.grad_norm) << "gradient norm of step " << step;
   }
   for (const Parameter& p : stage.params().all()) {
-    const std::vector<float> g = stage.full_master(p).to_floats(), w = ref.params().get(p.name).master.to_floats();
+    const std::vector<float> g = stage.full_master(p).to_floats();
+    const std::vector<float> w = ref.params().get(p.name).master.to_floats();
     double diff = 0;
     for (size_t j = 0; j < g.size(); ++j) diff = std::max(diff, std::abs(double(g[j]) - double(w[j])));
-    EXPECT_LE(diff, 0.01 * kLr) << "parameter " << p.name << " after 2 steps";
+    EXPECT_LE(diff, pc.param_tol * kLr) << "parameter " << p.name << " after 2 steps";
   }
   EXPECT_GT(pipe.last_stats().messages, 0);
 }
@@ -179,6 +188,36 @@ TEST(Pipeline, TimesSequenceParallelInterleaved) {  // PP=2 x TP=2 with SP, 2 ch
 TEST(Pipeline, TimesDataParallel) {  // PP=2 x DP=2
   if (world() != 4) GTEST_SKIP() << "needs 4 ranks";
   run_pipeline_equivalence({.pp = 2, .layers = 3});
+}
+
+// ---- CUDA: ranks share the GPU through the host-staged MPI backend, bf16 compute ---------------
+// Padding to the token budget changes GEMM shapes (and so bf16 accumulation order) against the
+// unpadded reference: bf16-level tolerances. A missing tied-table sum or a wrong stage boundary is
+// off by O(1).
+PipeCase cuda_case(PipeCase c) {
+  c.device = testing::rank_gpu();
+  c.compute = DType::kBF16;
+  const double r = testing::tolerance_for(DType::kBF16).rtol;
+  c.loss_tol = r / 2;
+  c.grad_tol[0] = c.grad_tol[1] = 4 * r;
+  c.param_tol = 2.5;  // each of the 2 AdamW updates moves an element by at most ~lr
+  return c;
+}
+
+TEST(PipelineCuda, OneFOneBUneven) {
+  HELIX_REQUIRE_CUDA();
+  run_pipeline_equivalence(cuda_case({.pp = world(), .layers = world() + 1}));
+}
+
+TEST(PipelineCuda, InterleavedTwoChunks) {
+  HELIX_REQUIRE_CUDA();
+  run_pipeline_equivalence(cuda_case({.pp = world(), .virtual_stages = 2, .layers = 2 * world()}));
+}
+
+TEST(PipelineCuda, TimesTensorParallelWithSequenceParallel) {
+  HELIX_REQUIRE_CUDA();
+  if (world() != 4) GTEST_SKIP() << "needs 4 ranks";
+  run_pipeline_equivalence(cuda_case({.pp = 2, .tp = 2, .layers = 3, .sp = true}));
 }
 
 TEST(Pipeline, HfExportGathersTheStages) {
