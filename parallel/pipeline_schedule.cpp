@@ -188,15 +188,45 @@ bool is_send(const PipelineAction& a) {
 bool is_recv(const PipelineAction& a) {
   return a.kind == PipelineActionKind::kRecvActivation || a.kind == PipelineActionKind::kRecvGrad;
 }
-// How many actions from i the executor posts as one operation: 2 for a send next to a receive
-// (either order), else 1.
-size_t op_size(const std::vector<PipelineAction>& a, size_t i) {
-  if (i + 1 >= a.size()) return 1;
-  return (is_send(a[i]) && is_recv(a[i + 1])) || (is_recv(a[i]) && is_send(a[i + 1])) ? 2 : 1;
-}
 }  // namespace
 
-PipelineTimeline simulate_pipeline_execution(const PipelineScheduleParams& p, const PipelineCosts& costs) {
+std::vector<PipelineExecStep> pipeline_exec_steps(const std::vector<PipelineAction>& a, bool defer_sends) {
+  std::vector<PipelineExecStep> steps;
+  int pending = -1;  // a deferred send
+  for (int i = 0; i < static_cast<int>(a.size()); ++i) {
+    const bool has_next = i + 1 < static_cast<int>(a.size());
+    if (!is_send(a[i]) && !is_recv(a[i])) {
+      steps.push_back({.compute = i});
+    } else if (is_send(a[i])) {
+      if (pending >= 0) steps.push_back({.send = pending});
+      pending = -1;
+      if (has_next && is_recv(a[i + 1])) {
+        steps.push_back({.send = i, .recv = i + 1});
+        ++i;
+      } else if (defer_sends) {
+        pending = i;
+      } else {
+        steps.push_back({.send = i});
+      }
+    } else if (pending >= 0) {
+      steps.push_back({.send = pending, .recv = i});
+      pending = -1;
+    } else if (has_next && is_send(a[i + 1])) {
+      steps.push_back({.send = i + 1, .recv = i});
+      ++i;
+    } else {
+      steps.push_back({.recv = i});
+    }
+  }
+  if (pending >= 0) steps.push_back({.send = pending});
+  return steps;
+}
+
+namespace {
+}  // namespace
+
+PipelineTimeline simulate_pipeline_execution(const PipelineScheduleParams& p, const PipelineCosts& costs,
+                                             bool defer_sends) {
   const int n = p.stages;
   (void)simulate(p, costs);  // validates the costs
   std::vector<std::vector<PipelineAction>> lists;
@@ -217,6 +247,8 @@ PipelineTimeline simulate_pipeline_execution(const PipelineScheduleParams& p, co
     bool posted[2] = {false, false};
   };
   std::map<Msg, Sides> msgs;
+  std::vector<std::vector<PipelineExecStep>> steps;
+  for (int r = 0; r < n; ++r) steps.push_back(pipeline_exec_steps(lists[r], defer_sends));
   std::vector<size_t> pos(n, 0);
   std::vector<double> now(n, 0.0);
   PipelineTimeline out;
@@ -225,9 +257,10 @@ PipelineTimeline simulate_pipeline_execution(const PipelineScheduleParams& p, co
   while (progress) {
     progress = false;
     for (int r = 0; r < n; ++r) {
-      while (pos[r] < lists[r].size()) {
-        const PipelineAction& a = lists[r][pos[r]];
-        if (!is_send(a) && !is_recv(a)) {
+      while (pos[r] < steps[r].size()) {
+        const PipelineExecStep& st = steps[r][pos[r]];
+        if (st.compute >= 0) {
+          const PipelineAction& a = lists[r][st.compute];
           const int vs = a.chunk * n + r;
           const double w = costs.stage_weight.empty() ? 1.0 : costs.stage_weight[vs];
           const double c = w * (a.kind == PipelineActionKind::kForward ? costs.forward : costs.backward);
@@ -237,10 +270,10 @@ PipelineTimeline simulate_pipeline_execution(const PipelineScheduleParams& p, co
           progress = true;
           continue;
         }
-        const size_t k = op_size(lists[r], pos[r]);
         bool ready = true;
         double done = now[r];
-        for (size_t j = pos[r]; j < pos[r] + k; ++j) {
+        for (int j : {st.send, st.recv}) {
+          if (j < 0) continue;
           Sides& m = msgs[msg_of(r, lists[r][j])];
           const int side = is_send(lists[r][j]) ? 0 : 1;
           if (!m.posted[side]) m.at[side] = now[r];
@@ -248,16 +281,15 @@ PipelineTimeline simulate_pipeline_execution(const PipelineScheduleParams& p, co
           if (!m.posted[0] || !m.posted[1]) ready = false;
           else done = std::max({done, m.at[0], m.at[1]});
         }
-        if (!ready) break;  // the peer has not posted yet
+        if (!ready) break;  // a peer has not posted yet
         now[r] = done;
-        pos[r] += k;
+        ++pos[r];
         progress = true;
       }
     }
   }
   for (int r = 0; r < n; ++r)
-    HELIX_CHECK(pos[r] == lists[r].size(), "pipeline execution model: rank {} blocked at {}", r,
-                lists[r][pos[r]].str());
+    HELIX_CHECK(pos[r] == steps[r].size(), "pipeline execution model: rank {} blocked", r);
   for (double t : now) out.makespan = std::max(out.makespan, t);
   for (double b : out.busy) out.idle.push_back(out.makespan - b);
   return out;
@@ -341,39 +373,32 @@ PipelineRunStats run_pipeline_actions(const std::vector<PipelineAction>& actions
     return t;
   };
   const auto secs = [](Clock::time_point a) { return std::chrono::duration<double>(Clock::now() - a).count(); };
-  for (size_t i = 0; i < actions.size(); ++i) {
-    const PipelineAction& a = actions[i];
-    const Slot s{a.micro_batch, a.chunk};
+  for (const PipelineExecStep& step : pipeline_exec_steps(actions, kPipelineDeferSends)) {
     const auto t = Clock::now();
-    if (is_send(a) || is_recv(a)) {
-      // A send next to a receive (no compute between) goes out as one send_recv: both are posted
-      // together, so the send does not wait for the peer to finish its compute. The message order
-      // is unchanged, so the smallest undelivered message still has both sides posted.
+    if (step.compute < 0) {  // one send and/or one receive, posted together
       SendRecvParams p;
-      Slot recv_slot;
-      bool recv_act = false;
-      const size_t n_ops = op_size(actions, i);
-      for (size_t j = i; j < i + n_ops; ++j) {
-        const PipelineAction& c = actions[j];
-        const Slot cs{c.micro_batch, c.chunk};
-        if (is_send(c)) {
-          p.send = take(c.kind == PipelineActionKind::kSendActivation ? act_out : grad_in, cs);
-          HELIX_CHECK(p.send.defined(), "pipeline: {} before its compute produced the tensor", c.str());
-          p.dst = c.peer;
-        } else {
-          p.recv = cb.make_buffer(c.micro_batch, c.chunk);
-          p.src = c.peer;
-          recv_slot = cs;
-          recv_act = c.kind == PipelineActionKind::kRecvActivation;
-        }
+      if (step.send >= 0) {
+        const PipelineAction& c = actions[step.send];
+        p.send = take(c.kind == PipelineActionKind::kSendActivation ? act_out : grad_in, {c.micro_batch, c.chunk});
+        HELIX_CHECK(p.send.defined(), "pipeline: {} before its compute produced the tensor", c.str());
+        p.dst = c.peer;
+      }
+      if (step.recv >= 0) {
+        const PipelineAction& c = actions[step.recv];
+        p.recv = cb.make_buffer(c.micro_batch, c.chunk);
+        p.src = c.peer;
       }
       pp.send_recv(p, stream);
-      if (p.recv.defined()) (recv_act ? act_in : grad_out)[recv_slot] = p.recv;
+      if (step.recv >= 0) {
+        const PipelineAction& c = actions[step.recv];
+        (c.kind == PipelineActionKind::kRecvActivation ? act_in : grad_out)[{c.micro_batch, c.chunk}] = p.recv;
+      }
       st.comm_s += secs(t);
-      st.messages += static_cast<int64_t>(n_ops);
-      i += n_ops - 1;
+      st.messages += (step.send >= 0) + (step.recv >= 0);
       continue;
     }
+    const PipelineAction& a = actions[step.compute];
+    const Slot s{a.micro_batch, a.chunk};
     if (a.kind == PipelineActionKind::kForward) {
       Tensor out = cb.forward(a.micro_batch, a.chunk, take(act_in, s));
       if (out.defined()) act_out[s] = out;

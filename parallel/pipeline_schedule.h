@@ -61,6 +61,9 @@ std::vector<PipelineAction> pipeline_compute_order(const PipelineScheduleParams&
 // header comment for the order). Identical inputs give identical lists on every rank.
 std::vector<PipelineAction> pipeline_schedule(const PipelineScheduleParams& p, int rank);
 
+// Whether the executor defers a lone send to its next receive (PipelineExecStep).
+inline constexpr bool kPipelineDeferSends = false;
+
 // Relative cost of the computes, for the predicted timeline. stage_weight[v] scales both the
 // forward and the backward of virtual stage v (e.g. its layer count); empty = 1 for every stage.
 struct PipelineCosts {
@@ -85,7 +88,8 @@ PipelineTimeline simulate_pipeline(const PipelineScheduleParams& p, const Pipeli
 // until the peer has posted its side (a send next to a receive is posted together with it, one
 // send_recv); transfers are free. A send can wait for the peer to finish a compute, so this is the
 // bubble of the blocking executor, >= simulate_pipeline's.
-PipelineTimeline simulate_pipeline_execution(const PipelineScheduleParams& p, const PipelineCosts& costs);
+PipelineTimeline simulate_pipeline_execution(const PipelineScheduleParams& p, const PipelineCosts& costs,
+                                             bool defer_sends = kPipelineDeferSends);
 // The predicted bubble fraction of the schedule (simulate_pipeline), and of the blocking executor
 // (simulate_pipeline_execution; what a run achieves today). `helix plan` calls these.
 double pipeline_bubble_fraction(const PipelineScheduleParams& p, const PipelineCosts& costs = {});
@@ -108,6 +112,18 @@ std::vector<int> balanced_layer_split(const LayerSplitParams& p);
 void validate_layer_split(const std::vector<int>& split, int layers, int parts);
 
 // ---- Executor ----------------------------------------------------------------------------------
+
+// One blocking operation of the executor: a compute, or up to one send and one receive posted
+// together (indices into the action list; -1: none). A send next to a receive goes with it; with
+// `defer_sends`, a send followed by a compute waits and goes with this rank's next receive (or
+// alone before its next send). Every step's messages come after all earlier steps' messages in
+// the rank's message order, so the deadlock argument above still holds.
+struct PipelineExecStep {
+  int compute = -1;
+  int send = -1;
+  int recv = -1;
+};
+std::vector<PipelineExecStep> pipeline_exec_steps(const std::vector<PipelineAction>& actions, bool defer_sends);
 
 // What the executor calls; tensors are whole activations [rows, hidden] of the fixed token budget.
 struct PipelineCallbacks {

@@ -176,12 +176,39 @@ TEST(PipelineSchedule, BlockingExecutionModel) {
     for (int v : {1, 2})
       for (int m : {n, 2 * n, 4 * n}) {
         const PipelineScheduleParams p{.stages = n, .virtual_stages = v, .micro_batches = m};
-        const PipelineTimeline ideal = simulate_pipeline(p, {}), blocking = simulate_pipeline_execution(p, {});
-        EXPECT_GE(blocking.makespan, ideal.makespan - 1e-9) << n << " " << v << " " << m;
-        for (int r = 0; r < n; ++r) EXPECT_DOUBLE_EQ(blocking.busy[r], ideal.busy[r]);
+        const PipelineTimeline ideal = simulate_pipeline(p, {});
+        for (bool defer : {false, true}) {  // completes (no deadlock) either way
+          const PipelineTimeline blocking = simulate_pipeline_execution(p, {}, defer);
+          EXPECT_GE(blocking.makespan, ideal.makespan - 1e-9) << n << " " << v << " " << m;
+          for (int r = 0; r < n; ++r) EXPECT_DOUBLE_EQ(blocking.busy[r], ideal.busy[r]);
+        }
       }
   const PipelineScheduleParams two{.stages = 2, .virtual_stages = 1, .micro_batches = 8};
   EXPECT_DOUBLE_EQ(simulate_pipeline_execution(two, {}).makespan, simulate_pipeline(two, {}).makespan);
+}
+
+// The executor's steps for the two-stage list of TwoStageListWithMessages: a send next to a receive
+// is one step; with deferral, rank 0's lone send_act(0) waits past F(1) and goes alone before its
+// next send (which goes with a receive).
+TEST(PipelineSchedule, ExecutorSteps) {
+  const PipelineScheduleParams p{.stages = 2, .virtual_stages = 1, .micro_batches = 2};
+  const auto show = [&](int rank, bool defer) {
+    const std::vector<PipelineAction> a = pipeline_schedule(p, rank);
+    std::string s;
+    for (const PipelineExecStep& st : pipeline_exec_steps(a, defer)) {
+      if (st.compute >= 0) s += a[st.compute].str();
+      else s += "{" + (st.send >= 0 ? a[st.send].str() : "") + (st.recv >= 0 ? " " + a[st.recv].str() : "") + "}";
+      s += " ";
+    }
+    return s;
+  };
+  EXPECT_EQ(show(0, false),
+            "F(0,0) {send_act(0,0)->1} F(1,0) {send_act(1,0)->1 recv_grad(0,0)<-1} B(0,0) { recv_grad(1,0)<-1} B(1,0) ");
+  EXPECT_EQ(show(1, false),
+            "{ recv_act(0,0)<-0} F(0,0) { recv_act(1,0)<-0} B(0,0) {send_grad(0,0)->0} F(1,0) B(1,0) "
+            "{send_grad(1,0)->0} ");
+  EXPECT_EQ(show(0, true),
+            "F(0,0) F(1,0) {send_act(0,0)->1} {send_act(1,0)->1 recv_grad(0,0)<-1} B(0,0) { recv_grad(1,0)<-1} B(1,0) ");
 }
 
 TEST(PipelineSchedule, BalancedLayerSplit) {
