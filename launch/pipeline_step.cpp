@@ -22,11 +22,12 @@ std::vector<int> parse_pp_layers(const std::string& text) {
     } catch (const std::exception&) {
       used = 0;
     }
-    HELIX_CHECK(used > 0 && used == item.size(), "--pp-layers: expected comma-separated layer counts like 9,8,8,8, got '{}'",
-                text);
+    HELIX_CHECK(used > 0 && used == item.size(),
+                "--pp-layers: expected comma-separated layer counts like 9,8,8,8, got '{}'", text);
     out.push_back(v);
   }
-  HELIX_CHECK(!out.empty(), "--pp-layers: expected comma-separated layer counts like 9,8,8,8, got '{}'", text);
+  HELIX_CHECK(!out.empty(),
+              "--pp-layers: expected comma-separated layer counts like 9,8,8,8, got '{}'", text);
   return out;
 }
 
@@ -36,12 +37,16 @@ void validate_pipeline_options(const TrainOptions& o) {
   HELIX_CHECK(o.pp > 1 || (o.pp_virtual == 1 && o.pp_layers.empty()),
               "--pp-virtual / --pp-layers: need --pp > 1, got --pp {}", o.pp);
   if (o.pp == 1) return;
-  HELIX_CHECK(o.zero == 0, "--zero {} with --pp {}: ZeRO over a pipelined model is not implemented (docs/fsdp.md)",
-              o.zero, o.pp);
-  validate_pipeline_schedule({.stages = o.pp, .virtual_stages = o.pp_virtual, .micro_batches = o.micro_batches});
+  HELIX_CHECK(
+      o.zero == 0,
+      "--zero {} with --pp {}: ZeRO over a pipelined model is not implemented (docs/fsdp.md)",
+      o.zero, o.pp);
+  validate_pipeline_schedule(
+      {.stages = o.pp, .virtual_stages = o.pp_virtual, .micro_batches = o.micro_batches});
   const int parts = o.pp * o.pp_virtual;
   HELIX_CHECK(o.model_config.layers >= parts,
-              "--pp {} x --pp-virtual {}: the model's {} layers cannot fill {} pipeline stages (one layer each at least)",
+              "--pp {} x --pp-virtual {}: the model's {} layers cannot fill {} pipeline stages "
+              "(one layer each at least)",
               o.pp, o.pp_virtual, o.model_config.layers, parts);
   if (!o.pp_layers.empty()) validate_layer_split(o.pp_layers, o.model_config.layers, parts);
 }
@@ -51,28 +56,33 @@ std::vector<int> pipeline_split(const TrainOptions& o) {
   return esm2_pipeline_split(o.model_config, o.pp * o.pp_virtual);
 }
 
-std::vector<std::pair<int, int>> pipeline_stage_ranges(const TrainOptions& o, const ParallelContext& ctx) {
+std::vector<std::pair<int, int>> pipeline_stage_ranges(const TrainOptions& o,
+                                                       const ParallelContext& ctx) {
   if (o.pp == 1) return {};
   return pipeline_layer_ranges(pipeline_split(o), o.pp, ctx.coords().pp);
 }
 
-std::unique_ptr<Esm2Pipeline> make_train_pipeline(const TrainOptions& o, Esm2Model& model, const ParallelContext& ctx,
+std::unique_ptr<Esm2Pipeline> make_train_pipeline(const TrainOptions& o, Esm2Model& model,
+                                                  const ParallelContext& ctx,
                                                   int64_t token_budget) {
   if (o.pp == 1) return nullptr;
   return std::make_unique<Esm2Pipeline>(
-      model, ctx, Esm2PipelineOptions{.virtual_stages = o.pp_virtual, .token_budget = token_budget});
+      model, ctx,
+      Esm2PipelineOptions{.virtual_stages = o.pp_virtual, .token_budget = token_budget});
 }
 
 std::string describe_pipeline(const TrainOptions& o) {
   const std::vector<int> split = pipeline_split(o);
   PipelineCosts costs;
   for (int s : split) costs.stage_weight.push_back(s);
-  const PipelineScheduleParams p{.stages = o.pp, .virtual_stages = o.pp_virtual, .micro_batches = o.micro_batches};
-  return fmt::format("pipeline: {} stages x {} chunks ({}), layers per virtual stage {}, {} micro-batches, "
-                     "predicted bubble {:.1f}% (schedule) / {:.1f}% (blocking executor)",
-                     o.pp, o.pp_virtual, o.pp_virtual > 1 ? "interleaved 1F1B" : "1F1B", fmt::join(split, ","),
-                     o.micro_batches, 100 * pipeline_bubble_fraction(p, costs),
-                     100 * pipeline_executor_bubble_fraction(p, costs));
+  const PipelineScheduleParams p{
+      .stages = o.pp, .virtual_stages = o.pp_virtual, .micro_batches = o.micro_batches};
+  return fmt::format(
+      "pipeline: {} stages x {} chunks ({}), layers per virtual stage {}, {} micro-batches, "
+      "predicted bubble {:.1f}% (schedule) / {:.1f}% (blocking executor)",
+      o.pp, o.pp_virtual, o.pp_virtual > 1 ? "interleaved 1F1B" : "1F1B", fmt::join(split, ","),
+      o.micro_batches, 100 * pipeline_bubble_fraction(p, costs),
+      100 * pipeline_executor_bubble_fraction(p, costs));
 }
 
 }  // namespace helix

@@ -19,10 +19,11 @@ void validate_pipeline_options(const TrainOptions& o);
 // Layers per virtual stage: --pp-layers, or esm2_pipeline_split for pp * pp_virtual parts.
 std::vector<int> pipeline_split(const TrainOptions& o);
 // The stage model's Esm2Options::layer_ranges (empty when --pp 1).
-std::vector<std::pair<int, int>> pipeline_stage_ranges(const TrainOptions& o, const ParallelContext& ctx);
+std::vector<std::pair<int, int>> pipeline_stage_ranges(const TrainOptions& o,
+                                                       const ParallelContext& ctx);
 // The pipeline of this rank (null when --pp 1). Every micro-batch is padded to `token_budget`.
-std::unique_ptr<Esm2Pipeline> make_train_pipeline(const TrainOptions& o, Esm2Model& model, const ParallelContext& ctx,
-                                                  int64_t token_budget);
+std::unique_ptr<Esm2Pipeline> make_train_pipeline(const TrainOptions& o, Esm2Model& model,
+                                                  const ParallelContext& ctx, int64_t token_budget);
 // One line for the log: stages, chunks, the split and the predicted bubble.
 std::string describe_pipeline(const TrainOptions& o);
 

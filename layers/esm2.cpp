@@ -95,8 +95,8 @@ Esm2Model::Esm2Model(ModelConfig config, Esm2Options options) : config_(std::mov
   add("lm_head.bias", {v}, false, TpShard::kRows, false);
   int64_t full = 0;
   for (const Parameter& p : params_.all()) full += p.full_shape.numel();
-  HELIX_CHECK(!opts_.layer_ranges.empty() || full == config_.num_params(), "model '{}': {} parameters created, config says {}", config_.name, full,
-              config_.num_params());
+  HELIX_CHECK(!opts_.layer_ranges.empty() || full == config_.num_params(),
+              "model '{}': {} parameters created, config says {}", config_.name, full, config_.num_params());
 }
 
 Tensor Esm2Model::shard_of(const Parameter& p, const Tensor& full) const {

@@ -23,12 +23,14 @@ double grad_sumsq(const std::vector<Tensor>& grads, const Stream& stream) {
 
 // The gradient of `p`, allocated zero when no backward reached it.
 Tensor& grad_of(Parameter& p) {
-  if (!p.grad().defined()) p.var.cell()->grad = Tensor::zeros(p.master.shape(), DType::kF32, p.master.device());
+  if (!p.grad().defined())
+    p.var.cell()->grad = Tensor::zeros(p.master.shape(), DType::kF32, p.master.device());
   return p.var.cell()->grad;
 }
 }  // namespace
 
-std::vector<std::pair<int, int>> pipeline_layer_ranges(const std::vector<int>& split, int stages, int rank) {
+std::vector<std::pair<int, int>> pipeline_layer_ranges(const std::vector<int>& split, int stages,
+                                                       int rank) {
   HELIX_CHECK(stages >= 1 && static_cast<int>(split.size()) % stages == 0,
               "--pp-layers: expected a multiple of --pp {} entries, got {}", stages, split.size());
   std::vector<std::pair<int, int>> out;
@@ -42,13 +44,16 @@ std::vector<std::pair<int, int>> pipeline_layer_ranges(const std::vector<int>& s
 
 std::vector<int> esm2_pipeline_split(const ModelConfig& c, int parts) {
   const double h = c.hidden, layer = 4 * h * h + 2 * h * c.ffn;
-  return balanced_layer_split({.layers = c.layers, .parts = parts, .first_extra = 0.0,
+  return balanced_layer_split({.layers = c.layers,
+                               .parts = parts,
+                               .first_extra = 0.0,
                                .last_extra = (h * h + h * c.vocab) / layer});
 }
 
 ThdBatch pad_thd_batch(const ThdBatch& b, int64_t budget, int32_t pad_id) {
   const int64_t t = b.total_tokens();
-  HELIX_CHECK(t <= budget, "pipeline: a micro-batch of {} tokens exceeds the token budget {}", t, budget);
+  HELIX_CHECK(t <= budget, "pipeline: a micro-batch of {} tokens exceeds the token budget {}", t,
+              budget);
   if (t == budget) return b;
   const Device d = b.tokens.device();
   const auto host = [](const Tensor& x) { return x.to(Device::cpu()).to_vector<int32_t>(); };
@@ -82,29 +87,36 @@ ThdBatch pad_thd_batch(const ThdBatch& b, int64_t budget, int32_t pad_id) {
   return o;
 }
 
-Esm2Pipeline::Esm2Pipeline(Esm2Model& model, const ParallelContext& ctx, Esm2PipelineOptions options)
+Esm2Pipeline::Esm2Pipeline(Esm2Model& model, const ParallelContext& ctx,
+                           Esm2PipelineOptions options)
     : model_(model), ctx_(ctx), opts_(options), stages_(ctx.sizes().pp), rank_(ctx.coords().pp) {
   ranges_ = model_.options().layer_ranges;
   if (ranges_.empty()) ranges_ = {{0, model_.config().layers}};
   HELIX_CHECK(static_cast<int>(ranges_.size()) == opts_.virtual_stages,
-              "--pp-virtual {}: the stage model holds {} layer ranges", opts_.virtual_stages, ranges_.size());
-  HELIX_CHECK(opts_.token_budget > 0, "pipeline: expected a positive token budget, got {}", opts_.token_budget);
-  HELIX_CHECK(model_.options().parallel == &ctx_, "pipeline: the model must be built on the same ParallelContext");
+              "--pp-virtual {}: the stage model holds {} layer ranges", opts_.virtual_stages,
+              ranges_.size());
+  HELIX_CHECK(opts_.token_budget > 0, "pipeline: expected a positive token budget, got {}",
+              opts_.token_budget);
+  HELIX_CHECK(model_.options().parallel == &ctx_,
+              "pipeline: the model must be built on the same ParallelContext");
 }
 
 int64_t Esm2Pipeline::activation_rows() const {
   const int tp = model_.tp_size();
-  return model_.options().sequence_parallel ? (opts_.token_budget + tp - 1) / tp : opts_.token_budget;
+  return model_.options().sequence_parallel ? (opts_.token_budget + tp - 1) / tp
+                                            : opts_.token_budget;
 }
 
-double Esm2Pipeline::run(const std::vector<ThdBatch>& micro, float grad_scale, bool train, const Stream& stream) {
+double Esm2Pipeline::run(const std::vector<ThdBatch>& micro, float grad_scale, bool train,
+                         const Stream& stream) {
   const PipelineScheduleParams sp{.stages = stages_,
                                   .virtual_stages = opts_.virtual_stages,
                                   .micro_batches = static_cast<int>(micro.size()),
                                   .forward_only = !train};
   const std::vector<PipelineAction> actions = pipeline_schedule(sp, rank_);
   std::vector<ThdBatch> padded;
-  for (const ThdBatch& b : micro) padded.push_back(pad_thd_batch(b, opts_.token_budget, model_.config().pad_token_id));
+  for (const ThdBatch& b : micro)
+    padded.push_back(pad_thd_batch(b, opts_.token_budget, model_.config().pad_token_id));
 
   struct Live {  // one (micro-batch, chunk) between its forward and its backward
     std::unique_ptr<Tape> tape;
@@ -128,7 +140,8 @@ double Esm2Pipeline::run(const std::vector<ThdBatch>& micro, float grad_scale, b
     l.tape = std::make_unique<Tape>(to);
     const auto [first, last] = ranges_[chunk];
     if (first > 0) {
-      HELIX_CHECK(input.defined(), "pipeline: no input activation for micro-batch {} chunk {}", mb, chunk);
+      HELIX_CHECK(input.defined(), "pipeline: no input activation for micro-batch {} chunk {}", mb,
+                  chunk);
       l.input = Var::leaf(input, train, "pipeline_input");
     }
     const ThdBatch& b = padded[mb];
@@ -147,18 +160,22 @@ double Esm2Pipeline::run(const std::vector<ThdBatch>& micro, float grad_scale, b
   };
   cb.backward = [&](int mb, int chunk, const Tensor& grad_output) -> Tensor {
     auto it = live.find({mb, chunk});
-    HELIX_CHECK(it != live.end(), "pipeline: backward of micro-batch {} chunk {} before its forward", mb, chunk);
+    HELIX_CHECK(it != live.end(),
+                "pipeline: backward of micro-batch {} chunk {} before its forward", mb, chunk);
     Live l = std::move(it->second);
     live.erase(it);
-    if (grad_output.defined()) l.tape->backward(l.output, grad_output);
-    else l.tape->backward(l.output);
+    if (grad_output.defined())
+      l.tape->backward(l.output, grad_output);
+    else
+      l.tape->backward(l.output);
     if (opts_.timed) stream.synchronize();
     if (!l.input.defined()) return Tensor();
     if (l.input.grad().defined()) return l.input.grad();
     return Tensor::zeros(l.input.data().shape(), l.input.data().dtype(), l.input.data().device());
   };
   stats_ = run_pipeline_actions(actions, ctx_.pp(), cb, stream);
-  HELIX_CHECK(live.empty(), "pipeline: {} micro-batch chunks ran forward without backward", live.size());
+  HELIX_CHECK(live.empty(), "pipeline: {} micro-batch chunks ran forward without backward",
+              live.size());
   if (train) sum_tied_embedding_grad(stream);
   // The loss lives on the last stage; every stage reports it.
   Tensor l = Tensor::from_vector<double>({last_stage() ? loss_sum : 0.0}, Shape{1});
@@ -166,7 +183,8 @@ double Esm2Pipeline::run(const std::vector<ThdBatch>& micro, float grad_scale, b
   return l.to_vector<double>()[0];
 }
 
-double Esm2Pipeline::train_step(const std::vector<ThdBatch>& micro, float grad_scale, const Stream& stream) {
+double Esm2Pipeline::train_step(const std::vector<ThdBatch>& micro, float grad_scale,
+                                const Stream& stream) {
   return run(micro, grad_scale, true, stream);
 }
 
@@ -201,10 +219,12 @@ AdamW::NormReduce Esm2Pipeline::norm_reduce(AdamW::NormReduce inner) const {
     if (last_stage()) {
       Parameter& e = model_.params().get(kEmbedding);
       Tensor t = Tensor::from_vector<double>({grad_sumsq({grad_of(e)}, stream)}, Shape{1});
-      if (e.shard != TpShard::kReplicated && model_.tp_size() > 1) ctx_.tp().all_reduce(t, ReduceOp::kSum, Stream());
+      if (e.shard != TpShard::kReplicated && model_.tp_size() > 1)
+        ctx_.tp().all_reduce(t, ReduceOp::kSum, Stream());
       tied = t.to_vector<double>()[0];
     }
-    Tensor total = Tensor::from_vector<double>({double(sharded.to_floats()[0]) + rep - tied}, Shape{1});
+    Tensor total =
+        Tensor::from_vector<double>({double(sharded.to_floats()[0]) + rep - tied}, Shape{1});
     ctx_.pp().all_reduce(total, ReduceOp::kSum, Stream());
     sharded.fill(total.to_vector<double>()[0] - rep, stream);
   };
@@ -220,11 +240,14 @@ std::vector<std::pair<std::string, Tensor>> Esm2Pipeline::hf_tensors() const {
   if (!first_stage()) {
     pp.send(Tensor::from_vector<int64_t>({static_cast<int64_t>(mine.size())}, Shape{1}), 0, cpu);
     for (const auto& [name, t] : mine) {
-      pp.send(Tensor::from_vector<int64_t>({static_cast<int64_t>(name.size()), static_cast<int64_t>(t.ndim())}, Shape{2}), 0, cpu);
+      pp.send(Tensor::from_vector<int64_t>(
+                  {static_cast<int64_t>(name.size()), static_cast<int64_t>(t.ndim())}, Shape{2}),
+              0, cpu);
       pp.send(Tensor::from_vector<int32_t>(std::vector<int32_t>(name.begin(), name.end()),
                                            Shape{static_cast<int64_t>(name.size())}),
               0, cpu);
-      pp.send(Tensor::from_vector<int64_t>(t.shape().vec(), Shape{static_cast<int64_t>(t.ndim())}), 0, cpu);
+      pp.send(Tensor::from_vector<int64_t>(t.shape().vec(), Shape{static_cast<int64_t>(t.ndim())}),
+              0, cpu);
       pp.send(t.is_contiguous() ? t : t.clone(), 0, cpu);
     }
     return {};
@@ -238,7 +261,8 @@ std::vector<std::pair<std::string, Tensor>> Esm2Pipeline::hf_tensors() const {
       Tensor head = Tensor::empty({2}, DType::kI64);
       pp.recv(head, s, cpu);
       const std::vector<int64_t> h = head.to_vector<int64_t>();
-      Tensor name_t = Tensor::empty({h[0]}, DType::kI32), shape_t = Tensor::empty({h[1]}, DType::kI64);
+      Tensor name_t = Tensor::empty({h[0]}, DType::kI32),
+             shape_t = Tensor::empty({h[1]}, DType::kI64);
       pp.recv(name_t, s, cpu);
       pp.recv(shape_t, s, cpu);
       const std::vector<int32_t> codes = name_t.to_vector<int32_t>();

@@ -21,15 +21,17 @@ namespace helix {
 
 // Layer ranges [first, last) of `rank`'s chunks: virtual stage v = chunk * stages + rank holds the
 // v-th part of `split` (layers per virtual stage, in order).
-std::vector<std::pair<int, int>> pipeline_layer_ranges(const std::vector<int>& split, int stages, int rank);
+std::vector<std::pair<int, int>> pipeline_layer_ranges(const std::vector<int>& split, int stages,
+                                                       int rank);
 
 // The balanced split of the model's layers into `parts` virtual stages (balanced_layer_split): a
 // layer costs its GEMM FLOPs per token (4H^2 + 2HF, attention scores left out), the first stage
 // also the embedding (no GEMM: cost 0), the last also the LM head (H^2 + HV).
 std::vector<int> esm2_pipeline_split(const ModelConfig& config, int parts);
 
-// `b` with <pad> sequences (no labels, each at most max(max_seqlen, 1) long) appended up to `budget`
-// tokens. Every op is per token or per sequence, so the loss and every gradient are unchanged.
+// `b` with <pad> sequences (no labels, each at most max(max_seqlen, 1) long) appended up to
+// `budget` tokens. Every op is per token or per sequence, so the loss and every gradient are
+// unchanged.
 ThdBatch pad_thd_batch(const ThdBatch& b, int64_t budget, int32_t pad_id);
 
 struct Esm2PipelineOptions {
@@ -58,7 +60,8 @@ class Esm2Pipeline {
   // The model's tensors under Hugging Face names gathered over the stages (collective over tp and
   // pp); complete on pp rank 0, empty elsewhere.
   std::vector<std::pair<std::string, Tensor>> hf_tensors() const;
-  // Esm2Model::save_hf of the whole pipelined model (collective over tp and pp; world rank 0 writes).
+  // Esm2Model::save_hf of the whole pipelined model (collective over tp and pp; world rank 0
+  // writes).
   void save_hf(const std::string& path) const;
 
   bool first_stage() const { return rank_ == 0; }
@@ -67,7 +70,8 @@ class Esm2Pipeline {
   int64_t activation_rows() const;  // rows of every message
 
  private:
-  double run(const std::vector<ThdBatch>& micro, float grad_scale, bool train, const Stream& stream);
+  double run(const std::vector<ThdBatch>& micro, float grad_scale, bool train,
+             const Stream& stream);
   void sum_tied_embedding_grad(const Stream& stream);
 
   Esm2Model& model_;

@@ -13,20 +13,28 @@ namespace helix {
 
 std::string pipeline_action_kind_name(PipelineActionKind kind) {
   switch (kind) {
-    case PipelineActionKind::kForward: return "F";
-    case PipelineActionKind::kBackward: return "B";
-    case PipelineActionKind::kRecvActivation: return "recv_act";
-    case PipelineActionKind::kSendActivation: return "send_act";
-    case PipelineActionKind::kRecvGrad: return "recv_grad";
-    case PipelineActionKind::kSendGrad: return "send_grad";
+    case PipelineActionKind::kForward:
+      return "F";
+    case PipelineActionKind::kBackward:
+      return "B";
+    case PipelineActionKind::kRecvActivation:
+      return "recv_act";
+    case PipelineActionKind::kSendActivation:
+      return "send_act";
+    case PipelineActionKind::kRecvGrad:
+      return "recv_grad";
+    case PipelineActionKind::kSendGrad:
+      return "send_grad";
   }
   return "?";
 }
 
 std::string PipelineAction::str() const {
-  std::string s = pipeline_action_kind_name(kind) + "(" + std::to_string(micro_batch) + "," + std::to_string(chunk) + ")";
+  std::string s = pipeline_action_kind_name(kind) + "(" + std::to_string(micro_batch) + "," +
+                  std::to_string(chunk) + ")";
   if (peer >= 0) {
-    const bool send = kind == PipelineActionKind::kSendActivation || kind == PipelineActionKind::kSendGrad;
+    const bool send =
+        kind == PipelineActionKind::kSendActivation || kind == PipelineActionKind::kSendGrad;
     s += (send ? "->" : "<-") + std::to_string(peer);
   }
   return s;
@@ -36,19 +44,24 @@ void validate_pipeline_schedule(const PipelineScheduleParams& p) {
   HELIX_CHECK(p.stages >= 1, "--pp: expected >= 1, got {}", p.stages);
   HELIX_CHECK(p.virtual_stages >= 1, "--pp-virtual: expected >= 1, got {}", p.virtual_stages);
   HELIX_CHECK(p.micro_batches >= 1, "--micro-batches: expected >= 1, got {}", p.micro_batches);
-  HELIX_CHECK(p.virtual_stages == 1 || p.stages > 1, "--pp-virtual {}: interleaving needs --pp > 1, got --pp {}",
-              p.virtual_stages, p.stages);
-  HELIX_CHECK(p.virtual_stages == 1 || p.forward_only || p.micro_batches % p.stages == 0,
-              "--micro-batches {}: the interleaved schedule (--pp-virtual {}) needs a multiple of --pp {}",
-              p.micro_batches, p.virtual_stages, p.stages);
+  HELIX_CHECK(p.virtual_stages == 1 || p.stages > 1,
+              "--pp-virtual {}: interleaving needs --pp > 1, got --pp {}", p.virtual_stages,
+              p.stages);
+  HELIX_CHECK(
+      p.virtual_stages == 1 || p.forward_only || p.micro_batches % p.stages == 0,
+      "--micro-batches {}: the interleaved schedule (--pp-virtual {}) needs a multiple of --pp {}",
+      p.micro_batches, p.virtual_stages, p.stages);
 }
 
 std::vector<PipelineAction> pipeline_compute_order(const PipelineScheduleParams& p, int rank) {
   validate_pipeline_schedule(p);
-  HELIX_CHECK(rank >= 0 && rank < p.stages, "pipeline schedule: expected a rank in [0, {}), got {}", p.stages, rank);
+  HELIX_CHECK(rank >= 0 && rank < p.stages, "pipeline schedule: expected a rank in [0, {}), got {}",
+              p.stages, rank);
   const int n = p.stages, v = p.virtual_stages, m = p.micro_batches;
   std::vector<PipelineAction> out;
-  const auto fwd = [&](int mb, int chunk) { out.push_back({PipelineActionKind::kForward, mb, chunk, -1}); };
+  const auto fwd = [&](int mb, int chunk) {
+    out.push_back({PipelineActionKind::kForward, mb, chunk, -1});
+  };
   if (p.forward_only) {  // chunk by chunk, micro-batches in order
     for (int c = 0; c < v; ++c)
       for (int mb = 0; mb < m; ++mb) fwd(mb, c);
@@ -57,11 +70,16 @@ std::vector<PipelineAction> pipeline_compute_order(const PipelineScheduleParams&
   const int total = m * v;
   const auto mb_of = [&](int k) { return (k / (n * v)) * n + k % n; };
   const auto f = [&](int k) { fwd(mb_of(k), (k / n) % v); };
-  const auto b = [&](int k) { out.push_back({PipelineActionKind::kBackward, mb_of(k), v - 1 - (k / n) % v, -1}); };
+  const auto b = [&](int k) {
+    out.push_back({PipelineActionKind::kBackward, mb_of(k), v - 1 - (k / n) % v, -1});
+  };
   int warmup = 0;
-  if (v == 1) warmup = std::min(n - 1 - rank, m);
-  else if (m == n) warmup = total;
-  else warmup = std::min((n - 1 - rank) * 2 + (v - 1) * n, total);
+  if (v == 1)
+    warmup = std::min(n - 1 - rank, m);
+  else if (m == n)
+    warmup = total;
+  else
+    warmup = std::min((n - 1 - rank) * 2 + (v - 1) * n, total);
   for (int k = 0; k < warmup; ++k) f(k);
   for (int i = 0; i < total - warmup; ++i) {
     f(warmup + i);
@@ -108,10 +126,13 @@ Timing simulate(const PipelineScheduleParams& p, const PipelineCosts& costs) {
         const bool fw = a.kind == PipelineActionKind::kForward;
         double ready = 0;
         if (fw && vs > 0) ready = t.f_end[at(a.micro_batch, vs - 1)];
-        if (!fw) ready = vs == nv - 1 ? t.f_end[at(a.micro_batch, vs)] : t.b_end[at(a.micro_batch, vs + 1)];
+        if (!fw)
+          ready =
+              vs == nv - 1 ? t.f_end[at(a.micro_batch, vs)] : t.b_end[at(a.micro_batch, vs + 1)];
         if (ready < 0) break;  // input not produced yet
         const double w = costs.stage_weight.empty() ? 1.0 : costs.stage_weight[vs];
-        const double s = std::max(free[r], ready), e = s + w * (fw ? costs.forward : costs.backward);
+        const double s = std::max(free[r], ready),
+                     e = s + w * (fw ? costs.forward : costs.backward);
         t.start[r][pos[r]] = s;
         t.end[r][pos[r]] = e;
         (fw ? t.f_end : t.b_end)[at(a.micro_batch, vs)] = e;
@@ -122,8 +143,10 @@ Timing simulate(const PipelineScheduleParams& p, const PipelineCosts& costs) {
       }
     }
   }
-  HELIX_CHECK(left == 0, "pipeline schedule (pp {}, virtual {}, micro-batches {}): the compute order deadlocks",
-              p.stages, p.virtual_stages, p.micro_batches);
+  HELIX_CHECK(
+      left == 0,
+      "pipeline schedule (pp {}, virtual {}, micro-batches {}): the compute order deadlocks",
+      p.stages, p.virtual_stages, p.micro_batches);
   return t;
 }
 
@@ -149,13 +172,16 @@ std::vector<PipelineAction> pipeline_schedule(const PipelineScheduleParams& p, i
       PipelineAction c;
       c.micro_batch = a.micro_batch;
       if (src == rank)  // this rank sends (a send to itself cannot happen: n > 1 when nv > 1)
-        items.push_back({key, {fw ? PipelineActionKind::kSendActivation : PipelineActionKind::kSendGrad,
-                               a.micro_batch, vs / n, dst}});
+        items.push_back({key,
+                         {fw ? PipelineActionKind::kSendActivation : PipelineActionKind::kSendGrad,
+                          a.micro_batch, vs / n, dst}});
       if (dst == rank)
-        items.push_back({key, {fw ? PipelineActionKind::kRecvActivation : PipelineActionKind::kRecvGrad,
-                               a.micro_batch, to / n, src}});
+        items.push_back({key,
+                         {fw ? PipelineActionKind::kRecvActivation : PipelineActionKind::kRecvGrad,
+                          a.micro_batch, to / n, src}});
     }
-  std::stable_sort(items.begin(), items.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
+  std::stable_sort(items.begin(), items.end(),
+                   [](const auto& a, const auto& b) { return a.first < b.first; });
   std::vector<PipelineAction> out;
   for (const auto& [k, a] : items) out.push_back(a);
   return out;
@@ -190,7 +216,8 @@ bool is_recv(const PipelineAction& a) {
 }
 }  // namespace
 
-std::vector<PipelineExecStep> pipeline_exec_steps(const std::vector<PipelineAction>& a, bool defer_sends) {
+std::vector<PipelineExecStep> pipeline_exec_steps(const std::vector<PipelineAction>& a,
+                                                  bool defer_sends) {
   std::vector<PipelineExecStep> steps;
   int pending = -1;  // a deferred send
   for (int i = 0; i < static_cast<int>(a.size()); ++i) {
@@ -222,11 +249,10 @@ std::vector<PipelineExecStep> pipeline_exec_steps(const std::vector<PipelineActi
   return steps;
 }
 
-namespace {
-}  // namespace
+namespace {}  // namespace
 
-PipelineTimeline simulate_pipeline_execution(const PipelineScheduleParams& p, const PipelineCosts& costs,
-                                             bool defer_sends) {
+PipelineTimeline simulate_pipeline_execution(const PipelineScheduleParams& p,
+                                             const PipelineCosts& costs, bool defer_sends) {
   const int n = p.stages;
   (void)simulate(p, costs);  // validates the costs
   std::vector<std::vector<PipelineAction>> lists;
@@ -236,10 +262,14 @@ PipelineTimeline simulate_pipeline_execution(const PipelineScheduleParams& p, co
   const auto msg_of = [n](int r, const PipelineAction& a) -> Msg {
     const int vs = a.chunk * n + r;
     switch (a.kind) {
-      case PipelineActionKind::kSendActivation: return {0, vs, a.micro_batch};
-      case PipelineActionKind::kRecvActivation: return {0, vs - 1, a.micro_batch};
-      case PipelineActionKind::kSendGrad: return {1, vs, a.micro_batch};
-      default: return {1, vs + 1, a.micro_batch};
+      case PipelineActionKind::kSendActivation:
+        return {0, vs, a.micro_batch};
+      case PipelineActionKind::kRecvActivation:
+        return {0, vs - 1, a.micro_batch};
+      case PipelineActionKind::kSendGrad:
+        return {1, vs, a.micro_batch};
+      default:
+        return {1, vs + 1, a.micro_batch};
     }
   };
   struct Sides {
@@ -263,7 +293,8 @@ PipelineTimeline simulate_pipeline_execution(const PipelineScheduleParams& p, co
           const PipelineAction& a = lists[r][st.compute];
           const int vs = a.chunk * n + r;
           const double w = costs.stage_weight.empty() ? 1.0 : costs.stage_weight[vs];
-          const double c = w * (a.kind == PipelineActionKind::kForward ? costs.forward : costs.backward);
+          const double c =
+              w * (a.kind == PipelineActionKind::kForward ? costs.forward : costs.backward);
           now[r] += c;
           out.busy[r] += c;
           ++pos[r];
@@ -278,8 +309,10 @@ PipelineTimeline simulate_pipeline_execution(const PipelineScheduleParams& p, co
           const int side = is_send(lists[r][j]) ? 0 : 1;
           if (!m.posted[side]) m.at[side] = now[r];
           m.posted[side] = true;
-          if (!m.posted[0] || !m.posted[1]) ready = false;
-          else done = std::max({done, m.at[0], m.at[1]});
+          if (!m.posted[0] || !m.posted[1])
+            ready = false;
+          else
+            done = std::max({done, m.at[0], m.at[1]});
         }
         if (!ready) break;  // a peer has not posted yet
         now[r] = done;
@@ -299,20 +332,26 @@ double pipeline_bubble_fraction(const PipelineScheduleParams& p, const PipelineC
   return simulate_pipeline(p, costs).bubble_fraction();
 }
 
-double pipeline_executor_bubble_fraction(const PipelineScheduleParams& p, const PipelineCosts& costs) {
+double pipeline_executor_bubble_fraction(const PipelineScheduleParams& p,
+                                         const PipelineCosts& costs) {
   return simulate_pipeline_execution(p, costs).bubble_fraction();
 }
 
 std::vector<int> balanced_layer_split(const LayerSplitParams& p) {
   HELIX_CHECK(p.parts >= 1, "layer split: expected >= 1 parts, got {}", p.parts);
-  HELIX_CHECK(p.layers >= p.parts, "--pp: {} layers cannot fill {} pipeline stages (at least one layer each)",
-              p.layers, p.parts);
-  HELIX_CHECK(p.first_extra >= 0 && p.last_extra >= 0, "layer split: expected non-negative extra costs");
-  const auto extra = [&](int j) { return (j == 0 ? p.first_extra : 0.0) + (j == p.parts - 1 ? p.last_extra : 0.0); };
+  HELIX_CHECK(p.layers >= p.parts,
+              "--pp: {} layers cannot fill {} pipeline stages (at least one layer each)", p.layers,
+              p.parts);
+  HELIX_CHECK(p.first_extra >= 0 && p.last_extra >= 0,
+              "layer split: expected non-negative extra costs");
+  const auto extra = [&](int j) {
+    return (j == 0 ? p.first_extra : 0.0) + (j == p.parts - 1 ? p.last_extra : 0.0);
+  };
   // Candidate bounds: the cost of some part, i.e. k layers plus the extras a part can carry.
   std::vector<double> bounds;
   for (int k = 1; k <= p.layers; ++k)
-    for (double e : {0.0, p.first_extra, p.last_extra, p.first_extra + p.last_extra}) bounds.push_back(k + e);
+    for (double e : {0.0, p.first_extra, p.last_extra, p.first_extra + p.last_extra})
+      bounds.push_back(k + e);
   std::sort(bounds.begin(), bounds.end());
   const int parts = p.parts, layers = p.layers;
   const double inf = std::numeric_limits<double>::infinity();
@@ -335,7 +374,8 @@ std::vector<int> balanced_layer_split(const LayerSplitParams& p) {
       for (int take = left; take >= 1; --take) {
         const double cost = take + extra(j);
         if (cost > bound + 1e-9 || g[j + 1][left - take] == inf) continue;
-        if (std::abs(cost * cost + g[j + 1][left - take] - g[j][left]) > 1e-9 * (1 + g[j][left])) continue;
+        if (std::abs(cost * cost + g[j + 1][left - take] - g[j][left]) > 1e-9 * (1 + g[j][left]))
+          continue;
         split.push_back(take);
         left -= take;
         break;
@@ -347,13 +387,16 @@ std::vector<int> balanced_layer_split(const LayerSplitParams& p) {
 
 void validate_layer_split(const std::vector<int>& split, int layers, int parts) {
   HELIX_CHECK(static_cast<int>(split.size()) == parts,
-              "--pp-layers: expected {} entries (--pp x --pp-virtual), got {}", parts, split.size());
+              "--pp-layers: expected {} entries (--pp x --pp-virtual), got {}", parts,
+              split.size());
   int sum = 0;
   for (int s : split) {
     HELIX_CHECK(s >= 1, "--pp-layers: expected every stage to hold >= 1 layer, got {}", s);
     sum += s;
   }
-  HELIX_CHECK(sum == layers, "--pp-layers: expected the entries to sum to the model's {} layers, got {}", layers, sum);
+  HELIX_CHECK(sum == layers,
+              "--pp-layers: expected the entries to sum to the model's {} layers, got {}", layers,
+              sum);
 }
 
 // ---- Executor ----------------------------------------------------------------------------------
@@ -362,7 +405,8 @@ PipelineRunStats run_pipeline_actions(const std::vector<PipelineAction>& actions
                                       const PipelineCallbacks& cb, const Stream& stream) {
   using Clock = std::chrono::steady_clock;
   using Slot = std::pair<int, int>;  // (micro-batch, chunk)
-  std::map<Slot, Tensor> act_in, act_out, grad_in, grad_out;  // grad_in: of an input (sent upstream)
+  std::map<Slot, Tensor> act_in, act_out, grad_in,
+      grad_out;  // grad_in: of an input (sent upstream)
   PipelineRunStats st;
   const auto t0 = Clock::now();
   const auto take = [](std::map<Slot, Tensor>& m, const Slot& s) {
@@ -372,15 +416,19 @@ PipelineRunStats run_pipeline_actions(const std::vector<PipelineAction>& actions
     m.erase(it);
     return t;
   };
-  const auto secs = [](Clock::time_point a) { return std::chrono::duration<double>(Clock::now() - a).count(); };
+  const auto secs = [](Clock::time_point a) {
+    return std::chrono::duration<double>(Clock::now() - a).count();
+  };
   for (const PipelineExecStep& step : pipeline_exec_steps(actions, kPipelineDeferSends)) {
     const auto t = Clock::now();
     if (step.compute < 0) {  // one send and/or one receive, posted together
       SendRecvParams p;
       if (step.send >= 0) {
         const PipelineAction& c = actions[step.send];
-        p.send = take(c.kind == PipelineActionKind::kSendActivation ? act_out : grad_in, {c.micro_batch, c.chunk});
-        HELIX_CHECK(p.send.defined(), "pipeline: {} before its compute produced the tensor", c.str());
+        p.send = take(c.kind == PipelineActionKind::kSendActivation ? act_out : grad_in,
+                      {c.micro_batch, c.chunk});
+        HELIX_CHECK(p.send.defined(), "pipeline: {} before its compute produced the tensor",
+                    c.str());
         p.dst = c.peer;
       }
       if (step.recv >= 0) {
@@ -391,7 +439,9 @@ PipelineRunStats run_pipeline_actions(const std::vector<PipelineAction>& actions
       pp.send_recv(p, stream);
       if (step.recv >= 0) {
         const PipelineAction& c = actions[step.recv];
-        (c.kind == PipelineActionKind::kRecvActivation ? act_in : grad_out)[{c.micro_batch, c.chunk}] = p.recv;
+        (c.kind == PipelineActionKind::kRecvActivation ? act_in
+                                                       : grad_out)[{c.micro_batch, c.chunk}] =
+            p.recv;
       }
       st.comm_s += secs(t);
       st.messages += (step.send >= 0) + (step.recv >= 0);
@@ -411,8 +461,8 @@ PipelineRunStats run_pipeline_actions(const std::vector<PipelineAction>& actions
     st.compute_s += secs(t);
   }
   HELIX_CHECK(act_in.empty() && act_out.empty() && grad_in.empty() && grad_out.empty(),
-              "pipeline: the action list left {} tensors unsent or unused", act_in.size() + act_out.size() +
-                                                                               grad_in.size() + grad_out.size());
+              "pipeline: the action list left {} tensors unsent or unused",
+              act_in.size() + act_out.size() + grad_in.size() + grad_out.size());
   st.total_s = secs(t0);
   return st;
 }

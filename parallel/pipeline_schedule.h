@@ -73,9 +73,9 @@ struct PipelineCosts {
 };
 
 struct PipelineTimeline {
-  double makespan = 0;        // end of the last compute of any rank
-  std::vector<double> busy;   // [N] compute time of each rank
-  std::vector<double> idle;   // [N] makespan - busy
+  double makespan = 0;       // end of the last compute of any rank
+  std::vector<double> busy;  // [N] compute time of each rank
+  std::vector<double> idle;  // [N] makespan - busy
   // Idle share of the N ranks' time: sum(idle) / (N * makespan).
   double bubble_fraction() const;
 };
@@ -88,12 +88,14 @@ PipelineTimeline simulate_pipeline(const PipelineScheduleParams& p, const Pipeli
 // until the peer has posted its side (a send next to a receive is posted together with it, one
 // send_recv); transfers are free. A send can wait for the peer to finish a compute, so this is the
 // bubble of the blocking executor, >= simulate_pipeline's.
-PipelineTimeline simulate_pipeline_execution(const PipelineScheduleParams& p, const PipelineCosts& costs,
+PipelineTimeline simulate_pipeline_execution(const PipelineScheduleParams& p,
+                                             const PipelineCosts& costs,
                                              bool defer_sends = kPipelineDeferSends);
 // The predicted bubble fraction of the schedule (simulate_pipeline), and of the blocking executor
 // (simulate_pipeline_execution; what a run achieves today). `helix plan` calls these.
 double pipeline_bubble_fraction(const PipelineScheduleParams& p, const PipelineCosts& costs = {});
-double pipeline_executor_bubble_fraction(const PipelineScheduleParams& p, const PipelineCosts& costs = {});
+double pipeline_executor_bubble_fraction(const PipelineScheduleParams& p,
+                                         const PipelineCosts& costs = {});
 
 // Balanced split of `layers` transformer layers into `parts` contiguous parts (stages, or virtual
 // stages in order), each at least one layer: minimises the largest part cost, a layer costing 1,
@@ -123,7 +125,8 @@ struct PipelineExecStep {
   int send = -1;
   int recv = -1;
 };
-std::vector<PipelineExecStep> pipeline_exec_steps(const std::vector<PipelineAction>& actions, bool defer_sends);
+std::vector<PipelineExecStep> pipeline_exec_steps(const std::vector<PipelineAction>& actions,
+                                                  bool defer_sends);
 
 // What the executor calls; tensors are whole activations [rows, hidden] of the fixed token budget.
 struct PipelineCallbacks {
@@ -141,7 +144,7 @@ struct PipelineRunStats {
   double compute_s = 0;  // in forward / backward callbacks (host time: on a GPU, enqueue time)
   double forward_s = 0;  // the forward share of compute_s
   double backward_s = 0;
-  double comm_s = 0;     // in sends and receives, waiting for peers included
+  double comm_s = 0;  // in sends and receives, waiting for peers included
   double total_s = 0;
   int64_t messages = 0;  // sends + receives
 };

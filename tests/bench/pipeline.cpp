@@ -30,7 +30,8 @@ namespace helix {
 namespace {
 
 struct Args {
-  int layers = 8, hidden = 256, heads = 8, ffn = 1024, micro_batches = 8, virtual_stages = 1, steps = 3;
+  int layers = 8, hidden = 256, heads = 8, ffn = 1024, micro_batches = 8, virtual_stages = 1,
+      steps = 3;
   int64_t tokens = 512;
   std::string pp_layers, device = "cpu", backend = "mpi";
 };
@@ -39,18 +40,30 @@ Args parse(int argc, char** argv) {
   Args a;
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string k = argv[i], v = argv[i + 1];
-    if (k == "--layers") a.layers = std::stoi(v);
-    else if (k == "--hidden") a.hidden = std::stoi(v);
-    else if (k == "--heads") a.heads = std::stoi(v);
-    else if (k == "--ffn") a.ffn = std::stoi(v);
-    else if (k == "--tokens") a.tokens = std::stoll(v);
-    else if (k == "--micro-batches") a.micro_batches = std::stoi(v);
-    else if (k == "--virtual") a.virtual_stages = std::stoi(v);
-    else if (k == "--pp-layers") a.pp_layers = v;
-    else if (k == "--steps") a.steps = std::stoi(v);
-    else if (k == "--device") a.device = v;
-    else if (k == "--backend") a.backend = v;
-    else HELIX_FAIL("helix_bench_pipeline: unknown option '{}'", k);
+    if (k == "--layers")
+      a.layers = std::stoi(v);
+    else if (k == "--hidden")
+      a.hidden = std::stoi(v);
+    else if (k == "--heads")
+      a.heads = std::stoi(v);
+    else if (k == "--ffn")
+      a.ffn = std::stoi(v);
+    else if (k == "--tokens")
+      a.tokens = std::stoll(v);
+    else if (k == "--micro-batches")
+      a.micro_batches = std::stoi(v);
+    else if (k == "--virtual")
+      a.virtual_stages = std::stoi(v);
+    else if (k == "--pp-layers")
+      a.pp_layers = v;
+    else if (k == "--steps")
+      a.steps = std::stoi(v);
+    else if (k == "--device")
+      a.device = v;
+    else if (k == "--backend")
+      a.backend = v;
+    else
+      HELIX_FAIL("helix_bench_pipeline: unknown option '{}'", k);
   }
   return a;
 }
@@ -76,7 +89,8 @@ int run(int argc, char** argv) {
   int rank = 0, world = 1;
   MPI_Comm_rank(MPI_COMM_WORLD, &rank);
   MPI_Comm_size(MPI_COMM_WORLD, &world);
-  const Device device = a.device == "cuda" ? Device::cuda(rank % cuda_device_count()) : Device::cpu();
+  const Device device =
+      a.device == "cuda" ? Device::cuda(rank % cuda_device_count()) : Device::cpu();
   ParallelOptions po;
   po.sizes = ParallelSizes{.pp = world};
   po.device = device;
@@ -107,13 +121,16 @@ int run(int argc, char** argv) {
   mo.layer_ranges = pipeline_layer_ranges(split, world, rank);
   Esm2Model model(cfg, mo);
   model.init_random(1);
-  Esm2Pipeline pipe(model, ctx,
-                    Esm2PipelineOptions{.virtual_stages = a.virtual_stages, .token_budget = a.tokens, .timed = true});
+  Esm2Pipeline pipe(
+      model, ctx,
+      Esm2PipelineOptions{
+          .virtual_stages = a.virtual_stages, .token_budget = a.tokens, .timed = true});
   const Stream stream = device.is_cuda() ? Stream::cuda_default(device.index) : Stream();
   std::vector<double> sums(4, 0.0);  // compute, forward, backward, total
   for (int step = 0; step <= a.steps; ++step) {
     std::vector<ThdBatch> micro;
-    for (int m = 0; m < a.micro_batches; ++m) micro.push_back(micro_batch(step, m, a.tokens, device));
+    for (int m = 0; m < a.micro_batches; ++m)
+      micro.push_back(micro_batch(step, m, a.tokens, device));
     model.params().zero_grads(stream);
     stream.synchronize();
     ctx.world().barrier();
@@ -138,22 +155,27 @@ int run(int argc, char** argv) {
   for (int r = 0; r < world; ++r) {
     const double compute = all[4 * r] / a.steps;
     idle += makespan - compute;
-    std::printf("{\"stage\": %d, \"compute_ms\": %.2f, \"forward_ms\": %.2f, \"backward_ms\": %.2f, \"step_ms\": %.2f, "
-                "\"idle_ms\": %.2f}\n",
-                r, 1e3 * compute, 1e3 * all[4 * r + 1] / a.steps, 1e3 * all[4 * r + 2] / a.steps,
-                1e3 * all[4 * r + 3] / a.steps, 1e3 * (makespan - compute));
+    std::printf(
+        "{\"stage\": %d, \"compute_ms\": %.2f, \"forward_ms\": %.2f, \"backward_ms\": %.2f, "
+        "\"step_ms\": %.2f, "
+        "\"idle_ms\": %.2f}\n",
+        r, 1e3 * compute, 1e3 * all[4 * r + 1] / a.steps, 1e3 * all[4 * r + 2] / a.steps,
+        1e3 * all[4 * r + 3] / a.steps, 1e3 * (makespan - compute));
   }
   PipelineCosts costs{.forward = 1.0, .backward = bwd / fwd};
   for (int s : split) costs.stage_weight.push_back(s);
-  const PipelineScheduleParams sp{.stages = world, .virtual_stages = a.virtual_stages, .micro_batches = a.micro_batches};
-  std::printf("{\"stages\": %d, \"virtual\": %d, \"micro_batches\": %d, \"split\": \"%s\", \"device\": \"%s\", "
-              "\"backward_over_forward\": %.3f, \"predicted_bubble\": %.4f, \"uniform_bubble\": %.4f, "
-              "\"executor_bubble\": %.4f, \"measured_bubble\": %.4f, \"step_ms\": %.2f}\n",
-              world, a.virtual_stages, a.micro_batches, a.pp_layers.empty() ? "balanced" : a.pp_layers.c_str(),
-              device.str().c_str(), bwd / fwd, pipeline_bubble_fraction(sp, costs),
-              pipeline_bubble_fraction(sp, PipelineCosts{.forward = 1, .backward = bwd / fwd}),
-              pipeline_executor_bubble_fraction(sp, costs),
-              idle / (world * makespan), 1e3 * makespan);
+  const PipelineScheduleParams sp{
+      .stages = world, .virtual_stages = a.virtual_stages, .micro_batches = a.micro_batches};
+  std::printf(
+      "{\"stages\": %d, \"virtual\": %d, \"micro_batches\": %d, \"split\": \"%s\", \"device\": "
+      "\"%s\", "
+      "\"backward_over_forward\": %.3f, \"predicted_bubble\": %.4f, \"uniform_bubble\": %.4f, "
+      "\"executor_bubble\": %.4f, \"measured_bubble\": %.4f, \"step_ms\": %.2f}\n",
+      world, a.virtual_stages, a.micro_batches,
+      a.pp_layers.empty() ? "balanced" : a.pp_layers.c_str(), device.str().c_str(), bwd / fwd,
+      pipeline_bubble_fraction(sp, costs),
+      pipeline_bubble_fraction(sp, PipelineCosts{.forward = 1, .backward = bwd / fwd}),
+      pipeline_executor_bubble_fraction(sp, costs), idle / (world * makespan), 1e3 * makespan);
   return 0;
 }
 

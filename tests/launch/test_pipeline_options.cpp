@@ -13,8 +13,8 @@ namespace helix {
 namespace {
 
 TrainOptions parse(std::vector<std::string> extra) {
-  std::vector<std::string> args{"--data", "x.fasta", "--model", "esm2-650m", "--max-residues", "126",
-                                "--tokens-per-step", "4096"};
+  std::vector<std::string> args{"--data",         "x.fasta", "--model",           "esm2-650m",
+                                "--max-residues", "126",     "--tokens-per-step", "4096"};
   args.insert(args.end(), extra.begin(), extra.end());
   TrainOptions o;
   EXPECT_TRUE(parse_train_options(args, o));

@@ -4,8 +4,8 @@
 // every stage (the tied embedding / decoder table on the first and last stage included), the
 // global gradient norm and the parameters after two AdamW steps. Stage initialisation equals the
 // single-device one; the Hugging Face export gathered over the stages equals the single-rank one.
-// On a GPU (skipped without one): CUDA ranks sharing the GPU through the host-staged MPI backend, bf16
-// compute, against one rank on the same GPU within bf16 tolerances.
+// On a GPU (skipped without one): CUDA ranks sharing the GPU through the host-staged MPI backend,
+// bf16 compute, against one rank on the same GPU within bf16 tolerances.
 #include <algorithm>
 #include <cmath>
 #include <string>
@@ -35,9 +35,9 @@ constexpr int64_t kBudget = 34;  // tokens of every padded micro-batch (the larg
 
 // Micro-batch `mb` of data shard `shard` at step `step`: 3 proteins, 15..29 tokens.
 ThdBatch make_micro(int step, int mb, int shard, Device device = Device::cpu()) {
-  return testing::synthetic_esm2_batch({5 + (mb + shard) % 4, 9 - step + mb % 3, 6 + 2 * shard + (mb * 5) % 7},
-                                       0xD1B54A32D192ED03ull * static_cast<uint64_t>(1 + step * 131 + mb * 17 + shard),
-                                       25, device);
+  return testing::synthetic_esm2_batch(
+      {5 + (mb + shard) % 4, 9 - step + mb % 3, 6 + 2 * shard + (mb * 5) % 7},
+      0xD1B54A32D192ED03ull * static_cast<uint64_t>(1 + step * 131 + mb * 17 + shard), 25, device);
 }
 
 void expect_close(const Tensor& got, const Tensor& want, double tol, const std::string& what) {
@@ -62,15 +62,16 @@ struct PipeCase {
   RecomputePolicy recompute = RecomputePolicy::kNone;
   Device device = Device::cpu();
   DType compute = DType::kF32;
-  double loss_tol = 1e-5;                    // relative
-  double grad_tol[2] = {1e-4, 1e-3};         // max difference / the tensor's largest, steps 0 and 1
-  double param_tol = 0.01;                   // after 2 steps, in units of the learning rate
+  double loss_tol = 1e-5;             // relative
+  double grad_tol[2] = {1e-4, 1e-3};  // max difference / the tensor's largest, steps 0 and 1
+  double param_tol = 0.01;            // after 2 steps, in units of the learning rate
 };
 
 constexpr double kLr = 1e-3;
 
 void run_pipeline_equivalence(const PipeCase& pc) {
-  ParallelContext ctx = testing::make_context(ParallelSizes{.tp = pc.tp, .pp = pc.pp}, CommBackend::kMpi, pc.device);
+  ParallelContext ctx =
+      testing::make_context(ParallelSizes{.tp = pc.tp, .pp = pc.pp}, CommBackend::kMpi, pc.device);
   const int dp = ctx.sizes().dp, my_dp = ctx.coords().dp;
   const ModelConfig cfg = pipe_config(pc.layers);
   const std::vector<int> split =
@@ -78,7 +79,8 @@ void run_pipeline_equivalence(const PipeCase& pc) {
   validate_layer_split(split, cfg.layers, pc.pp * pc.virtual_stages);
   const uint64_t seed = 5;
 
-  Esm2Model ref(cfg, Esm2Options{.device = pc.device, .compute = pc.compute, .recompute = pc.recompute});
+  Esm2Model ref(cfg,
+                Esm2Options{.device = pc.device, .compute = pc.compute, .recompute = pc.recompute});
   ref.init_random(seed);
   Esm2Options po{.device = pc.device, .compute = pc.compute, .recompute = pc.recompute};
   po.parallel = &ctx;
@@ -87,13 +89,15 @@ void run_pipeline_equivalence(const PipeCase& pc) {
   Esm2Model stage(cfg, po);
   stage.init_random(seed);
   for (const Parameter& p : stage.params().all())  // stage init == slice of the single-device init
-    expect_close(p.master.to(Device::cpu()), stage.shard_of(p, ref.params().get(p.name).master), 0.0,
-                 "init of " + p.name);
+    expect_close(p.master.to(Device::cpu()), stage.shard_of(p, ref.params().get(p.name).master),
+                 0.0, "init of " + p.name);
   ASSERT_EQ(stage.params().has("esm.embeddings.word_embeddings.weight"),
             ctx.coords().pp == 0 || ctx.coords().pp == pc.pp - 1);
   ASSERT_EQ(stage.params().has("lm_head.bias"), ctx.coords().pp == pc.pp - 1);
 
-  Esm2Pipeline pipe(stage, ctx, Esm2PipelineOptions{.virtual_stages = pc.virtual_stages, .token_budget = kBudget});
+  Esm2Pipeline pipe(
+      stage, ctx,
+      Esm2PipelineOptions{.virtual_stages = pc.virtual_stages, .token_budget = kBudget});
   const AdamWConfig acfg{.weight_decay = 0.01, .clip_norm = 0.05};  // small clip: the norm matters
   AdamW ref_opt(ref.params(), acfg);
   AdamW opt(stage.params(), acfg);
@@ -117,25 +121,30 @@ void run_pipeline_equivalence(const PipeCase& pc) {
       }
     // Pipeline: this dp shard's micro-batches through the stages.
     std::vector<ThdBatch> micro;
-    for (int m = 0; m < pc.micro_batches; ++m) micro.push_back(make_micro(step, m, my_dp, pc.device));
+    for (int m = 0; m < pc.micro_batches; ++m)
+      micro.push_back(make_micro(step, m, my_dp, pc.device));
     sync.zero_grads(stream);
     Tensor loss = Tensor::from_vector<double>({pipe.train_step(micro, scale, stream)}, Shape{1});
     sync.reduce(stream);
     sync.sum_over_dp(loss, stream);
-    EXPECT_NEAR(loss.to_vector<double>()[0], ref_loss, pc.loss_tol * std::abs(ref_loss)) << "loss of step " << step;
+    EXPECT_NEAR(loss.to_vector<double>()[0], ref_loss, pc.loss_tol * std::abs(ref_loss))
+        << "loss of step " << step;
     for (const Parameter& p : stage.params().all())
-      expect_close(stage.full_grad(p), ref.params().get(p.name).grad().to(Device::cpu()), pc.grad_tol[step],
-                   "gradient of " + p.name + " at step " + std::to_string(step));
+      expect_close(stage.full_grad(p), ref.params().get(p.name).grad().to(Device::cpu()),
+                   pc.grad_tol[step], "gradient of " + p.name + " at step " + std::to_string(step));
     const OptimizerStepResult rr = ref_opt.step(kLr, true, stream);
-    const OptimizerStepResult pr = opt.step(kLr, true, stream, pipe.norm_reduce(sync.norm_reduce()));
+    const OptimizerStepResult pr =
+        opt.step(kLr, true, stream, pipe.norm_reduce(sync.norm_reduce()));
     ASSERT_TRUE(rr.applied && pr.applied);
-    EXPECT_NEAR(pr.grad_norm, rr.grad_norm, pc.loss_tol * rr.grad_norm) << "gradient norm of step " << step;
+    EXPECT_NEAR(pr.grad_norm, rr.grad_norm, pc.loss_tol * rr.grad_norm)
+        << "gradient norm of step " << step;
   }
   for (const Parameter& p : stage.params().all()) {
     const std::vector<float> g = stage.full_master(p).to_floats();
     const std::vector<float> w = ref.params().get(p.name).master.to_floats();
     double diff = 0;
-    for (size_t j = 0; j < g.size(); ++j) diff = std::max(diff, std::abs(double(g[j]) - double(w[j])));
+    for (size_t j = 0; j < g.size(); ++j)
+      diff = std::max(diff, std::abs(double(g[j]) - double(w[j])));
     EXPECT_LE(diff, pc.param_tol * kLr) << "parameter " << p.name << " after 2 steps";
   }
   EXPECT_GT(pipe.last_stats().messages, 0);
@@ -144,13 +153,17 @@ void run_pipeline_equivalence(const PipeCase& pc) {
 int world() { return testing::world_size(); }
 
 TEST(Pipeline, OneFOneBEvenSplit) {  // 2 stages x 2 layers, or 4 stages x 1 layer
-  run_pipeline_equivalence({.pp = world(), .layers = 4, .split = world() == 2 ? std::vector<int>{2, 2}
-                                                                               : std::vector<int>{1, 1, 1, 1}});
+  run_pipeline_equivalence(
+      {.pp = world(),
+       .layers = 4,
+       .split = world() == 2 ? std::vector<int>{2, 2} : std::vector<int>{1, 1, 1, 1}});
 }
 
 TEST(Pipeline, OneFOneBUnevenSplit) {  // 5 layers: 3,2 or 2,1,1,1
-  run_pipeline_equivalence({.pp = world(), .layers = 5, .split = world() == 2 ? std::vector<int>{3, 2}
-                                                                               : std::vector<int>{2, 1, 1, 1}});
+  run_pipeline_equivalence(
+      {.pp = world(),
+       .layers = 5,
+       .split = world() == 2 ? std::vector<int>{3, 2} : std::vector<int>{2, 1, 1, 1}});
 }
 
 TEST(Pipeline, OneFOneBBalancedSplitOddMicroBatches) {  // 7 layers, the automatic split, M = 3
@@ -162,12 +175,15 @@ TEST(Pipeline, OneFOneBFewerMicroBatchesThanStages) {
 }
 
 TEST(Pipeline, OneFOneBWithRecompute) {
-  run_pipeline_equivalence({.pp = world(), .layers = world() + 1, .recompute = RecomputePolicy::kFull});
+  run_pipeline_equivalence(
+      {.pp = world(), .layers = world() + 1, .recompute = RecomputePolicy::kFull});
 }
 
 TEST(Pipeline, InterleavedTwoChunks) {  // 2 x 2 chunks over 5 layers (2,1,1,1), or 4 x 2 over 8
-  if (world() == 2) run_pipeline_equivalence({.pp = 2, .virtual_stages = 2, .layers = 5, .split = {2, 1, 1, 1}});
-  else run_pipeline_equivalence({.pp = 4, .virtual_stages = 2, .layers = 8});
+  if (world() == 2)
+    run_pipeline_equivalence({.pp = 2, .virtual_stages = 2, .layers = 5, .split = {2, 1, 1, 1}});
+  else
+    run_pipeline_equivalence({.pp = 4, .virtual_stages = 2, .layers = 8});
 }
 
 TEST(Pipeline, InterleavedThreeChunksEightMicroBatches) {
@@ -227,7 +243,8 @@ TEST(Pipeline, HfExportGathersTheStages) {
   ref.init_random(3);
   Esm2Options po{.device = Device::cpu(), .compute = DType::kF32};
   po.parallel = &ctx;
-  po.layer_ranges = pipeline_layer_ranges(esm2_pipeline_split(cfg, world()), world(), ctx.coords().pp);
+  po.layer_ranges =
+      pipeline_layer_ranges(esm2_pipeline_split(cfg, world()), world(), ctx.coords().pp);
   Esm2Model stage(cfg, po);
   stage.init_random(3);
   Esm2Pipeline pipe(stage, ctx, Esm2PipelineOptions{.token_budget = kBudget});
@@ -266,7 +283,8 @@ TEST(Pipeline, PaddingKeepsLossAndGradients) {  // the fixed token budget change
     return g;
   };
   const std::vector<Tensor> want = run(b), got = run(p);
-  for (size_t i = 0; i < want.size(); ++i) expect_close(got[i], want[i], 1e-5, "tensor " + std::to_string(i));
+  for (size_t i = 0; i < want.size(); ++i)
+    expect_close(got[i], want[i], 1e-5, "tensor " + std::to_string(i));
 }
 
 }  // namespace

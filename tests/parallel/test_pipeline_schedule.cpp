@@ -37,7 +37,8 @@ TEST(PipelineSchedule, OneFOneBFourStagesEightMicroBatches) {
       "F0 F1 B0 F2 B1 F3 B2 F4 B3 F5 B4 F6 B5 F7 B6 B7",
       "F0 B0 F1 B1 F2 B2 F3 B3 F4 B4 F5 B5 F6 B6 F7 B7",
   };
-  for (int r = 0; r < 4; ++r) EXPECT_EQ(compute_string(pipeline_compute_order(p, r), false), want[r]) << "rank " << r;
+  for (int r = 0; r < 4; ++r)
+    EXPECT_EQ(compute_string(pipeline_compute_order(p, r), false), want[r]) << "rank " << r;
 }
 
 TEST(PipelineSchedule, OneFOneBFewerMicroBatchesThanStages) {
@@ -63,7 +64,8 @@ void expect_runs_to_completion(const PipelineScheduleParams& p) {
   std::vector<std::vector<PipelineAction>> lists;
   for (int r = 0; r < n; ++r) lists.push_back(pipeline_schedule(p, r));
   std::vector<size_t> pos(n, 0);
-  std::set<std::tuple<int, int, int>> have_act, have_grad, done;  // (rank, mb, chunk) / (F|B, mb, vs)
+  std::set<std::tuple<int, int, int>> have_act, have_grad,
+      done;  // (rank, mb, chunk) / (F|B, mb, vs)
   const auto is_comm = [](const PipelineAction& a) {
     return a.kind != PipelineActionKind::kForward && a.kind != PipelineActionKind::kBackward;
   };
@@ -92,10 +94,15 @@ void expect_runs_to_completion(const PipelineScheduleParams& p) {
         const int vs = a.chunk * n + r;
         if (!is_comm(a)) {
           const bool fw = a.kind == PipelineActionKind::kForward;
-          if (fw && vs > 0) ASSERT_TRUE(have_act.count({r, a.micro_batch, a.chunk})) << "rank " << r << " " << a.str();
+          if (fw && vs > 0)
+            ASSERT_TRUE(have_act.count({r, a.micro_batch, a.chunk}))
+                << "rank " << r << " " << a.str();
           if (!fw && vs < nv - 1)
-            ASSERT_TRUE(have_grad.count({r, a.micro_batch, a.chunk})) << "rank " << r << " " << a.str();
-          if (!fw) ASSERT_TRUE(done.count({0, a.micro_batch, vs})) << "backward before forward: " << a.str();
+            ASSERT_TRUE(have_grad.count({r, a.micro_batch, a.chunk}))
+                << "rank " << r << " " << a.str();
+          if (!fw)
+            ASSERT_TRUE(done.count({0, a.micro_batch, vs}))
+                << "backward before forward: " << a.str();
           ASSERT_TRUE(done.insert({fw ? 0 : 1, a.micro_batch, vs}).second) << "twice: " << a.str();
           ++pos[r];
           progress = true;
@@ -106,10 +113,13 @@ void expect_runs_to_completion(const PipelineScheduleParams& p) {
         PipelineAction want;
         counterpart(r, a, &want);
         if (pos[q] >= lists[q].size() || !(lists[q][pos[q]] == want)) break;  // peer not there yet
-        if (a.kind == PipelineActionKind::kRecvActivation) have_act.insert({r, a.micro_batch, a.chunk});
+        if (a.kind == PipelineActionKind::kRecvActivation)
+          have_act.insert({r, a.micro_batch, a.chunk});
         if (a.kind == PipelineActionKind::kRecvGrad) have_grad.insert({r, a.micro_batch, a.chunk});
-        if (want.kind == PipelineActionKind::kRecvActivation) have_act.insert({q, want.micro_batch, want.chunk});
-        if (want.kind == PipelineActionKind::kRecvGrad) have_grad.insert({q, want.micro_batch, want.chunk});
+        if (want.kind == PipelineActionKind::kRecvActivation)
+          have_act.insert({q, want.micro_batch, want.chunk});
+        if (want.kind == PipelineActionKind::kRecvGrad)
+          have_grad.insert({q, want.micro_batch, want.chunk});
         ++pos[r];
         ++pos[q];
         progress = true;
@@ -117,7 +127,8 @@ void expect_runs_to_completion(const PipelineScheduleParams& p) {
     }
   }
   for (int r = 0; r < n; ++r)
-    ASSERT_EQ(pos[r], lists[r].size()) << "deadlock: rank " << r << " stuck at " << lists[r][pos[r]].str();
+    ASSERT_EQ(pos[r], lists[r].size())
+        << "deadlock: rank " << r << " stuck at " << lists[r][pos[r]].str();
   const size_t computes = static_cast<size_t>(p.micro_batches) * nv * (p.forward_only ? 1 : 2);
   EXPECT_EQ(done.size(), computes);
 }
@@ -127,14 +138,17 @@ TEST(PipelineSchedule, ActionListsRunToCompletionUnderRendezvous) {
     for (int m : {1, 2, 3, 4, 7, 8, 12}) {
       SCOPED_TRACE("1F1B n " + std::to_string(n) + " m " + std::to_string(m));
       expect_runs_to_completion({.stages = n, .virtual_stages = 1, .micro_batches = m});
-      expect_runs_to_completion({.stages = n, .virtual_stages = 1, .micro_batches = m, .forward_only = true});
+      expect_runs_to_completion(
+          {.stages = n, .virtual_stages = 1, .micro_batches = m, .forward_only = true});
     }
   for (int n : {2, 3, 4})
     for (int v : {2, 3})
       for (int k : {1, 2, 3}) {
-        SCOPED_TRACE("interleaved n " + std::to_string(n) + " v " + std::to_string(v) + " m " + std::to_string(k * n));
+        SCOPED_TRACE("interleaved n " + std::to_string(n) + " v " + std::to_string(v) + " m " +
+                     std::to_string(k * n));
         expect_runs_to_completion({.stages = n, .virtual_stages = v, .micro_batches = k * n});
-        expect_runs_to_completion({.stages = n, .virtual_stages = v, .micro_batches = k * n, .forward_only = true});
+        expect_runs_to_completion(
+            {.stages = n, .virtual_stages = v, .micro_batches = k * n, .forward_only = true});
       }
 }
 
@@ -143,29 +157,38 @@ TEST(PipelineSchedule, TwoStageListWithMessages) {
   std::string s0, s1;
   for (const auto& a : pipeline_schedule(p, 0)) s0 += a.str() + " ";
   for (const auto& a : pipeline_schedule(p, 1)) s1 += a.str() + " ";
-  EXPECT_EQ(s0, "F(0,0) send_act(0,0)->1 F(1,0) send_act(1,0)->1 recv_grad(0,0)<-1 B(0,0) recv_grad(1,0)<-1 B(1,0) ");
-  EXPECT_EQ(s1, "recv_act(0,0)<-0 F(0,0) recv_act(1,0)<-0 B(0,0) send_grad(0,0)->0 F(1,0) B(1,0) send_grad(1,0)->0 ");
+  EXPECT_EQ(s0,
+            "F(0,0) send_act(0,0)->1 F(1,0) send_act(1,0)->1 recv_grad(0,0)<-1 B(0,0) "
+            "recv_grad(1,0)<-1 B(1,0) ");
+  EXPECT_EQ(s1,
+            "recv_act(0,0)<-0 F(0,0) recv_act(1,0)<-0 B(0,0) send_grad(0,0)->0 F(1,0) B(1,0) "
+            "send_grad(1,0)->0 ");
 }
 
 TEST(PipelineSchedule, PredictedBubble) {
   for (int n : {2, 4, 8})
     for (int m : {1, 4, 8, 32}) {
       const double want = double(n - 1) / double(m + n - 1);
-      EXPECT_NEAR(pipeline_bubble_fraction({.stages = n, .virtual_stages = 1, .micro_batches = m}), want, 1e-12)
+      EXPECT_NEAR(pipeline_bubble_fraction({.stages = n, .virtual_stages = 1, .micro_batches = m}),
+                  want, 1e-12)
           << n << " stages " << m << " micro-batches";
     }
   // Interleaving shrinks the bubble: (N-1) / (V M + N - 1) for F = B (here the costs are 1 and 1).
   const PipelineCosts equal{.forward = 1, .backward = 1};
-  const double one = pipeline_bubble_fraction({.stages = 4, .virtual_stages = 1, .micro_batches = 8}, equal);
-  const double two = pipeline_bubble_fraction({.stages = 4, .virtual_stages = 2, .micro_batches = 8}, equal);
+  const double one =
+      pipeline_bubble_fraction({.stages = 4, .virtual_stages = 1, .micro_batches = 8}, equal);
+  const double two =
+      pipeline_bubble_fraction({.stages = 4, .virtual_stages = 2, .micro_batches = 8}, equal);
   EXPECT_NEAR(one, 3.0 / 11.0, 1e-12);
   EXPECT_NEAR(two, 3.0 / 19.0, 1e-12);
   // An uneven split: the stage with more layers sets the pace.
-  const PipelineTimeline t = simulate_pipeline({.stages = 2, .virtual_stages = 1, .micro_batches = 4},
-                                               {.forward = 1, .backward = 2, .stage_weight = {2, 1}});
+  const PipelineTimeline t =
+      simulate_pipeline({.stages = 2, .virtual_stages = 1, .micro_batches = 4},
+                        {.forward = 1, .backward = 2, .stage_weight = {2, 1}});
   EXPECT_DOUBLE_EQ(t.busy[0], 24);
   EXPECT_DOUBLE_EQ(t.busy[1], 12);
-  EXPECT_DOUBLE_EQ(t.makespan, 25);  // stage 0 waits once, for the first backward of stage 1 (1 unit)
+  EXPECT_DOUBLE_EQ(t.makespan,
+                   25);  // stage 0 waits once, for the first backward of stage 1 (1 unit)
 }
 
 // The blocking executor's model: never better than the ideal timeline, equal to it for 1F1B on two
@@ -184,7 +207,8 @@ TEST(PipelineSchedule, BlockingExecutionModel) {
         }
       }
   const PipelineScheduleParams two{.stages = 2, .virtual_stages = 1, .micro_batches = 8};
-  EXPECT_DOUBLE_EQ(simulate_pipeline_execution(two, {}).makespan, simulate_pipeline(two, {}).makespan);
+  EXPECT_DOUBLE_EQ(simulate_pipeline_execution(two, {}).makespan,
+                   simulate_pipeline(two, {}).makespan);
 }
 
 // The executor's steps for the two-stage list of TwoStageListWithMessages: a send next to a receive
@@ -196,26 +220,33 @@ TEST(PipelineSchedule, ExecutorSteps) {
     const std::vector<PipelineAction> a = pipeline_schedule(p, rank);
     std::string s;
     for (const PipelineExecStep& st : pipeline_exec_steps(a, defer)) {
-      if (st.compute >= 0) s += a[st.compute].str();
-      else s += "{" + (st.send >= 0 ? a[st.send].str() : "") + (st.recv >= 0 ? " " + a[st.recv].str() : "") + "}";
+      if (st.compute >= 0)
+        s += a[st.compute].str();
+      else
+        s += "{" + (st.send >= 0 ? a[st.send].str() : "") +
+             (st.recv >= 0 ? " " + a[st.recv].str() : "") + "}";
       s += " ";
     }
     return s;
   };
   EXPECT_EQ(show(0, false),
-            "F(0,0) {send_act(0,0)->1} F(1,0) {send_act(1,0)->1 recv_grad(0,0)<-1} B(0,0) { recv_grad(1,0)<-1} B(1,0) ");
-  EXPECT_EQ(show(1, false),
-            "{ recv_act(0,0)<-0} F(0,0) { recv_act(1,0)<-0} B(0,0) {send_grad(0,0)->0} F(1,0) B(1,0) "
-            "{send_grad(1,0)->0} ");
+            "F(0,0) {send_act(0,0)->1} F(1,0) {send_act(1,0)->1 recv_grad(0,0)<-1} B(0,0) { "
+            "recv_grad(1,0)<-1} B(1,0) ");
+  EXPECT_EQ(
+      show(1, false),
+      "{ recv_act(0,0)<-0} F(0,0) { recv_act(1,0)<-0} B(0,0) {send_grad(0,0)->0} F(1,0) B(1,0) "
+      "{send_grad(1,0)->0} ");
   EXPECT_EQ(show(0, true),
-            "F(0,0) F(1,0) {send_act(0,0)->1} {send_act(1,0)->1 recv_grad(0,0)<-1} B(0,0) { recv_grad(1,0)<-1} B(1,0) ");
+            "F(0,0) F(1,0) {send_act(0,0)->1} {send_act(1,0)->1 recv_grad(0,0)<-1} B(0,0) { "
+            "recv_grad(1,0)<-1} B(1,0) ");
 }
 
 TEST(PipelineSchedule, BalancedLayerSplit) {
   EXPECT_EQ(balanced_layer_split({.layers = 33, .parts = 4}), (std::vector<int>{9, 8, 8, 8}));
   // The embedding's cost moves the ninth layer off the first stage.
-  EXPECT_EQ(balanced_layer_split({.layers = 33, .parts = 4, .first_extra = 0.05, .last_extra = 0.1}),
-            (std::vector<int>{8, 9, 8, 8}));
+  EXPECT_EQ(
+      balanced_layer_split({.layers = 33, .parts = 4, .first_extra = 0.05, .last_extra = 0.1}),
+      (std::vector<int>{8, 9, 8, 8}));
   EXPECT_EQ(balanced_layer_split({.layers = 8, .parts = 4}), (std::vector<int>{2, 2, 2, 2}));
   EXPECT_EQ(balanced_layer_split({.layers = 6, .parts = 3, .first_extra = 0, .last_extra = 1.0}),
             (std::vector<int>{3, 2, 1}));
@@ -235,10 +266,12 @@ void expect_refused(const std::function<void()>& f, const std::string& flag) {
 }
 
 TEST(PipelineSchedule, BadParametersRefusedNamingTheFlag) {
-  expect_refused([] { pipeline_compute_order({.stages = 4, .virtual_stages = 2, .micro_batches = 6}, 0); },
-                 "--micro-batches 6");
-  expect_refused([] { pipeline_compute_order({.stages = 1, .virtual_stages = 2, .micro_batches = 2}, 0); },
-                 "--pp-virtual");
+  expect_refused(
+      [] { pipeline_compute_order({.stages = 4, .virtual_stages = 2, .micro_batches = 6}, 0); },
+      "--micro-batches 6");
+  expect_refused(
+      [] { pipeline_compute_order({.stages = 1, .virtual_stages = 2, .micro_batches = 2}, 0); },
+      "--pp-virtual");
   expect_refused([] { balanced_layer_split({.layers = 3, .parts = 4}); }, "--pp");
   expect_refused([] { validate_layer_split({9, 8, 8, 7}, 33, 4); }, "--pp-layers");
   expect_refused([] { validate_layer_split({9, 8, 8}, 25, 4); }, "--pp-layers");
