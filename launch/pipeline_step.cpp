@@ -66,9 +66,10 @@ std::unique_ptr<Esm2Pipeline> make_train_pipeline(const TrainOptions& o, Esm2Mod
                                                   const ParallelContext& ctx,
                                                   int64_t token_budget) {
   if (o.pp == 1) return nullptr;
-  return std::make_unique<Esm2Pipeline>(
-      model, ctx,
-      Esm2PipelineOptions{.virtual_stages = o.pp_virtual, .token_budget = token_budget});
+  return std::make_unique<Esm2Pipeline>(model, ctx,
+                                        Esm2PipelineOptions{.virtual_stages = o.pp_virtual,
+                                                            .token_budget = token_budget,
+                                                            .layers_per_stage = pipeline_split(o)});
 }
 
 std::string describe_pipeline(const TrainOptions& o) {

@@ -99,6 +99,10 @@ Esm2Pipeline::Esm2Pipeline(Esm2Model& model, const ParallelContext& ctx,
               opts_.token_budget);
   HELIX_CHECK(model_.options().parallel == &ctx_,
               "pipeline: the model must be built on the same ParallelContext");
+  if (!opts_.layers_per_stage.empty()) {  // the split must be the one the stage model was built on
+    HELIX_CHECK(pipeline_layer_ranges(opts_.layers_per_stage, stages_, rank_) == ranges_,
+                "pipeline: layers_per_stage does not match the stage model's layer ranges");
+  }
 }
 
 int64_t Esm2Pipeline::activation_rows() const {
@@ -113,7 +117,9 @@ double Esm2Pipeline::run(const std::vector<ThdBatch>& micro, float grad_scale, b
                                   .virtual_stages = opts_.virtual_stages,
                                   .micro_batches = static_cast<int>(micro.size()),
                                   .forward_only = !train};
-  const std::vector<PipelineAction> actions = pipeline_schedule(sp, rank_);
+  PipelineCosts costs;
+  for (int l : opts_.layers_per_stage) costs.stage_weight.push_back(l);
+  const std::vector<PipelineAction> actions = pipeline_schedule(sp, rank_, costs);
   std::vector<ThdBatch> padded;
   for (const ThdBatch& b : micro)
     padded.push_back(pad_thd_batch(b, opts_.token_budget, model_.config().pad_token_id));

@@ -37,6 +37,9 @@ ThdBatch pad_thd_batch(const ThdBatch& b, int64_t budget, int32_t pad_id);
 struct Esm2PipelineOptions {
   int virtual_stages = 1;    // model chunks per rank (> 1: interleaved 1F1B)
   int64_t token_budget = 0;  // tokens of every padded micro-batch (>= the largest micro-batch)
+  // Layers per virtual stage (the whole split, all ranks): the schedule's message placement
+  // follows the timeline of these weights. Empty: uniform stages.
+  std::vector<int> layers_per_stage;
   // Synchronise the stream after every forward / backward so that PipelineRunStats holds device
   // time on a GPU (benchmarks; costs the overlap of host and device).
   bool timed = false;

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <limits>
 #include <map>
+#include <memory>
 #include <tuple>
 
 #include "core/error.h"
@@ -152,9 +153,10 @@ Timing simulate(const PipelineScheduleParams& p, const PipelineCosts& costs) {
 
 }  // namespace
 
-std::vector<PipelineAction> pipeline_schedule(const PipelineScheduleParams& p, int rank) {
+std::vector<PipelineAction> pipeline_schedule(const PipelineScheduleParams& p, int rank,
+                                              const PipelineCosts& costs) {
   const int n = p.stages, nv = p.stages * p.virtual_stages;
-  const Timing t = simulate(p, PipelineCosts{});  // integer costs (1, 2): exact keys
+  const Timing t = simulate(p, costs);
   // Sort key: (time, 0 = message before 1 = compute, message kind, producing virtual stage, mb).
   using Key = std::tuple<double, int, int, int, int>;
   std::vector<std::pair<Key, PipelineAction>> items;
@@ -216,48 +218,14 @@ bool is_recv(const PipelineAction& a) {
 }
 }  // namespace
 
-std::vector<PipelineExecStep> pipeline_exec_steps(const std::vector<PipelineAction>& a,
-                                                  bool defer_sends) {
-  std::vector<PipelineExecStep> steps;
-  int pending = -1;  // a deferred send
-  for (int i = 0; i < static_cast<int>(a.size()); ++i) {
-    const bool has_next = i + 1 < static_cast<int>(a.size());
-    if (!is_send(a[i]) && !is_recv(a[i])) {
-      steps.push_back({.compute = i});
-    } else if (is_send(a[i])) {
-      if (pending >= 0) steps.push_back({.send = pending});
-      pending = -1;
-      if (has_next && is_recv(a[i + 1])) {
-        steps.push_back({.send = i, .recv = i + 1});
-        ++i;
-      } else if (defer_sends) {
-        pending = i;
-      } else {
-        steps.push_back({.send = i});
-      }
-    } else if (pending >= 0) {
-      steps.push_back({.send = pending, .recv = i});
-      pending = -1;
-    } else if (has_next && is_send(a[i + 1])) {
-      steps.push_back({.send = i + 1, .recv = i});
-      ++i;
-    } else {
-      steps.push_back({.recv = i});
-    }
-  }
-  if (pending >= 0) steps.push_back({.send = pending});
-  return steps;
-}
-
-namespace {}  // namespace
-
 PipelineTimeline simulate_pipeline_execution(const PipelineScheduleParams& p,
-                                             const PipelineCosts& costs, bool defer_sends) {
+                                             const PipelineCosts& costs) {
   const int n = p.stages;
   (void)simulate(p, costs);  // validates the costs
   std::vector<std::vector<PipelineAction>> lists;
-  for (int r = 0; r < n; ++r) lists.push_back(pipeline_schedule(p, r));
-  // A message is identified by (kind: 0 activation / 1 gradient, producing virtual stage, mb).
+  for (int r = 0; r < n; ++r) lists.push_back(pipeline_schedule(p, r, costs));
+  // A message is identified by (kind: 0 activation / 1 gradient, producing virtual stage, mb);
+  // the value is the time its send was posted.
   using Msg = std::tuple<int, int, int>;
   const auto msg_of = [n](int r, const PipelineAction& a) -> Msg {
     const int vs = a.chunk * n + r;
@@ -272,13 +240,7 @@ PipelineTimeline simulate_pipeline_execution(const PipelineScheduleParams& p,
         return {1, vs + 1, a.micro_batch};
     }
   };
-  struct Sides {
-    double at[2] = {0, 0};  // post time of the sender (0) and the receiver (1)
-    bool posted[2] = {false, false};
-  };
-  std::map<Msg, Sides> msgs;
-  std::vector<std::vector<PipelineExecStep>> steps;
-  for (int r = 0; r < n; ++r) steps.push_back(pipeline_exec_steps(lists[r], defer_sends));
+  std::map<Msg, double> sent;
   std::vector<size_t> pos(n, 0);
   std::vector<double> now(n, 0.0);
   PipelineTimeline out;
@@ -287,42 +249,30 @@ PipelineTimeline simulate_pipeline_execution(const PipelineScheduleParams& p,
   while (progress) {
     progress = false;
     for (int r = 0; r < n; ++r) {
-      while (pos[r] < steps[r].size()) {
-        const PipelineExecStep& st = steps[r][pos[r]];
-        if (st.compute >= 0) {
-          const PipelineAction& a = lists[r][st.compute];
+      while (pos[r] < lists[r].size()) {
+        const PipelineAction& a = lists[r][pos[r]];
+        if (is_send(a)) {  // posted; never waits
+          sent[msg_of(r, a)] = now[r];
+        } else if (is_recv(a)) {  // waits until the sender has posted
+          const auto it = sent.find(msg_of(r, a));
+          if (it == sent.end()) break;
+          now[r] = std::max(now[r], it->second);
+        } else {
           const int vs = a.chunk * n + r;
           const double w = costs.stage_weight.empty() ? 1.0 : costs.stage_weight[vs];
           const double c =
               w * (a.kind == PipelineActionKind::kForward ? costs.forward : costs.backward);
           now[r] += c;
           out.busy[r] += c;
-          ++pos[r];
-          progress = true;
-          continue;
         }
-        bool ready = true;
-        double done = now[r];
-        for (int j : {st.send, st.recv}) {
-          if (j < 0) continue;
-          Sides& m = msgs[msg_of(r, lists[r][j])];
-          const int side = is_send(lists[r][j]) ? 0 : 1;
-          if (!m.posted[side]) m.at[side] = now[r];
-          m.posted[side] = true;
-          if (!m.posted[0] || !m.posted[1])
-            ready = false;
-          else
-            done = std::max({done, m.at[0], m.at[1]});
-        }
-        if (!ready) break;  // a peer has not posted yet
-        now[r] = done;
         ++pos[r];
         progress = true;
       }
     }
   }
   for (int r = 0; r < n; ++r)
-    HELIX_CHECK(pos[r] == steps[r].size(), "pipeline execution model: rank {} blocked", r);
+    HELIX_CHECK(pos[r] == lists[r].size(), "pipeline execution model: rank {} blocked at {}", r,
+                lists[r][pos[r]].str());
   for (double t : now) out.makespan = std::max(out.makespan, t);
   for (double b : out.busy) out.idle.push_back(out.makespan - b);
   return out;
@@ -419,47 +369,37 @@ PipelineRunStats run_pipeline_actions(const std::vector<PipelineAction>& actions
   const auto secs = [](Clock::time_point a) {
     return std::chrono::duration<double>(Clock::now() - a).count();
   };
-  for (const PipelineExecStep& step : pipeline_exec_steps(actions, kPipelineDeferSends)) {
-    const auto t = Clock::now();
-    if (step.compute < 0) {  // one send and/or one receive, posted together
-      SendRecvParams p;
-      if (step.send >= 0) {
-        const PipelineAction& c = actions[step.send];
-        p.send = take(c.kind == PipelineActionKind::kSendActivation ? act_out : grad_in,
-                      {c.micro_batch, c.chunk});
-        HELIX_CHECK(p.send.defined(), "pipeline: {} before its compute produced the tensor",
-                    c.str());
-        p.dst = c.peer;
-      }
-      if (step.recv >= 0) {
-        const PipelineAction& c = actions[step.recv];
-        p.recv = cb.make_buffer(c.micro_batch, c.chunk);
-        p.src = c.peer;
-      }
-      pp.send_recv(p, stream);
-      if (step.recv >= 0) {
-        const PipelineAction& c = actions[step.recv];
-        (c.kind == PipelineActionKind::kRecvActivation ? act_in
-                                                       : grad_out)[{c.micro_batch, c.chunk}] =
-            p.recv;
-      }
-      st.comm_s += secs(t);
-      st.messages += (step.send >= 0) + (step.recv >= 0);
-      continue;
-    }
-    const PipelineAction& a = actions[step.compute];
+  std::vector<std::unique_ptr<PendingSend>> sends;  // posted; completed at the end
+  for (const PipelineAction& a : actions) {
     const Slot s{a.micro_batch, a.chunk};
-    if (a.kind == PipelineActionKind::kForward) {
+    const auto t = Clock::now();
+    if (is_send(a)) {
+      Tensor out = take(a.kind == PipelineActionKind::kSendActivation ? act_out : grad_in, s);
+      HELIX_CHECK(out.defined(), "pipeline: {} before its compute produced the tensor", a.str());
+      sends.push_back(pp.isend(out, a.peer, stream));
+      st.comm_s += secs(t);
+      ++st.messages;
+    } else if (is_recv(a)) {
+      Tensor buf = cb.make_buffer(a.micro_batch, a.chunk);
+      pp.recv(buf, a.peer, stream);
+      (a.kind == PipelineActionKind::kRecvActivation ? act_in : grad_out)[s] = buf;
+      st.comm_s += secs(t);
+      ++st.messages;
+    } else if (a.kind == PipelineActionKind::kForward) {
       Tensor out = cb.forward(a.micro_batch, a.chunk, take(act_in, s));
       if (out.defined()) act_out[s] = out;
       st.forward_s += secs(t);
+      st.compute_s += secs(t);
     } else {
       Tensor g = cb.backward(a.micro_batch, a.chunk, take(grad_out, s));
       if (g.defined()) grad_in[s] = g;
       st.backward_s += secs(t);
+      st.compute_s += secs(t);
     }
-    st.compute_s += secs(t);
   }
+  const auto t_wait = Clock::now();
+  for (auto& p : sends) p->wait();
+  st.comm_s += secs(t_wait);
   HELIX_CHECK(act_in.empty() && act_out.empty() && grad_in.empty() && grad_out.empty(),
               "pipeline: the action list left {} tensors unsent or unused",
               act_in.size() + act_out.size() + grad_in.size() + grad_out.size());

@@ -57,13 +57,6 @@ void validate_pipeline_schedule(const PipelineScheduleParams& p);
 // micro-batch; warm-up (N-1-rank)*2 + (V-1)*N forwards (all of them when M == N).
 std::vector<PipelineAction> pipeline_compute_order(const PipelineScheduleParams& p, int rank);
 
-// The full action list of `rank`: the compute order with every send and receive placed (see the
-// header comment for the order). Identical inputs give identical lists on every rank.
-std::vector<PipelineAction> pipeline_schedule(const PipelineScheduleParams& p, int rank);
-
-// Whether the executor defers a lone send to its next receive (PipelineExecStep).
-inline constexpr bool kPipelineDeferSends = false;
-
 // Relative cost of the computes, for the predicted timeline. stage_weight[v] scales both the
 // forward and the backward of virtual stage v (e.g. its layer count); empty = 1 for every stage.
 struct PipelineCosts {
@@ -71,6 +64,13 @@ struct PipelineCosts {
   double backward = 2.0;
   std::vector<double> stage_weight;  // [N*V] or empty
 };
+
+// The full action list of `rank`: the compute order with every send and receive placed (see the
+// header comment for the order), from the timeline under `costs` (pass the stage weights of an
+// uneven split so that receives sit where that timeline needs them; use integer-valued costs so
+// that ties are exact). Identical inputs give identical lists on every rank.
+std::vector<PipelineAction> pipeline_schedule(const PipelineScheduleParams& p, int rank,
+                                              const PipelineCosts& costs = {});
 
 struct PipelineTimeline {
   double makespan = 0;       // end of the last compute of any rank
@@ -84,15 +84,14 @@ struct PipelineTimeline {
 // starts when its rank is free and its input is ready). For 1F1B with uniform stages the bubble
 // is (N-1) / (M+N-1).
 PipelineTimeline simulate_pipeline(const PipelineScheduleParams& p, const PipelineCosts& costs);
-// The same with the action lists as run_pipeline_actions executes them: a send or receive blocks
-// until the peer has posted its side (a send next to a receive is posted together with it, one
-// send_recv); transfers are free. A send can wait for the peer to finish a compute, so this is the
-// bubble of the blocking executor, >= simulate_pipeline's.
+// The action lists (pipeline_schedule with the same costs) as run_pipeline_actions executes them:
+// a send is posted and never waits, a receive waits until its send was posted; transfers are free.
+// Equals simulate_pipeline (a test checks it for many shapes): the messages sit where the
+// schedule needs them.
 PipelineTimeline simulate_pipeline_execution(const PipelineScheduleParams& p,
-                                             const PipelineCosts& costs,
-                                             bool defer_sends = kPipelineDeferSends);
-// The predicted bubble fraction of the schedule (simulate_pipeline), and of the blocking executor
-// (simulate_pipeline_execution; what a run achieves today). `helix plan` calls these.
+                                             const PipelineCosts& costs);
+// The predicted bubble fraction of the schedule (simulate_pipeline), and of the executor's action
+// lists (simulate_pipeline_execution). `helix plan` calls these.
 double pipeline_bubble_fraction(const PipelineScheduleParams& p, const PipelineCosts& costs = {});
 double pipeline_executor_bubble_fraction(const PipelineScheduleParams& p,
                                          const PipelineCosts& costs = {});
@@ -115,19 +114,6 @@ void validate_layer_split(const std::vector<int>& split, int layers, int parts);
 
 // ---- Executor ----------------------------------------------------------------------------------
 
-// One blocking operation of the executor: a compute, or up to one send and one receive posted
-// together (indices into the action list; -1: none). A send next to a receive goes with it; with
-// `defer_sends`, a send followed by a compute waits and goes with this rank's next receive (or
-// alone before its next send). Every step's messages come after all earlier steps' messages in
-// the rank's message order, so the deadlock argument above still holds.
-struct PipelineExecStep {
-  int compute = -1;
-  int send = -1;
-  int recv = -1;
-};
-std::vector<PipelineExecStep> pipeline_exec_steps(const std::vector<PipelineAction>& actions,
-                                                  bool defer_sends);
-
 // What the executor calls; tensors are whole activations [rows, hidden] of the fixed token budget.
 struct PipelineCallbacks {
   // Forward of (micro_batch, chunk). `input` is undefined on virtual stage 0 (the model embeds the
@@ -149,8 +135,10 @@ struct PipelineRunStats {
   int64_t messages = 0;  // sends + receives
 };
 
-// Runs `actions` (from pipeline_schedule) on the pp communicator. Sends and receives block (the
-// Communicator has no non-blocking point-to-point); a send next to a receive goes as one send_recv.
+// Runs `actions` (from pipeline_schedule) on the pp communicator: sends are posted without waiting
+// (Communicator::isend; all completed at the end), receives block. Non-blocking sends only make the
+// deadlock argument above easier (a send never waits), and a sender never idles on a receiver that
+// is still computing. NCCL enqueues on `stream`: the host goes on, the stream waits for the peer.
 PipelineRunStats run_pipeline_actions(const std::vector<PipelineAction>& actions, Communicator& pp,
                                       const PipelineCallbacks& callbacks, const Stream& stream);
 

@@ -121,10 +121,11 @@ int run(int argc, char** argv) {
   mo.layer_ranges = pipeline_layer_ranges(split, world, rank);
   Esm2Model model(cfg, mo);
   model.init_random(1);
-  Esm2Pipeline pipe(
-      model, ctx,
-      Esm2PipelineOptions{
-          .virtual_stages = a.virtual_stages, .token_budget = a.tokens, .timed = true});
+  Esm2Pipeline pipe(model, ctx,
+                    Esm2PipelineOptions{.virtual_stages = a.virtual_stages,
+                                        .token_budget = a.tokens,
+                                        .layers_per_stage = split,
+                                        .timed = true});
   const Stream stream = device.is_cuda() ? Stream::cuda_default(device.index) : Stream();
   std::vector<double> sums(4, 0.0);  // compute, forward, backward, total
   for (int step = 0; step <= a.steps; ++step) {

@@ -97,7 +97,8 @@ void run_pipeline_equivalence(const PipeCase& pc) {
 
   Esm2Pipeline pipe(
       stage, ctx,
-      Esm2PipelineOptions{.virtual_stages = pc.virtual_stages, .token_budget = kBudget});
+      Esm2PipelineOptions{
+          .virtual_stages = pc.virtual_stages, .token_budget = kBudget, .layers_per_stage = split});
   const AdamWConfig acfg{.weight_decay = 0.01, .clip_norm = 0.05};  // small clip: the norm matters
   AdamW ref_opt(ref.params(), acfg);
   AdamW opt(stage.params(), acfg);
@@ -262,6 +263,30 @@ TEST(Pipeline, HfExportGathersTheStages) {
     ASSERT_EQ(got[i].first, want[i].first);
     expect_close(got[i].second, want[i].second, 0.0, "export of " + got[i].first);
   }
+}
+
+// Communicator::isend: every pair of neighbours in the pp ring first posts 3 sends of 4 MiB each
+// (past any eager limit: blocking sends would all wait here) and then receives; messages match in
+// posting order, and a send_recv after them still matches.
+TEST(Pipeline, IsendDoesNotWaitForTheReceiver) {
+  ParallelContext ctx = testing::make_context(ParallelSizes{.pp = world()});
+  Communicator& pp = ctx.pp();
+  const int r = pp.rank(), n = pp.size(), next = (r + 1) % n, prev = (r + n - 1) % n;
+  constexpr int64_t kElems = int64_t{1} << 20;
+  const auto payload = [&](int from, int k) {
+    return testing::make_input(DType::kF32, kElems, from, k, 0, Device::cpu());
+  };
+  std::vector<std::unique_ptr<PendingSend>> sends;
+  for (int k = 0; k < 3; ++k) sends.push_back(pp.isend(payload(r, k), next, Stream()));
+  for (int k = 0; k < 3; ++k) {
+    Tensor got = Tensor::empty({kElems}, DType::kF32);
+    pp.recv(got, prev, Stream());
+    expect_close(got, payload(prev, k), 0.0, "message " + std::to_string(k));
+  }
+  for (auto& p : sends) p->wait();
+  Tensor back = Tensor::empty({kElems}, DType::kF32);
+  pp.send_recv(SendRecvParams{.send = payload(r, 7), .dst = prev, .recv = back, .src = next}, Stream());
+  expect_close(back, payload(next, 7), 0.0, "send_recv after isends");
 }
 
 TEST(Pipeline, PaddingKeepsLossAndGradients) {  // the fixed token budget changes nothing (one rank)

@@ -59,10 +59,10 @@ TEST(PipelineSchedule, InterleavedTwoStagesTwoChunksFourMicroBatches) {
 // when the peer's current action is its counterpart (fully synchronous messages). Checks that
 // everything finishes, every forward has its input and every backward its output gradient when it
 // runs, and each forward and backward of every (micro-batch, virtual stage) runs exactly once.
-void expect_runs_to_completion(const PipelineScheduleParams& p) {
+void expect_runs_to_completion(const PipelineScheduleParams& p, const PipelineCosts& costs = {}) {
   const int n = p.stages, nv = p.stages * p.virtual_stages;
   std::vector<std::vector<PipelineAction>> lists;
-  for (int r = 0; r < n; ++r) lists.push_back(pipeline_schedule(p, r));
+  for (int r = 0; r < n; ++r) lists.push_back(pipeline_schedule(p, r, costs));
   std::vector<size_t> pos(n, 0);
   std::set<std::tuple<int, int, int>> have_act, have_grad,
       done;  // (rank, mb, chunk) / (F|B, mb, vs)
@@ -138,6 +138,9 @@ TEST(PipelineSchedule, ActionListsRunToCompletionUnderRendezvous) {
     for (int m : {1, 2, 3, 4, 7, 8, 12}) {
       SCOPED_TRACE("1F1B n " + std::to_string(n) + " m " + std::to_string(m));
       expect_runs_to_completion({.stages = n, .virtual_stages = 1, .micro_batches = m});
+      PipelineCosts uneven;
+      for (int j = 0; j < n; ++j) uneven.stage_weight.push_back(1 + (j * 5) % 3);
+      expect_runs_to_completion({.stages = n, .virtual_stages = 1, .micro_batches = m}, uneven);
       expect_runs_to_completion(
           {.stages = n, .virtual_stages = 1, .micro_batches = m, .forward_only = true});
     }
@@ -147,6 +150,10 @@ TEST(PipelineSchedule, ActionListsRunToCompletionUnderRendezvous) {
         SCOPED_TRACE("interleaved n " + std::to_string(n) + " v " + std::to_string(v) + " m " +
                      std::to_string(k * n));
         expect_runs_to_completion({.stages = n, .virtual_stages = v, .micro_batches = k * n});
+        PipelineCosts uneven;  // placement from an uneven split's timeline
+        for (int j = 0; j < n * v; ++j) uneven.stage_weight.push_back(1 + (j * 5) % 3);
+        expect_runs_to_completion({.stages = n, .virtual_stages = v, .micro_batches = k * n},
+                                  uneven);
         expect_runs_to_completion(
             {.stages = n, .virtual_stages = v, .micro_batches = k * n, .forward_only = true});
       }
@@ -191,54 +198,22 @@ TEST(PipelineSchedule, PredictedBubble) {
                    25);  // stage 0 waits once, for the first backward of stage 1 (1 unit)
 }
 
-// The blocking executor's model: never better than the ideal timeline, equal to it for 1F1B on two
-// stages (every message is a send_recv exchange or lands while the peer waits), and the same busy
-// time per rank.
-TEST(PipelineSchedule, BlockingExecutionModel) {
-  for (int n : {2, 3, 4})
-    for (int v : {1, 2})
+// The executor's model (non-blocking sends, blocking receives) reproduces the schedule's timeline
+// for every shape, uneven stages included: the messages sit where the schedule needs them.
+TEST(PipelineSchedule, ExecutionModelEqualsSchedule) {
+  for (int n : {2, 3, 4, 8})
+    for (int v : {1, 2, 3})
       for (int m : {n, 2 * n, 4 * n}) {
         const PipelineScheduleParams p{.stages = n, .virtual_stages = v, .micro_batches = m};
-        const PipelineTimeline ideal = simulate_pipeline(p, {});
-        for (bool defer : {false, true}) {  // completes (no deadlock) either way
-          const PipelineTimeline blocking = simulate_pipeline_execution(p, {}, defer);
-          EXPECT_GE(blocking.makespan, ideal.makespan - 1e-9) << n << " " << v << " " << m;
-          for (int r = 0; r < n; ++r) EXPECT_DOUBLE_EQ(blocking.busy[r], ideal.busy[r]);
+        PipelineCosts uneven;
+        for (int k = 0; k < n * v; ++k) uneven.stage_weight.push_back(1 + (k * 7) % 3);
+        for (const PipelineCosts& c : {PipelineCosts{}, uneven}) {
+          const PipelineTimeline ideal = simulate_pipeline(p, c),
+                                 exec = simulate_pipeline_execution(p, c);
+          EXPECT_DOUBLE_EQ(exec.makespan, ideal.makespan) << n << " " << v << " " << m;
+          for (int r = 0; r < n; ++r) EXPECT_DOUBLE_EQ(exec.busy[r], ideal.busy[r]);
         }
       }
-  const PipelineScheduleParams two{.stages = 2, .virtual_stages = 1, .micro_batches = 8};
-  EXPECT_DOUBLE_EQ(simulate_pipeline_execution(two, {}).makespan,
-                   simulate_pipeline(two, {}).makespan);
-}
-
-// The executor's steps for the two-stage list of TwoStageListWithMessages: a send next to a receive
-// is one step; with deferral, rank 0's lone send_act(0) waits past F(1) and goes alone before its
-// next send (which goes with a receive).
-TEST(PipelineSchedule, ExecutorSteps) {
-  const PipelineScheduleParams p{.stages = 2, .virtual_stages = 1, .micro_batches = 2};
-  const auto show = [&](int rank, bool defer) {
-    const std::vector<PipelineAction> a = pipeline_schedule(p, rank);
-    std::string s;
-    for (const PipelineExecStep& st : pipeline_exec_steps(a, defer)) {
-      if (st.compute >= 0)
-        s += a[st.compute].str();
-      else
-        s += "{" + (st.send >= 0 ? a[st.send].str() : "") +
-             (st.recv >= 0 ? " " + a[st.recv].str() : "") + "}";
-      s += " ";
-    }
-    return s;
-  };
-  EXPECT_EQ(show(0, false),
-            "F(0,0) {send_act(0,0)->1} F(1,0) {send_act(1,0)->1 recv_grad(0,0)<-1} B(0,0) { "
-            "recv_grad(1,0)<-1} B(1,0) ");
-  EXPECT_EQ(
-      show(1, false),
-      "{ recv_act(0,0)<-0} F(0,0) { recv_act(1,0)<-0} B(0,0) {send_grad(0,0)->0} F(1,0) B(1,0) "
-      "{send_grad(1,0)->0} ");
-  EXPECT_EQ(show(0, true),
-            "F(0,0) F(1,0) {send_act(0,0)->1} {send_act(1,0)->1 recv_grad(0,0)<-1} B(0,0) { "
-            "recv_grad(1,0)<-1} B(1,0) ");
 }
 
 TEST(PipelineSchedule, BalancedLayerSplit) {
