@@ -80,10 +80,9 @@ std::string describe_pipeline(const TrainOptions& o) {
       .stages = o.pp, .virtual_stages = o.pp_virtual, .micro_batches = o.micro_batches};
   return fmt::format(
       "pipeline: {} stages x {} chunks ({}), layers per virtual stage {}, {} micro-batches, "
-      "predicted bubble {:.1f}% (schedule) / {:.1f}% (blocking executor)",
+      "predicted bubble {:.1f}%",
       o.pp, o.pp_virtual, o.pp_virtual > 1 ? "interleaved 1F1B" : "1F1B", fmt::join(split, ","),
-      o.micro_batches, 100 * pipeline_bubble_fraction(p, costs),
-      100 * pipeline_executor_bubble_fraction(p, costs));
+      o.micro_batches, 100 * pipeline_bubble_fraction(p, costs));
 }
 
 }  // namespace helix

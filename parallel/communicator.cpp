@@ -147,7 +147,8 @@ std::unique_ptr<PendingSend> Communicator::isend(const Tensor& t, int peer, cons
   return do_isend(t, peer, stream);
 }
 
-std::unique_ptr<PendingSend> Communicator::do_isend(const Tensor& t, int peer, const Stream& stream) {
+std::unique_ptr<PendingSend> Communicator::do_isend(const Tensor& t, int peer,
+                                                   const Stream& stream) {
   SendRecvParams p;
   p.send = t;
   p.dst = peer;

@@ -302,7 +302,8 @@ class MpiPendingSend final : public PendingSend {
     done_ = true;
     WatchScope watch(dog_, what_);
     std::vector<MPI_Status> statuses(requests_.size());
-    const int rc = MPI_Waitall(static_cast<int>(requests_.size()), requests_.data(), statuses.data());
+    const int rc =
+        MPI_Waitall(static_cast<int>(requests_.size()), requests_.data(), statuses.data());
     if (rc == MPI_ERR_IN_STATUS)
       for (const MPI_Status& st : statuses)
         if (st.MPI_ERROR != MPI_SUCCESS && st.MPI_ERROR != MPI_ERR_PENDING) MPI_CHECK(st.MPI_ERROR);
@@ -320,7 +321,8 @@ class MpiPendingSend final : public PendingSend {
 }  // namespace
 
 // Same tag and chunking as do_send_recv, so an isend matches a recv / send_recv of the peer.
-std::unique_ptr<PendingSend> MpiCommunicator::do_isend(const Tensor& t, int peer, const Stream& stream) {
+std::unique_ptr<PendingSend> MpiCommunicator::do_isend(const Tensor& t, int peer,
+                                                      const Stream& stream) {
   constexpr int kTag = 7;
   Tensor h = host_copy(t, stream);
   const int64_t n = h.numel();
@@ -330,7 +332,8 @@ std::unique_ptr<PendingSend> MpiCommunicator::do_isend(const Tensor& t, int peer
   for (int64_t off = 0; off < n; off += kMaxChunk) {
     const int c = static_cast<int>(std::min(kMaxChunk, n - off));
     MPI_Request r;
-    MPI_CHECK(MPI_Isend(base + static_cast<size_t>(off) * esize, c, mpi_type(h.dtype()), peer, kTag, comm_, &r));
+    MPI_CHECK(MPI_Isend(base + static_cast<size_t>(off) * esize, c, mpi_type(h.dtype()), peer, kTag,
+                        comm_, &r));
     requests.push_back(r);
   }
   return std::make_unique<MpiPendingSend>(std::move(h), std::move(requests), watchdog_.get(),

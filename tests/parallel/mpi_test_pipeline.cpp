@@ -285,7 +285,8 @@ TEST(Pipeline, IsendDoesNotWaitForTheReceiver) {
   }
   for (auto& p : sends) p->wait();
   Tensor back = Tensor::empty({kElems}, DType::kF32);
-  pp.send_recv(SendRecvParams{.send = payload(r, 7), .dst = prev, .recv = back, .src = next}, Stream());
+  pp.send_recv(SendRecvParams{.send = payload(r, 7), .dst = prev, .recv = back, .src = next},
+               Stream());
   expect_close(back, payload(next, 7), 0.0, "send_recv after isends");
 }
 
