@@ -7,6 +7,7 @@
 
 #include "core/device.h"
 #include "core/error.h"
+#include "launch/plan/plan_cli.h"
 #include "launch/trainer.h"
 
 namespace po = boost::program_options;
@@ -20,6 +21,7 @@ constexpr const char* kUsage =
     "commands:\n"
     "  train    train an ESM-2 masked language model on a FASTA file\n"
     "  info     print the build configuration and the devices helix can use\n"
+    "  plan     predict memory, communication and step time of a parallel layout (or --search)\n"
     "\n"
     "Run `helix <command> --help` for the options of a command.\n";
 
@@ -72,14 +74,16 @@ int run_cli(int argc, char** argv) {
   const std::string cmd = vm["command"].as<std::string>();
   std::vector<std::string> rest = po::collect_unrecognized(parsed.options, po::include_positional);
   rest.erase(rest.begin());  // the command itself
+  if (vm.count("help")) rest.push_back("--help");  // `helix <command> --help`: the command's help
   if (cmd == "info") return cmd_info(rest);
+  if (cmd == "plan") return cmd_plan(rest);
   if (cmd == "train") {
     TrainOptions o;
     if (!parse_train_options(rest, o)) return 0;
     const TrainSummary s = run_train(o);
     return s.steps == o.steps ? 0 : 1;
   }
-  HELIX_FAIL("unknown command '{}' (known: train, info); run `helix --help`", cmd);
+  HELIX_FAIL("unknown command '{}' (known: train, info, plan); run `helix --help`", cmd);
 }
 
 }  // namespace helix

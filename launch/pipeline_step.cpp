@@ -37,6 +37,11 @@ void validate_pipeline_options(const TrainOptions& o) {
   HELIX_CHECK(o.pp > 1 || (o.pp_virtual == 1 && o.pp_layers.empty()),
               "--pp-virtual / --pp-layers: need --pp > 1, got --pp {}", o.pp);
   if (o.pp == 1) return;
+  HELIX_CHECK(o.cp == 1,
+              "--cp {} with --pp {}: context parallelism of a pipelined model is not implemented",
+              o.cp, o.pp);
+  HELIX_CHECK(o.fp8 == "none", "--fp8 {} with --pp {}: FP8 of a pipelined model is not implemented",
+              o.fp8, o.pp);
   HELIX_CHECK(
       o.zero == 0,
       "--zero {} with --pp {}: ZeRO over a pipelined model is not implemented (docs/fsdp.md)",

@@ -6,6 +6,7 @@
 
 #include "core/error.h"
 #include "launch/pipeline_step.h"
+#include "launch/fp8_setup.h"
 
 namespace po = boost::program_options;
 
@@ -62,6 +63,10 @@ bool parse_train_options(const std::vector<std::string>& args, TrainOptions& o) 
       "recompute", po::value(&o.recompute)->default_value(o.recompute),
       "activation recompute: none | full (re-run each layer's forward in backward)")(
       "tp", po::value(&o.tp)->default_value(o.tp), "tensor-parallel size (ranks per TP group)")(
+      "cp", po::value(&o.cp)->default_value(o.cp), "context-parallel size (ranks sharing each sequence)")(
+      "cp-comm", po::value(&o.cp_comm)->default_value(o.cp_comm), "K/V exchange under --cp: all-gather | ring")(
+      "cp-split-min-len", po::value(&o.cp_split_min_len)->default_value(o.cp_split_min_len),
+      "under --cp, sequences shorter than this stay whole on one cp rank (0: split every sequence)")(
       "dp", po::value(&o.dp)->default_value(o.dp), "data-parallel size (0: world size / tp)")(
       "sequence-parallel", po::bool_switch(&o.sequence_parallel), "split LayerNorm/residual regions along T over tp")(
       "pp", po::value(&o.pp)->default_value(o.pp), "pipeline-parallel stages (1F1B over the micro-batches)")(
@@ -70,8 +75,17 @@ bool parse_train_options(const std::vector<std::string>& args, TrainOptions& o) 
       "pp-layers", po::value(&pp_layers), "layers per (virtual) stage, e.g. 9,8,8,8 (default: balanced)")(
       "zero", po::value(&o.zero)->default_value(o.zero),
       "ZeRO sharding over dp: 0 off | 1 optimizer state | 2 + gradients | 3 + parameters");
+  po::options_description fp8("FP8 (docs/fp8.md)");
+  fp8.add_options()("fp8", po::value(&o.fp8)->default_value(o.fp8), "none | delayed (FP8 GEMMs with delayed scaling)")(
+      "fp8-format", po::value(&o.fp8_format)->default_value(o.fp8_format),
+      "e4m3 | hybrid (E4M3 forward, E5M2 gradients)")(
+      "amax-history", po::value(&o.amax_history)->default_value(o.amax_history), "amax history length (steps)")(
+      "amax-algo", po::value(&o.amax_algo)->default_value(o.amax_algo), "max | most_recent")(
+      "fp8-margin", po::value(&o.fp8_margin)->default_value(o.fp8_margin), "scale = fp8_max / amax / 2^margin")(
+      "fp8-amax-group", po::value(&o.fp8_amax_group)->default_value(o.fp8_amax_group),
+      "ranks sharing amaxes: tp | tp-cp-dp");
   po::options_description all;
-  all.add(general).add(model).add(data).add(batch).add(optim).add(out).add(exec);
+  all.add(general).add(model).add(data).add(batch).add(optim).add(out).add(exec).add(fp8);
 
   po::variables_map vm;
   po::store(po::command_line_parser(args).options(all).run(), vm);
@@ -125,6 +139,10 @@ void validate_train_options(const TrainOptions& o) {
   HELIX_CHECK(o.dtype == "auto" || o.dtype == "f32" || o.dtype == "bf16", "--dtype: expected auto, f32 or bf16, got '{}'",
               o.dtype);
   HELIX_CHECK(o.tp >= 1, "--tp: expected >= 1, got {}", o.tp);
+  HELIX_CHECK(o.cp >= 1, "--cp: expected >= 1, got {}", o.cp);
+  HELIX_CHECK(o.cp_comm == "ring" || o.cp_comm == "all-gather", "--cp-comm: expected all-gather or ring, got '{}'",
+              o.cp_comm);
+  HELIX_CHECK(o.cp_split_min_len >= 0, "--cp-split-min-len: expected >= 0, got {}", o.cp_split_min_len);
   HELIX_CHECK(o.dp >= 0, "--dp: expected >= 0 (0: derived), got {}", o.dp);
   HELIX_CHECK(o.model_config.heads % o.tp == 0, "--tp {}: expected the number of attention heads ({}) divisible by tp",
               o.tp, o.model_config.heads);
@@ -133,6 +151,11 @@ void validate_train_options(const TrainOptions& o) {
   HELIX_CHECK(!o.sequence_parallel || o.tp > 1, "--sequence-parallel: needs --tp > 1, got --tp {}", o.tp);
   HELIX_CHECK(o.zero >= 0 && o.zero <= 3, "--zero: expected 0, 1, 2 or 3, got {}", o.zero);
   HELIX_CHECK(o.zero == 0 || o.dp != 1, "--zero {}: shards over the data-parallel group, but --dp is 1", o.zero);
+  HELIX_CHECK(o.fp8 == "none" || o.fp8 == "delayed", "--fp8: expected none or delayed, got '{}'", o.fp8);
+  if (o.fp8 == "delayed") (void)fp8_recipe_of(o);  // each bad --fp8-* value names its flag
+  HELIX_CHECK(o.fp8 == "none" || (o.model_config.hidden % (16 * o.tp) == 0 && o.model_config.ffn % (16 * o.tp) == 0),
+              "--fp8 delayed: expected hidden ({}) and ffn ({}) divisible by 16 * tp = {} (FP8 GEMM sizes)",
+              o.model_config.hidden, o.model_config.ffn, 16 * o.tp);
   HELIX_CHECK(o.recompute == "none" || o.recompute == "full", "--recompute: expected none or full, got '{}'",
               o.recompute);
   validate_pipeline_options(o);

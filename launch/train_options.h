@@ -8,6 +8,7 @@
 
 #include "launch/lr_schedule.h"
 #include "layers/model_config.h"
+#include "parallel/cp_attention.h"
 
 namespace helix {
 
@@ -42,9 +43,21 @@ struct TrainOptions {
   std::string recompute = "none";  // none | full
   // Parallelism (launched with mpirun): rank order tp-dp, dp = world / tp unless given.
   int tp = 1;
+  // Context parallelism (docs/context-parallel.md): ranks sharing each sequence, K/V exchange
+  // (all-gather | ring), shorter sequences stay whole on one cp rank (0: split every sequence).
+  int cp = 1;
+  std::string cp_comm = "ring";
+  int32_t cp_split_min_len = kDefaultCpSplitMinLen;
   int dp = 0;                      // 0: derived from the world size
   bool sequence_parallel = false;  // split LayerNorm / residual regions along T over tp
   int zero = 0;  // ZeRO stage over dp: 1 optimizer state, 2 + gradients, 3 + parameters (docs/fsdp.md)
+  // FP8 (docs/fp8.md): none | delayed; recipe of the delayed scaling.
+  std::string fp8 = "none";
+  std::string fp8_format = "hybrid";      // e4m3 | hybrid (E4M3 forward, E5M2 grad-output)
+  int64_t amax_history = 1024;
+  std::string amax_algo = "max";          // max | most_recent
+  int fp8_margin = 0;
+  std::string fp8_amax_group = "tp-cp-dp";  // tp | tp-cp-dp
   // Pipeline parallelism (launch/pipeline_step.h): stages, model chunks per rank (> 1: interleaved
   // 1F1B), layers per virtual stage (empty: balanced).
   int pp = 1;

@@ -11,6 +11,7 @@
 #include "core/json.h"
 #include "core/log.h"
 #include "launch/data/loader.h"
+#include "launch/fp8_setup.h"
 #include "launch/metrics.h"
 #include "launch/pipeline_step.h"
 #include "layers/esm2.h"
@@ -115,7 +116,7 @@ TrainSummary run_train(const TrainOptions& o) {
   }
   // Parallel context (collective; refuses sizes that do not fit the world, naming the flag).
   ParallelOptions par;
-  par.sizes = ParallelSizes{.tp = o.tp, .pp = o.pp, .dp = o.dp};
+  par.sizes = ParallelSizes{.tp = o.tp, .cp = o.cp, .pp = o.pp, .dp = o.dp};
   par.device = device;
   int world = 1;
   MPI_Comm_size(MPI_COMM_WORLD, &world);
@@ -171,8 +172,11 @@ TrainSummary run_train(const TrainOptions& o) {
   mo.compute = compute;
   mo.recompute = o.recompute == "full" ? RecomputePolicy::kFull : RecomputePolicy::kNone;
   mo.parallel = &ctx;
+  mo.cp = CpOptions{.comm = parse_cp_comm(o.cp_comm), .split_min_len = o.cp_split_min_len};
   mo.sequence_parallel = o.sequence_parallel;
   mo.layer_ranges = pipeline_stage_ranges(o, ctx);  // --pp > 1: this stage's layers
+  const std::unique_ptr<Fp8ScalingManager> fp8 = make_fp8_manager(o, ctx, device, rank0);  // --fp8
+  mo.fp8 = fp8.get();
   Esm2Model model(o.model_config, mo);
   model.init_random(o.seed);
   std::unique_ptr<Esm2Pipeline> pipeline = make_train_pipeline(o, model, ctx, lo.packing.tokens_per_batch);
@@ -185,6 +189,7 @@ TrainSummary run_train(const TrainOptions& o) {
   if (o.zero > 0) {
     ZeroOptions zo;
     zo.stage = o.zero;
+    if (o.cp > 1) zo.shard_comm = &ctx.dp_cp();  // CP: gradients summed (and state sharded) over dp x cp
     zo.regather_in_backward = mo.recompute == RecomputePolicy::kFull;
     zero = std::make_unique<ZeroSync>(model, ctx, zo);
     zero_opt = std::make_unique<ZeroAdamW>(*zero, adam_cfg);
@@ -226,6 +231,9 @@ TrainSummary run_train(const TrainOptions& o) {
     }
     // Labelled and padded tokens of the global batch (summed over dp): the gradient of the step's
     // mean loss needs 1 / global labelled tokens on every rank.
+    // ZeRO under CP sums over dp x cp, and the cp ranks of a dp group read the same global batch:
+    // only cp rank 0 counts it.
+    if (zero && o.cp > 1 && ctx.coords().cp != 0) labels = tokens = 0;
     Tensor counts = Tensor::from_vector<int64_t>({labels, tokens}, Shape{2});
     zero ? zero->sum_over_dp(counts, Stream()) : sync.sum_over_dp(counts, Stream());
     labels = counts.to_vector<int64_t>()[0];
@@ -248,12 +256,23 @@ TrainSummary run_train(const TrainOptions& o) {
       if (m + 1 == micro.size()) to.on_grad_ready = sync.ready_hook(stream);
       if (zero) zero->begin_micro_batch(m + 1 == micro.size());  // ZeRO-3 reduces during the last
       Tape tape(to);
-      Var logits = model.forward(tape, b);
-      Var loss = model.loss(tape, logits, b, grad_scale);
+      // Context parallelism: every cp rank read the same global micro-batch and keeps its shard.
+      std::unique_ptr<CpBatch> cpb;
+      if (o.cp > 1) {
+        const CpShardOptions so{.split_min_len = o.cp_split_min_len, .pad_id = o.model_config.pad_token_id};
+        cpb = std::make_unique<CpBatch>(cp_split_batch(to_thd(micro[m], Device::cpu()), o.cp, ctx.coords().cp, so));
+        cpb->global = b;  // already on the device
+        cpb->local = cpb->local.to(device);
+      }
+      Var logits = model.forward(tape, cpb ? cpb->local : b, cpb.get());
+      Var loss = model.loss(tape, logits, cpb ? cpb->local : b, grad_scale);
       tape.backward(loss);
+      // cp ranks hold other labels (ZeRO's sum_over_dp below runs over dp x cp already).
+      if (cpb && !zero) ctx.cp().all_reduce(loss.data(), ReduceOp::kSum, stream);
       loss_sum += loss.data().to_floats()[0];
     }
     zero ? zero->reduce(stream) : sync.reduce(stream);
+    if (fp8) fp8->update(stream);  // one amax all-reduce; scales for the next step (docs/fp8.md)
     Tensor loss_t = Tensor::from_vector<double>({loss_sum}, Shape{1});
     zero ? zero->sum_over_dp(loss_t, Stream()) : sync.sum_over_dp(loss_t, Stream());
     loss_sum = loss_t.to_vector<double>()[0];

@@ -59,7 +59,14 @@ std::vector<Tensor> AttentionNode::forward(const std::vector<Tensor>& in, const 
   p.softmax_scale = in_->softmax_scale;
   p.o = Tensor::empty({t, h, d}, qkv.dtype(), dev, stream);
   p.lse = Tensor::empty({h, t}, DType::kF32, dev, stream);
-  thd_attention_fwd(p, stream);
+  if (in_->cp_plan) {
+    cp_attention_fwd(CpAttentionFwdParams{.comm = in_->cp_comm, .plan = in_->cp_plan.get(), .q = q, .k = k,
+                                          .v = v, .local = p.layout, .softmax_scale = p.softmax_scale,
+                                          .o = p.o, .lse = p.lse},
+                     stream);
+  } else {
+    thd_attention_fwd(p, stream);
+  }
   q_ = save(q);
   k_ = save(k);
   v_ = save(v);
@@ -84,7 +91,15 @@ void AttentionNode::backward(const std::vector<Tensor>& gout, std::vector<Tensor
   p.d_q = Tensor::empty(q.shape(), q.dtype(), q.device(), stream);
   p.d_k = Tensor::empty(q.shape(), q.dtype(), q.device(), stream);
   p.d_v = Tensor::empty(q.shape(), q.dtype(), q.device(), stream);
-  thd_attention_bwd(p, stream);
+  if (in_->cp_plan) {
+    cp_attention_bwd(CpAttentionBwdParams{.comm = in_->cp_comm, .plan = in_->cp_plan.get(), .q = p.q, .k = p.k,
+                                          .v = p.v, .o = p.o, .d_o = p.d_o, .lse = p.lse, .local = p.layout,
+                                          .softmax_scale = p.softmax_scale, .mode = p.mode, .d_q = p.d_q,
+                                          .d_k = p.d_k, .d_v = p.d_v},
+                     stream);
+  } else {
+    thd_attention_bwd(p, stream);
+  }
   rotary_bwd(RotaryBwdParams{.dq = p.d_q, .dk = p.d_k, .pos = rotary_positions(*in_)}, stream);
   qkv_join_grad({p.d_q.view({t, h * d}), p.d_k.view({t, h * d}), p.d_v.view({t, h * d}), gin[0]}, stream);
 }

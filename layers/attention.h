@@ -2,10 +2,12 @@
 // Rotary self-attention over a packed batch as one node: the [T, 3H] output of the fused QKV
 // projection is split into q, k, v [T, heads, D], q and k are rotated (positions restart in every
 // sequence, or come from the batch under context parallelism), and THD attention gives [T, H].
-// Saved for backward: rotated q and k, v, the output and its log-sum-exp.
+// Saved for backward: rotated q and k, v, the output and its log-sum-exp. Under context parallelism
+// (AttentionInputs::cp_plan set) the attention itself is parallel/cp_attention.h's.
 #include "core/autograd.h"
 #include "core/thd_batch.h"
 #include "kernels/attention/attention.h"
+#include "parallel/cp_attention.h"
 
 namespace helix {
 
@@ -17,6 +19,9 @@ struct AttentionInputs {
   int heads = 0;
   int head_dim = 0;
   float softmax_scale = 0.f;
+  // Context parallelism: the batch's K/V exchange plan and the cp group (null: local attention).
+  std::shared_ptr<const CpAttentionPlan> cp_plan;
+  Communicator* cp_comm = nullptr;
 
   static AttentionInputs from_batch(const ThdBatch& batch, int heads, int head_dim);
 };

@@ -1,10 +1,13 @@
 #include "layers/esm2.h"
 
 #include <algorithm>
+#include <numeric>
 
 #include "core/random.h"
 #include "layers/attention.h"
+#include "layers/cp_attention_node.h"
 #include "layers/embedding.h"
+#include "layers/fp8_layers.h"
 #include "layers/layernorm_linear.h"
 #include "layers/layernorm_mlp.h"
 #include "layers/linear.h"
@@ -46,6 +49,8 @@ Esm2Model::Esm2Model(ModelConfig config, Esm2Options options) : config_(std::mov
               tp, config_.vocab, rows_per_rank(config_.vocab, tp));
   HELIX_CHECK(!opts_.sequence_parallel || tp > 1, "--sequence-parallel: needs --tp > 1, got --tp {}", tp);
   const int64_t h = config_.hidden, f = config_.ffn, v = config_.vocab;
+  HELIX_CHECK(!opts_.fp8 || (h % (16 * tp) == 0 && f % (16 * tp) == 0),
+              "--fp8 delayed: expected hidden ({}) and ffn ({}) divisible by 16 * tp = {} (FP8 GEMM sizes)", h, f, 16 * tp);
   const Device d = opts_.device;
   const DType c = opts_.compute;
   const bool sp = opts_.sequence_parallel;
@@ -275,12 +280,20 @@ void Esm2Model::load_hf(const SafetensorsReader& file) {
 // ---- Forward graph --------------------------------------------------------------------------------
 namespace helix {
 
-Var Esm2Model::forward(Tape& tape, const ThdBatch& batch, const Esm2Span& span) {
+namespace {
+ThdBatch with_pad_sequence(const ThdBatch& b, int64_t pad, int32_t pad_id);  // defined below
+Var take_rows(Tape& tape, const Var& x, int64_t rows);
+}  // namespace
+
+Var Esm2Model::forward(Tape& tape, const ThdBatch& fwd_batch, const CpBatch* cp, const Esm2Span& span) {
   HELIX_CHECK(span.begin == 0 || span.input.defined(), "forward: a span from layer {} needs its input activation",
               span.begin);
   if (opts_.layer_hooks) opts_.layer_hooks->begin_forward(tape);
-  if (tp_size() > 1) return forward_tp(tape, batch, span);
+  if (tp_size() > 1) return forward_tp(tape, fwd_batch, cp, span);
   const int end = span.end < 0 ? config_.layers : span.end;
+  Fp8ScalingManager* fp8 = opts_.fp8;  // FP8: T padded to a multiple of 16 with a dummy sequence
+  const int64_t t_in = fwd_batch.total_tokens(), fp8_pad = fp8 ? -t_in & (kFp8TokenMultiple - 1) : 0;
+  const ThdBatch batch = fp8_pad ? with_pad_sequence(fwd_batch, fp8_pad, config_.pad_token_id) : fwd_batch;
   const ModelConfig& c = config_;
   const float eps = c.layer_norm_eps;
   HELIX_CHECK(batch.tokens.device() == opts_.device, "forward: batch on {}, model on {}", batch.tokens.device().str(),
@@ -292,20 +305,24 @@ Var Esm2Model::forward(Tape& tape, const ThdBatch& batch, const Esm2Span& span) 
   EmbeddingOptions eo;
   eo.token_dropout = c.token_dropout;
   eo.mask_token_id = c.mask_token_id;
-  Var x = span.begin > 0 ? span.input
-                         : tape.apply1(std::make_shared<EmbeddingNode>(batch, eo, opts_.compute), {w(kEmbedding)});
+  Var x = span.input;
+  if (span.begin == 0) {
+    x = tape.apply1(std::make_shared<EmbeddingNode>(cp ? cp->global : batch, eo, opts_.compute), {w(kEmbedding)});
+    if (cp) x = tape.apply1(std::make_shared<CpTakeRowsNode>(cp->layouts.at(cp->rank), batch.total_tokens()), {x});
+  }
 
   auto attn = std::make_shared<const AttentionInputs>(AttentionInputs::from_batch(batch, c.heads, c.head_dim()));
+  if (cp) attn = cp_attention_inputs(*attn, *cp, opts_.parallel->cp(), opts_.cp.comm);
   for (int i = span.begin; i < end; ++i) {
     const std::string p = layer_prefix(i);
-    auto layer = [w, p, eps, attn](Tape& t, const std::vector<Var>& in) -> std::vector<Var> {
-      Var qkv = t.apply1(std::make_shared<LayerNormLinearNode>(eps),
+    auto layer = [w, p, eps, attn, fp8, i](Tape& t, const std::vector<Var>& in) -> std::vector<Var> {
+      Var qkv = t.apply1(make_layernorm_linear_node(eps, fp8, i),
                          {in[0], w(p + "attention.LayerNorm.weight"), w(p + "attention.LayerNorm.bias"),
                           w(p + "attention.self.qkv.weight"), w(p + "attention.self.qkv.bias")});
       Var a = t.apply1(std::make_shared<AttentionNode>(attn), {qkv});
-      Var h = t.apply1(std::make_shared<LinearResidualNode>(),
+      Var h = t.apply1(make_linear_residual_node(fp8, i),
                        {a, w(p + "attention.output.dense.weight"), w(p + "attention.output.dense.bias"), in[0]});
-      return {t.apply1(std::make_shared<LayerNormMlpNode>(eps),
+      return {t.apply1(make_layernorm_mlp_node(eps, fp8, i),
                        {h, w(p + "LayerNorm.weight"), w(p + "LayerNorm.bias"), w(p + "intermediate.dense.weight"),
                         w(p + "intermediate.dense.bias"), w(p + "output.dense.weight"), w(p + "output.dense.bias")})};
     };
@@ -315,9 +332,10 @@ Var Esm2Model::forward(Tape& tape, const ThdBatch& batch, const Esm2Span& span) 
   }
   if (end < c.layers) return x;
   x = tape.apply1(std::make_shared<LayerNormNode>(eps), {x, w(kFinalLnW), w(kFinalLnB)});
-  return tape.apply1(std::make_shared<LmHeadNode>(eps),
+  Var logits = tape.apply1(std::make_shared<LmHeadNode>(eps),
                      {x, w("lm_head.dense.weight"), w("lm_head.dense.bias"), w("lm_head.layer_norm.weight"),
                       w("lm_head.layer_norm.bias"), w(kEmbedding), w("lm_head.bias")});
+  return fp8_pad ? take_rows(tape, logits, t_in) : logits;
 }
 
 Var Esm2Model::loss(Tape& tape, const Var& logits, const ThdBatch& batch, float grad_scale) {
@@ -379,6 +397,8 @@ ThdBatch with_pad_sequence(const ThdBatch& b, int64_t pad, int32_t pad_id) {
   return o;
 }
 
+Var take_rows(Tape& tape, const Var& x, int64_t rows) { return tape.apply1(std::make_shared<TakeRowsNode>(rows), {x}); }
+
 }  // namespace
 
 // Per layer (x [T, H] replicated, or [T/tp, H] this rank's rows under SP):
@@ -386,7 +406,7 @@ ThdBatch with_pad_sequence(const ThdBatch& b, int64_t pad, int32_t pad_id) {
 //   h   = x + leave(attn(u Wqkv_r^T + bqkv_r) Wo_r^T) + bo       leave = reduce_from_tp, or
 //   y   = h + leave(GELU(enter(LN2(h)) W1_r^T + b1_r) W2_r^T) + b2      reduce_scatter_to_sp under SP
 // then the final LayerNorm, gather_from_sp(kSplit) under SP, and the LM head on the full T.
-Var Esm2Model::forward_tp(Tape& tape, const ThdBatch& batch, const Esm2Span& span) {
+Var Esm2Model::forward_tp(Tape& tape, const ThdBatch& batch, const CpBatch* cp, const Esm2Span& span) {
   const int end = span.end < 0 ? config_.layers : span.end;
   const ModelConfig& c = config_;
   const float eps = c.layer_norm_eps;
@@ -396,7 +416,10 @@ Var Esm2Model::forward_tp(Tape& tape, const ThdBatch& batch, const Esm2Span& spa
   HELIX_CHECK(batch.tokens.device() == opts_.device, "forward: batch on {}, model on {}", batch.tokens.device().str(),
               opts_.device.str());
   const int64_t t = batch.total_tokens();
-  const ThdBatch b = sp && t % n != 0 ? with_pad_sequence(batch, n - t % n, c.pad_token_id) : batch;
+  const int64_t mult = opts_.fp8 ? std::lcm<int64_t>(kFp8TokenMultiple, sp ? n : 1) : n;  // FP8: T % 16 == 0
+  const ThdBatch b = (sp || opts_.fp8) && t % mult != 0 ? with_pad_sequence(batch, mult - t % mult, c.pad_token_id)
+                                                         : batch;
+  Fp8ScalingManager* fp8 = opts_.fp8;
   const ParameterSet* params = &params_;
   const auto w = [params](const std::string& name) -> const Var& { return params->get(name).var; };
 
@@ -409,14 +432,16 @@ Var Esm2Model::forward_tp(Tape& tape, const ThdBatch& batch, const Esm2Span& spa
   eo.vocab_start = tp_rank() * eo.vocab_rows;
   Var x = span.input;
   if (span.begin == 0) {
-    x = tape.apply1(std::make_shared<EmbeddingNode>(b, eo, opts_.compute), {w(kEmbedding)});
+    x = tape.apply1(std::make_shared<EmbeddingNode>(cp ? cp->global : b, eo, opts_.compute), {w(kEmbedding)});
+    if (cp) x = tape.apply1(std::make_shared<CpTakeRowsNode>(cp->layouts.at(cp->rank), b.total_tokens()), {x});
     x = sp ? reduce_scatter_to_sp(tape, *tp, x) : reduce_from_tp(tape, *tp, x);
   }
 
   auto attn = std::make_shared<const AttentionInputs>(AttentionInputs::from_batch(b, c.heads / n, c.head_dim()));
+  if (cp) attn = cp_attention_inputs(*attn, *cp, opts_.parallel->cp(), opts_.cp.comm);
   for (int i = span.begin; i < end; ++i) {
     const std::string p = layer_prefix(i);
-    auto layer = [w, p, eps, attn, tp, sp](Tape& tt, const std::vector<Var>& in) -> std::vector<Var> {
+    auto layer = [w, p, eps, attn, tp, sp, fp8, i](Tape& tt, const std::vector<Var>& in) -> std::vector<Var> {
       const auto enter = [&](const Var& v) {
         return sp ? gather_from_sp(tt, *tp, v, GatherGrad::kReduceScatter) : copy_to_tp(tt, *tp, v);
       };
@@ -424,20 +449,20 @@ Var Esm2Model::forward_tp(Tape& tape, const ThdBatch& batch, const Esm2Span& spa
       const auto ln = [&](const Var& v, const std::string& name) {
         return tt.apply1(std::make_shared<LayerNormNode>(eps), {v, w(name + ".weight"), w(name + ".bias")});
       };
-      const auto linear = [&](const Var& v, const std::string& name, bool bias) {
+      const auto linear = [&](const Var& v, const std::string& name, bool bias, Fp8Gemm gemm) {
         std::vector<Var> ins{v, w(name + ".weight")};
         if (bias) ins.push_back(w(name + ".bias"));
-        return tt.apply1(std::make_shared<LinearNode>(), ins);
+        return tt.apply1(make_linear_node(fp8, i, gemm), ins);
       };
       const auto bias_residual = [&](const Var& v, const std::string& bias, const Var& residual) {
         return tt.apply1(std::make_shared<BiasResidualNode>(), {v, w(bias), residual});
       };
-      Var qkv = linear(enter(ln(in[0], p + "attention.LayerNorm")), p + "attention.self.qkv", true);
+      Var qkv = linear(enter(ln(in[0], p + "attention.LayerNorm")), p + "attention.self.qkv", true, Fp8Gemm::kQkv);
       Var a = tt.apply1(std::make_shared<AttentionNode>(attn), {qkv});
-      Var h = bias_residual(leave(linear(a, p + "attention.output.dense", false)), p + "attention.output.dense.bias",
+      Var h = bias_residual(leave(linear(a, p + "attention.output.dense", false, Fp8Gemm::kOutProj)), p + "attention.output.dense.bias",
                             in[0]);
-      Var f1 = linear(enter(ln(h, p + "LayerNorm")), p + "intermediate.dense", true);
-      Var f2 = linear(tt.apply1(std::make_shared<GeluNode>(), {f1}), p + "output.dense", false);
+      Var f1 = linear(enter(ln(h, p + "LayerNorm")), p + "intermediate.dense", true, Fp8Gemm::kFc1);
+      Var f2 = linear(tt.apply1(std::make_shared<GeluNode>(), {f1}), p + "output.dense", false, Fp8Gemm::kFc2);
       return {bias_residual(leave(f2), p + "output.dense.bias", h)};
     };
     if (opts_.layer_hooks) x = opts_.layer_hooks->enter_layer(tape, i, x);

@@ -23,6 +23,7 @@
 #include "layers/model_config.h"
 #include "layers/parameter.h"
 #include "parallel/context.h"
+#include "parallel/cp_attention.h"
 
 namespace helix {
 
@@ -37,6 +38,7 @@ class Esm2LayerHooks {
   virtual Var enter_layer(Tape& tape, int layer, const Var& x) = 0;
   virtual Var leave_layer(Tape& tape, int layer, const Var& x) = 0;
 };
+class Fp8ScalingManager;
 
 struct Esm2Options {
   Device device;
@@ -45,10 +47,16 @@ struct Esm2Options {
   // Tensor parallelism over parallel->tp() (null or tp = 1: the single-device graph). Data
   // parallelism is the caller's (the model only reads its tp coordinate).
   const ParallelContext* parallel = nullptr;
+  // Context parallelism over parallel->cp() (forward with a CpBatch): K/V exchange mode and the
+  // trainer's sequence-aware placement threshold (parallel/cp_attention.h).
+  CpOptions cp;
   // Sequence parallelism: LayerNorm / residual regions split along T over the tp group (T padded
   // to a multiple of tp with a dummy <pad> sequence that carries no label). Needs tp > 1.
   bool sequence_parallel = false;
   Esm2LayerHooks* layer_hooks = nullptr;  // null: none (ZeRO-3 installs its own)
+  // FP8 delayed scaling (layers/fp8_scaling.h): QKV, out-proj, FC1, FC2 run as FP8 GEMMs with the
+  // manager's scales, T is padded to a multiple of 16 with a dummy <pad> sequence. Null: no FP8.
+  Fp8ScalingManager* fp8 = nullptr;
   // Pipeline parallelism (layers/esm2_pipeline.h): the transformer layers this model holds, as
   // ranges [first, last) of global layer indices, one per model chunk, ascending. Empty: every
   // layer. The embedding is held when a range starts at 0, the final LayerNorm and LM head when one
@@ -102,7 +110,9 @@ class Esm2Model {
 
   // Builds the forward graph of one packed batch (on the model's device) and returns the logits
   // [T, vocab] (compute dtype); under TP this rank's vocabulary columns [T, Vr] (pad columns left out).
-  Var forward(Tape& tape, const ThdBatch& batch, const Esm2Span& span = {});
+  // Context parallelism: `batch` is cp->local and the logits are the rank's rows. Pipeline
+  // parallelism: `span` picks the layers (Esm2Span).
+  Var forward(Tape& tape, const ThdBatch& batch, const CpBatch* cp = nullptr, const Esm2Span& span = {});
   // Masked-LM loss node: returns the loss sum over labelled tokens [1] f32; its gradient is scaled by
   // `grad_scale` (1 / labelled tokens of the whole step, over micro-batches and ranks).
   Var loss(Tape& tape, const Var& logits, const ThdBatch& batch, float grad_scale);
@@ -112,7 +122,7 @@ class Esm2Model {
   bool holds(const std::string& name) const;
 
  private:
-  Var forward_tp(Tape& tape, const ThdBatch& batch, const Esm2Span& span);
+  Var forward_tp(Tape& tape, const ThdBatch& batch, const CpBatch* cp, const Esm2Span& span);
   Tensor gather_shards(const Parameter& p, const Tensor& local) const;
 
   ModelConfig config_;

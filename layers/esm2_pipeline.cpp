@@ -151,7 +151,7 @@ double Esm2Pipeline::run(const std::vector<ThdBatch>& micro, float grad_scale, b
       l.input = Var::leaf(input, train, "pipeline_input");
     }
     const ThdBatch& b = padded[mb];
-    Var out = model_.forward(*l.tape, b, Esm2Span{.begin = first, .end = last, .input = l.input});
+    Var out = model_.forward(*l.tape, b, nullptr, Esm2Span{.begin = first, .end = last, .input = l.input});
     Tensor sent;
     if (last == layers) {
       l.output = model_.loss(*l.tape, out, b, grad_scale);

@@ -4,13 +4,14 @@ namespace helix {
 
 GradSync::GradSync(ParameterSet& params, const ParallelContext* ctx, size_t dp_bucket_bytes)
     : params_(params), ctx_(ctx) {
-  if (ctx_ && ctx_->sizes().dp > 1) {
+  // Under context parallelism the cp ranks' gradients are partial sums too: reduce over dp x cp.
+  if (ctx_ && ctx_->sizes().dp * ctx_->sizes().cp > 1) {
     std::vector<Var> vars;
     for (const Parameter& p : params_.all()) vars.push_back(p.var);
     DpReducerOptions o;
     o.op = ReduceOp::kSum;
     o.bucket_bytes = dp_bucket_bytes;
-    dp_ = std::make_unique<DpGradReducer>(ctx_->dp(), std::move(vars), o);
+    dp_ = std::make_unique<DpGradReducer>(ctx_->sizes().cp > 1 ? ctx_->dp_cp() : ctx_->dp(), std::move(vars), o);
   }
   for (size_t i = 0; i < params_.all().size(); ++i) index_.emplace(params_.all()[i].var.cell().get(), i);
   tp_summed_.assign(params_.all().size(), false);

@@ -3,7 +3,8 @@
 // gradients that are partial sums over tp (Parameter::grad_partial, sequence parallelism) are
 // all-reduced over tp, then every gradient is summed over dp through a DpGradReducer (buckets that
 // own the gradient buffers). Sum, not mean: the loss gradient is already scaled by 1 / labelled
-// tokens of the global batch, so DP=N equals one rank on the same global batch.
+// tokens of the global batch, so DP=N equals one rank on the same global batch. Under context
+// parallelism (cp > 1) the sum runs over the dp_cp group (cp ranks hold other tokens of the batch).
 // Overlap: ready_hook() is the Tape's on_grad_ready for the step's last micro-batch; each parameter
 // whose gradient is final is (tp-summed if partial, then) marked ready in the reducer, so buckets
 // are reduced while backward goes on (on the GPU on the reducer's stream); reduce() finishes.

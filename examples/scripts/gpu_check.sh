@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: configure + build (CUDA, sm_90a), run every test, then the kernel
 # benchmarks. Logs go to $OUT (or ./gpu_check_out). Used for the numbers in docs/perf/.
-#   examples/scripts/gpu_check.sh [tests|bench|all|train]
+#   examples/scripts/gpu_check.sh [tests|bench|all|train|fp8]
 # Where Boost.Program_options is not installed as a library (the GPU image), point
 # HELIX_BOOST_PO_SOURCES at its
 # src/*.cpp (same Boost version as the headers; examples/scripts/fetch_boost_po_sources.sh fetches
@@ -26,6 +26,11 @@ if [ "$what" = train ]; then
   OUT_DIR="$out/train" timeout 560 bash "$root/examples/bench/run_training_bench.sh" "$root/build-gpu" ${TRAIN_ARGS:-} \
     > "$out/bench_training.txt" 2>&1
   tail -30 "$out/bench_training.txt"
+fi
+if [ "$what" = fp8 ]; then  # FP8 vs bf16 training, docs/perf/fp8.md
+  OUT_DIR="$out/fp8" timeout 560 bash "$root/examples/bench/run_fp8_bench.sh" "$root/build-gpu" ${FP8_ARGS:-} \
+    > "$out/bench_fp8.txt" 2>&1
+  tail -30 "$out/bench_fp8.txt"
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
   timeout 240 "$root/build-gpu/tests/helix_bench_kernels_gemm" > "$out/bench_gemm.txt" 2>&1

@@ -1,9 +1,9 @@
 // CUDA forward of packed-THD attention (FlashAttention-2 style): one CTA per (query tile, head,
 // sequence) over a grid sized by max_seqlen_q, CTAs past their sequence's end exit at once. Each
 // warp owns 16 or 32 query rows; head dims 16, 24 (in zero-padded tiles of 32), 32, 64, 128; K/V
-// tiles of 64 keys stream through a two-stage cp.async pipeline; S = Q K^T and O += P V run on
-// mma.sync bf16 tensor cores with fp32 accumulators and an fp32 online softmax. Also the gap kernel
-// that zeroes rows belonging to no sequence (padding), shared with the backward.
+// tiles of 64 (or 32) keys stream through a two-stage cp.async pipeline; S = Q K^T and O += P V
+// run on mma.sync bf16 tensor cores with fp32 accumulators and an fp32 online softmax. Also the
+// gap kernel that zeroes rows belonging to no sequence (padding), shared with the backward.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -26,12 +26,12 @@ constexpr int kFwdMTilesSmallD = 2;  // ... at D = 16, 24, 32
 constexpr int kFwdMinBlocksD16 = 4, kFwdMinBlocksD32 = 3;
 
 // DT: the head dim of the shared-memory tiles (tile_dim<D>()).
-template <int DT, int kWarps, int kMTiles>
+template <int DT, int kWarps, int kMTiles, int kBlockN_ = 64>
 struct FwdConfig {
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kWarpRows = 16 * kMTiles;      // query rows per warp (kMTiles m16 tiles)
   static constexpr int kBlockM = kWarpRows * kWarps;  // query rows per CTA
-  static constexpr int kBlockN = 64;                  // keys per K/V tile
+  static constexpr int kBlockN = kBlockN_;            // keys per K/V tile
   static constexpr int kQBytes = kBlockM * DT * 2;
   static constexpr int kKVBytes = kBlockN * DT * 2;
   static constexpr int kSmem = kQBytes + 4 * kKVBytes;  // Q + two stages of K and V
@@ -42,10 +42,13 @@ struct FwdConfig {
 // owns query rows [m0 + w kWarpRows, m0 + (w + 1) kWarpRows) of its sequence, as kMTiles m16 tiles
 // that share every K and V fragment loaded from shared memory. D is the head dim of q/k/v; the
 // tiles and fragments run at DT = tile_dim<D>() (D = 24: 32, zero columns 24..31 add nothing).
-template <int D, int kWarps, int kMTiles, int kMinBlocks>
+// kQSmem: the Q fragments are re-read from shared memory at every k-step instead of being held in
+// registers for the whole K/V loop (frees kMTiles * D / 2 registers: what lets D = 128 run 32
+// rows a warp).
+template <int D, int kWarps, int kMTiles, int kMinBlocks, bool kQSmem, int kKeys>
 __global__ void __launch_bounds__(kWarps * 32, kMinBlocks) fwd_kernel(const AttnArgs a) {
   constexpr int DT = tile_dim<D>();
-  using C = FwdConfig<DT, kWarps, kMTiles>;
+  using C = FwdConfig<DT, kWarps, kMTiles, kKeys>;
   constexpr int kBlockM = C::kBlockM, kBlockN = C::kBlockN, kThreads = C::kThreads;
   constexpr int kWarpRows = C::kWarpRows;
   extern __shared__ __align__(128) unsigned char smem[];
@@ -98,7 +101,7 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks) fwd_kernel(const Attn
                                         min(kBlockM, len_q - m0), tid);
     load_kv(0, 0);
     cp_async_commit();
-    uint32_t q_frag[kMTiles][DT / 16][4];
+    uint32_t q_frag[kQSmem ? 1 : kMTiles][kQSmem ? 1 : DT / 16][4];
     for (int n = 0; n < n_tiles; ++n) {
       const int stage = n & 1;
       if (n + 1 < n_tiles) {
@@ -109,12 +112,14 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks) fwd_kernel(const Attn
         cp_async_wait<0>();
       }
       __syncthreads();
-      if (n == 0) {
+      if constexpr (!kQSmem) {
+        if (n == 0) {
 #pragma unroll
-        for (int mt = 0; mt < kMTiles; ++mt)
+          for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
-          for (int kk = 0; kk < DT / 16; ++kk)
-            load_a<DT>(q_frag[mt][kk], s_q, warp * kWarpRows + mt * 16, kk, lane);
+            for (int kk = 0; kk < DT / 16; ++kk)
+              load_a<DT>(q_frag[mt][kk], s_q, warp * kWarpRows + mt * 16, kk, lane);
+        }
       }
       const int n0 = n * kBlockN;
       // A warp with no valid row, or whose rows all precede the tile's keys (causal), adds nothing.
@@ -130,14 +135,22 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks) fwd_kernel(const Attn
             s[mt][j][0] = s[mt][j][1] = s[mt][j][2] = s[mt][j][3] = 0.f;
 #pragma unroll
         for (int kk = 0; kk < DT / 16; ++kk) {
+          uint32_t qa[kQSmem ? kMTiles : 1][4];  // kQSmem: this k-step's Q fragments
+          if constexpr (kQSmem) {
+#pragma unroll
+            for (int mt = 0; mt < kMTiles; ++mt)
+              load_a<DT>(qa[mt], s_q, warp * kWarpRows + mt * 16, kk, lane);
+          }
 #pragma unroll
           for (int nb = 0; nb < kBlockN / 16; ++nb) {
             uint32_t b[4];
             load_b_rows<DT>(b, s_k, nb * 16, kk, lane);
 #pragma unroll
             for (int mt = 0; mt < kMTiles; ++mt) {
-              mma_bf16(s[mt][2 * nb], q_frag[mt][kk], b[0], b[1]);
-              mma_bf16(s[mt][2 * nb + 1], q_frag[mt][kk], b[2], b[3]);
+              const uint32_t(&qf)[4] =
+                  kQSmem ? qa[kQSmem ? mt : 0] : q_frag[kQSmem ? 0 : mt][kQSmem ? 0 : kk];
+              mma_bf16(s[mt][2 * nb], qf, b[0], b[1]);
+              mma_bf16(s[mt][2 * nb + 1], qf, b[2], b[3]);
             }
           }
         }
@@ -254,12 +267,12 @@ __global__ void zero_gaps_kernel(const int32_t* cu, const int32_t* off, int batc
   }
 }
 
-template <int D, int kWarps, int kMTiles, int kMinBlocks>
+template <int D, int kWarps, int kMTiles, int kMinBlocks, bool kQSmem = false, int kKeys = 64>
 void launch_fwd(const AttnArgs& a, int max_seqlen_q, int heads, int batch, cudaStream_t st) {
-  using C = FwdConfig<tile_dim<D>(), kWarps, kMTiles>;
+  using C = FwdConfig<tile_dim<D>(), kWarps, kMTiles, kKeys>;
   const dim3 grid((max_seqlen_q + C::kBlockM - 1) / C::kBlockM, heads, batch);
   if (grid.x == 0) return;
-  auto kernel = fwd_kernel<D, kWarps, kMTiles, kMinBlocks>;
+  auto kernel = fwd_kernel<D, kWarps, kMTiles, kMinBlocks, kQSmem, kKeys>;
   CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmem));
   kernel<<<grid, C::kThreads, C::kSmem, st>>>(a);
   HELIX_LAUNCH_CHECK();
@@ -311,7 +324,8 @@ void thd_attention_fwd_cuda(const ThdAttentionFwdParams& p, const Stream& stream
   if (tq > 0 &&
       batch > 0) {  // a sequence without keys reads no K/V: its rows get O = 0, LSE = -inf
     // D = 64: 32 query rows per warp (K/V fragments shared by two m16 tiles); D = 128: 16 rows per
-    // warp (two tiles would exceed the register file). See docs/perf/attention.md. D <= 32 (ESM-2
+    // warp (two tiles with Q in registers would exceed the register file), or 32 with Q re-read
+    // from shared memory (AttentionFwdTiling::kRows32). See docs/perf/attention.md. D <= 32 (ESM-2
     // 8M/35M/150M): 32 rows per warp as at 64, fewer registers, more resident CTAs.
     const int msq = p.layout.max_seqlen_q;
     switch (dim) {
@@ -328,7 +342,11 @@ void thd_attention_fwd_cuda(const ThdAttentionFwdParams& p, const Stream& stream
         launch_fwd<64, 4, kFwdMTilesD64, 2>(a, msq, heads, batch, st);
         break;
       default:
-        launch_fwd<128, 4, 1, 2>(a, msq, heads, batch, st);
+        // kRows32: K/V tiles of 32 keys (with 64, the scores of two m16 tiles spill 124 bytes).
+        if (p.tiling != AttentionFwdTiling::kRows16)  // kDefault: rows32, measured faster at D = 128
+          launch_fwd<128, 4, 2, 2, /*kQSmem=*/true, /*kKeys=*/32>(a, msq, heads, batch, st);
+        else
+          launch_fwd<128, 4, 1, 2>(a, msq, heads, batch, st);
         break;
     }
   }

@@ -61,11 +61,25 @@ struct ThdAttentionLayout {
 
 enum class AttentionMask : uint8_t { kBidirectional, kCausal };
 
+// Query rows per warp of the CUDA forward at D = 128 (D <= 64 always runs 32): a speed choice, same
+// semantics (the CPU and D <= 64 ignore it). kRows16: one m16 tile a warp, Q fragments held in
+// registers, K/V tiles of 64 keys. kRows32: two m16 tiles sharing every K/V fragment, Q fragments
+// re-read from shared memory, K/V tiles of 32 keys. kDefault: kRows32 (measured 1-9% faster on the
+// H100, docs/perf/attention.md v4).
+enum class AttentionFwdTiling : uint8_t { kDefault, kRows16, kRows32 };
+
 // How the backward accumulates dQ. dK and dV are always owned by one CTA per key tile and written
 // once, so they are deterministic in both modes. kAtomic adds each key tile's dQ contribution into
 // an fp32 buffer with atomics (FlashAttention-2, fastest, summation order varies from run to run);
 // kDeterministic computes dQ in a second pass that owns each query tile: bitwise reproducible.
 enum class AttentionBwdMode : uint8_t { kAtomic, kDeterministic };
+
+// Key tile of the CUDA backward's dK/dV kernel: a speed choice, same semantics and error bounds
+// (the CPU ignores it). kKeys64: 64-key CTAs, 16 keys a warp. kKeys128: 128-key CTAs (32 keys a
+// warp at D <= 64, 8 warps at D = 128): half the dQ atomics and Q/dO reloads, and at D <= 64 each
+// Q/dO fragment feeds two key tiles. kDefault: kKeys128 when max_seqlen_kv > 2048, else kKeys64
+// (measured, see docs/perf/attention.md v4).
+enum class AttentionBwdTiling : uint8_t { kDefault, kKeys64, kKeys128 };
 
 struct ThdAttentionFwdParams {
   Tensor q;  // [Tq, H, D] bf16, contiguous, 16-byte aligned; D in {16, 24, 32, 64, 128} on CUDA
@@ -75,6 +89,7 @@ struct ThdAttentionFwdParams {
   ThdAttentionLayout layout;
   float softmax_scale = 0.f;  // > 0, usually 1/sqrt(D)
   AttentionMask mask = AttentionMask::kBidirectional;
+  AttentionFwdTiling tiling = AttentionFwdTiling::kDefault;
   Tensor o;    // [Tq, H, D] bf16, written
   Tensor lse;  // [H, Tq] f32, written
 };
@@ -91,6 +106,7 @@ struct ThdAttentionBwdParams {
   float softmax_scale = 0.f;
   AttentionMask mask = AttentionMask::kBidirectional;
   AttentionBwdMode mode = AttentionBwdMode::kAtomic;
+  AttentionBwdTiling tiling = AttentionBwdTiling::kDefault;
   Tensor d_q;  // [Tq, H, D] bf16, written
   Tensor d_k;  // [Tk, H, D] bf16, written
   Tensor d_v;  // [Tk, H, D] bf16, written

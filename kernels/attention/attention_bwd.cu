@@ -56,17 +56,31 @@ __global__ void bwd_delta_kernel(const __nv_bfloat16* o, const __nv_bfloat16* d_
   }
 }
 
-// Resident CTAs per SM asked of the compiler (the register cap) by the dK/dV and dQ kernels.
+// Resident CTAs per SM asked of the compiler (the register cap) by the dQ kernel and the 64-key
+// dK/dV kernels.
 template <int D>
 constexpr int bwd_min_blocks() {
   return D == 128 ? 2 : D == 64 ? 3 : kBwdMinBlocksSmallD;
 }
 
-// DT: the head dim of the shared-memory tiles (tile_dim<D>()).
-template <int DT, int kBlockM, bool kAtomicDq>
+// The dK/dV kernel's tiling: kBlockM query rows per pipeline step; kWarps warps, each owning
+// kKeyTiles m16 tiles of keys (16 kKeyTiles keys), so kBlockN = 16 kKeyTiles kWarps keys per CTA;
+// kMinBlocks resident CTAs asked of the compiler. kKeyTiles = 2 lets every Q / dO fragment read
+// from shared memory feed two key tiles (half the ldmatrix traffic per MMA of kKeyTiles = 1);
+// 128-key CTAs halve the dQ atomics and the Q / dO / LSE / delta loads per key.
+template <int kBlockM_, int kWarps_, int kKeyTiles_, int kMinBlocks_>
+struct DkdvTiling {
+  static constexpr int kBlockM = kBlockM_, kWarps = kWarps_, kKeyTiles = kKeyTiles_;
+  static constexpr int kMinBlocks = kMinBlocks_;
+};
+
+// DT: the head dim of the shared-memory tiles (tile_dim<D>()); T: a DkdvTiling.
+template <int DT, class T, bool kAtomicDq>
 struct DkdvConfig {
-  static constexpr int kWarps = 4, kThreads = kWarps * 32;
-  static constexpr int kBlockN = 64;  // keys per CTA, 16 per warp
+  static constexpr int kBlockM = T::kBlockM, kWarps = T::kWarps, kKeyTiles = T::kKeyTiles;
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kWarpKeys = 16 * kKeyTiles;     // keys per warp
+  static constexpr int kBlockN = kWarpKeys * kWarps;  // keys per CTA
   static constexpr int kDsStride =
       kBlockM + 8;  // bf16 per row of the dS^T tile (padded: no conflicts)
   static constexpr int kKVBytes = kBlockN * DT * 2;
@@ -81,14 +95,17 @@ struct DkdvConfig {
   static constexpr int kSmem = kOffDs + (kAtomicDq ? kBlockN * kDsStride * 2 : 0);
 };
 
-// grid (ceil(max_seqlen_kv / 64), H, b), block 128. Warp w owns keys [n0 + 16w, n0 + 16w + 16) and
-// their dK, dV rows; the CTA walks query tiles of kBlockM rows through a two-stage cp.async
-// pipeline. D is the head dim of the tensors, DT = tile_dim<D>() that of the tiles and fragments.
-template <int D, int kBlockM, bool kAtomicDq>
-__global__ void __launch_bounds__(128, bwd_min_blocks<D>()) bwd_dkdv_kernel(const AttnArgs a) {
+// grid (ceil(max_seqlen_kv / kBlockN), H, b), block kWarps * 32. Warp w owns keys
+// [n0 + w kWarpKeys, n0 + (w + 1) kWarpKeys) (kKeyTiles m16 tiles) and their dK, dV rows; the CTA
+// walks query tiles of kBlockM rows through a two-stage cp.async pipeline. D is the head dim of
+// the tensors, DT = tile_dim<D>() that of the tiles and fragments.
+template <int D, class T, bool kAtomicDq>
+__global__ void __launch_bounds__(T::kWarps * 32, T::kMinBlocks)
+    bwd_dkdv_kernel(const AttnArgs a) {
   constexpr int DT = tile_dim<D>();
-  using C = DkdvConfig<DT, kBlockM, kAtomicDq>;
-  constexpr int kBlockN = C::kBlockN, kThreads = C::kThreads;
+  using C = DkdvConfig<DT, T, kAtomicDq>;
+  constexpr int kBlockM = C::kBlockM, kBlockN = C::kBlockN, kThreads = C::kThreads;
+  constexpr int kKT = C::kKeyTiles, kWarpKeys = C::kWarpKeys;
   extern __shared__ __align__(128) unsigned char smem[];
 
   const int seq = blockIdx.z, head = blockIdx.y;
@@ -105,7 +122,7 @@ __global__ void __launch_bounds__(128, bwd_min_blocks<D>()) bwd_dkdv_kernel(cons
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int g = lane >> 2, t = lane & 3;
   const int64_t hd = int64_t{head} * D;
-  const int wkey0 = n0 + warp * 16;  // first key of this warp, within the sequence
+  const int wkey0 = n0 + warp * kWarpKeys;  // first key of this warp, within the sequence
   const bool warp_active = wkey0 < len_k;
   const float sl2 = a.scale_log2;
 
@@ -133,11 +150,13 @@ __global__ void __launch_bounds__(128, bwd_min_blocks<D>()) bwd_dkdv_kernel(cons
     }
   };
 
-  float dk[DT / 8][4], dv[DT / 8][4];
+  float dk[kKT][DT / 8][4], dv[kKT][DT / 8][4];
 #pragma unroll
-  for (int i = 0; i < DT / 8; ++i)
+  for (int kt = 0; kt < kKT; ++kt)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) dk[i][e] = dv[i][e] = 0.f;
+    for (int i = 0; i < DT / 8; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) dk[kt][i][e] = dv[kt][i][e] = 0.f;
 
   {
     const int rows = min(kBlockN, len_k - n0);
@@ -163,67 +182,93 @@ __global__ void __launch_bounds__(128, bwd_min_blocks<D>()) bwd_dkdv_kernel(cons
     const uint32_t s_do = s_base + C::kOffDo + stage * C::kQBytes;
     // A warp adds nothing when its keys are past the sequence or (causal) after every query's view.
     const bool skip = !warp_active || (a.causal && mq0 + kBlockM - 1 + diag < wkey0);
-    // S^T and dP^T of this warp: rows = its 16 keys, columns = the tile's kBlockM queries.
-    float st[kBlockM / 8][4], dpt[kBlockM / 8][4];
+    // S^T and dP^T of this warp: rows = its keys (tile kt: keys wkey0 + 16 kt ..), columns = the
+    // tile's kBlockM queries.
+    float st[kKT][kBlockM / 8][4], dpt[kKT][kBlockM / 8][4];
 #pragma unroll
-    for (int j = 0; j < kBlockM / 8; ++j)
+    for (int kt = 0; kt < kKT; ++kt)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) st[j][e] = dpt[j][e] = 0.f;
+      for (int j = 0; j < kBlockM / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) st[kt][j][e] = dpt[kt][j][e] = 0.f;
     if (!skip) {
 #pragma unroll
       for (int kk = 0; kk < DT / 16; ++kk) {
-        uint32_t ka[4], va[4];
-        load_a<DT>(ka, s_k, warp * 16, kk, lane);
-        load_a<DT>(va, s_v, warp * 16, kk, lane);
+        uint32_t ka[kKT][4], va[kKT][4];
+#pragma unroll
+        for (int kt = 0; kt < kKT; ++kt) {
+          load_a<DT>(ka[kt], s_k, warp * kWarpKeys + kt * 16, kk, lane);
+          load_a<DT>(va[kt], s_v, warp * kWarpKeys + kt * 16, kk, lane);
+        }
 #pragma unroll
         for (int nb = 0; nb < kBlockM / 16; ++nb) {
-          uint32_t b[4];
+          uint32_t b[4];  // one Q (then dO) fragment load feeds every key tile of the warp
           load_b_rows<DT>(b, s_q, nb * 16, kk, lane);
-          mma_bf16(st[2 * nb], ka, b[0], b[1]);
-          mma_bf16(st[2 * nb + 1], ka, b[2], b[3]);
+#pragma unroll
+          for (int kt = 0; kt < kKT; ++kt) {
+            mma_bf16(st[kt][2 * nb], ka[kt], b[0], b[1]);
+            mma_bf16(st[kt][2 * nb + 1], ka[kt], b[2], b[3]);
+          }
           load_b_rows<DT>(b, s_do, nb * 16, kk, lane);
-          mma_bf16(dpt[2 * nb], va, b[0], b[1]);
-          mma_bf16(dpt[2 * nb + 1], va, b[2], b[3]);
+#pragma unroll
+          for (int kt = 0; kt < kKT; ++kt) {
+            mma_bf16(dpt[kt][2 * nb], va[kt], b[0], b[1]);
+            mma_bf16(dpt[kt][2 * nb + 1], va[kt], b[2], b[3]);
+          }
         }
       }
-      const bool need_mask =
-          mq0 + kBlockM > len_q || wkey0 + 16 > len_k || (a.causal && wkey0 + 15 > mq0 + diag);
+      const bool need_mask = mq0 + kBlockM > len_q || wkey0 + kWarpKeys > len_k ||
+                             (a.causal && wkey0 + kWarpKeys - 1 > mq0 + diag);
       // P^T = exp(scale S^T - LSE) and dS^T = P^T (dP^T - delta), in place.
 #pragma unroll
       for (int j = 0; j < kBlockM / 8; ++j) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int qi = j * 8 + 2 * t + (e & 1);  // query within the tile
-          float p = exp2f(fmaf(st[j][e], sl2, -s_lse[stage * kBlockM + qi]));
-          if (need_mask) {
-            const int key = wkey0 + g + 8 * (e >> 1), query = mq0 + qi;
-            if (query >= len_q || key >= len_k || (a.causal && key > query + diag)) p = 0.f;
+          const float lse2 = s_lse[stage * kBlockM + qi], dlt = s_delta[stage * kBlockM + qi];
+#pragma unroll
+          for (int kt = 0; kt < kKT; ++kt) {
+            float p = exp2f(fmaf(st[kt][j][e], sl2, -lse2));
+            if (need_mask) {
+              const int key = wkey0 + kt * 16 + g + 8 * (e >> 1), query = mq0 + qi;
+              if (query >= len_q || key >= len_k || (a.causal && key > query + diag)) p = 0.f;
+            }
+            st[kt][j][e] = p;
+            dpt[kt][j][e] = p * (dpt[kt][j][e] - dlt);
           }
-          st[j][e] = p;
-          dpt[j][e] = p * (dpt[j][e] - s_delta[stage * kBlockM + qi]);
         }
       }
       // dV += P^T dO and dK += dS^T Q (scale applied at the end); A fragments from the
-      // accumulators.
+      // accumulators, each dO / Q fragment shared by the warp's key tiles.
 #pragma unroll
       for (int kq = 0; kq < kBlockM / 16; ++kq) {
-        const uint32_t pa[4] = {pack_bf16(st[2 * kq][0], st[2 * kq][1]),
-                                pack_bf16(st[2 * kq][2], st[2 * kq][3]),
-                                pack_bf16(st[2 * kq + 1][0], st[2 * kq + 1][1]),
-                                pack_bf16(st[2 * kq + 1][2], st[2 * kq + 1][3])};
-        const uint32_t da[4] = {pack_bf16(dpt[2 * kq][0], dpt[2 * kq][1]),
-                                pack_bf16(dpt[2 * kq][2], dpt[2 * kq][3]),
-                                pack_bf16(dpt[2 * kq + 1][0], dpt[2 * kq + 1][1]),
-                                pack_bf16(dpt[2 * kq + 1][2], dpt[2 * kq + 1][3])};
+        uint32_t pa[kKT][4], da[kKT][4];
+#pragma unroll
+        for (int kt = 0; kt < kKT; ++kt) {
+          pa[kt][0] = pack_bf16(st[kt][2 * kq][0], st[kt][2 * kq][1]);
+          pa[kt][1] = pack_bf16(st[kt][2 * kq][2], st[kt][2 * kq][3]);
+          pa[kt][2] = pack_bf16(st[kt][2 * kq + 1][0], st[kt][2 * kq + 1][1]);
+          pa[kt][3] = pack_bf16(st[kt][2 * kq + 1][2], st[kt][2 * kq + 1][3]);
+          da[kt][0] = pack_bf16(dpt[kt][2 * kq][0], dpt[kt][2 * kq][1]);
+          da[kt][1] = pack_bf16(dpt[kt][2 * kq][2], dpt[kt][2 * kq][3]);
+          da[kt][2] = pack_bf16(dpt[kt][2 * kq + 1][0], dpt[kt][2 * kq + 1][1]);
+          da[kt][3] = pack_bf16(dpt[kt][2 * kq + 1][2], dpt[kt][2 * kq + 1][3]);
+        }
 #pragma unroll
         for (int nn = 0; nn < DT / 16; ++nn) {
           uint32_t b[4];
           load_b_cols<DT>(b, s_do, kq * 16, nn, lane);
-          mma_bf16(dv[2 * nn], pa, b[0], b[1]);
-          mma_bf16(dv[2 * nn + 1], pa, b[2], b[3]);
+#pragma unroll
+          for (int kt = 0; kt < kKT; ++kt) {
+            mma_bf16(dv[kt][2 * nn], pa[kt], b[0], b[1]);
+            mma_bf16(dv[kt][2 * nn + 1], pa[kt], b[2], b[3]);
+          }
           load_b_cols<DT>(b, s_q, kq * 16, nn, lane);
-          mma_bf16(dk[2 * nn], da, b[0], b[1]);
-          mma_bf16(dk[2 * nn + 1], da, b[2], b[3]);
+#pragma unroll
+          for (int kt = 0; kt < kKT; ++kt) {
+            mma_bf16(dk[kt][2 * nn], da[kt], b[0], b[1]);
+            mma_bf16(dk[kt][2 * nn + 1], da[kt], b[2], b[3]);
+          }
         }
       }
     }
@@ -231,12 +276,15 @@ __global__ void __launch_bounds__(128, bwd_min_blocks<D>()) bwd_dkdv_kernel(cons
       // dS^T (bf16, zeros for skipped warps) to shared memory, then dQ_tile += dS K: warp w takes
       // query rows [16 (w % kMBlocks), +16) and a kNPerWarp-wide slice of the head dim.
 #pragma unroll
-      for (int j = 0; j < kBlockM / 8; ++j) {
+      for (int kt = 0; kt < kKT; ++kt) {
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          const int row = warp * 16 + g + 8 * r;
-          *reinterpret_cast<uint32_t*>(s_ds + row * C::kDsStride + j * 8 + 2 * t) =
-              pack_bf16(dpt[j][2 * r], dpt[j][2 * r + 1]);
+        for (int j = 0; j < kBlockM / 8; ++j) {
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            const int row = warp * kWarpKeys + kt * 16 + g + 8 * r;
+            *reinterpret_cast<uint32_t*>(s_ds + row * C::kDsStride + j * 8 + 2 * t) =
+                pack_bf16(dpt[kt][j][2 * r], dpt[kt][j][2 * r + 1]);
+          }
         }
       }
       __syncthreads();
@@ -288,15 +336,19 @@ __global__ void __launch_bounds__(128, bwd_min_blocks<D>()) bwd_dkdv_kernel(cons
 
   if (!warp_active) return;
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int key = wkey0 + g + 8 * r;
-    if (key >= len_k) continue;
-    const int64_t off = (k_row0 + key) * a.row_stride + hd + 2 * t;
+  for (int kt = 0; kt < kKT; ++kt) {
 #pragma unroll
-    for (int i = 0; i < D / 8; ++i) {  // the zero padding columns (D < DT) are not stored
-      *reinterpret_cast<uint32_t*>(a.d_k + off + i * 8) =
-          pack_bf16(dk[i][2 * r] * a.scale, dk[i][2 * r + 1] * a.scale);
-      *reinterpret_cast<uint32_t*>(a.d_v + off + i * 8) = pack_bf16(dv[i][2 * r], dv[i][2 * r + 1]);
+    for (int r = 0; r < 2; ++r) {
+      const int key = wkey0 + kt * 16 + g + 8 * r;
+      if (key >= len_k) continue;
+      const int64_t off = (k_row0 + key) * a.row_stride + hd + 2 * t;
+#pragma unroll
+      for (int i = 0; i < D / 8; ++i) {  // the zero padding columns (D < DT) are not stored
+        *reinterpret_cast<uint32_t*>(a.d_k + off + i * 8) =
+            pack_bf16(dk[kt][i][2 * r] * a.scale, dk[kt][i][2 * r + 1] * a.scale);
+        *reinterpret_cast<uint32_t*>(a.d_v + off + i * 8) =
+            pack_bf16(dv[kt][i][2 * r], dv[kt][i][2 * r + 1]);
+      }
     }
   }
 }
@@ -467,12 +519,12 @@ __global__ void dq_convert_kernel(const float* acc, __nv_bfloat16* dq, int64_t n
   }
 }
 
-template <int D, int kBlockM, bool kAtomicDq>
+template <int D, class T, bool kAtomicDq>
 void launch_dkdv(const AttnArgs& a, int max_seqlen_kv, int heads, int batch, cudaStream_t st) {
-  using C = DkdvConfig<tile_dim<D>(), kBlockM, kAtomicDq>;
+  using C = DkdvConfig<tile_dim<D>(), T, kAtomicDq>;
   const dim3 grid((max_seqlen_kv + C::kBlockN - 1) / C::kBlockN, heads, batch);
   if (grid.x == 0) return;
-  auto kernel = bwd_dkdv_kernel<D, kBlockM, kAtomicDq>;
+  auto kernel = bwd_dkdv_kernel<D, T, kAtomicDq>;
   CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmem));
   kernel<<<grid, C::kThreads, C::kSmem, st>>>(a);
   HELIX_LAUNCH_CHECK();
@@ -489,16 +541,25 @@ void launch_dq(const AttnArgs& a, int max_seqlen_q, int heads, int batch, cudaSt
   HELIX_LAUNCH_CHECK();
 }
 
-template <int D, int kBlockM>
+template <int D, class T>
 void launch_bwd(const AttnArgs& a, const ThdAttentionLayout& b, int heads, bool atomic_dq,
                 cudaStream_t st) {
   const int batch = b.cu_seqlens_q.batch();
   if (atomic_dq) {
-    launch_dkdv<D, kBlockM, true>(a, b.max_seqlen_kv, heads, batch, st);
+    launch_dkdv<D, T, true>(a, b.max_seqlen_kv, heads, batch, st);
   } else {
-    launch_dkdv<D, kBlockM, false>(a, b.max_seqlen_kv, heads, batch, st);
+    launch_dkdv<D, T, false>(a, b.max_seqlen_kv, heads, batch, st);
     launch_dq<D>(a, b.max_seqlen_q, heads, batch, st);
   }
+}
+
+// kDefault: 128-key CTAs when the longest key sequence is longer than 2048, 64-key CTAs below.
+// Measured on the H100 (docs/perf/attention.md, v4): 128-key CTAs gain 1-4% fwd+bwd on 4k/16k
+// sequences and lose 4-6% on protein lengths (median 300), where a 128-key tile wastes more keys
+// at sequence ends.
+bool use_keys128(AttentionBwdTiling tiling, int max_seqlen_kv) {
+  if (tiling == AttentionBwdTiling::kDefault) return max_seqlen_kv > 2048;
+  return tiling == AttentionBwdTiling::kKeys128;
 }
 
 }  // namespace
@@ -550,24 +611,52 @@ void thd_attention_bwd_cuda(const ThdAttentionBwdParams& p, const Stream& stream
     HELIX_LAUNCH_CHECK();
   }
   if (p.layout.cu_seqlens_q.batch() > 0 && (tq > 0 || tk > 0)) {
-    // Query tiles of 64 rows at D <= 64 (at D = 16 the atomic-dQ split needs 64: every warp then
-    // owns 16 query rows and all D / 8 columns), 32 at D = 128 (registers).
-    switch (dim) {
-      case 16:
-        launch_bwd<16, 64>(a, p.layout, heads, atomic_dq, st);
-        break;
-      case 24:
-        launch_bwd<24, 64>(a, p.layout, heads, atomic_dq, st);
-        break;
-      case 32:
-        launch_bwd<32, 64>(a, p.layout, heads, atomic_dq, st);
-        break;
-      case 64:
-        launch_bwd<64, 64>(a, p.layout, heads, atomic_dq, st);
-        break;
-      default:
-        launch_bwd<128, 32>(a, p.layout, heads, atomic_dq, st);
-        break;
+    // 64-key CTAs (4 warps of 16 keys): query tiles of 64 rows at D <= 64 (at D = 16 the
+    // atomic-dQ split needs 64: every warp then owns 16 query rows and all D / 8 columns), 32 at
+    // D = 128 (registers). 128-key CTAs: 4 warps of 32 keys at D <= 64 (query tiles of 32 rows,
+    // 64 at D = 16 where a 32-row tile is fewer 16-byte chunks than threads), 8 warps of 16 keys
+    // at D = 128 (32 keys a warp would exceed the register file). See docs/perf/attention.md.
+    if (use_keys128(p.tiling, p.layout.max_seqlen_kv)) {
+      switch (dim) {
+        case 16:
+          launch_bwd<16, DkdvTiling<64, 4, 2, 3>>(a, p.layout, heads, atomic_dq, st);
+          break;
+        case 24:
+          launch_bwd<24, DkdvTiling<32, 4, 2, 3>>(a, p.layout, heads, atomic_dq, st);
+          break;
+        case 32:
+          launch_bwd<32, DkdvTiling<32, 4, 2, 3>>(a, p.layout, heads, atomic_dq, st);
+          break;
+        case 64:
+          launch_bwd<64, DkdvTiling<32, 4, 2, 2>>(a, p.layout, heads, atomic_dq, st);
+          break;
+        default:
+          launch_bwd<128, DkdvTiling<32, 8, 1, 1>>(a, p.layout, heads, atomic_dq, st);
+          break;
+      }
+    } else {
+      switch (dim) {
+        case 16:
+          launch_bwd<16, DkdvTiling<64, 4, 1, bwd_min_blocks<16>()>>(a, p.layout, heads, atomic_dq,
+                                                                    st);
+          break;
+        case 24:
+          launch_bwd<24, DkdvTiling<64, 4, 1, bwd_min_blocks<24>()>>(a, p.layout, heads, atomic_dq,
+                                                                    st);
+          break;
+        case 32:
+          launch_bwd<32, DkdvTiling<64, 4, 1, bwd_min_blocks<32>()>>(a, p.layout, heads, atomic_dq,
+                                                                    st);
+          break;
+        case 64:
+          launch_bwd<64, DkdvTiling<64, 4, 1, bwd_min_blocks<64>()>>(a, p.layout, heads, atomic_dq,
+                                                                    st);
+          break;
+        default:
+          launch_bwd<128, DkdvTiling<32, 4, 1, bwd_min_blocks<128>()>>(a, p.layout, heads,
+                                                                      atomic_dq, st);
+          break;
+      }
     }
   }
   if (atomic_dq && tq > 0) {

@@ -6,6 +6,10 @@
 // FLOPs: 4 * H * D * sum(s^2) forward, 2.5x that backward (fwd+bwd = 3.5x), halved for causal.
 //   helix_bench_attention [--lengths-out FILE] [--iters N] [--warmup N] [--causal]
 //                         [--deterministic] [--cases protein,long4k,long16k] [--dims 64,128]
+//                         [--bwd-tiling default|keys64|keys128[,...]]
+//                         [--fwd-tiling default|rows16|rows32[,...]]
+// With several tilings every combination is timed on the same data, one JSON line each (the
+// forward tiling matters at D = 128 only: other head dims run the first one listed).
 #include "kernels/attention/attention.h"
 
 #include <algorithm>
@@ -31,6 +35,17 @@
 
 namespace helix {
 namespace {
+
+// What every case runs with (from the command line).
+struct BenchOptions {
+  AttentionMask mask = AttentionMask::kBidirectional;
+  AttentionBwdMode mode = AttentionBwdMode::kAtomic;
+  std::vector<std::pair<std::string, AttentionBwdTiling>> bwd_tilings = {
+      {"default", AttentionBwdTiling::kDefault}};
+  std::vector<std::pair<std::string, AttentionFwdTiling>> fwd_tilings = {
+      {"default", AttentionFwdTiling::kDefault}};  // D = 128 only
+  int warmup = 3, iters = 10;
+};
 
 struct Case {
   std::string name;
@@ -105,8 +120,34 @@ double time_ms(const std::function<void()>& f, const Stream& s, int warmup, int 
   return median(ms);
 }
 
-void run_case(const Case& c, int dim, AttentionMask mask, AttentionBwdMode mode, int warmup,
-              int iters, const std::string& device_name) {
+// One timed configuration of one case.
+struct Result {
+  const Case* c = nullptr;
+  int dim = 0, heads = 0, max_seqlen = 0;
+  int64_t tokens = 0;
+  std::string bwd_tiling, fwd_tiling;
+  double fwd_ms = 0, fwdbwd_ms = 0, flops = 0;  // flops: forward FLOPs
+};
+
+void print_result(const Result& r, const BenchOptions& opt, const std::string& device_name) {
+  std::printf(
+      "{\"impl\": \"helix\", \"case\": \"%s\", \"mask\": \"%s\", \"head_dim\": %d, \"heads\": %d, "
+      "\"seqs\": %zu, \"tokens\": %lld, \"max_seqlen\": %d, \"bwd_mode\": \"%s\", "
+      "\"bwd_tiling\": \"%s\", \"fwd_tiling\": \"%s\", "
+      "\"fwd_ms\": %.4f, \"fwd_tflops\": %.2f, \"fwdbwd_ms\": %.4f, \"fwdbwd_tflops\": %.2f, "
+      "\"device\": \"%s\"}\n",
+      r.c->name.c_str(), opt.mask == AttentionMask::kCausal ? "causal" : "bidirectional", r.dim,
+      r.heads, r.c->lengths.size(), static_cast<long long>(r.tokens), r.max_seqlen,
+      opt.mode == AttentionBwdMode::kAtomic ? "atomic" : "deterministic", r.bwd_tiling.c_str(),
+      r.fwd_tiling.c_str(), r.fwd_ms, r.flops / r.fwd_ms * 1e-9, r.fwdbwd_ms,
+      3.5 * r.flops / r.fwdbwd_ms * 1e-9, device_name.c_str());
+  std::fflush(stdout);
+}
+
+void run_case(const Case& c, int dim, const BenchOptions& opt, const std::string& device_name) {
+  const AttentionMask mask = opt.mask;
+  const AttentionBwdMode mode = opt.mode;
+  const int warmup = opt.warmup, iters = opt.iters;
   const Device dev = Device::cuda();
   const Stream s = Stream::create(dev);
   const int heads = heads_for(dim);
@@ -146,32 +187,40 @@ void run_case(const Case& c, int dim, AttentionMask mask, AttentionBwdMode mode,
   b.d_k = Tensor::empty({tokens, heads, dim}, DType::kBF16, dev, s);
   b.d_v = Tensor::empty({tokens, heads, dim}, DType::kBF16, dev, s);
 
-  const double fwd_ms = time_ms([&] { thd_attention_fwd(f, s); }, s, warmup, iters);
-  const double fwdbwd_ms = time_ms(
-      [&] {
-        thd_attention_fwd(f, s);
-        thd_attention_bwd(b, s);
-      },
-      s, warmup, iters);
   const double flops = thd_attention_fwd_flops(layout, heads, dim, mask);
-  std::printf(
-      "{\"impl\": \"helix\", \"case\": \"%s\", \"mask\": \"%s\", \"head_dim\": %d, \"heads\": %d, "
-      "\"seqs\": %zu, \"tokens\": %lld, \"max_seqlen\": %d, \"bwd_mode\": \"%s\", "
-      "\"fwd_ms\": %.4f, \"fwd_tflops\": %.2f, \"fwdbwd_ms\": %.4f, \"fwdbwd_tflops\": %.2f, "
-      "\"device\": \"%s\"}\n",
-      c.name.c_str(), mask == AttentionMask::kCausal ? "causal" : "bidirectional", dim, heads,
-      c.lengths.size(), static_cast<long long>(tokens), layout.max_seqlen_q,
-      mode == AttentionBwdMode::kAtomic ? "atomic" : "deterministic", fwd_ms, flops / fwd_ms * 1e-9,
-      fwdbwd_ms, 3.5 * flops / fwdbwd_ms * 1e-9, device_name.c_str());
-  std::fflush(stdout);
+  for (const auto& [bwd_name, bwd_tiling] : opt.bwd_tilings) {
+    for (size_t fi = 0; fi < opt.fwd_tilings.size() && (fi == 0 || dim == 128); ++fi) {
+      const auto& [fwd_name, fwd_tiling] = opt.fwd_tilings[fi];
+      f.tiling = fwd_tiling;
+      b.tiling = bwd_tiling;
+      Result r;
+      r.c = &c;
+      r.dim = dim;
+      r.heads = heads;
+      r.max_seqlen = layout.max_seqlen_q;
+      r.tokens = tokens;
+      r.bwd_tiling = bwd_name;
+      r.fwd_tiling = fwd_name;
+      r.flops = flops;
+      r.fwd_ms = time_ms([&] { thd_attention_fwd(f, s); }, s, warmup, iters);
+      r.fwdbwd_ms = time_ms(
+          [&] {
+            thd_attention_fwd(f, s);
+            thd_attention_bwd(b, s);
+          },
+          s, warmup, iters);
+      print_result(r, opt, device_name);
+    }
+  }
 }
+
 #endif
 
 int bench_main(int argc, char** argv) {
   std::string lengths_out, case_list = "protein,long4k,long16k", dim_list = "64,128";
-  int iters = 10, warmup = 3;
-  AttentionMask mask = AttentionMask::kBidirectional;
-  AttentionBwdMode mode = AttentionBwdMode::kAtomic;
+  BenchOptions opt;
+  int& iters = opt.iters;
+  int& warmup = opt.warmup;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     auto next = [&]() -> std::string {
@@ -189,11 +238,34 @@ int bench_main(int argc, char** argv) {
     else if (a == "--dims")
       dim_list = next();
     else if (a == "--causal")
-      mask = AttentionMask::kCausal;
+      opt.mask = AttentionMask::kCausal;
     else if (a == "--deterministic")
-      mode = AttentionBwdMode::kDeterministic;
-    else
+      opt.mode = AttentionBwdMode::kDeterministic;
+    else if (a == "--bwd-tiling") {
+      opt.bwd_tilings.clear();
+      for (const std::string& name : split(next())) {
+        const AttentionBwdTiling t = name == "keys64"    ? AttentionBwdTiling::kKeys64
+                                     : name == "keys128" ? AttentionBwdTiling::kKeys128
+                                                         : AttentionBwdTiling::kDefault;
+        HELIX_CHECK(name == "default" || t != AttentionBwdTiling::kDefault,
+                    "--bwd-tiling: expected default, keys64 or keys128, got {}", name);
+        opt.bwd_tilings.emplace_back(name, t);
+      }
+      HELIX_CHECK(!opt.bwd_tilings.empty(), "--bwd-tiling: expected at least one tiling");
+    } else if (a == "--fwd-tiling") {
+      opt.fwd_tilings.clear();
+      for (const std::string& name : split(next())) {
+        const AttentionFwdTiling t = name == "rows16"   ? AttentionFwdTiling::kRows16
+                                     : name == "rows32" ? AttentionFwdTiling::kRows32
+                                                        : AttentionFwdTiling::kDefault;
+        HELIX_CHECK(name == "default" || t != AttentionFwdTiling::kDefault,
+                    "--fwd-tiling: expected default, rows16 or rows32, got {}", name);
+        opt.fwd_tilings.emplace_back(name, t);
+      }
+      HELIX_CHECK(!opt.fwd_tilings.empty(), "--fwd-tiling: expected at least one tiling");
+    } else {
       HELIX_FAIL("unknown argument {} (see the header of tests/bench/attention.cpp)", a);
+    }
   }
   HELIX_CHECK(iters >= 1 && warmup >= 0, "--iters: expected >= 1, got {}", iters);
   const std::vector<Case> cases = all_cases();
@@ -213,7 +285,7 @@ int bench_main(int argc, char** argv) {
     for (const std::string& d : split(dim_list)) {
       const int dim = std::atoi(d.c_str());
       HELIX_CHECK(dim == 64 || dim == 128, "--dims: expected 64 or 128, got {}", d);
-      run_case(*it, dim, mask, mode, warmup, iters, prop.name);
+      run_case(*it, dim, opt, prop.name);
     }
   }
 #endif

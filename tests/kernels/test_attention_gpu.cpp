@@ -3,9 +3,10 @@
 // is at most twice the error of a naive bf16 attention against the same reference; lengths 1, 7,
 // 63, 64, 65, 127, 1023, 1026, 4097 and many sequences per batch, padding between sequences,
 // cu_seqlens_q != cu_seqlens_kv, both masks, head dims 64 and 128 (ESM-2 650M, 15B) and 16, 24, 32
-// (8M, 35M, 150M; 24 runs in zero-padded tiles of 32), both backward modes. Outputs are
-// poisoned with NaN before every run and the inputs' gap rows hold NaN, so unwritten outputs and
-// reads outside the sequences both show.
+// (8M, 35M, 150M; 24 runs in zero-padded tiles of 32), both D = 128 forward tilings (16 and 32
+// query rows a warp), both backward modes with both dK/dV tilings (64-key and 128-key CTAs).
+// Outputs are poisoned with NaN before every run and the inputs' gap rows hold NaN, so unwritten
+// outputs and reads outside the sequences both show.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -29,25 +30,31 @@ struct Outputs {
   Tensor o, lse, dq, dk, dv;
 };
 
-Outputs run_fwd(const Problem& p, const Stream& s) {
+Outputs run_fwd(const Problem& p, const Stream& s,
+                AttentionFwdTiling tiling = AttentionFwdTiling::kDefault) {
   Outputs r;
   r.o = Tensor::empty(p.q.shape(), DType::kBF16, p.q.device(), s);
   r.lse = Tensor::empty({p.heads, p.tq}, DType::kF32, p.q.device(), s);
   r.o.fill(kNaN, s);
   r.lse.fill(kNaN, s);
-  thd_attention_fwd(attn_test::fwd_params(p, r.o, r.lse), s);
+  ThdAttentionFwdParams f = attn_test::fwd_params(p, r.o, r.lse);
+  f.tiling = tiling;
+  thd_attention_fwd(f, s);
   s.synchronize();  // host reads go through the legacy stream, which does not wait for `s`
   return r;
 }
 
-void run_bwd(const Problem& p, Outputs& r, AttentionBwdMode mode, const Stream& s) {
+void run_bwd(const Problem& p, Outputs& r, AttentionBwdMode mode, AttentionBwdTiling tiling,
+             const Stream& s) {
   r.dq = Tensor::empty(p.q.shape(), DType::kBF16, p.q.device(), s);
   r.dk = Tensor::empty(p.k.shape(), DType::kBF16, p.q.device(), s);
   r.dv = Tensor::empty(p.k.shape(), DType::kBF16, p.q.device(), s);
   r.dq.fill(kNaN, s);
   r.dk.fill(kNaN, s);
   r.dv.fill(kNaN, s);
-  thd_attention_bwd(attn_test::bwd_params(p, r.o, r.lse, mode, r.dq, r.dk, r.dv), s);
+  ThdAttentionBwdParams b = attn_test::bwd_params(p, r.o, r.lse, mode, r.dq, r.dk, r.dv);
+  b.tiling = tiling;
+  thd_attention_bwd(b, s);
   s.synchronize();
 }
 
@@ -117,36 +124,57 @@ void check_flash_rule(const std::vector<int32_t>& lq, const std::vector<int32_t>
   }
   EXPECT_TRUE(
       testing::all_close(out.o.to(Device::cpu()), cpu_o, testing::tolerance_for(DType::kBF16)));
-
-  for (AttentionBwdMode mode : {AttentionBwdMode::kAtomic, AttentionBwdMode::kDeterministic}) {
-    SCOPED_TRACE(mode == AttentionBwdMode::kAtomic ? "atomic dQ" : "deterministic");
-    run_bwd(p, out, mode, s);
-    struct G {
-      const char* name;
-      const Tensor& got;
-      const std::vector<double>& exact;
-      const std::vector<double>& naive;
-      const std::vector<char>& valid;
-    };
-    for (const G& g : {G{"dQ", out.dq, exact.dq, naive.dq, p.q_valid},
-                       G{"dK", out.dk, exact.dk, naive.dk, p.kv_valid},
-                       G{"dV", out.dv, exact.dv, naive.dv, p.kv_valid}}) {
-      const std::vector<float> got = g.got.to_floats();
-      const double err = attn_test::max_err(got, g.exact, g.valid, row);
-      const double err_naive = attn_test::max_err(g.naive, g.exact, g.valid, row);
-      EXPECT_LE(err, 2 * err_naive + 1e-5)
-          << g.name << ": kernel error " << err << ", naive bf16 " << err_naive;
-      EXPECT_TRUE(attn_test::gap_rows_zero(got, g.valid, row)) << g.name << ": gap rows not zero";
+  // The D = 128 forward with 32 query rows a warp (Q re-read from shared memory): same checks.
+  if (device.is_cuda() && dim == 128) {
+    SCOPED_TRACE("forward with 32 query rows a warp");
+    const Outputs w = run_fwd(p, s, AttentionFwdTiling::kRows32);
+    const std::vector<float> o32 = w.o.to_floats(), lse32 = w.lse.to_floats();
+    const double err = attn_test::max_err(o32, exact.o, p.q_valid, row);
+    EXPECT_LE(err, 2 * naive_o + 1e-5) << "O: kernel error " << err << ", naive bf16 " << naive_o;
+    EXPECT_TRUE(attn_test::gap_rows_zero(o32, p.q_valid, row)) << "O: gap rows not zero";
+    for (size_t i = 0; i < lse32.size(); ++i) {
+      if (std::isinf(exact.lse[i]))
+        ASSERT_TRUE(std::isinf(lse32[i]) && lse32[i] < 0) << "lse entry " << i << ": " << lse32[i];
+      else
+        ASSERT_NEAR(lse32[i], exact.lse[i], 1e-3) << "lse entry " << i;
     }
-    // dK and dV are owned by one CTA per key tile in both modes; the deterministic mode makes dQ
-    // reproducible too.
-    Outputs again = out;
-    run_bwd(p, again, mode, s);
-    EXPECT_TRUE(bitwise_equal(out.dk, again.dk)) << "dK differs between two runs";
-    EXPECT_TRUE(bitwise_equal(out.dv, again.dv)) << "dV differs between two runs";
-    if (mode == AttentionBwdMode::kDeterministic)
-      EXPECT_TRUE(bitwise_equal(out.dq, again.dq)) << "dQ differs between two deterministic runs";
   }
+
+  // Every backward mode with every dK/dV tiling of the GPU (64-key and 128-key CTAs; the CPU
+  // reference has no tiling).
+  std::vector<AttentionBwdTiling> tilings = {AttentionBwdTiling::kKeys64};
+  if (device.is_cuda()) tilings.push_back(AttentionBwdTiling::kKeys128);
+  for (AttentionBwdMode mode : {AttentionBwdMode::kAtomic, AttentionBwdMode::kDeterministic})
+    for (AttentionBwdTiling tiling : tilings) {
+      SCOPED_TRACE(mode == AttentionBwdMode::kAtomic ? "atomic dQ" : "deterministic");
+      SCOPED_TRACE(tiling == AttentionBwdTiling::kKeys64 ? "64-key tiles" : "128-key tiles");
+      run_bwd(p, out, mode, tiling, s);
+      struct G {
+        const char* name;
+        const Tensor& got;
+        const std::vector<double>& exact;
+        const std::vector<double>& naive;
+        const std::vector<char>& valid;
+      };
+      for (const G& g : {G{"dQ", out.dq, exact.dq, naive.dq, p.q_valid},
+                         G{"dK", out.dk, exact.dk, naive.dk, p.kv_valid},
+                         G{"dV", out.dv, exact.dv, naive.dv, p.kv_valid}}) {
+        const std::vector<float> got = g.got.to_floats();
+        const double err = attn_test::max_err(got, g.exact, g.valid, row);
+        const double err_naive = attn_test::max_err(g.naive, g.exact, g.valid, row);
+        EXPECT_LE(err, 2 * err_naive + 1e-5)
+            << g.name << ": kernel error " << err << ", naive bf16 " << err_naive;
+        EXPECT_TRUE(attn_test::gap_rows_zero(got, g.valid, row)) << g.name << ": gap rows not zero";
+      }
+      // dK and dV are owned by one CTA per key tile in both modes; the deterministic mode makes dQ
+      // reproducible too.
+      Outputs again = out;
+      run_bwd(p, again, mode, tiling, s);
+      EXPECT_TRUE(bitwise_equal(out.dk, again.dk)) << "dK differs between two runs";
+      EXPECT_TRUE(bitwise_equal(out.dv, again.dv)) << "dV differs between two runs";
+      if (mode == AttentionBwdMode::kDeterministic)
+        EXPECT_TRUE(bitwise_equal(out.dq, again.dq)) << "dQ differs between two deterministic runs";
+    }
 }
 
 const std::vector<int32_t> kIssueLengths = {1, 7, 63, 64, 65, 127, 1023, 1026};

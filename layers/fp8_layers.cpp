@@ -1,0 +1,223 @@
+#include "layers/fp8_layers.h"
+
+#include "kernels/axpy/axpy.h"
+#include "kernels/cast/cast.h"
+#include "kernels/gelu/gelu.h"
+#include "kernels/gemm/gemm.h"
+#include "layers/layernorm_linear.h"
+#include "layers/layernorm_mlp.h"
+#include "layers/linear.h"
+
+namespace helix {
+namespace {
+
+constexpr int64_t kZeroCols = 16;  // width of the zero operand that carries a bias through a GEMM
+
+// x [M, N] -> fp8 x [M, N] and x^T [N, M] with the operand's scale; the amax is recorded.
+std::pair<Tensor, Tensor> cast_both(const Fp8ScalingManager& m, int slot, DType dt, const Tensor& x,
+                                    const Stream& stream) {
+  Tensor out = Tensor::empty(x.shape(), dt, x.device(), stream);
+  Tensor out_t = Tensor::empty({x.dim(1), x.dim(0)}, dt, x.device(), stream);
+  cast_transpose_fp8(
+      CastTransposeFp8Params{.in = x, .out = out, .out_t = out_t, .scale = m.scale(slot), .amax = m.amax(slot)},
+      stream);
+  return {out, out_t};
+}
+
+void check_tokens(const Tensor& x, const char* what) {
+  HELIX_CHECK(x.ndim() == 2 && x.dim(0) % kFp8TokenMultiple == 0,
+              "fp8: expected {} [T, C] with T a multiple of {} (FP8 GEMMs), got {}", what, kFp8TokenMultiple, x.str());
+}
+
+}  // namespace
+
+Fp8LinearSlots Fp8LinearSlots::of(Fp8ScalingManager* manager, int layer, Fp8Gemm gemm) {
+  Fp8LinearSlots s;
+  s.manager = manager;
+  s.input = manager->slot(layer, gemm, Fp8Operand::kInput);
+  s.weight = manager->slot(layer, gemm, Fp8Operand::kWeight);
+  s.grad_output = manager->slot(layer, gemm, Fp8Operand::kGradOutput);
+  return s;
+}
+
+Tensor fp8_linear_fwd(const Fp8LinearSlots& s, const Tensor& x, const Tensor& w, const Tensor& b, const Tensor& y,
+                      bool accumulate, const Stream& stream) {
+  Fp8ScalingManager& m = *s.manager;
+  check_tokens(x, "the input");
+  auto [x8, x_t] = cast_both(m, s.input, m.dtype(Fp8Operand::kInput), x, stream);
+  const Fp8Weight& w8 = m.weight(s.weight, w, stream);
+  GemmParams g;
+  g.a = x8;
+  g.b = w8.w;
+  g.op_b = GemmOp::kTranspose;
+  g.c = y;
+  g.beta = accumulate ? 1.0f : 0.0f;
+  g.a_scale_inv = m.scale_inv(s.input);
+  g.b_scale_inv = m.scale_inv(s.weight);
+  // cuBLASLt's FP8 bias epilogue takes bf16 only: an f32 bias (f32 runs) is added by a zero GEMM.
+  const bool epilogue_bias = b.defined() && b.dtype() == DType::kBF16;
+  if (epilogue_bias) {
+    g.epilogue = GemmEpilogue::kBias;
+    g.bias = b;
+  }
+  gemm(g, stream);
+  if (b.defined() && !epilogue_bias) {
+    const Tensor zx = Tensor::zeros({x.dim(0), kZeroCols}, y.dtype(), y.device(), stream);
+    const Tensor zw = Tensor::zeros({y.dim(1), kZeroCols}, b.dtype(), y.device(), stream);
+    linear_fwd(zx, zw, b, y, /*accumulate=*/true, stream);
+  }
+  return x_t;
+}
+
+void fp8_linear_bwd(const Fp8LinearSlots& s, const Tensor& dy, const Tensor& x_t, const Tensor& w, const Tensor& dx,
+                    const Tensor& dw, const Tensor& db, const Stream& stream) {
+  if (!dy.defined() || (!dx.defined() && !dw.defined() && !db.defined())) return;
+  Fp8ScalingManager& m = *s.manager;
+  check_tokens(dy, "the output gradient");
+  auto [dy8, dy_t] = cast_both(m, s.grad_output, m.dtype(Fp8Operand::kGradOutput), dy, stream);
+  if (dx.defined()) {  // dx += dy W = dy8 (W^T)^T
+    const Fp8Weight& w8 = m.weight(s.weight, w, stream);
+    GemmParams g;
+    g.a = dy8;
+    g.b = w8.w_t;
+    g.op_b = GemmOp::kTranspose;
+    g.c = dx;
+    g.beta = 1.0f;
+    g.a_scale_inv = m.scale_inv(s.grad_output);
+    g.b_scale_inv = m.scale_inv(s.weight);
+    gemm(g, stream);
+  }
+  if (dw.defined()) {  // dW += dy^T x = (dy^T) (x^T)^T
+    GemmParams g;
+    g.a = dy_t;
+    g.b = x_t;
+    g.op_b = GemmOp::kTranspose;
+    g.c = dw;
+    g.beta = 1.0f;
+    g.a_scale_inv = m.scale_inv(s.grad_output);
+    g.b_scale_inv = m.scale_inv(s.input);
+    gemm(g, stream);
+  }
+  if (db.defined()) {  // db += sum_T dy in the compute dtype (not fp8): bias-gradient epilogue on a zero operand
+    const Tensor zx = Tensor::zeros({dy.dim(0), kZeroCols}, dy.dtype(), dy.device(), stream);
+    const Tensor scratch = Tensor::zeros({dy.dim(1), kZeroCols}, DType::kF32, dy.device(), stream);
+    linear_bwd(dy, zx, Tensor(), Tensor(), scratch, db, stream);
+  }
+}
+
+std::vector<Tensor> Fp8LayerNormLinearNode::forward(const std::vector<Tensor>& in, const Stream& stream) {
+  const Tensor &x = in[0], &gamma = in[1], &beta = in[2], &w = in[3], &b = in[4];
+  LayerNormOut ln = layernorm_forward(x, gamma, beta, eps_, stream);
+  Tensor y = Tensor::empty({x.dim(0), w.dim(0)}, x.dtype(), x.device(), stream);
+  const Tensor ln_t = fp8_linear_fwd(slots_, ln.y, w, b, y, false, stream);
+  x_ = save(x);
+  gamma_ = save(gamma);
+  mean_ = save(ln.mean);
+  rstd_ = save(ln.rstd);
+  ln_t_ = save(ln_t);
+  w_ = save(w);
+  return {y};
+}
+
+void Fp8LayerNormLinearNode::backward(const std::vector<Tensor>& gout, std::vector<Tensor>& gin,
+                                      const Stream& stream) {
+  const Tensor& x = saved(x_);
+  const bool need_ln_grad = gin[0].defined() || gin[1].defined() || gin[2].defined();
+  Tensor d_ln = need_ln_grad ? Tensor::zeros(x.shape(), x.dtype(), x.device(), stream) : Tensor();
+  fp8_linear_bwd(slots_, gout[0], saved(ln_t_), saved(w_), d_ln, gin[3], gin[4], stream);
+  if (need_ln_grad)
+    layernorm_backward(x, saved(gamma_), saved(mean_), saved(rstd_), d_ln, gin[0], gin[1], gin[2], stream);
+}
+
+std::vector<Tensor> Fp8LinearResidualNode::forward(const std::vector<Tensor>& in, const Stream& stream) {
+  const Tensor &a = in[0], &w = in[1], &b = in[2], &residual = in[3];
+  Tensor y = residual.clone(stream);
+  a_t_ = save(fp8_linear_fwd(slots_, a, w, b, y, /*accumulate=*/true, stream));
+  w_ = save(w);
+  return {y};
+}
+
+void Fp8LinearResidualNode::backward(const std::vector<Tensor>& gout, std::vector<Tensor>& gin,
+                                     const Stream& stream) {
+  const Tensor& dy = gout[0];
+  if (gin[3].defined()) axpy(1.0f, dy, gin[3], stream);
+  fp8_linear_bwd(slots_, dy, saved(a_t_), saved(w_), gin[0], gin[1], gin[2], stream);
+}
+
+std::vector<Tensor> Fp8LayerNormMlpNode::forward(const std::vector<Tensor>& in, const Stream& stream) {
+  const Tensor &x = in[0], &gamma = in[1], &beta = in[2], &w1 = in[3], &b1 = in[4], &w2 = in[5], &b2 = in[6];
+  LayerNormOut ln = layernorm_forward(x, gamma, beta, eps_, stream);
+  const int64_t t = x.dim(0), f = w1.dim(0);
+  Tensor pre = Tensor::empty({t, f}, x.dtype(), x.device(), stream);
+  const Tensor ln_t = fp8_linear_fwd(fc1_, ln.y, w1, b1, pre, false, stream);
+  Tensor h = Tensor::empty({t, f}, x.dtype(), x.device(), stream);
+  GeluFwdParams gp;
+  gp.x = pre;
+  gp.y = h;
+  gelu_fwd(gp, stream);
+  Tensor y = x.clone(stream);
+  const Tensor h_t = fp8_linear_fwd(fc2_, h, w2, b2, y, /*accumulate=*/true, stream);
+  x_ = save(x);
+  gamma_ = save(gamma);
+  mean_ = save(ln.mean);
+  rstd_ = save(ln.rstd);
+  ln_t_ = save(ln_t);
+  w1_ = save(w1);
+  pre_ = save(pre);
+  h_t_ = save(h_t);
+  w2_ = save(w2);
+  return {y};
+}
+
+void Fp8LayerNormMlpNode::backward(const std::vector<Tensor>& gout, std::vector<Tensor>& gin, const Stream& stream) {
+  const Tensor& dy = gout[0];
+  if (gin[0].defined()) axpy(1.0f, dy, gin[0], stream);  // residual path
+  const Tensor& pre = saved(pre_);
+  Tensor dh = Tensor::zeros(pre.shape(), pre.dtype(), pre.device(), stream);
+  fp8_linear_bwd(fc2_, dy, saved(h_t_), saved(w2_), dh, gin[5], gin[6], stream);
+  Tensor d_pre = Tensor::zeros(pre.shape(), pre.dtype(), pre.device(), stream);
+  gelu_bwd(GeluBwdParams{.x = pre, .dy = dh, .dx = d_pre}, stream);
+  const Tensor& x = saved(x_);
+  const bool need_ln = gin[0].defined() || gin[1].defined() || gin[2].defined();
+  Tensor d_ln = need_ln ? Tensor::zeros(x.shape(), x.dtype(), x.device(), stream) : Tensor();
+  fp8_linear_bwd(fc1_, d_pre, saved(ln_t_), saved(w1_), d_ln, gin[3], gin[4], stream);
+  if (need_ln)
+    layernorm_backward(x, saved(gamma_), saved(mean_), saved(rstd_), d_ln, gin[0], gin[1], gin[2], stream);
+}
+
+std::vector<Tensor> Fp8LinearNode::forward(const std::vector<Tensor>& in, const Stream& stream) {
+  HELIX_CHECK(in.size() == 2 || in.size() == 3, "fp8_linear: expected 2 or 3 inputs, got {}", in.size());
+  const Tensor &x = in[0], &w = in[1];
+  Tensor y = Tensor::empty({x.dim(0), w.dim(0)}, x.dtype(), x.device(), stream);
+  x_t_ = save(fp8_linear_fwd(slots_, x, w, in.size() == 3 ? in[2] : Tensor(), y, false, stream));
+  w_ = save(w);
+  return {y};
+}
+
+void Fp8LinearNode::backward(const std::vector<Tensor>& gout, std::vector<Tensor>& gin, const Stream& stream) {
+  fp8_linear_bwd(slots_, gout[0], saved(x_t_), saved(w_), gin[0], gin[1], gin.size() == 3 ? gin[2] : Tensor(),
+                 stream);
+}
+
+std::shared_ptr<Node> make_layernorm_linear_node(float eps, Fp8ScalingManager* fp8, int layer) {
+  if (fp8 == nullptr) return std::make_shared<LayerNormLinearNode>(eps);
+  return std::make_shared<Fp8LayerNormLinearNode>(eps, Fp8LinearSlots::of(fp8, layer, Fp8Gemm::kQkv));
+}
+
+std::shared_ptr<Node> make_linear_residual_node(Fp8ScalingManager* fp8, int layer) {
+  if (fp8 == nullptr) return std::make_shared<LinearResidualNode>();
+  return std::make_shared<Fp8LinearResidualNode>(Fp8LinearSlots::of(fp8, layer, Fp8Gemm::kOutProj));
+}
+
+std::shared_ptr<Node> make_layernorm_mlp_node(float eps, Fp8ScalingManager* fp8, int layer) {
+  if (fp8 == nullptr) return std::make_shared<LayerNormMlpNode>(eps);
+  return std::make_shared<Fp8LayerNormMlpNode>(eps, Fp8LinearSlots::of(fp8, layer, Fp8Gemm::kFc1),
+                                               Fp8LinearSlots::of(fp8, layer, Fp8Gemm::kFc2));
+}
+
+std::shared_ptr<Node> make_linear_node(Fp8ScalingManager* fp8, int layer, Fp8Gemm gemm) {
+  if (fp8 == nullptr) return std::make_shared<LinearNode>();
+  return std::make_shared<Fp8LinearNode>(Fp8LinearSlots::of(fp8, layer, gemm));
+}
+
+}  // namespace helix
