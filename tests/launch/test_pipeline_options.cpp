@@ -7,7 +7,9 @@
 
 #include "core/error.h"
 #include "launch/pipeline_step.h"
+#include "launch/plan/pipeline_schedule.h"
 #include "launch/train_options.h"
+#include "parallel/pipeline_schedule.h"
 
 namespace helix {
 namespace {
@@ -55,6 +57,22 @@ TEST(PipelineOptions, BadCombinationsRefusedNamingTheFlag) {
   expect_refused({"--pp", "2", "--zero", "1"}, "--zero 1 with --pp 2");
   expect_refused({"--pp", "2", "--cp", "2"}, "--cp 2 with --pp 2");
   expect_refused({"--pp", "2", "--fp8", "delayed"}, "--fp8 delayed with --pp 2");
+}
+
+// `helix plan`'s closed-form bubble (launch/plan/pipeline_schedule.h) against the timeline of the
+// schedules the trainer runs (parallel/pipeline_schedule.h): equal for every shape with forward =
+// backward, and for 1F1B with backward = 2 forward.
+TEST(PipelineOptions, PlannerBubbleMatchesTheExecutedSchedule) {
+  for (int p : {2, 3, 4, 8})
+    for (int v : {1, 2, 3})
+      for (int m : {p, 2 * p, 4 * p}) {
+        const PipelineScheduleParams sp{.stages = p, .virtual_stages = v, .micro_batches = m};
+        const double plan = pipeline_bubble_fraction(PipelineShape{p, v, m});
+        EXPECT_NEAR(pipeline_bubble_fraction(sp, PipelineCosts{.forward = 1, .backward = 1}), plan,
+                    1e-12)
+            << p << " " << v << " " << m;
+        if (v == 1) EXPECT_NEAR(pipeline_bubble_fraction(sp), plan, 1e-12) << p << " " << m;
+      }
 }
 
 }  // namespace
