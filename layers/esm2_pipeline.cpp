@@ -179,6 +179,7 @@ double Esm2Pipeline::run(const std::vector<ThdBatch>& micro, float grad_scale, b
     if (l.input.grad().defined()) return l.input.grad();
     return Tensor::zeros(l.input.data().shape(), l.input.data().dtype(), l.input.data().device());
   };
+  if (opts_.timed) cb.after_comm = [&stream] { stream.synchronize(); };
   stats_ = run_pipeline_actions(actions, ctx_.pp(), cb, stream);
   HELIX_CHECK(live.empty(), "pipeline: {} micro-batch chunks ran forward without backward",
               live.size());

@@ -40,8 +40,9 @@ struct Esm2PipelineOptions {
   // Layers per virtual stage (the whole split, all ranks): the schedule's message placement
   // follows the timeline of these weights. Empty: uniform stages.
   std::vector<int> layers_per_stage;
-  // Synchronise the stream after every forward / backward so that PipelineRunStats holds device
-  // time on a GPU (benchmarks; costs the overlap of host and device).
+  // Synchronise the stream after every forward / backward and every send / receive, so that
+  // PipelineRunStats holds device time on a GPU (benchmarks; costs the overlap of host and device,
+  // and makes NCCL sends wait for their receiver).
   bool timed = false;
 };
 

@@ -377,11 +377,13 @@ PipelineRunStats run_pipeline_actions(const std::vector<PipelineAction>& actions
       Tensor out = take(a.kind == PipelineActionKind::kSendActivation ? act_out : grad_in, s);
       HELIX_CHECK(out.defined(), "pipeline: {} before its compute produced the tensor", a.str());
       sends.push_back(pp.isend(out, a.peer, stream));
+      if (cb.after_comm) cb.after_comm();
       st.comm_s += secs(t);
       ++st.messages;
     } else if (is_recv(a)) {
       Tensor buf = cb.make_buffer(a.micro_batch, a.chunk);
       pp.recv(buf, a.peer, stream);
+      if (cb.after_comm) cb.after_comm();
       (a.kind == PipelineActionKind::kRecvActivation ? act_in : grad_out)[s] = buf;
       st.comm_s += secs(t);
       ++st.messages;
@@ -399,6 +401,7 @@ PipelineRunStats run_pipeline_actions(const std::vector<PipelineAction>& actions
   }
   const auto t_wait = Clock::now();
   for (auto& p : sends) p->wait();
+  if (cb.after_comm) cb.after_comm();
   st.comm_s += secs(t_wait);
   HELIX_CHECK(act_in.empty() && act_out.empty() && grad_in.empty() && grad_out.empty(),
               "pipeline: the action list left {} tensors unsent or unused",

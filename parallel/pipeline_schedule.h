@@ -124,6 +124,9 @@ struct PipelineCallbacks {
   std::function<Tensor(int micro_batch, int chunk, const Tensor& grad_output)> backward;
   // A receive buffer for the activation entering, or the gradient leaving, (micro_batch, chunk).
   std::function<Tensor(int micro_batch, int chunk)> make_buffer;
+  // Optional: called right after each send and receive is issued, inside its timing (benchmarks
+  // synchronise the stream there, so that a device-side wait counts as communication, not compute).
+  std::function<void()> after_comm;
 };
 
 struct PipelineRunStats {
