@@ -5,6 +5,7 @@
 #include <iostream>
 
 #include "core/error.h"
+#include "launch/pipeline_step.h"
 #include "launch/fp8_setup.h"
 
 namespace po = boost::program_options;
@@ -13,7 +14,7 @@ namespace helix {
 
 bool parse_train_options(const std::vector<std::string>& args, TrainOptions& o) {
   int layers = 0, hidden = 0, heads = 0, ffn = 0;
-  std::string decay = "linear", config;
+  std::string decay = "linear", config, pp_layers;
   po::options_description general("General");
   general.add_options()("help,h", "show this help")(
       "config", po::value(&config), "INI file with any of the options below (command line wins)");
@@ -68,6 +69,10 @@ bool parse_train_options(const std::vector<std::string>& args, TrainOptions& o) 
       "under --cp, sequences shorter than this stay whole on one cp rank (0: split every sequence)")(
       "dp", po::value(&o.dp)->default_value(o.dp), "data-parallel size (0: world size / tp)")(
       "sequence-parallel", po::bool_switch(&o.sequence_parallel), "split LayerNorm/residual regions along T over tp")(
+      "pp", po::value(&o.pp)->default_value(o.pp), "pipeline-parallel stages (1F1B over the micro-batches)")(
+      "pp-virtual", po::value(&o.pp_virtual)->default_value(o.pp_virtual),
+      "model chunks per pipeline rank (> 1: interleaved 1F1B; --micro-batches a multiple of --pp)")(
+      "pp-layers", po::value(&pp_layers), "layers per (virtual) stage, e.g. 9,8,8,8 (default: balanced)")(
       "zero", po::value(&o.zero)->default_value(o.zero),
       "ZeRO sharding over dp: 0 off | 1 optimizer state | 2 + gradients | 3 + parameters");
   po::options_description fp8("FP8 (docs/fp8.md)");
@@ -104,6 +109,7 @@ bool parse_train_options(const std::vector<std::string>& args, TrainOptions& o) 
   if (heads) o.model_config.heads = heads;
   if (ffn) o.model_config.ffn = ffn;
   if (layers || hidden || heads || ffn) o.model_config.name = o.model + "-custom";
+  if (!pp_layers.empty()) o.pp_layers = parse_pp_layers(pp_layers);
   validate_train_options(o);
   return true;
 }
@@ -153,6 +159,7 @@ void validate_train_options(const TrainOptions& o) {
               o.model_config.hidden, o.model_config.ffn, 16 * o.tp);
   HELIX_CHECK(o.recompute == "none" || o.recompute == "full", "--recompute: expected none or full, got '{}'",
               o.recompute);
+  validate_pipeline_options(o);
   HELIX_CHECK(o.eval_batches >= 0 && o.eval_interval >= 0 && o.log_interval >= 1,
               "--eval-batches/--eval-interval must be >= 0 and --log-interval >= 1");
   HELIX_CHECK(o.beta1 >= 0 && o.beta1 < 1 && o.beta2 >= 0 && o.beta2 < 1 && o.adam_eps > 0,

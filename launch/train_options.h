@@ -62,6 +62,11 @@ struct TrainOptions {
   // Checkpoints (--save, --save-every, --keep, --resume, --stop-after): launch/checkpoint.h
   CheckpointOptions checkpoint;
   int64_t last_step() const { return checkpoint.stop_after > 0 ? checkpoint.stop_after : steps; }
+  // Pipeline parallelism (launch/pipeline_step.h): stages, model chunks per rank (> 1: interleaved
+  // 1F1B), layers per virtual stage (empty: balanced).
+  int pp = 1;
+  int pp_virtual = 1;
+  std::vector<int> pp_layers;
 
   int64_t tokens_per_micro_batch() const { return tokens_per_step / micro_batches; }
 };

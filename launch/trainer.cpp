@@ -14,6 +14,7 @@
 #include "launch/data/loader.h"
 #include "launch/fp8_setup.h"
 #include "launch/metrics.h"
+#include "launch/pipeline_step.h"
 #include "layers/esm2.h"
 #include "layers/grad_sync.h"
 #include "layers/optimizer.h"
@@ -44,11 +45,17 @@ std::vector<int> seqlens_of(const PackedBatch& b) {
 }
 
 // Every rank evaluates the same batches (the model may be split over tp; dp ranks repeat the work).
-double evaluate(Esm2Model& model, const DataLoader& valid, int64_t batches, const Stream& stream, int64_t* tokens) {
+double evaluate(Esm2Model& model, const DataLoader& valid, int64_t batches, const Stream& stream, int64_t* tokens,
+                Esm2Pipeline* pipeline) {
   const int64_t n = std::min(batches, valid.num_batches(0));
   double loss_sum = 0, count = 0;
   for (int64_t i = 0; i < n; ++i) {
     const ThdBatch b = to_thd(valid.batch(0, i), model.options().device);
+    count += b.num_labels;
+    if (pipeline) {  // forward through the stages; the last one's loss on every stage
+      loss_sum += pipeline->eval_loss({b}, stream);
+      continue;
+    }
     TapeOptions o;
     o.stream = stream;
     o.record = false;
@@ -56,7 +63,6 @@ double evaluate(Esm2Model& model, const DataLoader& valid, int64_t batches, cons
     Var logits = model.forward(tape, b);
     Var loss = model.loss(tape, logits, b, 1.0f);
     loss_sum += loss.data().to_floats()[0];
-    count += b.num_labels;
   }
   *tokens = static_cast<int64_t>(count);
   return count > 0 ? loss_sum / count : std::nan("");
@@ -86,7 +92,7 @@ TrainSummary run_train(const TrainOptions& o) {
   }
   // Parallel context (collective; refuses sizes that do not fit the world, naming the flag).
   ParallelOptions par;
-  par.sizes = ParallelSizes{.tp = o.tp, .cp = o.cp, .dp = o.dp};
+  par.sizes = ParallelSizes{.tp = o.tp, .cp = o.cp, .pp = o.pp, .dp = o.dp};
   par.device = device;
   int world = 1;
   MPI_Comm_size(MPI_COMM_WORLD, &world);
@@ -144,10 +150,12 @@ TrainSummary run_train(const TrainOptions& o) {
   mo.parallel = &ctx;
   mo.cp = CpOptions{.comm = parse_cp_comm(o.cp_comm), .split_min_len = o.cp_split_min_len};
   mo.sequence_parallel = o.sequence_parallel;
+  mo.layer_ranges = pipeline_stage_ranges(o, ctx);  // --pp > 1: this stage's layers
   const std::unique_ptr<Fp8ScalingManager> fp8 = make_fp8_manager(o, ctx, device, rank0);  // --fp8
   mo.fp8 = fp8.get();
   Esm2Model model(o.model_config, mo);
   model.init_random(o.seed);
+  std::unique_ptr<Esm2Pipeline> pipeline = make_train_pipeline(o, model, ctx, lo.packing.tokens_per_batch);
   const AdamWConfig adam_cfg{.beta1 = o.beta1, .beta2 = o.beta2, .eps = o.adam_eps,
                              .weight_decay = o.weight_decay, .clip_norm = o.clip_norm};
   // --zero 1..3: optimizer state (and gradients, and parameters) sharded over dp (docs/fsdp.md);
@@ -182,6 +190,7 @@ TrainSummary run_train(const TrainOptions& o) {
              o.model_config.name, o.model_config.layers, o.model_config.hidden, o.model_config.heads,
              o.model_config.num_params() / 1e6, device.str(), dtype_name(compute), world, o.tp,
              o.sequence_parallel ? " (sequence parallel)" : "", dp);
+  if (rank0 && pipeline) log_info("{}", describe_pipeline(o));
 
   MetricsWriter metrics;
   if (!o.out.empty() && rank0) {
@@ -221,7 +230,12 @@ TrainSummary run_train(const TrainOptions& o) {
     zero ? zero->zero_grads(stream) : sync.zero_grads(stream);
     const float grad_scale = labels > 0 ? 1.0f / static_cast<float>(labels) : 0.0f;
     double loss_sum = 0;
-    for (size_t m = 0; m < micro.size(); ++m) {
+    if (pipeline) {  // every stage runs the same micro-batches through the schedule
+      std::vector<ThdBatch> mbs;
+      for (const PackedBatch& p : micro) mbs.push_back(to_thd(p, device));
+      loss_sum = pipeline->train_step(mbs, grad_scale, stream);
+    }
+    for (size_t m = 0; !pipeline && m < micro.size(); ++m) {
       const ThdBatch b = to_thd(micro[m], device);
       TapeOptions to;
       to.stream = stream;
@@ -253,8 +267,10 @@ TrainSummary run_train(const TrainOptions& o) {
     loss_sum = loss_t.to_vector<double>()[0];
     const double mean_loss = labels > 0 ? loss_sum / double(labels) : std::nan("");
     const double lr = o.lr.at(step);
-    const OptimizerStepResult r = zero ? zero_opt->step(lr, std::isfinite(mean_loss), stream)
-                                       : opt->step(lr, std::isfinite(mean_loss), stream, sync.norm_reduce());
+    const OptimizerStepResult r =
+        zero ? zero_opt->step(lr, std::isfinite(mean_loss), stream)
+             : opt->step(lr, std::isfinite(mean_loss), stream,
+                         pipeline ? pipeline->norm_reduce(sync.norm_reduce()) : sync.norm_reduce());
     stream.synchronize();
     if (step == 0 && rank0) log_memory(zero ? zero->memory() : unsharded_memory(model.params(), *opt), o.zero, alloc);
     const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -285,7 +301,7 @@ TrainSummary run_train(const TrainOptions& o) {
     if (valid && o.eval_batches > 0 && ((o.eval_interval > 0 && (step + 1) % o.eval_interval == 0) || last)) {
       EvalMetrics e;
       e.step = step + 1;
-      e.loss = evaluate(model, *valid, o.eval_batches, stream, &e.tokens);
+      e.loss = evaluate(model, *valid, o.eval_batches, stream, &e.tokens, pipeline.get());
       summary.valid_loss = e.loss;
       if (rank0) metrics.write(e);
       if (rank0) log_info("validation at step {}: loss {:.4f} perplexity {:.3f} over {} masked tokens", e.step, e.loss,
@@ -294,7 +310,8 @@ TrainSummary run_train(const TrainOptions& o) {
   }
   if (!o.out.empty()) {
     if (zero) zero->materialize_masters();  // collective over dp: full masters for the export
-    model.save_hf(o.out + "/model.safetensors");  // collective over tp; world rank 0 writes
+    if (pipeline) pipeline->save_hf(o.out + "/model.safetensors");  // collective over tp and pp
+    else model.save_hf(o.out + "/model.safetensors");  // collective over tp; world rank 0 writes
   }
   if (!o.out.empty() && rank0) {
     write_file_atomic(o.out + "/config.json", [&](std::ofstream& f) { f << hf_config(o.model_config).dump(2) << "\n"; });

@@ -54,9 +54,19 @@ Esm2Model::Esm2Model(ModelConfig config, Esm2Options options) : config_(std::mov
   const Device d = opts_.device;
   const DType c = opts_.compute;
   const bool sp = opts_.sequence_parallel;
+  for (size_t i = 0; i < opts_.layer_ranges.size(); ++i) {
+    const auto [lo, hi] = opts_.layer_ranges[i];
+    const int prev = i == 0 ? 0 : opts_.layer_ranges[i - 1].second;
+    HELIX_CHECK(lo >= prev && lo < hi && hi <= config_.layers,
+                "--pp-layers: expected ascending layer ranges within [0, {}), got [{}, {}) after {}", config_.layers,
+                lo, hi, prev);
+  }
+  uint64_t ordinal = 0;  // index in the whole model: a pipeline stage draws the same init as one device
   // Parameters of the sequence-parallel region (LayerNorms, row-parallel biases) see only their
   // rank's rows of T under SP: their gradients are partial sums over tp.
   const auto add = [&](const std::string& name, const Shape& full, bool decay, TpShard shard, bool sp_region) {
+    if (!holds(name)) return void(++ordinal);
+    init_stream_.push_back(ordinal++);
     Parameter& p = params_.add(name, shard_shape(full, shard, tp), decay, d, c);
     p.shard = tp > 1 ? shard : TpShard::kReplicated;
     p.full_shape = full;
@@ -90,8 +100,8 @@ Esm2Model::Esm2Model(ModelConfig config, Esm2Options options) : config_(std::mov
   add("lm_head.bias", {v}, false, TpShard::kRows, false);
   int64_t full = 0;
   for (const Parameter& p : params_.all()) full += p.full_shape.numel();
-  HELIX_CHECK(full == config_.num_params(), "model '{}': {} parameters created, config says {}", config_.name, full,
-              config_.num_params());
+  HELIX_CHECK(!opts_.layer_ranges.empty() || full == config_.num_params(),
+              "model '{}': {} parameters created, config says {}", config_.name, full, config_.num_params());
 }
 
 Tensor Esm2Model::shard_of(const Parameter& p, const Tensor& full) const {
@@ -173,9 +183,20 @@ Tensor Esm2Model::full_grad(const Parameter& p) const {
   return gather_shards(p, g);
 }
 
+bool Esm2Model::holds(const std::string& name) const {
+  const auto& ranges = opts_.layer_ranges;
+  if (ranges.empty()) return true;
+  const bool first = ranges.front().first == 0, last = ranges.back().second == config_.layers;
+  if (name == kEmbedding) return first || last;
+  const std::string layer = "esm.encoder.layer.";
+  if (!name.starts_with(layer)) return last;  // final LayerNorm, LM head
+  const int i = std::stoi(name.substr(layer.size()));
+  return std::any_of(ranges.begin(), ranges.end(), [i](const auto& r) { return i >= r.first && i < r.second; });
+}
+
 void Esm2Model::init_random(uint64_t seed) {
-  uint64_t sub = 0;
   for (Parameter& p : params_.all()) {
+    const uint64_t sub = init_stream_[static_cast<size_t>(&p - params_.all().data())];
     const std::string& n = p.name;
     const bool is_norm = n.find("LayerNorm") != std::string::npos || n.find("layer_norm") != std::string::npos ||
                          n.find("emb_layer_norm") != std::string::npos;
@@ -191,7 +212,6 @@ void Esm2Model::init_random(uint64_t seed) {
         for (int64_t j = 0; j < h; ++j) host.data<float>()[config_.pad_token_id * h + j] = 0.f;
       }
     }
-    ++sub;
     p.master.copy_from(shard_of(p, host), Stream());
   }
   params_.sync_model_copies(Stream());
@@ -213,7 +233,7 @@ std::vector<std::pair<std::string, Tensor>> Esm2Model::hf_tensors() const {
     for (int j = 0; j < 3; ++j) out.emplace_back(prefix + parts[j] + "." + kind, host.slice(j * h, (j + 1) * h).clone());
   }
   // The tied decoder, so that transformers finds every weight it expects.
-  out.emplace_back("lm_head.decoder.weight", full_master(params_.get(kEmbedding)));
+  if (params_.has(kEmbedding)) out.emplace_back("lm_head.decoder.weight", full_master(params_.get(kEmbedding)));
   return out;
 }
 
@@ -265,9 +285,12 @@ ThdBatch with_pad_sequence(const ThdBatch& b, int64_t pad, int32_t pad_id);  // 
 Var take_rows(Tape& tape, const Var& x, int64_t rows);
 }  // namespace
 
-Var Esm2Model::forward(Tape& tape, const ThdBatch& fwd_batch, const CpBatch* cp) {
+Var Esm2Model::forward(Tape& tape, const ThdBatch& fwd_batch, const CpBatch* cp, const Esm2Span& span) {
+  HELIX_CHECK(span.begin == 0 || span.input.defined(), "forward: a span from layer {} needs its input activation",
+              span.begin);
   if (opts_.layer_hooks) opts_.layer_hooks->begin_forward(tape);
-  if (tp_size() > 1) return forward_tp(tape, fwd_batch, cp);
+  if (tp_size() > 1) return forward_tp(tape, fwd_batch, cp, span);
+  const int end = span.end < 0 ? config_.layers : span.end;
   Fp8ScalingManager* fp8 = opts_.fp8;  // FP8: T padded to a multiple of 16 with a dummy sequence
   const int64_t t_in = fwd_batch.total_tokens(), fp8_pad = fp8 ? -t_in & (kFp8TokenMultiple - 1) : 0;
   const ThdBatch batch = fp8_pad ? with_pad_sequence(fwd_batch, fp8_pad, config_.pad_token_id) : fwd_batch;
@@ -282,12 +305,15 @@ Var Esm2Model::forward(Tape& tape, const ThdBatch& fwd_batch, const CpBatch* cp)
   EmbeddingOptions eo;
   eo.token_dropout = c.token_dropout;
   eo.mask_token_id = c.mask_token_id;
-  Var x = tape.apply1(std::make_shared<EmbeddingNode>(cp ? cp->global : batch, eo, opts_.compute), {w(kEmbedding)});
-  if (cp) x = tape.apply1(std::make_shared<CpTakeRowsNode>(cp->layouts.at(cp->rank), batch.total_tokens()), {x});
+  Var x = span.input;
+  if (span.begin == 0) {
+    x = tape.apply1(std::make_shared<EmbeddingNode>(cp ? cp->global : batch, eo, opts_.compute), {w(kEmbedding)});
+    if (cp) x = tape.apply1(std::make_shared<CpTakeRowsNode>(cp->layouts.at(cp->rank), batch.total_tokens()), {x});
+  }
 
   auto attn = std::make_shared<const AttentionInputs>(AttentionInputs::from_batch(batch, c.heads, c.head_dim()));
   if (cp) attn = cp_attention_inputs(*attn, *cp, opts_.parallel->cp(), opts_.cp.comm);
-  for (int i = 0; i < c.layers; ++i) {
+  for (int i = span.begin; i < end; ++i) {
     const std::string p = layer_prefix(i);
     auto layer = [w, p, eps, attn, fp8, i](Tape& t, const std::vector<Var>& in) -> std::vector<Var> {
       Var qkv = t.apply1(make_layernorm_linear_node(eps, fp8, i),
@@ -304,6 +330,7 @@ Var Esm2Model::forward(Tape& tape, const ThdBatch& fwd_batch, const CpBatch* cp)
     x = tape.segment("layer" + std::to_string(i), layer, {x})[0];
     if (opts_.layer_hooks) x = opts_.layer_hooks->leave_layer(tape, i, x);
   }
+  if (end < c.layers) return x;
   x = tape.apply1(std::make_shared<LayerNormNode>(eps), {x, w(kFinalLnW), w(kFinalLnB)});
   Var logits = tape.apply1(std::make_shared<LmHeadNode>(eps),
                      {x, w("lm_head.dense.weight"), w("lm_head.dense.bias"), w("lm_head.layer_norm.weight"),
@@ -379,7 +406,8 @@ Var take_rows(Tape& tape, const Var& x, int64_t rows) { return tape.apply1(std::
 //   h   = x + leave(attn(u Wqkv_r^T + bqkv_r) Wo_r^T) + bo       leave = reduce_from_tp, or
 //   y   = h + leave(GELU(enter(LN2(h)) W1_r^T + b1_r) W2_r^T) + b2      reduce_scatter_to_sp under SP
 // then the final LayerNorm, gather_from_sp(kSplit) under SP, and the LM head on the full T.
-Var Esm2Model::forward_tp(Tape& tape, const ThdBatch& batch, const CpBatch* cp) {
+Var Esm2Model::forward_tp(Tape& tape, const ThdBatch& batch, const CpBatch* cp, const Esm2Span& span) {
+  const int end = span.end < 0 ? config_.layers : span.end;
   const ModelConfig& c = config_;
   const float eps = c.layer_norm_eps;
   const int n = tp_size();
@@ -402,13 +430,16 @@ Var Esm2Model::forward_tp(Tape& tape, const ThdBatch& batch, const CpBatch* cp) 
   eo.mask_token_id = c.mask_token_id;
   eo.vocab_rows = rows_per_rank(c.vocab, n);
   eo.vocab_start = tp_rank() * eo.vocab_rows;
-  Var x = tape.apply1(std::make_shared<EmbeddingNode>(cp ? cp->global : b, eo, opts_.compute), {w(kEmbedding)});
-  if (cp) x = tape.apply1(std::make_shared<CpTakeRowsNode>(cp->layouts.at(cp->rank), b.total_tokens()), {x});
-  x = sp ? reduce_scatter_to_sp(tape, *tp, x) : reduce_from_tp(tape, *tp, x);
+  Var x = span.input;
+  if (span.begin == 0) {
+    x = tape.apply1(std::make_shared<EmbeddingNode>(cp ? cp->global : b, eo, opts_.compute), {w(kEmbedding)});
+    if (cp) x = tape.apply1(std::make_shared<CpTakeRowsNode>(cp->layouts.at(cp->rank), b.total_tokens()), {x});
+    x = sp ? reduce_scatter_to_sp(tape, *tp, x) : reduce_from_tp(tape, *tp, x);
+  }
 
   auto attn = std::make_shared<const AttentionInputs>(AttentionInputs::from_batch(b, c.heads / n, c.head_dim()));
   if (cp) attn = cp_attention_inputs(*attn, *cp, opts_.parallel->cp(), opts_.cp.comm);
-  for (int i = 0; i < c.layers; ++i) {
+  for (int i = span.begin; i < end; ++i) {
     const std::string p = layer_prefix(i);
     auto layer = [w, p, eps, attn, tp, sp, fp8, i](Tape& tt, const std::vector<Var>& in) -> std::vector<Var> {
       const auto enter = [&](const Var& v) {
@@ -438,6 +469,7 @@ Var Esm2Model::forward_tp(Tape& tape, const ThdBatch& batch, const CpBatch* cp) 
     x = tape.segment("layer" + std::to_string(i), layer, {x})[0];
     if (opts_.layer_hooks) x = opts_.layer_hooks->leave_layer(tape, i, x);
   }
+  if (end < c.layers) return x;
   x = tape.apply1(std::make_shared<LayerNormNode>(eps), {x, w(kFinalLnW), w(kFinalLnB)});
   if (sp) x = gather_from_sp(tape, *tp, x, GatherGrad::kSplit);
   // LM head: dense / GELU / LayerNorm replicated on the full T, then the vocabulary-parallel decoder

@@ -57,6 +57,21 @@ struct Esm2Options {
   // FP8 delayed scaling (layers/fp8_scaling.h): QKV, out-proj, FC1, FC2 run as FP8 GEMMs with the
   // manager's scales, T is padded to a multiple of 16 with a dummy <pad> sequence. Null: no FP8.
   Fp8ScalingManager* fp8 = nullptr;
+  // Pipeline parallelism (layers/esm2_pipeline.h): the transformer layers this model holds, as
+  // ranges [first, last) of global layer indices, one per model chunk, ascending. Empty: every
+  // layer. The embedding is held when a range starts at 0, the final LayerNorm and LM head when one
+  // ends at the last layer (the tied embedding / decoder table is then held at both ends).
+  std::vector<std::pair<int, int>> layer_ranges;
+};
+
+// A part of the forward graph (pipeline parallelism): layers [begin, end) (end < 0: the last
+// layer). It starts with the embedding when begin == 0, else from `input`, the activation
+// [T, H] ([ceil(T/tp), H] under sequence parallelism) of the layers before; it ends with the LM head
+// (logits) when end is the last layer, else returns the activation. Default: the whole model.
+struct Esm2Span {
+  int begin = 0;
+  int end = -1;
+  Var input;
 };
 
 class Esm2Model {
@@ -95,21 +110,25 @@ class Esm2Model {
 
   // Builds the forward graph of one packed batch (on the model's device) and returns the logits
   // [T, vocab] (compute dtype); under TP this rank's vocabulary columns [T, Vr] (pad columns left out).
-  // Context parallelism: `batch` is cp->local and the logits are the rank's rows.
-  Var forward(Tape& tape, const ThdBatch& batch, const CpBatch* cp = nullptr);
+  // Context parallelism: `batch` is cp->local and the logits are the rank's rows. Pipeline
+  // parallelism: `span` picks the layers (Esm2Span).
+  Var forward(Tape& tape, const ThdBatch& batch, const CpBatch* cp = nullptr, const Esm2Span& span = {});
   // Masked-LM loss node: returns the loss sum over labelled tokens [1] f32; its gradient is scaled by
   // `grad_scale` (1 / labelled tokens of the whole step, over micro-batches and ranks).
   Var loss(Tape& tape, const Var& logits, const ThdBatch& batch, float grad_scale);
 
   std::string layer_prefix(int i) const { return "esm.encoder.layer." + std::to_string(i) + "."; }
+  // Whether this model holds parameter `name` (always, without layer_ranges).
+  bool holds(const std::string& name) const;
 
  private:
-  Var forward_tp(Tape& tape, const ThdBatch& batch, const CpBatch* cp);
+  Var forward_tp(Tape& tape, const ThdBatch& batch, const CpBatch* cp, const Esm2Span& span);
   Tensor gather_shards(const Parameter& p, const Tensor& local) const;
 
   ModelConfig config_;
   Esm2Options opts_;
   ParameterSet params_;
+  std::vector<uint64_t> init_stream_;  // per parameter: its index in the whole model (init RNG stream)
 };
 
 }  // namespace helix

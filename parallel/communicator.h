@@ -16,6 +16,7 @@
 // amax) maps NaN to +inf before reducing. FP8 and u8 tensors move (gather, broadcast, send, ...)
 // but do not reduce.
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -44,6 +45,14 @@ struct SendRecvParams {
   int dst = -1;
   Tensor recv;  // written; the peer's send tensor must have the same numel and dtype
   int src = -1;
+};
+
+// A send posted by Communicator::isend. wait() blocks until it has completed (its tensor may change
+// after); a handle destroyed unwaited waits then, ignoring errors.
+class PendingSend {
+ public:
+  virtual ~PendingSend() = default;
+  virtual void wait() = 0;
 };
 
 class Communicator {
@@ -75,6 +84,11 @@ class Communicator {
   void send(const Tensor& t, int peer, const Stream& stream);
   void recv(const Tensor& t, int peer, const Stream& stream);
   void send_recv(const SendRecvParams& p, const Stream& stream);
+  // A send that returns once posted, without waiting for the receiver (pipeline parallelism). MPI:
+  // MPI_Isend of a host copy (a CPU tensor is sent in place and must stay unchanged until wait());
+  // NCCL: enqueued on `stream` like send (the host does not wait; the stream does). The receiver
+  // uses recv or send_recv; messages between two ranks match in posting order.
+  std::unique_ptr<PendingSend> isend(const Tensor& t, int peer, const Stream& stream);
   // in [size*n, ...] -> out [size*n, ...]: rows [j*n, (j+1)*n) of `in` go to rank j and arrive at
   // rows [rank*n, ...) of its `out`.
   void all_to_all(const Tensor& in, const Tensor& out, const Stream& stream);
@@ -90,6 +104,8 @@ class Communicator {
   virtual void do_send_recv(const SendRecvParams& p, const Stream& stream) = 0;
   virtual void do_all_to_all(const Tensor& in, const Tensor& out, const Stream& stream) = 0;
   virtual void do_barrier() = 0;
+  // Default: the blocking send through do_send_recv, returning a completed handle.
+  virtual std::unique_ptr<PendingSend> do_isend(const Tensor& t, int peer, const Stream& stream);
 
   // "all_reduce(sum) of f32[1000003] cpu on tp group 0 (world ranks 0,1)", for the watchdog.
   std::string what(std::string_view op, const Tensor& t) const;

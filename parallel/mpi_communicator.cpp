@@ -284,6 +284,62 @@ void MpiCommunicator::do_send_recv(const SendRecvParams& p, const Stream& stream
   }
 }
 
+namespace {
+// MPI_Isend requests of one host buffer; wait() completes them under the watchdog.
+class MpiPendingSend final : public PendingSend {
+ public:
+  MpiPendingSend(Tensor host, std::vector<MPI_Request> requests, Watchdog* dog, std::string what)
+      : host_(std::move(host)), requests_(std::move(requests)), dog_(dog), what_(std::move(what)) {}
+  ~MpiPendingSend() override {
+    if (done_) return;
+    try {
+      wait();
+    } catch (...) {  // destructors do not throw; wait() explicitly to see the error
+    }
+  }
+  void wait() override {
+    if (done_) return;
+    done_ = true;
+    WatchScope watch(dog_, what_);
+    std::vector<MPI_Status> statuses(requests_.size());
+    const int rc =
+        MPI_Waitall(static_cast<int>(requests_.size()), requests_.data(), statuses.data());
+    if (rc == MPI_ERR_IN_STATUS)
+      for (const MPI_Status& st : statuses)
+        if (st.MPI_ERROR != MPI_SUCCESS && st.MPI_ERROR != MPI_ERR_PENDING) MPI_CHECK(st.MPI_ERROR);
+    MPI_CHECK(rc);
+    host_ = Tensor();
+  }
+
+ private:
+  Tensor host_;  // kept alive until the send completes
+  std::vector<MPI_Request> requests_;
+  Watchdog* dog_;
+  std::string what_;
+  bool done_ = false;
+};
+}  // namespace
+
+// Same tag and chunking as do_send_recv, so an isend matches a recv / send_recv of the peer.
+std::unique_ptr<PendingSend> MpiCommunicator::do_isend(const Tensor& t, int peer,
+                                                      const Stream& stream) {
+  constexpr int kTag = 7;
+  Tensor h = host_copy(t, stream);
+  const int64_t n = h.numel();
+  const size_t esize = dtype_size(h.dtype());
+  auto* base = static_cast<char*>(h.data_ptr());
+  std::vector<MPI_Request> requests;
+  for (int64_t off = 0; off < n; off += kMaxChunk) {
+    const int c = static_cast<int>(std::min(kMaxChunk, n - off));
+    MPI_Request r;
+    MPI_CHECK(MPI_Isend(base + static_cast<size_t>(off) * esize, c, mpi_type(h.dtype()), peer, kTag,
+                        comm_, &r));
+    requests.push_back(r);
+  }
+  return std::make_unique<MpiPendingSend>(std::move(h), std::move(requests), watchdog_.get(),
+                                          what(fmt::format("isend(to {})", peer), t));
+}
+
 void MpiCommunicator::do_all_to_all(const Tensor& in, const Tensor& out, const Stream& stream) {
   WatchScope watch(watchdog_.get(), what("all_to_all", in));
   const int n = checked_count(in.numel() / size(), "all_to_all");

@@ -51,6 +51,7 @@ class MpiCommunicator final : public Communicator {
   void do_send_recv(const SendRecvParams& p, const Stream& stream) override;
   void do_all_to_all(const Tensor& in, const Tensor& out, const Stream& stream) override;
   void do_barrier() override;
+  std::unique_ptr<PendingSend> do_isend(const Tensor& t, int peer, const Stream& stream) override;
 
  private:
   MPI_Op mpi_op(ReduceOp op, DType t) const;

@@ -151,5 +151,13 @@ void NcclCommunicator::do_all_to_all(const Tensor& in, const Tensor& out, const 
 
 void NcclCommunicator::do_barrier() { mpi_->barrier(); }
 
+// CPU tensors: the MPI twin's isend. CUDA tensors: the send enqueued on `stream` (do_send_recv);
+// the host returns at once, the stream waits for the receiver.
+std::unique_ptr<PendingSend> NcclCommunicator::do_isend(const Tensor& t, int peer,
+                                                       const Stream& stream) {
+  if (t.is_cpu()) return mpi_->isend(t, peer, stream);
+  return Communicator::do_isend(t, peer, stream);
+}
+
 }  // namespace helix
 #endif
