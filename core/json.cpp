@@ -2,6 +2,7 @@
 
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <cstdlib>
 
 #include "core/error.h"
@@ -300,9 +301,15 @@ void Json::dump_to(std::string& out, int indent, int depth) const {
     case 3: {
       const double d = std::get<double>(v_);
       HELIX_CHECK(std::isfinite(d), "JSON cannot hold the non-finite number {}", d);
-      char buf[32];
-      std::snprintf(buf, sizeof buf, "%.17g", d);
+      // Shortest form that reads back to the same double, always with a '.' or an exponent, so a
+      // double stays a double for strict readers (transformers' config classes refuse 0 for 0.0).
+      char buf[40];
+      for (int digits = 15; digits <= 17; ++digits) {
+        std::snprintf(buf, sizeof buf, "%.*g", digits, d);
+        if (std::strtod(buf, nullptr) == d) break;
+      }
       out += buf;
+      if (std::strpbrk(buf, ".eE") == nullptr) out += ".0";
       break;
     }
     case 4: dump_string(out, std::get<std::string>(v_)); break;

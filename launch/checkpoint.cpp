@@ -403,8 +403,11 @@ Json Checkpointer::write_rank_file(const std::string& tmp, int64_t step, int64_t
   std::vector<Parameter>& params = p_.model->params().all();
   // Without ZeRO the first dp replica writes each parameter's whole local tensor; with ZeRO every
   // dp rank writes the parts of its flat shards (flat ranges of the boxes).
+  // Pipeline stages hold disjoint layers, except the tied embedding / decoder table, held (and
+  // kept bitwise equal) by the first and the last stage: the first stage writes it.
   const auto owns = [&](const Parameter& p) {
-    return c.cp == 0 && (p_.zero || c.dp == 0) && (p.shard != TpShard::kReplicated || c.tp == 0);
+    return c.cp == 0 && (p_.zero || c.dp == 0) && (p.shard != TpShard::kReplicated || c.tp == 0) &&
+           (c.pp == 0 || p.name != "esm.embeddings.word_embeddings.weight");
   };
   const auto put = [&](const std::string& prefix, const Parameter& p, const Tensor& data,
                        int64_t begin, int64_t end) {

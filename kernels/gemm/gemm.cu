@@ -351,8 +351,17 @@ void detail::gemm_cuda(const GemmParams& p, GemmShape s, const Stream& stream) {
                     p.beta != 0.0f,
                     p.c_amax.defined(),
                     fp8 ? p.fp8_accumulation : Fp8Accumulation::kPrecise};
+  const float alpha = p.alpha, beta = p.beta;
+  const void* c_ptr = fp8_out ? nullptr : d.data_ptr();
+  const auto matmul = [&](const cublasLtMatmulAlgo_t& a) {
+    return cublasLtMatmul(handle, desc.d, &alpha, p.b.data_ptr(), a_desc.d, p.a.data_ptr(), b_desc.d, &beta,
+                          c_ptr, c_desc.d, d.data_ptr(), d_desc.d, &a, workspace, kWorkspaceBytes,
+                          static_cast<cudaStream_t>(stream.handle()));
+  };
   cublasLtMatmulAlgo_t algo;
-  if (!lt.find_algo(key, &algo)) {
+  if (lt.find_algo(key, &algo)) {
+    CUBLAS_CHECK(matmul(algo));
+  } else {
     Preference pref;
     pref.set(CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, kWorkspaceBytes);
     // Every pointer is checked to be 16-byte aligned, so the algorithm is valid for any call of
@@ -362,10 +371,14 @@ void detail::gemm_cuda(const GemmParams& p, GemmShape s, const Stream& stream) {
     pref.set(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, align);
     pref.set(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, align);
     pref.set(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, align);
-    cublasLtMatmulHeuristicResult_t result{};
+    // Several candidates in heuristic order: cuBLASLt 13.1 has been seen to return an FP8 algorithm
+    // (small M/N/K, bias epilogue, a cluster shape) that cublasLtMatmul then refuses with
+    // NOT_SUPPORTED; the first candidate that runs is cached for the key.
+    constexpr int kCandidates = 8;
+    cublasLtMatmulHeuristicResult_t results[kCandidates] = {};
     int found = 0;
     const cublasStatus_t status = cublasLtMatmulAlgoGetHeuristic(
-        handle, desc.d, a_desc.d, b_desc.d, c_desc.d, d_desc.d, pref.d, 1, &result, &found);
+        handle, desc.d, a_desc.d, b_desc.d, c_desc.d, d_desc.d, pref.d, kCandidates, results, &found);
     HELIX_CHECK(status == CUBLAS_STATUS_SUCCESS && found > 0,
                 "gemm: cuBLASLt has no algorithm ({}) for M={} N={} K={}, a {} b {} c {}, op_a={} "
                 "op_b={}, epilogue {} (0 none, 1 bias, 2 bias+gelu, 3 bgrad-a, 4 bgrad-b)",
@@ -373,16 +386,16 @@ void detail::gemm_cuda(const GemmParams& p, GemmShape s, const Stream& stream) {
                 dtype_name(p.b.dtype()), dtype_name(p.c.dtype()),
                 p.op_a == GemmOp::kNone ? "kNone" : "kTranspose",
                 p.op_b == GemmOp::kNone ? "kNone" : "kTranspose", int(lt_epilogue));
-    algo = result.algo;
-    lt.store_algo(key, algo);
+    cublasStatus_t run = CUBLAS_STATUS_NOT_SUPPORTED;
+    for (int i = 0; i < found && run == CUBLAS_STATUS_NOT_SUPPORTED; ++i) {
+      run = matmul(results[i].algo);
+      if (run == CUBLAS_STATUS_SUCCESS) lt.store_algo(key, results[i].algo);
+    }
+    HELIX_CHECK(run == CUBLAS_STATUS_SUCCESS,
+                "gemm: cuBLASLt refused all {} candidate algorithms ({}) for M={} N={} K={}, a {} b {} c {}",
+                found, cublasLtGetStatusName(run), s.m, s.n, s.k, dtype_name(p.a.dtype()),
+                dtype_name(p.b.dtype()), dtype_name(p.c.dtype()));
   }
-
-  const float alpha = p.alpha, beta = p.beta;
-  const void* c_ptr = fp8_out ? nullptr : d.data_ptr();
-  CUBLAS_CHECK(cublasLtMatmul(handle, desc.d, &alpha, p.b.data_ptr(), a_desc.d, p.a.data_ptr(),
-                              b_desc.d, &beta, c_ptr, c_desc.d, d.data_ptr(), d_desc.d, &algo,
-                              workspace, kWorkspaceBytes,
-                              static_cast<cudaStream_t>(stream.handle())));
   if (gelu) gelu_erf_cuda(p.pre_gelu, p.c, stream);
   if (separate_bias_grad) {
     // kBiasGradA: a stored [K, M] (op_a = kTranspose); kBiasGradB: b stored [K, N] (op_b = kNone).

@@ -8,6 +8,9 @@
 #                                            (resume_1rank also checks --keep)
 #   reshard_4to1 / reshard_1to4              saved on tp 2 x dp 2, resumed on 1 rank (and back): the
 #                                            losses of the continued steps within fp32 tolerance
+#   resume_cp2 / resume_pp2 / resume_fp8     bitwise resume under --cp 2, --pp 2, --fp8 delayed (the
+#                                            FP8 amax histories and scales are in the checkpoint)
+#   reshard_pp2to1                           saved on pp 2, resumed on 1 rank: losses within tolerance
 #   resume_zero / reshard_zero               the same with ZeRO (flat shards): bitwise with --zero 3,
 #                                            tp 2 x dp 2 --zero 1 -> dp 2 --zero 3 and -> 1 rank
 #   killed_save                              a process that dies in the middle of a save leaves the
@@ -89,6 +92,17 @@ case $CASE in
   resume_tp2) bitwise_resume 2 --tp 2 ;;
   resume_dp2) bitwise_resume 2 ;;
   resume_zero) bitwise_resume 2 --zero 3 ;;
+  resume_cp2) bitwise_resume 2 --cp 2 --cp-split-min-len 0 ;;
+  resume_pp2) bitwise_resume 2 --pp 2 --micro-batches 2 ;;
+  resume_fp8) bitwise_resume 1 --fp8 delayed ;;
+  reshard_pp2to1)
+    # Pipeline stages write disjoint tensors (the tied embedding once): saved on pp 2, resumed on 1 rank.
+    run 2 train "${ARGS[@]}" --pp 2 --micro-batches 2 --out two --save two_ck --save-every 3 > log_a 2>&1 || { cat log_a; fail "pp 2"; }
+    run 1 train "${ARGS[@]}" --micro-batches 2 --out one --resume two_ck/step_00000003 > log_b 2>&1 || { cat log_b; fail "resume on 1"; }
+    losses two/metrics.jsonl | tail -n 3 | sed 's/^/"loss":/' > two_tail.jsonl
+    close_losses two_tail.jsonl one/metrics.jsonl
+    echo "ok: saved on pp 2, resumed on 1 rank"
+    ;;
   reshard_zero)
     # ZeRO shards are flat ranges of the TP boxes: saved on tp 2 x dp 2 with --zero 1, resumed on
     # 2 ranks with --zero 3 (dp 2) and on 1 rank without ZeRO (2 micro-batches).
