@@ -320,11 +320,21 @@ void detail::gemm_cuda(const GemmParams& p, GemmShape s, const Stream& stream) {
   }
   desc.set(CUBLASLT_MATMUL_DESC_EPILOGUE, epilogue);
   if (bias_ptr) desc.set(CUBLASLT_MATMUL_DESC_BIAS_POINTER, bias_ptr);
+  // cuBLASLt 13.1 refuses every FP8 algorithm (NOT_SUPPORTED at cublasLtMatmul) when a scale
+  // pointer is only 4-byte aligned, as views into the FP8 manager's flat buffer are: such scales are
+  // copied to a 16-byte aligned scratch first (stream-ordered, freed after the launch).
+  Tensor a_scale = p.a_scale_inv, b_scale = p.b_scale_inv;
+  const auto aligned_scale = [&](const Tensor& t) {
+    if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0) return t;
+    Tensor c = Tensor::empty(Shape{1}, DType::kF32, p.c.device(), stream);
+    c.copy_from(t.view(Shape{1}), stream);
+    return c;
+  };
   if (fp8) {
-    desc.set(CUBLASLT_MATMUL_DESC_A_SCALE_POINTER,
-             static_cast<const void*>(p.b_scale_inv.data_ptr()));
-    desc.set(CUBLASLT_MATMUL_DESC_B_SCALE_POINTER,
-             static_cast<const void*>(p.a_scale_inv.data_ptr()));
+    a_scale = aligned_scale(a_scale);
+    b_scale = aligned_scale(b_scale);
+    desc.set(CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, static_cast<const void*>(b_scale.data_ptr()));
+    desc.set(CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, static_cast<const void*>(a_scale.data_ptr()));
     const int8_t fast = p.fp8_accumulation == Fp8Accumulation::kFast ? 1 : 0;
     desc.set(CUBLASLT_MATMUL_DESC_FAST_ACCUM, fast);
     if (fp8_out) {

@@ -217,7 +217,10 @@ PipeCase cuda_case(PipeCase c) {
   const double r = testing::tolerance_for(DType::kBF16).rtol;
   c.loss_tol = r / 2;
   c.grad_tol[0] = c.grad_tol[1] = 4 * r;
-  c.param_tol = 2.5;  // each of the 2 AdamW updates moves an element by at most ~lr
+  // Each of the 2 AdamW updates moves an element by at most ~lr, so two runs whose bf16 rounding
+  // flips the sign of an element's tiny gradient end up to 2 lr apart per step: 4 lr after 2 steps
+  // (measured on the H100 with TP=2+SP: 2.51 lr). A wrong shard or reduction is off by far more.
+  c.param_tol = 4.5;
   return c;
 }
 
