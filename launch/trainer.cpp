@@ -169,6 +169,7 @@ TrainSummary run_train(const TrainOptions& o) {
     zo.regather_in_backward = mo.recompute == RecomputePolicy::kFull;
     zero = std::make_unique<ZeroSync>(model, ctx, zo);
     zero_opt = std::make_unique<ZeroAdamW>(*zero, adam_cfg);
+    if (pipeline) pipeline->set_zero(zero.get());  // --pp: sharded over each stage's dp group
   }
   std::optional<AdamW> opt;
   if (!zero) opt.emplace(model.params(), adam_cfg);
