@@ -108,8 +108,8 @@ TrainSummary run_train(const TrainOptions& o) {
   HELIX_CHECK(o.tokens_per_micro_batch() % dp == 0,
               "--tokens-per-step: expected tokens per micro-batch ({}) divisible by the data-parallel size {}",
               o.tokens_per_micro_batch(), dp);
-  HELIX_CHECK(o.zero == 0 || dp > 1, "--zero {}: shards over the data-parallel group, which has 1 rank here (world {} / tp {}); "
-              "use --zero 0 or more ranks", o.zero, world, o.tp);
+  HELIX_CHECK(o.zero == 0 || dp > 1, "--zero {}: shards over the data-parallel group, which has 1 rank here (world {} / tp {} / pp {}); "
+              "use --zero 0 or more ranks", o.zero, world, o.tp, o.pp);
   const DType compute = o.dtype == "f32" ? DType::kF32
                         : o.dtype == "bf16" ? DType::kBF16
                                             : (device.is_cuda() ? DType::kBF16 : DType::kF32);
@@ -169,6 +169,7 @@ TrainSummary run_train(const TrainOptions& o) {
     zo.regather_in_backward = mo.recompute == RecomputePolicy::kFull;
     zero = std::make_unique<ZeroSync>(model, ctx, zo);
     zero_opt = std::make_unique<ZeroAdamW>(*zero, adam_cfg);
+    if (pipeline) pipeline->set_zero(zero.get());  // --pp: sharded over each stage's dp group
   }
   std::optional<AdamW> opt;
   if (!zero) opt.emplace(model.params(), adam_cfg);
