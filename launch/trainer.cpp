@@ -25,18 +25,6 @@
 namespace helix {
 namespace {
 
-ThdBatch to_thd(const PackedBatch& b, Device device) {
-  ThdBatch t;
-  t.tokens = b.tokens;
-  t.labels = b.labels;
-  t.cu_seqlens = b.cu_seqlens;
-  t.cu_seqlens_padded = b.cu_seqlens_padded;
-  t.max_seqlen = b.max_seqlen;
-  t.num_tokens = b.num_tokens;
-  t.num_labels = b.num_labels;
-  return t.to(device);
-}
-
 std::vector<int> seqlens_of(const PackedBatch& b) {
   const std::vector<int32_t> cu = b.cu_seqlens.to_vector<int32_t>();
   std::vector<int> s;
@@ -50,7 +38,7 @@ double evaluate(Esm2Model& model, const DataLoader& valid, int64_t batches, cons
   const int64_t n = std::min(batches, valid.num_batches(0));
   double loss_sum = 0, count = 0;
   for (int64_t i = 0; i < n; ++i) {
-    const ThdBatch b = to_thd(valid.batch(0, i), model.options().device);
+    const ThdBatch b = to_thd_batch(valid.batch(0, i), model.options().device);
     count += b.num_labels;
     if (pipeline) {  // forward through the stages; the last one's loss on every stage
       loss_sum += pipeline->eval_loss({b}, stream);
@@ -233,11 +221,11 @@ TrainSummary run_train(const TrainOptions& o) {
     double loss_sum = 0;
     if (pipeline) {  // every stage runs the same micro-batches through the schedule
       std::vector<ThdBatch> mbs;
-      for (const PackedBatch& p : micro) mbs.push_back(to_thd(p, device));
+      for (const PackedBatch& p : micro) mbs.push_back(to_thd_batch(p, device));
       loss_sum = pipeline->train_step(mbs, grad_scale, stream);
     }
     for (size_t m = 0; !pipeline && m < micro.size(); ++m) {
-      const ThdBatch b = to_thd(micro[m], device);
+      const ThdBatch b = to_thd_batch(micro[m], device);
       TapeOptions to;
       to.stream = stream;
       to.recompute = mo.recompute;
@@ -250,7 +238,7 @@ TrainSummary run_train(const TrainOptions& o) {
       std::unique_ptr<CpBatch> cpb;
       if (o.cp > 1) {
         const CpShardOptions so{.split_min_len = o.cp_split_min_len, .pad_id = o.model_config.pad_token_id};
-        cpb = std::make_unique<CpBatch>(cp_split_batch(to_thd(micro[m], Device::cpu()), o.cp, ctx.coords().cp, so));
+        cpb = std::make_unique<CpBatch>(cp_split_batch(to_thd_batch(micro[m], Device::cpu()), o.cp, ctx.coords().cp, so));
         cpb->global = b;  // already on the device
         cpb->local = cpb->local.to(device);
       }
