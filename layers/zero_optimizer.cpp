@@ -80,17 +80,7 @@ OptimizerStepResult ZeroAdamW::step(double lr, bool loss_finite, const Stream& s
   r.applied = flag_.to_floats()[0] == 0.0f;
   if (!r.applied) return r;
   if (has_adam_) {
-    AdamWParams a;
-    a.tensors = &adam_list_;
-    a.lr = lr;
-    a.beta1 = cfg_.beta1;
-    a.beta2 = cfg_.beta2;
-    a.eps = cfg_.eps;
-    a.weight_decay = cfg_.weight_decay;
-    a.step = step_ + 1;
-    a.grad_scale_tensor = cfg_.clip_norm > 0 ? clip_coef_ : Tensor();
-    a.nonfinite_flag = flag_;
-    adamw_step(a, stream);
+    adamw_step(adamw_update_params(cfg_, &adam_list_, lr, step_ + 1, clip_coef_, flag_), stream);
   }
   zero_.after_step(stream);
   ++step_;
