@@ -202,15 +202,7 @@ EvalSums eval_batches(Esm2Model& model, const DataLoader& loader, int64_t n, con
   EvalSums sums;
   for (int64_t i = ctx.coords().dp; i < n; i += ctx.sizes().dp) {
     const PackedBatch pb = loader.batch(0, i);
-    ThdBatch b;
-    b.tokens = pb.tokens;
-    b.labels = pb.labels;
-    b.cu_seqlens = pb.cu_seqlens;
-    b.cu_seqlens_padded = pb.cu_seqlens_padded;
-    b.max_seqlen = pb.max_seqlen;
-    b.num_tokens = pb.num_tokens;
-    b.num_labels = pb.num_labels;
-    b = b.to(device);
+    const ThdBatch b = to_thd_batch(pb, device);
     TapeOptions o;
     o.stream = stream;
     o.record = false;

@@ -42,10 +42,6 @@ void validate_pipeline_options(const TrainOptions& o) {
               o.cp, o.pp);
   HELIX_CHECK(o.fp8 == "none", "--fp8 {} with --pp {}: FP8 of a pipelined model is not implemented",
               o.fp8, o.pp);
-  HELIX_CHECK(
-      o.zero == 0,
-      "--zero {} with --pp {}: ZeRO over a pipelined model is not implemented (docs/fsdp.md)",
-      o.zero, o.pp);
   validate_pipeline_schedule(
       {.stages = o.pp, .virtual_stages = o.pp_virtual, .micro_batches = o.micro_batches});
   const int parts = o.pp * o.pp_virtual;

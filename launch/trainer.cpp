@@ -25,18 +25,6 @@
 namespace helix {
 namespace {
 
-ThdBatch to_thd(const PackedBatch& b, Device device) {
-  ThdBatch t;
-  t.tokens = b.tokens;
-  t.labels = b.labels;
-  t.cu_seqlens = b.cu_seqlens;
-  t.cu_seqlens_padded = b.cu_seqlens_padded;
-  t.max_seqlen = b.max_seqlen;
-  t.num_tokens = b.num_tokens;
-  t.num_labels = b.num_labels;
-  return t.to(device);
-}
-
 std::vector<int> seqlens_of(const PackedBatch& b) {
   const std::vector<int32_t> cu = b.cu_seqlens.to_vector<int32_t>();
   std::vector<int> s;
@@ -50,7 +38,7 @@ double evaluate(Esm2Model& model, const DataLoader& valid, int64_t batches, cons
   const int64_t n = std::min(batches, valid.num_batches(0));
   double loss_sum = 0, count = 0;
   for (int64_t i = 0; i < n; ++i) {
-    const ThdBatch b = to_thd(valid.batch(0, i), model.options().device);
+    const ThdBatch b = to_thd_batch(valid.batch(0, i), model.options().device);
     count += b.num_labels;
     if (pipeline) {  // forward through the stages; the last one's loss on every stage
       loss_sum += pipeline->eval_loss({b}, stream);
@@ -108,8 +96,8 @@ TrainSummary run_train(const TrainOptions& o) {
   HELIX_CHECK(o.tokens_per_micro_batch() % dp == 0,
               "--tokens-per-step: expected tokens per micro-batch ({}) divisible by the data-parallel size {}",
               o.tokens_per_micro_batch(), dp);
-  HELIX_CHECK(o.zero == 0 || dp > 1, "--zero {}: shards over the data-parallel group, which has 1 rank here (world {} / tp {}); "
-              "use --zero 0 or more ranks", o.zero, world, o.tp);
+  HELIX_CHECK(o.zero == 0 || dp > 1, "--zero {}: shards over the data-parallel group, which has 1 rank here (world {} / tp {} / pp {}); "
+              "use --zero 0 or more ranks", o.zero, world, o.tp, o.pp);
   const DType compute = o.dtype == "f32" ? DType::kF32
                         : o.dtype == "bf16" ? DType::kBF16
                                             : (device.is_cuda() ? DType::kBF16 : DType::kF32);
@@ -169,6 +157,7 @@ TrainSummary run_train(const TrainOptions& o) {
     zo.regather_in_backward = mo.recompute == RecomputePolicy::kFull;
     zero = std::make_unique<ZeroSync>(model, ctx, zo);
     zero_opt = std::make_unique<ZeroAdamW>(*zero, adam_cfg);
+    if (pipeline) pipeline->set_zero(zero.get());  // --pp: sharded over each stage's dp group
   }
   std::optional<AdamW> opt;
   if (!zero) opt.emplace(model.params(), adam_cfg);
@@ -232,11 +221,11 @@ TrainSummary run_train(const TrainOptions& o) {
     double loss_sum = 0;
     if (pipeline) {  // every stage runs the same micro-batches through the schedule
       std::vector<ThdBatch> mbs;
-      for (const PackedBatch& p : micro) mbs.push_back(to_thd(p, device));
+      for (const PackedBatch& p : micro) mbs.push_back(to_thd_batch(p, device));
       loss_sum = pipeline->train_step(mbs, grad_scale, stream);
     }
     for (size_t m = 0; !pipeline && m < micro.size(); ++m) {
-      const ThdBatch b = to_thd(micro[m], device);
+      const ThdBatch b = to_thd_batch(micro[m], device);
       TapeOptions to;
       to.stream = stream;
       to.recompute = mo.recompute;
@@ -249,7 +238,7 @@ TrainSummary run_train(const TrainOptions& o) {
       std::unique_ptr<CpBatch> cpb;
       if (o.cp > 1) {
         const CpShardOptions so{.split_min_len = o.cp_split_min_len, .pad_id = o.model_config.pad_token_id};
-        cpb = std::make_unique<CpBatch>(cp_split_batch(to_thd(micro[m], Device::cpu()), o.cp, ctx.coords().cp, so));
+        cpb = std::make_unique<CpBatch>(cp_split_batch(to_thd_batch(micro[m], Device::cpu()), o.cp, ctx.coords().cp, so));
         cpb->global = b;  // already on the device
         cpb->local = cpb->local.to(device);
       }

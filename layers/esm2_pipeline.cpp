@@ -6,6 +6,7 @@
 
 #include "kernels/axpy/axpy.h"
 #include "kernels/grad_norm/grad_norm.h"
+#include "layers/zero_sync.h"
 
 namespace helix {
 
@@ -170,6 +171,8 @@ double Esm2Pipeline::run(const std::vector<ThdBatch>& micro, float grad_scale, b
                 "pipeline: backward of micro-batch {} chunk {} before its forward", mb, chunk);
     Live l = std::move(it->second);
     live.erase(it);
+    // Every schedule runs a chunk's backwards in micro-batch order.
+    if (zero_) zero_->begin_micro_batch(mb + 1 == static_cast<int>(micro.size()));
     if (grad_output.defined())
       l.tape->backward(l.output, grad_output);
     else

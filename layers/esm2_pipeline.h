@@ -19,6 +19,8 @@
 
 namespace helix {
 
+class ZeroSync;
+
 // Layer ranges [first, last) of `rank`'s chunks: virtual stage v = chunk * stages + rank holds the
 // v-th part of `split` (layers per virtual stage, in order).
 std::vector<std::pair<int, int>> pipeline_layer_ranges(const std::vector<int>& split, int stages,
@@ -68,6 +70,13 @@ class Esm2Pipeline {
   // writes).
   void save_hf(const std::string& path) const;
 
+  // ZeRO over dp (layers/zero_sync.h, built on this stage model): told before every backward
+  // whether it is the chunk's last micro-batch (ZeRO-3 reduce-scatters each layer's gradient right
+  // after that backward). Call ZeroSync::zero_grads before train_step and reduce after it: the tied
+  // table's gradient is summed between the first and the last stage on the full (unreduced)
+  // buffers first, so the dp reduction of both copies sums the same values.
+  void set_zero(ZeroSync* zero) { zero_ = zero; }
+
   bool first_stage() const { return rank_ == 0; }
   bool last_stage() const { return rank_ == stages_ - 1; }
   const PipelineRunStats& last_stats() const { return stats_; }
@@ -84,6 +93,7 @@ class Esm2Pipeline {
   int stages_ = 1, rank_ = 0;
   std::vector<std::pair<int, int>> ranges_;  // [chunk] layer range
   PipelineRunStats stats_;
+  ZeroSync* zero_ = nullptr;
 };
 
 }  // namespace helix

@@ -68,19 +68,24 @@ OptimizerStepResult AdamW::step(double lr, bool loss_finite, const Stream& strea
   r.grad_norm = norm_.to_floats()[0];
   r.applied = flag[0] == 0.0f;
   if (!r.applied) return r;  // nothing to launch: the step is skipped
-  AdamWParams a;
-  a.tensors = &adam_list_;
-  a.lr = lr;
-  a.beta1 = cfg_.beta1;
-  a.beta2 = cfg_.beta2;
-  a.eps = cfg_.eps;
-  a.weight_decay = cfg_.weight_decay;
-  a.step = step_ + 1;
-  a.grad_scale_tensor = cfg_.clip_norm > 0 ? clip_coef_ : Tensor();
-  a.nonfinite_flag = flag_;
-  adamw_step(a, stream);
+  adamw_step(adamw_update_params(cfg_, &adam_list_, lr, step_ + 1, clip_coef_, flag_), stream);
   ++step_;
   return r;
+}
+
+AdamWParams adamw_update_params(const AdamWConfig& cfg, AdamWTensorList* tensors, double lr, int64_t step,
+                                const Tensor& clip_coef, const Tensor& flag) {
+  AdamWParams a;
+  a.tensors = tensors;
+  a.lr = lr;
+  a.beta1 = cfg.beta1;
+  a.beta2 = cfg.beta2;
+  a.eps = cfg.eps;
+  a.weight_decay = cfg.weight_decay;
+  a.step = step;
+  a.grad_scale_tensor = cfg.clip_norm > 0 ? clip_coef : Tensor();
+  a.nonfinite_flag = flag;
+  return a;
 }
 
 }  // namespace helix

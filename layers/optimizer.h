@@ -59,4 +59,9 @@ class AdamW {
   int64_t step_ = 0;                        // applied updates
 };
 
+// The multi-tensor AdamW launch parameters of one update (step = the 1-based update count), shared by
+// AdamW and ZeroAdamW: gradients scaled by the clip coefficient when clipping, skipped when `flag`.
+AdamWParams adamw_update_params(const AdamWConfig& cfg, AdamWTensorList* tensors, double lr, int64_t step,
+                                const Tensor& clip_coef, const Tensor& flag);
+
 }  // namespace helix

@@ -8,6 +8,10 @@ ZeroAdamW::ZeroAdamW(ZeroSync& zero, AdamWConfig config) : zero_(zero), cfg_(con
   std::vector<AdamWTensor> adam;
   std::vector<Tensor> rep, sharded;
   const int rank = zero.layout().rank;
+  // Pipeline: the tied table lives on the first and the last stage with equal gradients; the norm
+  // counts it on the first only (the sum over pp in step()).
+  const ParallelContext& ctx = zero.context();
+  const bool skip_tied = ctx.sizes().pp > 1 && ctx.coords().pp == ctx.sizes().pp - 1;
   for (size_t u = 0; u < zero.num_units(); ++u) {
     const ZeroUnitLayout& l = zero.layout().units[u];
     const Tensor master = zero.master_shard(u), grad = zero.grad_shard(u);
@@ -23,6 +27,7 @@ ZeroAdamW::ZeroAdamW(ZeroSync& zero, AdamWConfig config) : zero_(zero), cfg_(con
       if (model.dtype() == DType::kBF16) t.param_bf16 = model.slice(b, e);
       t.apply_weight_decay = p.decay;
       adam.push_back(t);
+      if (skip_tied && p.name == "esm.embeddings.word_embeddings.weight") continue;
       (p.shard == TpShard::kReplicated ? rep : sharded).push_back(t.grad);
     }
   }
@@ -57,6 +62,10 @@ OptimizerStepResult ZeroAdamW::step(double lr, bool loss_finite, const Stream& s
     comm.all_reduce(sharded_sumsq_, ReduceOp::kSum, stream);
   }
   if (ctx.sizes().tp > 1) ctx.tp().all_reduce(sharded_sumsq_, ReduceOp::kSum, stream);
+  if (ctx.sizes().pp > 1) {  // each stage holds its own layers
+    ctx.pp().all_reduce(sumsq_, ReduceOp::kSum, stream);
+    ctx.pp().all_reduce(sharded_sumsq_, ReduceOp::kSum, stream);
+  }
   if (ctx.world_size() > 1) ctx.world().all_reduce(flag_, ReduceOp::kMax, stream);
   axpy(1.0f, sharded_sumsq_, sumsq_, stream);
   GradClipParams clip;
@@ -71,17 +80,7 @@ OptimizerStepResult ZeroAdamW::step(double lr, bool loss_finite, const Stream& s
   r.applied = flag_.to_floats()[0] == 0.0f;
   if (!r.applied) return r;
   if (has_adam_) {
-    AdamWParams a;
-    a.tensors = &adam_list_;
-    a.lr = lr;
-    a.beta1 = cfg_.beta1;
-    a.beta2 = cfg_.beta2;
-    a.eps = cfg_.eps;
-    a.weight_decay = cfg_.weight_decay;
-    a.step = step_ + 1;
-    a.grad_scale_tensor = cfg_.clip_norm > 0 ? clip_coef_ : Tensor();
-    a.nonfinite_flag = flag_;
-    adamw_step(a, stream);
+    adamw_step(adamw_update_params(cfg_, &adam_list_, lr, step_ + 1, clip_coef_, flag_), stream);
   }
   zero_.after_step(stream);
   ++step_;

@@ -3,7 +3,8 @@
 // master and moments, with the same multi-tensor kernels as AdamW (one AdamWTensor per piece of a
 // parameter that lies in the shard, so weight decay stays per parameter and padding is never
 // touched). Clipping uses the global norm: the shards' sums of squares are summed over the shard
-// group, tensor-parallel pieces also over tp (replicated ones count once), the non-finite flag is
+// group, tensor-parallel pieces also over tp (replicated ones count once), every stage's over pp
+// (the tied embedding counted on the first stage only), the non-finite flag is
 // maxed over the world. Stages 1-2 then all-gather the updated model copies (ZeroSync::after_step).
 #include "layers/optimizer.h"
 #include "layers/zero_sync.h"

@@ -1,5 +1,6 @@
 #include "layers/zero_sync.h"
 
+#include <algorithm>
 #include <functional>
 
 #include "kernels/axpy/axpy.h"
@@ -32,17 +33,31 @@ Stream default_stream(Device d) { return d.is_cuda() ? Stream::cuda_default(d.in
 
 }  // namespace
 
+std::vector<int> esm2_zero_layers(const Esm2Model& model) {
+  std::vector<int> out;
+  const auto& ranges = model.options().layer_ranges;
+  for (int i = 0; i < model.config().layers; ++i)
+    if (ranges.empty() || std::any_of(ranges.begin(), ranges.end(), [i](const auto& r) { return i >= r.first && i < r.second; }))
+      out.push_back(i);
+  return out;
+}
+
 std::vector<std::vector<size_t>> esm2_zero_units(const Esm2Model& model) {
   const int layers = model.config().layers;
-  std::vector<std::vector<size_t>> units(static_cast<size_t>(layers) + 1);
+  const std::vector<int> held = esm2_zero_layers(model);
+  std::vector<int> unit_of(static_cast<size_t>(layers), -1);  // layer -> unit (pipeline: held layers only)
+  for (size_t k = 0; k < held.size(); ++k) unit_of[static_cast<size_t>(held[k])] = static_cast<int>(k) + 1;
+  std::vector<std::vector<size_t>> units(held.size() + 1);
   const auto& all = model.params().all();
   for (size_t i = 0; i < all.size(); ++i) {
     const std::string& n = all[i].name;
     size_t u = 0;
     if (n.starts_with(kLayerPrefix)) {
       const size_t dot = n.find('.', std::string(kLayerPrefix).size());
-      u = 1 + static_cast<size_t>(std::stoi(n.substr(std::string(kLayerPrefix).size(), dot)));
-      HELIX_CHECK(u <= static_cast<size_t>(layers), "zero units: parameter '{}' of a layer past {}", n, layers);
+      const int layer = std::stoi(n.substr(std::string(kLayerPrefix).size(), dot));
+      HELIX_CHECK(layer >= 0 && layer < layers && unit_of[static_cast<size_t>(layer)] > 0,
+                  "zero units: parameter '{}' of a layer this model does not hold", n);
+      u = static_cast<size_t>(unit_of[static_cast<size_t>(layer)]);
     }
     units[u].push_back(i);
   }
@@ -62,6 +77,20 @@ std::vector<std::vector<int64_t>> esm2_zero_unit_numels(const ModelConfig& confi
   return units;
 }
 
+std::vector<std::vector<int64_t>> esm2_zero_unit_numels(const ModelConfig& config, int tp,
+                                                       const std::vector<std::pair<int, int>>& layer_ranges) {
+  std::vector<std::vector<int64_t>> all = esm2_zero_unit_numels(config, tp);
+  if (layer_ranges.empty()) return all;
+  const bool first = layer_ranges.front().first == 0, last = layer_ranges.back().second == config.layers;
+  std::vector<std::vector<int64_t>> units(1);
+  // Unit 0: the embedding on the first and the last stage, final LayerNorm and LM head on the last.
+  if (first || last) units[0].push_back(all[0][0]);
+  if (last) units[0].insert(units[0].end(), all[0].begin() + 1, all[0].end());
+  for (const auto& [lo, hi] : layer_ranges)
+    for (int i = lo; i < hi; ++i) units.push_back(all[static_cast<size_t>(i) + 1]);
+  return units;
+}
+
 ZeroSync::ZeroSync(Esm2Model& model, const ParallelContext& ctx, ZeroOptions options)
     : esm2_(model), params_(model.params()), ctx_(&ctx), comm_(options.shard_comm ? options.shard_comm : &ctx.dp()),
       opts_(options) {
@@ -71,6 +100,9 @@ ZeroSync::ZeroSync(Esm2Model& model, const ParallelContext& ctx, ZeroOptions opt
   device_ = model.options().device;
   compute_ = model.options().compute;
   unit_params_ = esm2_zero_units(model);
+  const std::vector<int> held = esm2_zero_layers(model);
+  layer_unit_.assign(static_cast<size_t>(model.config().layers), 0);
+  for (size_t k = 0; k < held.size(); ++k) layer_unit_[static_cast<size_t>(held[k])] = k + 1;
   layout_.stage = opts_.stage;
   layout_.dp = dp;
   layout_.rank = rank_;
@@ -83,7 +115,7 @@ ZeroSync::ZeroSync(Esm2Model& model, const ParallelContext& ctx, ZeroOptions opt
       numels.push_back(p.master.numel());
       names.push_back(p.name);
     }
-    layout_.units.push_back(make_zero_unit_layout(u == 0 ? "outer" : "layer" + std::to_string(u - 1), numels, dp));
+    layout_.units.push_back(make_zero_unit_layout(u == 0 ? "outer" : "layer" + std::to_string(held[u - 1]), numels, dp));
     layout_.unit_tensor_names.push_back(std::move(names));
     layout_.global_offsets.push_back(layout_.global_numel);
     layout_.global_numel += layout_.units.back().numel;
@@ -200,7 +232,13 @@ void ZeroSync::reduce_unit(size_t u, const Stream& stream) {
 
 void ZeroSync::reduce(const Stream& stream) {
   for (size_t u = num_units(); u-- > 0;) reduce_unit(u, stream);
-  if (opts_.stage == 3) release_unit(0);
+  if (opts_.stage == 3) {
+    release_unit(0);
+    // A prefetch nobody consumed (a pipeline stage's last forward) would hand out the weights of
+    // before the optimizer step: finish and drop it.
+    for (size_t u = 0; u < num_units(); ++u)
+      if (gatherer_->in_flight(u)) gatherer_->wait(u, model_[u], stream);
+  }
 }
 
 void ZeroSync::sum_over_dp(const Tensor& t, const Stream& stream) const {
@@ -208,6 +246,15 @@ void ZeroSync::sum_over_dp(const Tensor& t, const Stream& stream) const {
 }
 
 // ---- Stage 3: parameters gathered around each layer -----------------------------------------------
+// Whether layer + dir is held in the same chunk as `layer` (its unit is the neighbouring one): the
+// only layer worth prefetching next; a pipeline chunk's neighbour runs at another time of the step.
+bool ZeroSync::next_in_range(int layer, int dir) const {
+  const int next = layer + dir;
+  if (next < 0 || next >= static_cast<int>(layer_unit_.size())) return false;
+  const size_t u = layer_unit_[static_cast<size_t>(layer)], v = layer_unit_[static_cast<size_t>(next)];
+  return v != 0 && v == u + static_cast<size_t>(dir);
+}
+
 void ZeroSync::gather_unit(size_t u, const Stream& stream) {
   const Tensor full = gatherer_->wait(u, model_[u], stream);
   for (size_t k = 0; k < unit_params_[u].size(); ++k) params_.all()[unit_params_[u][k]].var.data() = view_of(full, u, k);
@@ -219,15 +266,20 @@ void ZeroSync::release_unit(size_t u) {
 
 void ZeroSync::begin_forward(Tape& tape) {
   if (opts_.stage != 3) return;
-  gather_unit(0, tape.stream());  // embedding and LM head: held until reduce()
-  if (opts_.prefetch && num_units() > 1) gatherer_->start(1, model_[1], tape.stream());
+  // Embedding and LM head: gathered once (the first forward of the step; a pipeline runs one forward
+  // per micro-batch and chunk) and held until reduce(). A middle pipeline stage holds neither.
+  const bool gathered = unit_params_[0].empty() || params_.all()[unit_params_[0][0]].var.data().defined();
+  if (!gathered) gather_unit(0, tape.stream());
+  // Without a pipeline every forward starts at layer 0 (unit 1); a stage's chunks start elsewhere.
+  if (opts_.prefetch && num_units() > 1 && esm2_.options().layer_ranges.empty())
+    gatherer_->start(1, model_[1], tape.stream());
 }
 
 Var ZeroSync::enter_layer(Tape& tape, int layer, const Var& x) {
   if (opts_.stage != 3) return x;
-  const size_t u = static_cast<size_t>(layer) + 1;
+  const size_t u = layer_unit_.at(static_cast<size_t>(layer));
   gather_unit(u, tape.stream());
-  if (opts_.prefetch && u + 1 < num_units()) gatherer_->start(u + 1, model_[u + 1], tape.stream());
+  if (opts_.prefetch && next_in_range(layer, +1)) gatherer_->start(u + 1, model_[u + 1], tape.stream());
   // Backward: the layer's backward is done; free its weights, reduce-scatter its gradient.
   return tape.apply1(std::make_shared<ZeroMarkNode>("zero_enter", [this, u](const Stream& s) {
                        if (opts_.regather_in_backward) release_unit(u);
@@ -238,14 +290,14 @@ Var ZeroSync::enter_layer(Tape& tape, int layer, const Var& x) {
 
 Var ZeroSync::leave_layer(Tape& tape, int layer, const Var& x) {
   if (opts_.stage != 3) return x;
-  const size_t u = static_cast<size_t>(layer) + 1;
+  const size_t u = layer_unit_.at(static_cast<size_t>(layer));
   release_unit(u);
   // Backward, before the layer's: its gradient buffer, and its weights again (recompute reads them).
-  return tape.apply1(std::make_shared<ZeroMarkNode>("zero_leave", [this, u](const Stream& s) {
+  return tape.apply1(std::make_shared<ZeroMarkNode>("zero_leave", [this, u, layer](const Stream& s) {
                        ensure_full_grad(u, s);
                        if (!opts_.regather_in_backward) return;
                        gather_unit(u, s);
-                       if (opts_.prefetch && u > 1) gatherer_->start(u - 1, model_[u - 1], s);
+                       if (opts_.prefetch && next_in_range(layer, -1)) gatherer_->start(u - 1, model_[u - 1], s);
                      }),
                      {x});
 }

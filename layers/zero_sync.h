@@ -89,6 +89,7 @@ class ZeroSync final : public Esm2LayerHooks {
   ZeroMemory formula() const;
 
  private:
+  bool next_in_range(int layer, int dir) const;
   void gather_unit(size_t u, const Stream& stream);
   void release_unit(size_t u);
   void ensure_full_grad(size_t u, const Stream& stream);
@@ -106,6 +107,7 @@ class ZeroSync final : public Esm2LayerHooks {
   DType compute_ = DType::kF32;
   ZeroShardLayout layout_;
   std::vector<std::vector<size_t>> unit_params_;  // per unit, parameter indices
+  std::vector<size_t> layer_unit_;                // per model layer, its unit (0: not held here)
   std::vector<Tensor> master_, exp_avg_, exp_avg_sq_;  // [S] f32 each
   std::vector<Tensor> model_;       // stages 1-2: [P] compute dtype; stage 3: [S] (== master_ in f32)
   std::vector<Tensor> full_grad_;   // [P] f32 while it exists (stage 1: always)
@@ -119,11 +121,19 @@ class ZeroSync final : public Esm2LayerHooks {
 // parameters = model copies, gradients = gradient tensors, optimizer = separate masters + moments.
 ZeroMemory unsharded_memory(const ParameterSet& params, AdamW& opt);
 
-// The ZeRO units of an ESM-2 model (unit 0: the parameters outside the layers; unit 1 + i: layer i),
-// as parameter indices; the memory formula's unit_numels come from their shapes.
+// The ZeRO units of an ESM-2 model (unit 0: the parameters outside the layers; unit 1 + k: the k-th
+// layer the model holds, i.e. layer k without pipeline parallelism), as parameter indices; the
+// memory formula's unit_numels come from their shapes. A pipeline stage (Esm2Options::layer_ranges)
+// has units for its own layers only; its unit 0 holds the embedding on the first stage, embedding,
+// final LayerNorm and LM head on the last, nothing on a middle stage (a padding-only unit).
 std::vector<std::vector<size_t>> esm2_zero_units(const Esm2Model& model);
+// The layers the model holds, ascending (all of them without layer_ranges).
+std::vector<int> esm2_zero_layers(const Esm2Model& model);
 // The same units' tensor sizes from the configuration alone (this tp rank's shapes, the vocabulary
 // padded to a multiple of tp), for zero_memory_bytes without building the model (`helix plan`).
 std::vector<std::vector<int64_t>> esm2_zero_unit_numels(const ModelConfig& config, int tp);
+// The same for a pipeline stage holding `layer_ranges` (pipeline_layer_ranges; empty: every layer).
+std::vector<std::vector<int64_t>> esm2_zero_unit_numels(const ModelConfig& config, int tp,
+                                                       const std::vector<std::pair<int, int>>& layer_ranges);
 
 }  // namespace helix

@@ -92,4 +92,16 @@ PackedBatch pack_batch(const ProteinDataset& data, std::span<const int64_t> indi
   return out;
 }
 
+ThdBatch to_thd_batch(const PackedBatch& b, Device device) {
+  ThdBatch t;
+  t.tokens = b.tokens;
+  t.labels = b.labels;
+  t.cu_seqlens = b.cu_seqlens;
+  t.cu_seqlens_padded = b.cu_seqlens_padded;
+  t.max_seqlen = b.max_seqlen;
+  t.num_tokens = b.num_tokens;
+  t.num_labels = b.num_labels;
+  return t.to(device);
+}
+
 }  // namespace helix

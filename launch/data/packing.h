@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "core/tensor.h"
+#include "core/thd_batch.h"
 #include "launch/data/dataset.h"
 #include "launch/data/sample.h"
 
@@ -64,5 +65,8 @@ struct PackParams {
 // indices and params give the same tensors.
 PackedBatch pack_batch(const ProteinDataset& data, std::span<const int64_t> indices,
                        const PackParams& p);
+
+// The packed batch as the model's ThdBatch on `device` (host copies of cu_seqlens kept).
+ThdBatch to_thd_batch(const PackedBatch& b, Device device);
 
 }  // namespace helix

@@ -54,7 +54,6 @@ TEST(PipelineOptions, BadCombinationsRefusedNamingTheFlag) {
   expect_refused({"--pp", "0"}, "--pp");
   expect_refused({"--pp", "4", "--layers", "3"}, "--pp 4");
   expect_refused({"--pp", "4", "--pp-virtual", "9", "--micro-batches", "4"}, "--pp-virtual 9");
-  expect_refused({"--pp", "2", "--zero", "1"}, "--zero 1 with --pp 2");
   expect_refused({"--pp", "2", "--cp", "2"}, "--cp 2 with --pp 2");
   expect_refused({"--pp", "2", "--fp8", "delayed"}, "--fp8 delayed with --pp 2");
 }

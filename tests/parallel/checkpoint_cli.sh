@@ -13,6 +13,8 @@
 #   reshard_pp2to1                           saved on pp 2, resumed on 1 rank: losses within tolerance
 #   resume_zero / reshard_zero               the same with ZeRO (flat shards): bitwise with --zero 3,
 #                                            tp 2 x dp 2 --zero 1 -> dp 2 --zero 3 and -> 1 rank
+#   resume_zero_pp / reshard_zero_pp        ZeRO under pipeline parallelism: bitwise resume on pp 2 x
+#                                            dp 2 --zero 3; saved there with --zero 2, resumed on 1 rank
 #   killed_save                              a process that dies in the middle of a save leaves the
 #                                            previous checkpoint, which resumes bitwise
 #   damaged                                  truncated / corrupted / missing rank file, a cut meta.json,
@@ -92,6 +94,16 @@ case $CASE in
   resume_tp2) bitwise_resume 2 --tp 2 ;;
   resume_dp2) bitwise_resume 2 ;;
   resume_zero) bitwise_resume 2 --zero 3 ;;
+  resume_zero_pp) bitwise_resume 4 --pp 2 --zero 3 --micro-batches 2 ;;
+  reshard_zero_pp)
+    # Each stage's dp ranks write flat pieces of its own tensors (the tied embedding once, stage 0).
+    run 4 train "${ARGS[@]}" --pp 2 --zero 2 --micro-batches 2 --out four --save four_ck --save-every 3 > log_a 2>&1 || { cat log_a; fail "pp 2 x dp 2"; }
+    grep -q '"flat"' four_ck/step_00000003/meta.json || fail "expected flat pieces in a ZeRO checkpoint"
+    run 1 train "${ARGS[@]}" --micro-batches 4 --out one --resume four_ck/step_00000003 > log_b 2>&1 || { cat log_b; fail "resume on 1"; }
+    losses four/metrics.jsonl | tail -n 3 | sed 's/^/"loss":/' > four_tail.jsonl
+    close_losses four_tail.jsonl one/metrics.jsonl
+    echo "ok: saved on pp 2 x dp 2 --zero 2, resumed on 1 rank"
+    ;;
   resume_cp2) bitwise_resume 2 --cp 2 --cp-split-min-len 0 ;;
   resume_pp2) bitwise_resume 2 --pp 2 --micro-batches 2 ;;
   resume_fp8) bitwise_resume 1 --fp8 delayed ;;
