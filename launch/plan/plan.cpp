@@ -93,21 +93,6 @@ std::vector<int> plan_layer_split(const PlanInput& in) {
   return esm2_pipeline_split(in.model, in.layout.pp * in.layout.virtual_stages);
 }
 
-std::vector<std::vector<int64_t>> stage_zero_unit_numels(
-    const ModelConfig& m, int tp, const std::vector<std::pair<int, int>>& ranges) {
-  std::vector<std::vector<int64_t>> all = esm2_zero_unit_numels(m, tp);
-  if (ranges.empty()) return all;
-  const bool first = ranges.front().first == 0, last = ranges.back().second == m.layers;
-  std::vector<std::vector<int64_t>> out;
-  // Unit 0 in Esm2Model's parameter order: the embedding, then final LayerNorm and LM head.
-  out.push_back({});
-  if (first || last) out[0].push_back(all[0][0]);
-  if (last) out[0].insert(out[0].end(), all[0].begin() + 1, all[0].end());
-  for (const auto& [lo, hi] : ranges)
-    for (int i = lo; i < hi; ++i) out.push_back(all[size_t(i) + 1]);
-  return out;
-}
-
 std::string layout_error(const PlanInput& in) {
   const PlanLayout& l = in.layout;
   const ModelConfig& m = in.model;
@@ -340,14 +325,15 @@ PlanResult make_plan(const PlanInput& in, const Calibration& cal) {
     const double pe = double(st.param_elements);
     // Persistent parameter, gradient and optimizer bytes: zero_memory_bytes (the formula that
     // ZeroSync's flat buffers follow, their padding included) over this stage's units, ZeRO
-    // sharding over dp x cp (docs/fsdp.md: cp ranks hold the same parameters).
+    // sharding over dp x cp (docs/fsdp.md: cp ranks hold the same parameters); a pipeline stage's
+    // units are its own (esm2_zero_unit_numels with the stage's layer ranges).
     const double zs = double(dp) * cp;
     const double d1 = l.zero >= 1 ? zs : 1, d2 = l.zero >= 2 ? zs : 1;
     ZeroMemoryParams zp;
     zp.stage = l.zero;
     zp.dp = dp * cp;
     zp.compute_bytes = in.bf16 ? 2 : 4;
-    zp.unit_numels = stage_zero_unit_numels(m, tp, st.layer_ranges);
+    zp.unit_numels = esm2_zero_unit_numels(m, tp, st.layer_ranges);
     const ZeroMemory zm = zero_memory_bytes(zp);
     // In f32 runs stages 0 and 3 keep no separate master (the model copy, or its shard, is it);
     // otherwise the optimizer bytes are the master (4 bytes) and the two moments (8) per element.

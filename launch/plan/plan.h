@@ -118,13 +118,6 @@ double plan_model_flops(const ModelConfig& m, double tokens, double seq_len);
 // in.pp_layers, else esm2_pipeline_split over pp * virtual_stages parts; rank s holds virtual
 // stages s, s + pp, ... (pipeline_layer_ranges).
 std::vector<int> plan_layer_split(const PlanInput& in);
-// The ZeRO units (layers/zero_sync.h esm2_zero_units) of a stage holding `ranges` (empty: every
-// layer): unit 0 the non-layer tensors it holds (the tied embedding on the first and the last
-// stage, final LayerNorm and LM head on the last), then one unit per layer held; this tp rank's
-// sizes. Input of zero_memory_bytes (parallel/zero.h), which gives the stage's persistent bytes.
-std::vector<std::vector<int64_t>> stage_zero_unit_numels(
-    const ModelConfig& m, int tp, const std::vector<std::pair<int, int>>& ranges);
-
 // The first rule the layout breaks (divisibility, sizes), or "".
 std::string layout_error(const PlanInput& in);
 PlanResult make_plan(const PlanInput& in, const Calibration& cal);

@@ -3,7 +3,7 @@
 // (DP = world, and TP=2 x DP), the pipeline stage models + AdamW under PP=2 (even, uneven,
 // automatic and interleaved splits; x TP=2; each rank checks its own stage), and CP=2 (ZeRO 0, and
 // ZeRO-1 sharded over dp x cp as the trainer shards it). Every byte count must match exactly.
-// Not covered: ZeRO x PP (the trainer refuses it today, launch/pipeline_step.cpp).
+// ZeRO 1/2/3 x PP=2 (each stage's own units, sharded over dp) as well.
 #include <gtest/gtest.h>
 
 #include <memory>
@@ -147,7 +147,7 @@ TEST(PlanLayouts, ZeroStage3TensorParallelEqualsThePlan) {  // TP=2 x DP=2 on 4 
 constexpr int64_t kBudget = 64;  // tokens of every padded micro-batch (the largest has 49)
 
 void check_pipeline(int tp, int layers, int virtual_stages, std::vector<int> split_arg,
-                    int vocab = 33) {
+                    int vocab = 33, int zero_stage = 0) {
   constexpr int pp = 2, micro_batches = 4;
   ParallelContext ctx = testing::make_context(ParallelSizes{.tp = tp, .pp = pp});
   const ModelConfig cfg = layouts_tiny(layers, vocab);
@@ -159,12 +159,24 @@ void check_pipeline(int tp, int layers, int virtual_stages, std::vector<int> spl
   o.layer_ranges = pipeline_layer_ranges(split, pp, ctx.coords().pp);
   Esm2Model stage(cfg, o);
   stage.init_random(3);
+  std::unique_ptr<ZeroSync> zero;  // ZeRO sharded over dp inside the stage (as the trainer does)
+  std::unique_ptr<ZeroAdamW> zopt;
+  std::unique_ptr<AdamW> opt;
+  std::unique_ptr<GradSync> sync;
+  if (zero_stage > 0) {
+    ZeroOptions zo;
+    zo.stage = zero_stage;
+    zero = std::make_unique<ZeroSync>(stage, ctx, zo);
+    zopt = std::make_unique<ZeroAdamW>(*zero, AdamWConfig{});
+  } else {
+    opt = std::make_unique<AdamW>(stage.params(), AdamWConfig{});
+    sync = std::make_unique<GradSync>(stage.params(), &ctx);
+  }
   Esm2Pipeline pipe(stage, ctx,
                     Esm2PipelineOptions{.virtual_stages = virtual_stages,
                                         .token_budget = kBudget,
                                         .layers_per_stage = split});
-  AdamW opt(stage.params(), AdamWConfig{});
-  GradSync sync(stage.params(), &ctx);
+  if (zero) pipe.set_zero(zero.get());
   const Stream stream;
   for (int step = 0; step < 2; ++step) {
     std::vector<ThdBatch> micro;
@@ -173,14 +185,22 @@ void check_pipeline(int tp, int layers, int virtual_stages, std::vector<int> spl
       micro.push_back(batch_of(step, m + micro_batches * ctx.coords().dp));
       labels += micro.back().num_labels;
     }
-    sync.zero_grads(stream);
-    pipe.train_step(micro, 1.0f / float(labels), stream);
-    sync.reduce(stream);
-    ASSERT_TRUE(opt.step(1e-3, true, stream, pipe.norm_reduce(sync.norm_reduce())).applied);
+    if (zero) {
+      zero->zero_grads(stream);
+      pipe.train_step(micro, 1.0f / float(labels), stream);
+      zero->reduce(stream);
+      ASSERT_TRUE(zopt->step(1e-3, true, stream).applied);
+    } else {
+      sync->zero_grads(stream);
+      pipe.train_step(micro, 1.0f / float(labels), stream);
+      sync->reduce(stream);
+      ASSERT_TRUE(opt->step(1e-3, true, stream, pipe.norm_reduce(sync->norm_reduce())).applied);
+    }
   }
   PlanLayout l;
   l.tp = tp;
   l.pp = pp;
+  l.zero = zero_stage;
   l.virtual_stages = virtual_stages;
   l.micro_batches = micro_batches;
   l.sequence_parallel = false;
@@ -188,8 +208,9 @@ void check_pipeline(int tp, int layers, int virtual_stages, std::vector<int> spl
   ASSERT_EQ(int(r.stages.size()), pp);
   const StagePlan& mine = r.stages[size_t(ctx.coords().pp)];
   EXPECT_EQ(mine.layer_ranges, o.layer_ranges);
-  expect_plan_equals(mine.memory, held_unsharded(stage.params(), opt),
+  expect_plan_equals(mine.memory, zero ? held_zero(*zero) : held_unsharded(stage.params(), *opt),
                      "pp stage " + std::to_string(ctx.coords().pp) + " tp " + std::to_string(tp) +
+                         " zero " + std::to_string(zero_stage) +
                          " layers " + std::to_string(layers) + " v " +
                          std::to_string(virtual_stages));
 }
@@ -202,6 +223,12 @@ TEST(PlanLayouts, PipelineStagesEqualThePlan) {  // PP=2 (x DP=2 on 4 ranks)
   EXPECT_EQ(esm2_pipeline_split(layouts_tiny(7, 2048), 2), (std::vector<int>{6, 1}));
   check_pipeline(1, 7, 1, {}, 2048);
   check_pipeline(1, 5, 2, {2, 1, 1, 1});  // interleaved: rank 0 holds layers 0-1 and 3
+}
+
+TEST(PlanLayouts, ZeroTimesPipelineEqualsThePlan) {  // ZeRO 1/2/3 x PP=2 (x DP=2 on 4 ranks)
+  for (int zero_stage : {1, 2, 3}) check_pipeline(1, 5, 1, {3, 2}, 33, zero_stage);
+  check_pipeline(1, 5, 2, {2, 1, 1, 1}, 33, 3);  // interleaved: rank 0 holds layers 0-1 and 3
+  if (testing::world_size() == 4) check_pipeline(2, 4, 1, {2, 2}, 33, 1);  // PP=2 x TP=2, DP=1
 }
 
 TEST(PlanLayouts, PipelineTimesTensorParallelEqualsThePlan) {  // PP=2 x TP=2
