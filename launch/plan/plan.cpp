@@ -5,6 +5,9 @@
 
 #include "core/log.h"
 #include "launch/plan/pipeline_schedule.h"
+#include "layers/esm2_pipeline.h"
+#include "layers/zero_sync.h"
+#include "parallel/zero.h"
 
 namespace helix {
 
@@ -85,11 +88,9 @@ double plan_model_flops(const ModelConfig& m, double tokens, double seq_len) {
          12.0 * double(m.hidden) * m.layers * seq_len * tokens;
 }
 
-std::vector<int> stage_layer_counts(int layers, int pp, int virtual_stages) {
-  const int nv = pp * virtual_stages;
-  std::vector<int> out(pp, 0);
-  for (int vs = 0; vs < nv; ++vs) out[vs % pp] += layers / nv + (vs < layers % nv ? 1 : 0);
-  return out;
+std::vector<int> plan_layer_split(const PlanInput& in) {
+  if (!in.pp_layers.empty()) return in.pp_layers;
+  return esm2_pipeline_split(in.model, in.layout.pp * in.layout.virtual_stages);
 }
 
 std::string layout_error(const PlanInput& in) {
@@ -107,6 +108,19 @@ std::string layout_error(const PlanInput& in) {
   if (m.layers < l.pp * l.virtual_stages)
     return fmt::format("--pp {} --pp-virtual {}: {} layers cannot fill {} virtual stages", l.pp,
                        l.virtual_stages, m.layers, l.pp * l.virtual_stages);
+  if (!in.pp_layers.empty()) {
+    int sum = 0;
+    bool positive = true;
+    for (int k : in.pp_layers) {
+      sum += k;
+      positive &= k >= 1;
+    }
+    if (int(in.pp_layers.size()) != l.pp * l.virtual_stages || sum != m.layers || !positive)
+      return fmt::format(
+          "--pp-layers: expected {} counts >= 1 (pp x pp-virtual) summing to {} layers, got {} "
+          "summing to {}",
+          l.pp * l.virtual_stages, m.layers, in.pp_layers.size(), sum);
+  }
   const std::string pe = pipeline_shape_error({l.pp, l.virtual_stages, l.micro_batches});
   if (!pe.empty()) return pe;
   const int dp = in.gpus / int(mp);
@@ -296,29 +310,41 @@ PlanResult make_plan(const PlanInput& in, const Calibration& cal) {
   const double head_act =
       e * 3.0 * t * m.hidden + (e + 4) * double(t) * vr;  // LM head: x, pre, LN out; logits
   const PipelineShape shape{pp, v, mbs};
-  const std::vector<int> counts = stage_layer_counts(m.layers, pp, v);
+  const std::vector<int> split = plan_layer_split(in);
 
   double max_mem = -1;
   double slowest = -1;
   for (int s = 0; s < pp; ++s) {
     StagePlan st;
-    st.layers = counts[s];
+    if (pp > 1) st.layer_ranges = pipeline_layer_ranges(split, pp, s);
+    for (const auto& [lo, hi] : st.layer_ranges) st.layers += hi - lo;
+    if (pp == 1) st.layers = m.layers;
     st.first = s == 0;
     st.last = s == pp - 1;
     st.param_elements = stage_param_elements(m, tp, st.layers, st.first, st.last, pp > 1);
     const double pe = double(st.param_elements);
-    // ZeRO shards over dp x cp (docs/fsdp.md: the shard group includes cp, whose ranks hold the
-    // same parameters); persistent buffers as zero_memory_bytes counts them (less the flat
-    // padding).
+    // Persistent parameter, gradient and optimizer bytes: zero_memory_bytes (the formula that
+    // ZeroSync's flat buffers follow, their padding included) over this stage's units, ZeRO
+    // sharding over dp x cp (docs/fsdp.md: cp ranks hold the same parameters); a pipeline stage's
+    // units are its own (esm2_zero_unit_numels with the stage's layer ranges).
     const double zs = double(dp) * cp;
-    const double d1 = l.zero >= 1 ? zs : 1, d2 = l.zero >= 2 ? zs : 1, d3 = l.zero >= 3 ? zs : 1;
+    const double d1 = l.zero >= 1 ? zs : 1, d2 = l.zero >= 2 ? zs : 1;
+    ZeroMemoryParams zp;
+    zp.stage = l.zero;
+    zp.dp = dp * cp;
+    zp.compute_bytes = in.bf16 ? 2 : 4;
+    zp.unit_numels = esm2_zero_unit_numels(m, tp, st.layer_ranges);
+    const ZeroMemory zm = zero_memory_bytes(zp);
+    // In f32 runs stages 0 and 3 keep no separate master (the model copy, or its shard, is it);
+    // otherwise the optimizer bytes are the master (4 bytes) and the two moments (8) per element.
+    const bool copy_is_master = !in.bf16 && (l.zero == 0 || l.zero == 3);
     MemoryBytes& mem = st.memory;
-    mem.master = 4 * std::ceil(pe / d1);
+    mem.master = copy_is_master ? double(zm.params) : double(zm.optimizer) / 3;
     const int64_t layer_matmul = 4LL * m.hidden * m.hidden / tp + 2LL * m.hidden * m.ffn / tp;
     mem.model_copy =
-        (in.bf16 ? 2 : 0) * std::ceil(pe / d3) + (fp8 ? double(layer_matmul) * st.layers : 0);
-    mem.grads = 4 * std::ceil(pe / d2);
-    mem.optimizer = 8 * std::ceil(pe / d1);
+        (copy_is_master ? 0 : double(zm.params)) + (fp8 ? double(layer_matmul) * st.layers : 0);
+    mem.grads = double(zm.grads);
+    mem.optimizer = double(zm.optimizer) - (copy_is_master ? 0 : mem.master);
     // Activations: micro-batches (chunks) in flight on this stage under the schedule.
     const double in_flight = pipeline_in_flight(shape, s);
     mem.activations = in_flight * st.layers * act_layer;

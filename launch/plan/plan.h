@@ -6,6 +6,7 @@
 // hold them against a built model; docs/scaling.md derives every formula.
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "launch/plan/calibration.h"
@@ -36,6 +37,9 @@ struct PlanInput {
   double seq_len = 504;    // token-weighted mean sequence length, sum s^2 / sum s (attention cost)
   int max_seq_len = 1024;  // longest sample (crop + 2): a micro-batch must hold it
   Fp8Mode fp8 = Fp8Mode::kOff;
+  // Layers per virtual stage (helix train --pp-layers), pp * virtual_stages entries; empty: the
+  // trainer's automatic split (esm2_pipeline_split).
+  std::vector<int> pp_layers;
   bool bf16 =
       true;  // compute dtype bf16 (GPU); false: f32, the model copy is the master (CPU runs)
   PlanLayout layout;
@@ -57,6 +61,7 @@ struct MemoryBytes {
 
 struct StagePlan {
   int layers = 0;
+  std::vector<std::pair<int, int>> layer_ranges;  // [first, last) per chunk, as the trainer builds it
   bool first = false, last = false;
   int64_t param_elements = 0;  // this rank's share before ZeRO (tensor-parallel shard)
   MemoryBytes memory;
@@ -109,10 +114,10 @@ double layer_activation_bytes(const ModelConfig& m, int64_t tokens, const PlanLa
 // Model FLOPs of a step of `tokens` tokens whose sum s^2 / sum s is `seq_len`
 // (== ModelConfig::train_flops for such a batch).
 double plan_model_flops(const ModelConfig& m, double tokens, double seq_len);
-// Layers of each pipeline rank: the layers spread as evenly as possible over p * v virtual stages
-// (the first L % (p v) virtual stages get one more), rank s holding virtual stages s, s + p, ...
-std::vector<int> stage_layer_counts(int layers, int pp, int virtual_stages);
-
+// Layers per virtual stage as the trainer splits them (launch/pipeline_step.cpp pipeline_split):
+// in.pp_layers, else esm2_pipeline_split over pp * virtual_stages parts; rank s holds virtual
+// stages s, s + pp, ... (pipeline_layer_ranges).
+std::vector<int> plan_layer_split(const PlanInput& in);
 // The first rule the layout breaks (divisibility, sizes), or "".
 std::string layout_error(const PlanInput& in);
 PlanResult make_plan(const PlanInput& in, const Calibration& cal);

@@ -10,6 +10,7 @@
 #include "core/log.h"
 #include "launch/plan/pipeline_schedule.h"
 #include "launch/plan/search.h"
+#include "launch/pipeline_step.h"
 
 namespace po = boost::program_options;
 
@@ -150,6 +151,7 @@ int cmd_plan(const std::vector<std::string>& args) {
   std::string model = "esm2-650m", gpu = "h100", calibration, tokens = "16384", fp8 = "off",
               recompute = "none", sp = "on", rejected = "30";
   std::vector<std::string> extra;
+  std::string pp_layers;
   int layers = 0, hidden = 0, heads = 0, ffn = 0, gpus = 1, gpus_per_node = 0, top = 10;
   double seq_len = 504, max_bubble = 0.5;
   int max_seq_len = 1024;
@@ -172,6 +174,8 @@ int cmd_plan(const std::vector<std::string>& args) {
   opt("cp", po::value(&l.cp), "context parallel size");
   opt("pp", po::value(&l.pp), "pipeline stages");
   opt("pp-virtual", po::value(&l.virtual_stages), "model chunks per pipeline rank (interleaved 1F1B)");
+  opt("pp-layers", po::value(&pp_layers), "layers per virtual stage, e.g. 9,8,8,8 (as helix train "
+      "--pp-layers; default: the trainer's balanced split)");
   opt("zero", po::value(&l.zero), "0 | 1 (optimizer state) | 2 (+ gradients) | 3 (+ parameters)");
   opt("micro-batches", po::value(&l.micro_batches), "micro-batches per step and dp rank");
   opt("tokens-per-step", po::value(&tokens), "tokens per optimizer step: 16384, 16k, 4M (k = 1024)");
@@ -217,6 +221,7 @@ int cmd_plan(const std::vector<std::string>& args) {
   in.seq_len = seq_len;
   in.max_seq_len = max_seq_len;
   in.layout = l;
+  if (!pp_layers.empty() && !vm.count("search")) in.pp_layers = parse_pp_layers(pp_layers);
 
   Calibration cal = load_calibration(calibration.empty() ? find_calibration(gpu) : calibration);
   for (const std::string& e : extra) merge_calibration(cal, load_calibration(e));

@@ -17,7 +17,9 @@
 #include "launch/plan/search.h"
 #include "layers/esm2.h"
 #include "layers/optimizer.h"
+#include "layers/zero_sync.h"
 #include "parallel/esm2_test_batch.h"
+#include "parallel/zero.h"
 
 namespace helix {
 namespace {
@@ -251,11 +253,27 @@ TEST(Plan, ShardingDividesStateAsZeroSays) {
   in.layout.zero = 3;
   const PlanResult z3 = make_plan(in, cal);
   const double p = double(model_config("esm2-3b").num_params());
+  // ZeroSync's flat buffers (parallel/zero.h): per unit (the non-layer tensors, each layer) padded
+  // to a multiple of kZeroAlign * 8, every tensor starting aligned; shard S, full flat size F.
+  double shard = 0, flat = 0, tensors = 0;
+  const std::vector<std::vector<int64_t>> units = esm2_zero_unit_numels(in.model, 1);
+  for (const std::vector<int64_t>& u : units) {
+    const ZeroUnitLayout layout = make_zero_unit_layout("", u, 8);
+    shard += double(layout.shard_numel);
+    flat += double(layout.numel);
+    tensors += double(u.size());
+  }
+  EXPECT_GE(shard, std::ceil(p / 8));
+  // Padding only: < kZeroAlign per tensor and < kZeroAlign * 8 per unit's tail.
+  EXPECT_LT(flat - p, tensors * kZeroAlign + double(units.size()) * 8 * kZeroAlign);
   EXPECT_EQ(z0.memory.optimizer, 8 * p);
-  EXPECT_EQ(z1.memory.optimizer, 8 * std::ceil(p / 8));
-  EXPECT_EQ(z1.memory.grads, 4 * p);
-  EXPECT_EQ(z3.memory.grads, 4 * std::ceil(p / 8));
-  EXPECT_EQ(z3.memory.model_copy, 2 * std::ceil(p / 8));
+  EXPECT_EQ(z0.memory.master, 4 * p);
+  EXPECT_EQ(z1.memory.optimizer, 8 * shard);
+  EXPECT_EQ(z1.memory.master, 4 * shard);
+  EXPECT_EQ(z1.memory.grads, 4 * flat);
+  EXPECT_EQ(z1.memory.model_copy, 2 * flat);
+  EXPECT_EQ(z3.memory.grads, 4 * shard);
+  EXPECT_EQ(z3.memory.model_copy, 2 * shard);
   EXPECT_GT(z0.comm.dp, 0);
   // Transients (docs/fsdp.md): stage 2 fills full gradient buffers during the step; stage 3 without
   // full recompute keeps every layer's gathered weights until its backward (one micro-batch here).
@@ -267,7 +285,7 @@ TEST(Plan, ShardingDividesStateAsZeroSays) {
   // Context parallelism joins the shard group: dp 4 x cp 2 shards over 8.
   in.layout.zero = 1;
   in.layout.cp = 2;
-  EXPECT_EQ(make_plan(in, cal).memory.optimizer, 8 * std::ceil(p / 8));
+  EXPECT_EQ(make_plan(in, cal).memory.optimizer, 8 * shard);
 }
 
 TEST(Plan, SearchRanksFeasibleLayoutsAndExplainsRejections) {
