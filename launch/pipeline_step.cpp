@@ -40,8 +40,6 @@ void validate_pipeline_options(const TrainOptions& o) {
   HELIX_CHECK(o.cp == 1,
               "--cp {} with --pp {}: context parallelism of a pipelined model is not implemented",
               o.cp, o.pp);
-  HELIX_CHECK(o.fp8 == "none", "--fp8 {} with --pp {}: FP8 of a pipelined model is not implemented",
-              o.fp8, o.pp);
   validate_pipeline_schedule(
       {.stages = o.pp, .virtual_stages = o.pp_virtual, .micro_batches = o.micro_batches});
   const int parts = o.pp * o.pp_virtual;

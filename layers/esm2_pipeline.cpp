@@ -2,10 +2,12 @@
 
 #include <algorithm>
 #include <map>
+#include <numeric>
 #include <set>
 
 #include "kernels/axpy/axpy.h"
 #include "kernels/grad_norm/grad_norm.h"
+#include "layers/fp8_layers.h"
 #include "layers/zero_sync.h"
 
 namespace helix {
@@ -100,6 +102,13 @@ Esm2Pipeline::Esm2Pipeline(Esm2Model& model, const ParallelContext& ctx,
               opts_.token_budget);
   HELIX_CHECK(model_.options().parallel == &ctx_,
               "pipeline: the model must be built on the same ParallelContext");
+  // FP8: the model pads T to a multiple of 16 (lcm(16, tp) under SP); a budget of that multiple
+  // makes it pad nothing, so every stage's activations keep the message shape [budget, H].
+  if (model_.options().fp8) {
+    const int64_t mult = std::lcm<int64_t>(kFp8TokenMultiple,
+                                           model_.options().sequence_parallel ? model_.tp_size() : 1);
+    opts_.token_budget = (opts_.token_budget + mult - 1) / mult * mult;
+  }
   if (!opts_.layers_per_stage.empty()) {  // the split must be the one the stage model was built on
     HELIX_CHECK(pipeline_layer_ranges(opts_.layers_per_stage, stages_, rank_) == ranges_,
                 "pipeline: layers_per_stage does not match the stage model's layer ranges");
