@@ -109,6 +109,9 @@ Esm2Pipeline::Esm2Pipeline(Esm2Model& model, const ParallelContext& ctx,
                                            model_.options().sequence_parallel ? model_.tp_size() : 1);
     opts_.token_budget = (opts_.token_budget + mult - 1) / mult * mult;
   }
+  HELIX_CHECK(ctx_.sizes().cp == 1 || !model_.options().fp8,
+              "--fp8 with --cp {} and --pp {}: FP8 of a context-parallel pipeline is not implemented",
+              ctx_.sizes().cp, stages_);
   if (!opts_.layers_per_stage.empty()) {  // the split must be the one the stage model was built on
     HELIX_CHECK(pipeline_layer_ranges(opts_.layers_per_stage, stages_, rank_) == ranges_,
                 "pipeline: layers_per_stage does not match the stage model's layer ranges");
@@ -133,6 +136,22 @@ double Esm2Pipeline::run(const std::vector<ThdBatch>& micro, float grad_scale, b
   std::vector<ThdBatch> padded;
   for (const ThdBatch& b : micro)
     padded.push_back(pad_thd_batch(b, opts_.token_budget, model_.config().pad_token_id));
+  // Context parallelism: every stage shards the same padded micro-batch (cp_split_batch), so the
+  // two ends of a message (same cp coordinate) know its row count: the rank's local rows.
+  const int cp = ctx_.sizes().cp;
+  std::vector<CpBatch> cpb;
+  for (size_t m = 0; cp > 1 && m < padded.size(); ++m) {
+    const CpShardOptions so{.split_min_len = model_.options().cp.split_min_len,
+                            .pad_id = model_.config().pad_token_id};
+    cpb.push_back(cp_split_batch(padded[m].to(Device::cpu()), cp, ctx_.coords().cp, so));
+    cpb.back().global = padded[m];
+    cpb.back().local = cpb.back().local.to(model_.options().device);
+  }
+  const auto rows_of = [&](int mb) -> int64_t {
+    if (cp == 1) return activation_rows();
+    const int64_t t = cpb[static_cast<size_t>(mb)].local.total_tokens(), tp = model_.tp_size();
+    return model_.options().sequence_parallel ? (t + tp - 1) / tp : t;
+  };
 
   struct Live {  // one (micro-batch, chunk) between its forward and its backward
     std::unique_ptr<Tape> tape;
@@ -143,8 +162,8 @@ double Esm2Pipeline::run(const std::vector<ThdBatch>& micro, float grad_scale, b
   const int layers = model_.config().layers;
   double loss_sum = 0;
   PipelineCallbacks cb;
-  cb.make_buffer = [&](int, int) {
-    return Tensor::empty({activation_rows(), model_.config().hidden}, model_.options().compute,
+  cb.make_buffer = [&](int mb, int) {
+    return Tensor::empty({rows_of(mb), model_.config().hidden}, model_.options().compute,
                          model_.options().device);
   };
   cb.forward = [&](int mb, int chunk, const Tensor& input) -> Tensor {
@@ -160,8 +179,9 @@ double Esm2Pipeline::run(const std::vector<ThdBatch>& micro, float grad_scale, b
                   chunk);
       l.input = Var::leaf(input, train, "pipeline_input");
     }
-    const ThdBatch& b = padded[mb];
-    Var out = model_.forward(*l.tape, b, nullptr, Esm2Span{.begin = first, .end = last, .input = l.input});
+    const CpBatch* c = cp > 1 ? &cpb[static_cast<size_t>(mb)] : nullptr;
+    const ThdBatch& b = c ? c->local : padded[mb];
+    Var out = model_.forward(*l.tape, b, c, Esm2Span{.begin = first, .end = last, .input = l.input});
     Tensor sent;
     if (last == layers) {
       l.output = model_.loss(*l.tape, out, b, grad_scale);
@@ -196,9 +216,11 @@ double Esm2Pipeline::run(const std::vector<ThdBatch>& micro, float grad_scale, b
   HELIX_CHECK(live.empty(), "pipeline: {} micro-batch chunks ran forward without backward",
               live.size());
   if (train) sum_tied_embedding_grad(stream);
-  // The loss lives on the last stage; every stage reports it.
+  // The loss lives on the last stage; every stage reports it (under CP each cp rank's labels are
+  // its own: summed over cp).
   Tensor l = Tensor::from_vector<double>({last_stage() ? loss_sum : 0.0}, Shape{1});
   if (stages_ > 1) ctx_.pp().broadcast(l, stages_ - 1, Stream());
+  if (cp > 1) ctx_.cp().all_reduce(l, ReduceOp::kSum, Stream());
   return l.to_vector<double>()[0];
 }
 

@@ -4,7 +4,9 @@
 // micro-batch is padded to a fixed token budget (one extra <pad> sequence without labels), so each
 // activation and gradient message is [budget, H] ([ceil(budget/tp), H] under sequence parallelism)
 // and every stage derives the same THD metadata from the same micro-batches (all stages of a
-// pipeline read the same batches from the loader). The tied embedding / decoder table lives on the
+// pipeline read the same batches from the loader). Under context parallelism every stage shards
+// the same padded micro-batch and messages are the rank's local rows (both ends know the count).
+// The tied embedding / decoder table lives on the
 // first and the last stage with equal initialisation; its gradient is summed between the two after
 // backward, so both apply the same update. docs/pipeline.md.
 #include <memory>
