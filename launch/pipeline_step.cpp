@@ -37,11 +37,14 @@ void validate_pipeline_options(const TrainOptions& o) {
   HELIX_CHECK(o.pp > 1 || (o.pp_virtual == 1 && o.pp_layers.empty()),
               "--pp-virtual / --pp-layers: need --pp > 1, got --pp {}", o.pp);
   if (o.pp == 1) return;
-  HELIX_CHECK(o.cp == 1,
-              "--cp {} with --pp {}: context parallelism of a pipelined model is not implemented",
-              o.cp, o.pp);
-  HELIX_CHECK(o.fp8 == "none", "--fp8 {} with --pp {}: FP8 of a pipelined model is not implemented",
-              o.fp8, o.pp);
+  HELIX_CHECK(o.cp == 1 || o.fp8 == "none",
+              "--cp {} with --pp {} and --fp8 {}: FP8 of a context-parallel pipeline is not "
+              "implemented",
+              o.cp, o.pp, o.fp8);
+  HELIX_CHECK(o.cp == 1 || o.zero == 0,
+              "--cp {} with --pp {} and --zero {}: ZeRO of a context-parallel pipeline is not "
+              "implemented",
+              o.cp, o.pp, o.zero);
   validate_pipeline_schedule(
       {.stages = o.pp, .virtual_stages = o.pp_virtual, .micro_batches = o.micro_batches});
   const int parts = o.pp * o.pp_virtual;

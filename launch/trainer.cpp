@@ -167,7 +167,8 @@ TrainSummary run_train(const TrainOptions& o) {
                                        .zero = zero.get(), .zero_optimizer = zero_opt.get(), .train = &train,
                                        .options = &o});
   if (fp8) {  // FP8 scaling state (docs/fp8.md): identical on every rank of the amax group
-    const bool whole_world = o.fp8_amax_group == "tp-cp-dp" || ctx.world_size() == o.tp;
+    // --pp > 1: each stage holds its own layers' histories (amax group within a stage): per rank.
+    const bool whole_world = o.pp == 1 && (o.fp8_amax_group == "tp-cp-dp" || ctx.world_size() == o.tp);
     const Reshard r = whole_world ? Reshard::kAny : Reshard::kSameLayout;
     ckpt.add_state(ExtraState{.name = "fp8/amax_history", .tensor = fp8->history(), .reshard = r});
     ckpt.add_state(ExtraState{.name = "fp8/scale", .tensor = fp8->scales(), .reshard = r});

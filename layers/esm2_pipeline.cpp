@@ -2,10 +2,12 @@
 
 #include <algorithm>
 #include <map>
+#include <numeric>
 #include <set>
 
 #include "kernels/axpy/axpy.h"
 #include "kernels/grad_norm/grad_norm.h"
+#include "layers/fp8_layers.h"
 #include "layers/zero_sync.h"
 
 namespace helix {
@@ -100,6 +102,16 @@ Esm2Pipeline::Esm2Pipeline(Esm2Model& model, const ParallelContext& ctx,
               opts_.token_budget);
   HELIX_CHECK(model_.options().parallel == &ctx_,
               "pipeline: the model must be built on the same ParallelContext");
+  // FP8: the model pads T to a multiple of 16 (lcm(16, tp) under SP); a budget of that multiple
+  // makes it pad nothing, so every stage's activations keep the message shape [budget, H].
+  if (model_.options().fp8) {
+    const int64_t mult = std::lcm<int64_t>(kFp8TokenMultiple,
+                                           model_.options().sequence_parallel ? model_.tp_size() : 1);
+    opts_.token_budget = (opts_.token_budget + mult - 1) / mult * mult;
+  }
+  HELIX_CHECK(ctx_.sizes().cp == 1 || !model_.options().fp8,
+              "--fp8 with --cp {} and --pp {}: FP8 of a context-parallel pipeline is not implemented",
+              ctx_.sizes().cp, stages_);
   if (!opts_.layers_per_stage.empty()) {  // the split must be the one the stage model was built on
     HELIX_CHECK(pipeline_layer_ranges(opts_.layers_per_stage, stages_, rank_) == ranges_,
                 "pipeline: layers_per_stage does not match the stage model's layer ranges");
@@ -124,6 +136,22 @@ double Esm2Pipeline::run(const std::vector<ThdBatch>& micro, float grad_scale, b
   std::vector<ThdBatch> padded;
   for (const ThdBatch& b : micro)
     padded.push_back(pad_thd_batch(b, opts_.token_budget, model_.config().pad_token_id));
+  // Context parallelism: every stage shards the same padded micro-batch (cp_split_batch), so the
+  // two ends of a message (same cp coordinate) know its row count: the rank's local rows.
+  const int cp = ctx_.sizes().cp;
+  std::vector<CpBatch> cpb;
+  for (size_t m = 0; cp > 1 && m < padded.size(); ++m) {
+    const CpShardOptions so{.split_min_len = model_.options().cp.split_min_len,
+                            .pad_id = model_.config().pad_token_id};
+    cpb.push_back(cp_split_batch(padded[m].to(Device::cpu()), cp, ctx_.coords().cp, so));
+    cpb.back().global = padded[m];
+    cpb.back().local = cpb.back().local.to(model_.options().device);
+  }
+  const auto rows_of = [&](int mb) -> int64_t {
+    if (cp == 1) return activation_rows();
+    const int64_t t = cpb[static_cast<size_t>(mb)].local.total_tokens(), tp = model_.tp_size();
+    return model_.options().sequence_parallel ? (t + tp - 1) / tp : t;
+  };
 
   struct Live {  // one (micro-batch, chunk) between its forward and its backward
     std::unique_ptr<Tape> tape;
@@ -134,8 +162,8 @@ double Esm2Pipeline::run(const std::vector<ThdBatch>& micro, float grad_scale, b
   const int layers = model_.config().layers;
   double loss_sum = 0;
   PipelineCallbacks cb;
-  cb.make_buffer = [&](int, int) {
-    return Tensor::empty({activation_rows(), model_.config().hidden}, model_.options().compute,
+  cb.make_buffer = [&](int mb, int) {
+    return Tensor::empty({rows_of(mb), model_.config().hidden}, model_.options().compute,
                          model_.options().device);
   };
   cb.forward = [&](int mb, int chunk, const Tensor& input) -> Tensor {
@@ -151,8 +179,9 @@ double Esm2Pipeline::run(const std::vector<ThdBatch>& micro, float grad_scale, b
                   chunk);
       l.input = Var::leaf(input, train, "pipeline_input");
     }
-    const ThdBatch& b = padded[mb];
-    Var out = model_.forward(*l.tape, b, nullptr, Esm2Span{.begin = first, .end = last, .input = l.input});
+    const CpBatch* c = cp > 1 ? &cpb[static_cast<size_t>(mb)] : nullptr;
+    const ThdBatch& b = c ? c->local : padded[mb];
+    Var out = model_.forward(*l.tape, b, c, Esm2Span{.begin = first, .end = last, .input = l.input});
     Tensor sent;
     if (last == layers) {
       l.output = model_.loss(*l.tape, out, b, grad_scale);
@@ -187,9 +216,11 @@ double Esm2Pipeline::run(const std::vector<ThdBatch>& micro, float grad_scale, b
   HELIX_CHECK(live.empty(), "pipeline: {} micro-batch chunks ran forward without backward",
               live.size());
   if (train) sum_tied_embedding_grad(stream);
-  // The loss lives on the last stage; every stage reports it.
+  // The loss lives on the last stage; every stage reports it (under CP each cp rank's labels are
+  // its own: summed over cp).
   Tensor l = Tensor::from_vector<double>({last_stage() ? loss_sum : 0.0}, Shape{1});
   if (stages_ > 1) ctx_.pp().broadcast(l, stages_ - 1, Stream());
+  if (cp > 1) ctx_.cp().all_reduce(l, ReduceOp::kSum, Stream());
   return l.to_vector<double>()[0];
 }
 

@@ -4,7 +4,9 @@
 // micro-batch is padded to a fixed token budget (one extra <pad> sequence without labels), so each
 // activation and gradient message is [budget, H] ([ceil(budget/tp), H] under sequence parallelism)
 // and every stage derives the same THD metadata from the same micro-batches (all stages of a
-// pipeline read the same batches from the loader). The tied embedding / decoder table lives on the
+// pipeline read the same batches from the loader). Under context parallelism every stage shards
+// the same padded micro-batch and messages are the rank's local rows (both ends know the count).
+// The tied embedding / decoder table lives on the
 // first and the last stage with equal initialisation; its gradient is summed between the two after
 // backward, so both apply the same update. docs/pipeline.md.
 #include <memory>
@@ -38,7 +40,8 @@ ThdBatch pad_thd_batch(const ThdBatch& b, int64_t budget, int32_t pad_id);
 
 struct Esm2PipelineOptions {
   int virtual_stages = 1;    // model chunks per rank (> 1: interleaved 1F1B)
-  int64_t token_budget = 0;  // tokens of every padded micro-batch (>= the largest micro-batch)
+  int64_t token_budget = 0;  // tokens of every padded micro-batch (>= the largest micro-batch);
+                             // FP8 models round it up to the model's FP8 token multiple
   // Layers per virtual stage (the whole split, all ranks): the schedule's message placement
   // follows the timeline of these weights. Empty: uniform stages.
   std::vector<int> layers_per_stage;
@@ -81,6 +84,7 @@ class Esm2Pipeline {
   bool last_stage() const { return rank_ == stages_ - 1; }
   const PipelineRunStats& last_stats() const { return stats_; }
   int64_t activation_rows() const;  // rows of every message
+  int64_t token_budget() const { return opts_.token_budget; }  // after the FP8 rounding
 
  private:
   double run(const std::vector<ThdBatch>& micro, float grad_scale, bool train,

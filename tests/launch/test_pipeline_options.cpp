@@ -54,8 +54,10 @@ TEST(PipelineOptions, BadCombinationsRefusedNamingTheFlag) {
   expect_refused({"--pp", "0"}, "--pp");
   expect_refused({"--pp", "4", "--layers", "3"}, "--pp 4");
   expect_refused({"--pp", "4", "--pp-virtual", "9", "--micro-batches", "4"}, "--pp-virtual 9");
-  expect_refused({"--pp", "2", "--cp", "2"}, "--cp 2 with --pp 2");
-  expect_refused({"--pp", "2", "--fp8", "delayed"}, "--fp8 delayed with --pp 2");
+  expect_refused({"--pp", "2", "--cp", "2", "--fp8", "delayed"}, "--cp 2 with --pp 2 and --fp8");
+  expect_refused({"--pp", "2", "--cp", "2", "--zero", "1"}, "--cp 2 with --pp 2 and --zero 1");
+  EXPECT_NO_THROW(parse({"--pp", "2", "--cp", "2"}));  // composes (mpi_test_cp_pp.cpp)
+  EXPECT_NO_THROW(parse({"--pp", "2", "--fp8", "delayed"}));  // composes (mpi_test_fp8_pp.cpp)
 }
 
 // `helix plan`'s closed-form bubble (launch/plan/pipeline_schedule.h) against the timeline of the

@@ -10,6 +10,8 @@
 #                                            losses of the continued steps within fp32 tolerance
 #   resume_cp2 / resume_pp2 / resume_fp8     bitwise resume under --cp 2, --pp 2, --fp8 delayed (the
 #                                            FP8 amax histories and scales are in the checkpoint)
+#   resume_fp8_pp                            bitwise resume under --pp 2 --fp8 delayed (each stage's
+#                                            FP8 state is per rank: its own layers' histories)
 #   reshard_pp2to1                           saved on pp 2, resumed on 1 rank: losses within tolerance
 #   resume_zero / reshard_zero               the same with ZeRO (flat shards): bitwise with --zero 3,
 #                                            tp 2 x dp 2 --zero 1 -> dp 2 --zero 3 and -> 1 rank
@@ -107,6 +109,13 @@ case $CASE in
   resume_cp2) bitwise_resume 2 --cp 2 --cp-split-min-len 0 ;;
   resume_pp2) bitwise_resume 2 --pp 2 --micro-batches 2 ;;
   resume_fp8) bitwise_resume 1 --fp8 delayed ;;
+  resume_fp8_pp)
+    bitwise_resume 2 --pp 2 --micro-batches 2 --fp8 delayed
+    # The stages' FP8 states differ: saved per rank, so another layout is refused naming the state.
+    run 1 train "${ARGS[@]}" --fp8 delayed --resume resumed_ck > log_d 2>&1 && fail "pp 2 FP8 state resumed on 1 rank"
+    grep -q "state 'extra/fp8/amax_history@rank0' is per-rank and was saved on tp 1 x cp 1 x dp 1 x pp 2" log_d || { cat log_d; fail "per-rank FP8 state message"; }
+    echo "ok: pp 2 FP8 state refused on 1 rank"
+    ;;
   reshard_pp2to1)
     # Pipeline stages write disjoint tensors (the tied embedding once): saved on pp 2, resumed on 1 rank.
     run 2 train "${ARGS[@]}" --pp 2 --micro-batches 2 --out two --save two_ck --save-every 3 > log_a 2>&1 || { cat log_a; fail "pp 2"; }
