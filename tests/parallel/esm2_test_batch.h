@@ -7,8 +7,20 @@
 #include <vector>
 
 #include "core/thd_batch.h"
+#include "layers/model_config.h"
 
 namespace helix::testing {
+
+// The tiny ESM-2 the parallel equivalence tests train: hidden 64, 4 heads (tp up to 4), FFN 128.
+inline ModelConfig tiny_esm2_config(int layers = 2) {
+  ModelConfig c;
+  c.name = "tiny";
+  c.layers = layers;
+  c.hidden = 64;
+  c.heads = 4;
+  c.ffn = 128;
+  return c;
+}
 
 inline ThdBatch synthetic_esm2_batch(const std::vector<int>& lens, uint64_t seed, int mask_percent, Device device) {
   uint64_t s = seed;

@@ -218,15 +218,7 @@ TEST(CpAttention, BytesPerRankFollowTheBlock) {
 }
 
 // ---- ESM-2 under CP (x TP, x DP) against one rank ----------------------------------------------
-ModelConfig tiny_config() {
-  ModelConfig c;
-  c.name = "tiny";
-  c.layers = 2;
-  c.hidden = 64;
-  c.heads = 4;
-  c.ffn = 128;
-  return c;
-}
+ModelConfig tiny_config() { return testing::tiny_esm2_config(); }
 
 // Short and long proteins mixed, lengths not multiples of 2*cp; `shard` picks the dp shard.
 ThdBatch esm2_batch(int step, int shard, Device device) {

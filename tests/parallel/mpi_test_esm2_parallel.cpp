@@ -21,15 +21,7 @@
 namespace helix {
 namespace {
 
-ModelConfig tiny_config() {
-  ModelConfig c;
-  c.name = "tiny";
-  c.layers = 2;
-  c.hidden = 64;
-  c.heads = 4;
-  c.ffn = 128;
-  return c;
-}
+ModelConfig tiny_config() { return testing::tiny_esm2_config(); }
 
 // A packed batch of 3 proteins (odd total T, so SP pads) for data shard `shard` of step `step`.
 ThdBatch make_batch(int step, int shard) {

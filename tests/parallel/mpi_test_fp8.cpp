@@ -99,15 +99,7 @@ TEST(Fp8Parallel, AmaxGroupWorldScalesIdenticalAndEqualOneProcess) { run_amax_gr
 TEST(Fp8Parallel, AmaxGroupTpScalesIdenticalWithinTp) { run_amax_group(2, Fp8AmaxGroup::kTp); }
 TEST(Fp8Parallel, AmaxGroupTpCpDpUnderTp) { run_amax_group(2, Fp8AmaxGroup::kTpCpDp); }
 
-ModelConfig tiny_config() {
-  ModelConfig c;
-  c.name = "tiny";
-  c.layers = 2;
-  c.hidden = 64;
-  c.heads = 4;
-  c.ffn = 128;
-  return c;
-}
+ModelConfig tiny_config() { return testing::tiny_esm2_config(); }
 
 // Every rank runs the same batch (35 tokens: padded to 48 for FP8) so that one rank can reproduce it.
 ThdBatch batch_of(int step) { return testing::synthetic_esm2_batch({13, 9, 13}, 31 + step, 30, Device::cpu()); }

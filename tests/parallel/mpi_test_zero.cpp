@@ -20,15 +20,7 @@
 namespace helix {
 namespace {
 
-ModelConfig tiny_config() {
-  ModelConfig c;
-  c.name = "tiny";
-  c.layers = 3;
-  c.hidden = 64;
-  c.heads = 4;
-  c.ffn = 128;
-  return c;
-}
+ModelConfig tiny_config() { return testing::tiny_esm2_config(3); }
 
 // A packed batch of 3 proteins for data shard `shard` of step `step` (odd T: SP pads).
 ThdBatch make_batch(int step, int shard, Device device = Device::cpu()) {
