@@ -247,11 +247,12 @@ void Esm2Pipeline::sum_tied_embedding_grad(const Stream& stream) {
 
 AdamW::NormReduce Esm2Pipeline::norm_reduce(AdamW::NormReduce inner) const {
   if (stages_ == 1) return inner;
-  return [this, inner](Tensor& sharded, Tensor& flag) {
-    if (inner) inner(sharded, flag);
+  return [this, inner](Tensor& sharded, Tensor& replicated_sumsq, Tensor& flag) {
+    if (inner) inner(sharded, replicated_sumsq, flag);
     const Device d = model_.options().device;
     const Stream stream = d.is_cuda() ? Stream::cuda_default(d.index) : Stream();
-    // AdamW adds this stage's replicated sum after the callback: hand back (pipeline total - it).
+    // The pipeline total goes back in `sharded` and the replicated part is zeroed: handing back
+    // (total - this stage's replicated sum) for AdamW to add again would round differently per stage.
     std::vector<Tensor> replicated;
     for (Parameter& p : model_.params().all())
       if (p.shard == TpShard::kReplicated) replicated.push_back(grad_of(p));
@@ -267,7 +268,8 @@ AdamW::NormReduce Esm2Pipeline::norm_reduce(AdamW::NormReduce inner) const {
     Tensor total =
         Tensor::from_vector<double>({double(sharded.to_floats()[0]) + rep - tied}, Shape{1});
     ctx_.pp().all_reduce(total, ReduceOp::kSum, Stream());
-    sharded.fill(total.to_vector<double>()[0] - rep, stream);
+    sharded.fill(total.to_vector<double>()[0], stream);
+    replicated_sumsq.zero(stream);
   };
 }
 

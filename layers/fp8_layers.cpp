@@ -2,7 +2,6 @@
 
 #include "kernels/axpy/axpy.h"
 #include "kernels/cast/cast.h"
-#include "kernels/gelu/gelu.h"
 #include "kernels/gemm/gemm.h"
 #include "layers/layernorm_linear.h"
 #include "layers/layernorm_mlp.h"
@@ -11,17 +10,38 @@
 namespace helix {
 namespace {
 
-constexpr int64_t kZeroCols = 16;  // width of the zero operand that carries a bias through a GEMM
+constexpr int64_t kZeroCols = 16;  // width of the zero operand that carries an f32 bias through a GEMM
 
-// x [M, N] -> fp8 x [M, N] and x^T [N, M] with the operand's scale; the amax is recorded.
-std::pair<Tensor, Tensor> cast_both(const Fp8ScalingManager& m, int slot, DType dt, const Tensor& x,
-                                    const Stream& stream) {
-  Tensor out = Tensor::empty(x.shape(), dt, x.device(), stream);
-  Tensor out_t = Tensor::empty({x.dim(1), x.dim(0)}, dt, x.device(), stream);
-  cast_transpose_fp8(
-      CastTransposeFp8Params{.in = x, .out = out, .out_t = out_t, .scale = m.scale(slot), .amax = m.amax(slot)},
-      stream);
-  return {out, out_t};
+// An operand cast for FP8 GEMMs: codes [M, N] (the A operand now) and their transpose [N, M] (the
+// operand of the weight gradient).
+struct Fp8Cast {
+  Tensor data, data_t;
+};
+
+struct CastArgs {
+  CastActivation act = CastActivation::kNone;
+  Tensor pre;    // [M, N]: the GELU input for kGeluGrad
+  Tensor dbias;  // [N] f32, optional: += column sums of the cast values
+};
+CastArgs plain() { return {}; }
+CastArgs with_bias_grad(const Tensor& db) { return {CastActivation::kNone, Tensor(), db}; }
+
+// v(x) -> fp8 codes and their transpose with the operand's scale; the amax is recorded; one pass
+// over x (and pre) whatever the activation and bias gradient (cast_transpose_fp8).
+Fp8Cast cast_both(const Fp8ScalingManager& m, int slot, Fp8Operand operand, const Tensor& x, const CastArgs& a,
+                  const Stream& stream) {
+  const DType dt = m.dtype(operand);
+  Fp8Cast c{Tensor::empty(x.shape(), dt, x.device(), stream), Tensor::empty({x.dim(1), x.dim(0)}, dt, x.device(), stream)};
+  cast_transpose_fp8(CastTransposeFp8Params{.in = x,
+                                            .out = c.data,
+                                            .out_t = c.data_t,
+                                            .scale = m.scale(slot),
+                                            .amax = m.amax(slot),
+                                            .act = a.act,
+                                            .pre = a.pre,
+                                            .dbias = a.dbias},
+                     stream);
+  return c;
 }
 
 void check_tokens(const Tensor& x, const char* what) {
@@ -29,22 +49,10 @@ void check_tokens(const Tensor& x, const char* what) {
               "fp8: expected {} [T, C] with T a multiple of {} (FP8 GEMMs), got {}", what, kFp8TokenMultiple, x.str());
 }
 
-}  // namespace
-
-Fp8LinearSlots Fp8LinearSlots::of(Fp8ScalingManager* manager, int layer, Fp8Gemm gemm) {
-  Fp8LinearSlots s;
-  s.manager = manager;
-  s.input = manager->slot(layer, gemm, Fp8Operand::kInput);
-  s.weight = manager->slot(layer, gemm, Fp8Operand::kWeight);
-  s.grad_output = manager->slot(layer, gemm, Fp8Operand::kGradOutput);
-  return s;
-}
-
-Tensor fp8_linear_fwd(const Fp8LinearSlots& s, const Tensor& x, const Tensor& w, const Tensor& b, const Tensor& y,
-                      bool accumulate, const Stream& stream) {
+// y (+)= x8 W^T + b for an input already in fp8 (input scale).
+void fp8_gemm_fwd(const Fp8LinearSlots& s, const Tensor& x8, const Tensor& w, const Tensor& b, const Tensor& y,
+                  bool accumulate, const Stream& stream) {
   Fp8ScalingManager& m = *s.manager;
-  check_tokens(x, "the input");
-  auto [x8, x_t] = cast_both(m, s.input, m.dtype(Fp8Operand::kInput), x, stream);
   const Fp8Weight& w8 = m.weight(s.weight, w, stream);
   GemmParams g;
   g.a = x8;
@@ -62,34 +70,31 @@ Tensor fp8_linear_fwd(const Fp8LinearSlots& s, const Tensor& x, const Tensor& w,
   }
   gemm(g, stream);
   if (b.defined() && !epilogue_bias) {
-    const Tensor zx = Tensor::zeros({x.dim(0), kZeroCols}, y.dtype(), y.device(), stream);
+    const Tensor zx = Tensor::zeros({x8.dim(0), kZeroCols}, y.dtype(), y.device(), stream);
     const Tensor zw = Tensor::zeros({y.dim(1), kZeroCols}, b.dtype(), y.device(), stream);
     linear_fwd(zx, zw, b, y, /*accumulate=*/true, stream);
   }
-  return x_t;
 }
 
-void fp8_linear_bwd(const Fp8LinearSlots& s, const Tensor& dy, const Tensor& x_t, const Tensor& w, const Tensor& dx,
-                    const Tensor& dw, const Tensor& db, const Stream& stream) {
-  if (!dy.defined() || (!dx.defined() && !dw.defined() && !db.defined())) return;
+// dx (+)= dy W and dW += dy^T x from the cast output gradient; dx and dw optional.
+void fp8_gemm_bwd(const Fp8LinearSlots& s, const Fp8Cast& dy, const Tensor& x_t, const Tensor& w, const Tensor& dx,
+                  bool accumulate_dx, const Tensor& dw, const Stream& stream) {
   Fp8ScalingManager& m = *s.manager;
-  check_tokens(dy, "the output gradient");
-  auto [dy8, dy_t] = cast_both(m, s.grad_output, m.dtype(Fp8Operand::kGradOutput), dy, stream);
-  if (dx.defined()) {  // dx += dy W = dy8 (W^T)^T
+  if (dx.defined()) {  // dx (+)= dy W = dy8 (W^T)^T
     const Fp8Weight& w8 = m.weight(s.weight, w, stream);
     GemmParams g;
-    g.a = dy8;
+    g.a = dy.data;
     g.b = w8.w_t;
     g.op_b = GemmOp::kTranspose;
     g.c = dx;
-    g.beta = 1.0f;
+    g.beta = accumulate_dx ? 1.0f : 0.0f;
     g.a_scale_inv = m.scale_inv(s.grad_output);
     g.b_scale_inv = m.scale_inv(s.weight);
     gemm(g, stream);
   }
   if (dw.defined()) {  // dW += dy^T x = (dy^T) (x^T)^T
     GemmParams g;
-    g.a = dy_t;
+    g.a = dy.data_t;
     g.b = x_t;
     g.op_b = GemmOp::kTranspose;
     g.c = dw;
@@ -98,11 +103,34 @@ void fp8_linear_bwd(const Fp8LinearSlots& s, const Tensor& dy, const Tensor& x_t
     g.b_scale_inv = m.scale_inv(s.input);
     gemm(g, stream);
   }
-  if (db.defined()) {  // db += sum_T dy in the compute dtype (not fp8): bias-gradient epilogue on a zero operand
-    const Tensor zx = Tensor::zeros({dy.dim(0), kZeroCols}, dy.dtype(), dy.device(), stream);
-    const Tensor scratch = Tensor::zeros({dy.dim(1), kZeroCols}, DType::kF32, dy.device(), stream);
-    linear_bwd(dy, zx, Tensor(), Tensor(), scratch, db, stream);
-  }
+}
+
+}  // namespace
+
+Fp8LinearSlots Fp8LinearSlots::of(Fp8ScalingManager* manager, int layer, Fp8Gemm gemm) {
+  Fp8LinearSlots s;
+  s.manager = manager;
+  s.input = manager->slot(layer, gemm, Fp8Operand::kInput);
+  s.weight = manager->slot(layer, gemm, Fp8Operand::kWeight);
+  s.grad_output = manager->slot(layer, gemm, Fp8Operand::kGradOutput);
+  return s;
+}
+
+Tensor fp8_linear_fwd(const Fp8LinearSlots& s, const Tensor& x, const Tensor& w, const Tensor& b, const Tensor& y,
+                      bool accumulate, const Stream& stream) {
+  check_tokens(x, "the input");
+  const Fp8Cast x8 = cast_both(*s.manager, s.input, Fp8Operand::kInput, x, plain(), stream);
+  fp8_gemm_fwd(s, x8.data, w, b, y, accumulate, stream);
+  return x8.data_t;
+}
+
+void fp8_linear_bwd(const Fp8LinearSlots& s, const Tensor& dy, const Tensor& x_t, const Tensor& w, const Tensor& dx,
+                    const Tensor& dw, const Tensor& db, const Stream& stream) {
+  if (!dy.defined() || (!dx.defined() && !dw.defined() && !db.defined())) return;
+  check_tokens(dy, "the output gradient");
+  // db += sum_T dy in the compute dtype (not fp8), fused into the cast.
+  const Fp8Cast dy8 = cast_both(*s.manager, s.grad_output, Fp8Operand::kGradOutput, dy, with_bias_grad(db), stream);
+  fp8_gemm_bwd(s, dy8, x_t, w, dx, /*accumulate_dx=*/true, dw, stream);
 }
 
 std::vector<Tensor> Fp8LayerNormLinearNode::forward(const std::vector<Tensor>& in, const Stream& stream) {
@@ -123,8 +151,12 @@ void Fp8LayerNormLinearNode::backward(const std::vector<Tensor>& gout, std::vect
                                       const Stream& stream) {
   const Tensor& x = saved(x_);
   const bool need_ln_grad = gin[0].defined() || gin[1].defined() || gin[2].defined();
-  Tensor d_ln = need_ln_grad ? Tensor::zeros(x.shape(), x.dtype(), x.device(), stream) : Tensor();
-  fp8_linear_bwd(slots_, gout[0], saved(ln_t_), saved(w_), d_ln, gin[3], gin[4], stream);
+  const Tensor& dy = gout[0];
+  if (!dy.defined()) return;
+  check_tokens(dy, "the output gradient");
+  Tensor d_ln = need_ln_grad ? Tensor::empty(x.shape(), x.dtype(), x.device(), stream) : Tensor();
+  const Fp8Cast dy8 = cast_both(*slots_.manager, slots_.grad_output, Fp8Operand::kGradOutput, dy, with_bias_grad(gin[4]), stream);
+  fp8_gemm_bwd(slots_, dy8, saved(ln_t_), saved(w_), d_ln, /*accumulate_dx=*/false, gin[3], stream);
   if (need_ln_grad)
     layernorm_backward(x, saved(gamma_), saved(mean_), saved(rstd_), d_ln, gin[0], gin[1], gin[2], stream);
 }
@@ -150,13 +182,11 @@ std::vector<Tensor> Fp8LayerNormMlpNode::forward(const std::vector<Tensor>& in, 
   const int64_t t = x.dim(0), f = w1.dim(0);
   Tensor pre = Tensor::empty({t, f}, x.dtype(), x.device(), stream);
   const Tensor ln_t = fp8_linear_fwd(fc1_, ln.y, w1, b1, pre, false, stream);
-  Tensor h = Tensor::empty({t, f}, x.dtype(), x.device(), stream);
-  GeluFwdParams gp;
-  gp.x = pre;
-  gp.y = h;
-  gelu_fwd(gp, stream);
+  // gelu(pre) is never stored in the compute dtype: the cast to fp8 applies it.
+  const Fp8Cast h = cast_both(*fc2_.manager, fc2_.input, Fp8Operand::kInput, pre, CastArgs{CastActivation::kGelu, Tensor(), Tensor()}, stream);
   Tensor y = x.clone(stream);
-  const Tensor h_t = fp8_linear_fwd(fc2_, h, w2, b2, y, /*accumulate=*/true, stream);
+  fp8_gemm_fwd(fc2_, h.data, w2, b2, y, /*accumulate=*/true, stream);
+  const Tensor& h_t = h.data_t;
   x_ = save(x);
   gamma_ = save(gamma);
   mean_ = save(ln.mean);
@@ -173,14 +203,18 @@ void Fp8LayerNormMlpNode::backward(const std::vector<Tensor>& gout, std::vector<
   const Tensor& dy = gout[0];
   if (gin[0].defined()) axpy(1.0f, dy, gin[0], stream);  // residual path
   const Tensor& pre = saved(pre_);
-  Tensor dh = Tensor::zeros(pre.shape(), pre.dtype(), pre.device(), stream);
-  fp8_linear_bwd(fc2_, dy, saved(h_t_), saved(w2_), dh, gin[5], gin[6], stream);
-  Tensor d_pre = Tensor::zeros(pre.shape(), pre.dtype(), pre.device(), stream);
-  gelu_bwd(GeluBwdParams{.x = pre, .dy = dh, .dx = d_pre}, stream);
+  check_tokens(dy, "the output gradient");
+  // dh = dy W2 (written, not accumulated); d pre = dh * gelu'(pre) exists only in fp8: the cast
+  // applies the GELU's derivative and sums FC1's bias gradient in the same pass.
+  Tensor dh = Tensor::empty(pre.shape(), pre.dtype(), pre.device(), stream);
+  const Fp8Cast dy8 = cast_both(*fc2_.manager, fc2_.grad_output, Fp8Operand::kGradOutput, dy, with_bias_grad(gin[6]), stream);
+  fp8_gemm_bwd(fc2_, dy8, saved(h_t_), saved(w2_), dh, /*accumulate_dx=*/false, gin[5], stream);
+  const Fp8Cast d_pre = cast_both(*fc1_.manager, fc1_.grad_output, Fp8Operand::kGradOutput, dh,
+                                  CastArgs{CastActivation::kGeluGrad, pre, gin[4]}, stream);
   const Tensor& x = saved(x_);
   const bool need_ln = gin[0].defined() || gin[1].defined() || gin[2].defined();
-  Tensor d_ln = need_ln ? Tensor::zeros(x.shape(), x.dtype(), x.device(), stream) : Tensor();
-  fp8_linear_bwd(fc1_, d_pre, saved(ln_t_), saved(w1_), d_ln, gin[3], gin[4], stream);
+  Tensor d_ln = need_ln ? Tensor::empty(x.shape(), x.dtype(), x.device(), stream) : Tensor();
+  fp8_gemm_bwd(fc1_, d_pre, saved(ln_t_), saved(w1_), d_ln, /*accumulate_dx=*/false, gin[3], stream);
   if (need_ln)
     layernorm_backward(x, saved(gamma_), saved(mean_), saved(rstd_), d_ln, gin[0], gin[1], gin[2], stream);
 }

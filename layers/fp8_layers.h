@@ -4,8 +4,11 @@
 // node, so the model code has one line per layer either way. Design: activations and gradients are
 // cast-transposed once (fp8 [T, in] for the GEMM now, fp8 [in, T] saved for the weight gradient),
 // weights come from the manager's per-step cache; every GEMM is cuBLASLt's TN FP8 GEMM (the CPU
-// emulates it bit-exactly), accumulating in fp32 into bf16/f32 outputs. LayerNorm, GELU, attention
-// and the LM head stay in the compute dtype. Token counts must be multiples of 16 (the model pads).
+// emulates it bit-exactly), accumulating in fp32 into bf16/f32 outputs. The MLP's GELU and every
+// bias gradient ride in the casts (cast_transpose_fp8's fused activation and column sums): GELU's
+// output and d(GELU input) exist only in fp8, and GEMMs write their dx rather than accumulate into
+// zero-filled buffers. LayerNorm, attention and the LM head stay in the compute dtype. Token counts
+// must be multiples of 16 (the model pads).
 #include <memory>
 
 #include "core/autograd.h"

@@ -64,7 +64,7 @@ const Fp8Weight& Fp8ScalingManager::weight(int slot, const Tensor& w, const Stre
   if (it != cache_.end() && it->second.first == w.data_ptr()) return it->second.second;
   Fp8Weight c{Tensor::empty(w.shape(), DType::kE4M3, w.device(), stream),
               Tensor::empty({w.dim(1), w.dim(0)}, DType::kE4M3, w.device(), stream)};
-  cast_transpose_fp8(CastTransposeFp8Params{.in = w, .out = c.w, .out_t = c.w_t, .scale = scale(slot), .amax = amax(slot)},
+  cast_transpose_fp8(CastTransposeFp8Params{.in = w, .out = c.w, .out_t = c.w_t, .scale = scale(slot), .amax = amax(slot), .act = CastActivation::kNone, .pre = {}, .dbias = {}},
                      stream);
   auto& entry = cache_[slot];
   entry = std::make_pair(w.data_ptr(), std::move(c));

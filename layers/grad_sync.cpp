@@ -52,7 +52,7 @@ void GradSync::reduce(const Stream& stream) {
 AdamW::NormReduce GradSync::norm_reduce() const {
   if (!ctx_) return {};
   const ParallelContext* ctx = ctx_;
-  return [ctx](Tensor& sumsq, Tensor& flag) {
+  return [ctx](Tensor& sumsq, Tensor& /*replicated_sumsq*/, Tensor& flag) {
     const Stream stream = ctx->device().is_cuda() ? Stream::cuda_default(ctx->device().index) : Stream();
     if (ctx->sizes().tp > 1) ctx->tp().all_reduce(sumsq, ReduceOp::kSum, stream);
     if (ctx->world_size() > 1) ctx->world().all_reduce(flag, ReduceOp::kMax, stream);

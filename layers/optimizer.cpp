@@ -54,7 +54,7 @@ OptimizerStepResult AdamW::step(double lr, bool loss_finite, const Stream& strea
   };
   sumsq(norm_list_, sumsq_);
   sumsq(sharded_norm_list_, sharded_sumsq_);
-  if (reduce) reduce(sharded_sumsq_, flag_);
+  if (reduce) reduce(sharded_sumsq_, sumsq_, flag_);
   axpy(1.0f, sharded_sumsq_, sumsq_, stream);
   GradClipParams clip;
   clip.sumsq = sumsq_;

@@ -30,10 +30,13 @@ class AdamW {
   AdamW(ParameterSet& params, AdamWConfig config);
 
   // Reduces (sum) the [1] f32 sum of squares and (max) the [1] f32 non-finite flag across the ranks
-  // that share the gradients' norm; identity on one rank. The sum it gets covers the tensor-parallel
-  // shards (TpShard other than kReplicated) only, to be summed over tp; the replicated parameters'
-  // sum is added afterwards, so replicated tensors count once.
-  using NormReduce = std::function<void(Tensor& sumsq, Tensor& flag)>;
+  // that share the gradients' norm; identity on one rank. `sumsq` covers the tensor-parallel shards
+  // (TpShard other than kReplicated) only, to be summed over tp; `replicated_sumsq` (this rank's
+  // replicated parameters) is added to it afterwards, so replicated tensors count once. A reduction
+  // that folds everything into `sumsq` zeroes `replicated_sumsq`, so every rank ends with the same
+  // bits (the clip coefficient must be bitwise equal where parameters are shared, e.g. the tied
+  // embedding on two pipeline stages).
+  using NormReduce = std::function<void(Tensor& sumsq, Tensor& replicated_sumsq, Tensor& flag)>;
 
   // `loss_finite` false marks the step non-finite before any gradient is looked at.
   OptimizerStepResult step(double lr, bool loss_finite, const Stream& stream, const NormReduce& reduce = {});

@@ -69,6 +69,19 @@ void cast_transpose_fp8(const CastTransposeFp8Params& p, const Stream& stream) {
               "{}: expected out_t {}[{}, {}] on {}, got {}", op, dtype_name(p.out.dtype()), n, m,
               p.in.device().str(), p.out_t.str());
   check_scale_amax(p.scale, p.amax, p.in, op);
+  if (p.act == CastActivation::kGeluGrad) {
+    HELIX_CHECK(p.pre.defined() && p.pre.dtype() == p.in.dtype() && p.pre.shape() == p.in.shape() &&
+                    p.pre.is_contiguous() && p.pre.device() == p.in.device(),
+                "{}: expected pre {}{} on {} (the GELU input of kGeluGrad), got {}", op, dtype_name(p.in.dtype()),
+                p.in.shape().str(), p.in.device().str(), p.pre.str());
+  } else {
+    HELIX_CHECK(!p.pre.defined(), "{}: expected no pre without kGeluGrad, got {}", op, p.pre.str());
+  }
+  if (p.dbias.defined()) {
+    HELIX_CHECK(p.dbias.dtype() == DType::kF32 && p.dbias.ndim() == 1 && p.dbias.dim(0) == n &&
+                    p.dbias.is_contiguous() && p.dbias.device() == p.in.device(),
+                "{}: expected dbias f32[{}] on {}, got {}", op, n, p.in.device().str(), p.dbias.str());
+  }
   if (p.in.is_cpu()) return detail::cast_transpose_fp8_cpu(p);
 #if HELIX_WITH_CUDA
   check_stream(p.in, stream, op);

@@ -10,6 +10,7 @@
 #include "core/convert.h"
 #include "core/cuda_check.h"
 #include "kernels/cast/cast.h"
+#include "kernels/gelu/gelu_math.h"
 
 namespace helix {
 namespace {
@@ -105,20 +106,65 @@ __global__ void __launch_bounds__(kThreads)
   if (amax) block_amax(local, amax);
 }
 
+// The value a cast-transpose casts (see CastActivation), rounded to In as the unfused op stores it.
+template <typename In, CastActivation kAct>
+__device__ __forceinline__ float act_value(In x, In pre) {
+  if constexpr (kAct == CastActivation::kNone) {
+    return to_float(x);
+  } else {
+    const float v = kAct == CastActivation::kGelu ? gelu_math::value(to_float(x))
+                                                  : to_float(x) * gelu_math::grad(to_float(pre));
+    if constexpr (sizeof(In) == 4)
+      return v;
+    else
+      return bf16_t::from_float(v).to_float();
+  }
+}
+
+// Column sums for the bias gradient: every thread holds partial sums of kCols consecutive columns
+// over its rows; the kGroups threads that share those columns (row groups 0..kGroups-1) reduce
+// through shared memory in group order, and threads 0..kWidth-1 write the tile's partial sums to
+// ws[blockIdx.y, col0 + c]. Every thread of the block calls it.
+template <int kGroups, int kWidth, int kCols>
+__device__ void tile_colsum(const float (&part)[kCols], int group, int col, int64_t col0, int64_t n,
+                            float* __restrict__ ws) {
+  __shared__ float red[kGroups][kWidth];
+#pragma unroll
+  for (int j = 0; j < kCols; ++j) red[group][col + j] = part[j];
+  __syncthreads();
+  if (threadIdx.x < kWidth && col0 + threadIdx.x < n) {
+    float sum = 0.f;
+    for (int g = 0; g < kGroups; ++g) sum += red[g][threadIdx.x];
+    ws[int64_t(blockIdx.y) * n + col0 + threadIdx.x] = sum;
+  }
+}
+
+// dbias[c] += sum over the tile rows of ws[r, c], in row order.
+__global__ void __launch_bounds__(kThreads)
+    colsum_reduce_kernel(const float* __restrict__ ws, int64_t rows, int64_t n, float* __restrict__ dbias) {
+  const int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (c >= n) return;
+  float sum = 0.f;
+  for (int64_t r = 0; r < rows; ++r) sum += ws[r * n + c];
+  dbias[c] += sum;
+}
+
 // Tiled cast-transpose for M % 4 == 0, N % 8 == 0, 16-byte aligned pointers.
 // grid (ceil(N/64), ceil(M/64)), block 256: one 64x64 tile of `in` per block.
-// Load: each thread reads 16-byte vectors along a row, writes fp8 codes to `out` and into the
-// shared tile (row stride 68 bytes). Store: each thread reads a 4x4 byte block of the tile (four
-// conflict-free 32-bit loads: a warp covers 8 row groups x 4 column groups), transposes it in
-// registers and writes four 32-bit words of `out_t`, 8 threads per 32-byte output segment.
+// Load: each thread reads 16-byte vectors along a row (and of `pre` for kGeluGrad), writes fp8
+// codes to `out` and into the shared tile (row stride 68 bytes). Store: each thread reads a 4x4
+// byte block of the tile (four conflict-free 32-bit loads: a warp covers 8 row groups x 4 column
+// groups), transposes it in registers and writes four 32-bit words of `out_t`, 8 threads per
+// 32-byte output segment. With ws, the tile's column sums of the values go to ws[blockIdx.y, :].
 constexpr int kTile = 64;
 constexpr int kTileStride = kTile + 4;  // bytes; 17 words, odd, so the 4x4 reads spread over banks
 
-template <typename In, Fp8Format kFmt>
+template <typename In, Fp8Format kFmt, CastActivation kAct>
 __global__ void __launch_bounds__(kThreads)
-    cast_transpose_tiled_kernel(const In* __restrict__ in, uint8_t* __restrict__ out,
-                                uint8_t* __restrict__ out_t, int64_t m, int64_t n,
-                                const float* __restrict__ scale_ptr, float* amax) {
+    cast_transpose_tiled_kernel(const In* __restrict__ in, const In* __restrict__ pre,
+                                uint8_t* __restrict__ out, uint8_t* __restrict__ out_t, int64_t m,
+                                int64_t n, const float* __restrict__ scale_ptr, float* amax,
+                                float* __restrict__ ws) {
   constexpr int kVec = 16 / int(sizeof(In));
   constexpr int kThreadsPerRow = kTile / kVec;
   constexpr int kRowsPerPass = kThreads / kThreadsPerRow;
@@ -126,18 +172,21 @@ __global__ void __launch_bounds__(kThreads)
   const float scale = *scale_ptr;
   const int64_t row0 = int64_t(blockIdx.y) * kTile, col0 = int64_t(blockIdx.x) * kTile;
   uint32_t local = 0;
+  float part[kVec] = {};
 
   const int tcol = threadIdx.x % kThreadsPerRow;
   for (int r = threadIdx.x / kThreadsPerRow; r < kTile; r += kRowsPerPass) {
     const int64_t gr = row0 + r, gc = col0 + int64_t(tcol) * kVec;
     if (gr < m && gc < n) {  // n % kVec == 0: the vector lies wholly inside
-      Pack<In, kVec> x;
+      Pack<In, kVec> x, xp;
       x.raw = *reinterpret_cast<const uint4*>(in + gr * n + gc);
+      if constexpr (kAct == CastActivation::kGeluGrad) xp.raw = *reinterpret_cast<const uint4*>(pre + gr * n + gc);
       Pack<uint8_t, kVec> y;
 #pragma unroll
       for (int j = 0; j < kVec; ++j) {
-        const float f = to_float(x.e[j]);
+        const float f = act_value<In, kAct>(x.e[j], kAct == CastActivation::kGeluGrad ? xp.e[j] : x.e[j]);
         local = max(local, abs_bits(f));
+        part[j] += f;
         y.e[j] = to_fp8<kFmt>(f, scale);
       }
       *reinterpret_cast<decltype(y.raw)*>(out + gr * n + gc) = y.raw;
@@ -147,6 +196,8 @@ __global__ void __launch_bounds__(kThreads)
       for (int w = 0; w < kVec / 4; ++w) dst[w] = words[w];
     }
   }
+  if (ws != nullptr)  // block-uniform: every thread takes part
+    tile_colsum<kRowsPerPass, kTile, kVec>(part, threadIdx.x / kThreadsPerRow, tcol * kVec, col0, n, ws);
   __syncthreads();
 
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
@@ -174,26 +225,31 @@ __global__ void __launch_bounds__(kThreads)
 
 // Any shape, any alignment: 32x32 tiles, block (32, 8), scalar accesses (coalesced along the
 // row of `in` when loading and along the row of `out_t` when storing).
-template <typename In, Fp8Format kFmt>
+template <typename In, Fp8Format kFmt, CastActivation kAct>
 __global__ void __launch_bounds__(kThreads)
-    cast_transpose_generic_kernel(const In* __restrict__ in, uint8_t* __restrict__ out,
-                                  uint8_t* __restrict__ out_t, int64_t m, int64_t n,
-                                  const float* __restrict__ scale_ptr, float* amax) {
+    cast_transpose_generic_kernel(const In* __restrict__ in, const In* __restrict__ pre,
+                                  uint8_t* __restrict__ out, uint8_t* __restrict__ out_t, int64_t m,
+                                  int64_t n, const float* __restrict__ scale_ptr, float* amax,
+                                  float* __restrict__ ws) {
   __shared__ uint8_t tile[32][33];
   const float scale = *scale_ptr;
   const int64_t row0 = int64_t(blockIdx.y) * 32, col0 = int64_t(blockIdx.x) * 32;
   const int tx = threadIdx.x % 32, ty = threadIdx.x / 32;
   uint32_t local = 0;
+  float part[1] = {0.f};
   for (int r = ty; r < 32; r += kThreads / 32) {
     const int64_t gr = row0 + r, gc = col0 + tx;
     if (gr < m && gc < n) {
-      const float f = to_float(in[gr * n + gc]);
+      const In x = in[gr * n + gc];
+      const float f = act_value<In, kAct>(x, kAct == CastActivation::kGeluGrad ? pre[gr * n + gc] : x);
       local = max(local, abs_bits(f));
+      part[0] += f;
       const uint8_t code = to_fp8<kFmt>(f, scale);
       out[gr * n + gc] = code;
       tile[r][tx] = code;
     }
   }
+  if (ws != nullptr) tile_colsum<kThreads / 32, 32, 1>(part, ty, tx, col0, n, ws);
   __syncthreads();
   for (int r = ty; r < 32; r += kThreads / 32) {
     const int64_t in_col = col0 + r, in_row = row0 + tx;
@@ -233,6 +289,8 @@ __global__ void __launch_bounds__(kThreads)
 
 // ---- launch helpers ----------------------------------------------------------------------------
 
+cudaStream_t cuda_stream(const Stream& s) { return static_cast<cudaStream_t>(s.handle()); }
+
 bool aligned(const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 
 unsigned grid_for(int64_t work_items) {
@@ -260,27 +318,50 @@ void launch_cast_fp8(const CastFp8Params& p, cudaStream_t st) {
   HELIX_LAUNCH_CHECK();
 }
 
-template <typename In, Fp8Format kFmt>
-void launch_cast_transpose(const CastTransposeFp8Params& p, cudaStream_t st) {
+template <typename In, Fp8Format kFmt, CastActivation kAct>
+void launch_cast_transpose(const CastTransposeFp8Params& p, const Stream& stream) {
+  const cudaStream_t st = cuda_stream(stream);
   const int64_t m = p.in.dim(0), n = p.in.dim(1);
   const In* in = p.in.data<In>();
+  const In* pre = p.pre.defined() ? p.pre.data<In>() : nullptr;
   uint8_t* out = fp8_ptr(p.out);
   uint8_t* out_t = fp8_ptr(p.out_t);
   const float* scale = p.scale.data<float>();
-  const bool tiled =
-      m % 4 == 0 && n % 8 == 0 && aligned(in, 16) && aligned(out, 16) && aligned(out_t, 16);
+  const bool tiled = m % 4 == 0 && n % 8 == 0 && aligned(in, 16) && aligned(out, 16) && aligned(out_t, 16) &&
+                     (pre == nullptr || aligned(pre, 16));
   const int64_t tile = tiled ? kTile : 32;
   const int64_t gx = (n + tile - 1) / tile, gy = (m + tile - 1) / tile;
   HELIX_CHECK(gx <= INT32_MAX && gy <= 65535, "cast_transpose_fp8: [{}, {}] is too large", m, n);
   const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(gy));
+  // Per-tile-row partial column sums of the bias gradient, reduced in order by a second kernel.
+  Tensor ws;
+  if (p.dbias.defined()) ws = Tensor::empty({gy, n}, DType::kF32, p.in.device(), stream);
+  float* wsp = ws.defined() ? ws.data<float>() : nullptr;
   if (tiled) {
-    cast_transpose_tiled_kernel<In, kFmt>
-        <<<grid, kThreads, 0, st>>>(in, out, out_t, m, n, scale, amax_ptr(p.amax));
+    cast_transpose_tiled_kernel<In, kFmt, kAct>
+        <<<grid, kThreads, 0, st>>>(in, pre, out, out_t, m, n, scale, amax_ptr(p.amax), wsp);
   } else {
-    cast_transpose_generic_kernel<In, kFmt>
-        <<<grid, kThreads, 0, st>>>(in, out, out_t, m, n, scale, amax_ptr(p.amax));
+    cast_transpose_generic_kernel<In, kFmt, kAct>
+        <<<grid, kThreads, 0, st>>>(in, pre, out, out_t, m, n, scale, amax_ptr(p.amax), wsp);
   }
   HELIX_LAUNCH_CHECK();
+  if (wsp != nullptr) {
+    colsum_reduce_kernel<<<static_cast<unsigned>((n + kThreads - 1) / kThreads), kThreads, 0, st>>>(
+        wsp, gy, n, p.dbias.data<float>());
+    HELIX_LAUNCH_CHECK();
+  }
+}
+
+template <typename In, Fp8Format kFmt>
+void launch_cast_transpose_act(const CastTransposeFp8Params& p, const Stream& stream) {
+  switch (p.act) {
+    case CastActivation::kNone:
+      return launch_cast_transpose<In, kFmt, CastActivation::kNone>(p, stream);
+    case CastActivation::kGelu:
+      return launch_cast_transpose<In, kFmt, CastActivation::kGelu>(p, stream);
+    case CastActivation::kGeluGrad:
+      return launch_cast_transpose<In, kFmt, CastActivation::kGeluGrad>(p, stream);
+  }
 }
 
 template <typename In, typename Out>
@@ -296,8 +377,6 @@ void launch_cast(const CastParams& p, cudaStream_t st) {
   }
   HELIX_LAUNCH_CHECK();
 }
-
-cudaStream_t cuda_stream(const Stream& s) { return static_cast<cudaStream_t>(s.handle()); }
 
 }  // namespace
 
@@ -316,14 +395,13 @@ void detail::cast_fp8_cuda(const CastFp8Params& p, const Stream& stream) {
 
 void detail::cast_transpose_fp8_cuda(const CastTransposeFp8Params& p, const Stream& stream) {
   if (p.in.numel() == 0) return;
-  const cudaStream_t st = cuda_stream(stream);
   const bool bf16 = p.in.dtype() == DType::kBF16;
   if (p.out.dtype() == DType::kE4M3) {
-    bf16 ? launch_cast_transpose<bf16_t, Fp8Format::kE4M3>(p, st)
-         : launch_cast_transpose<float, Fp8Format::kE4M3>(p, st);
+    bf16 ? launch_cast_transpose_act<bf16_t, Fp8Format::kE4M3>(p, stream)
+         : launch_cast_transpose_act<float, Fp8Format::kE4M3>(p, stream);
   } else {
-    bf16 ? launch_cast_transpose<bf16_t, Fp8Format::kE5M2>(p, st)
-         : launch_cast_transpose<float, Fp8Format::kE5M2>(p, st);
+    bf16 ? launch_cast_transpose_act<bf16_t, Fp8Format::kE5M2>(p, stream)
+         : launch_cast_transpose_act<float, Fp8Format::kE5M2>(p, stream);
   }
 }
 

@@ -10,6 +10,14 @@
 // feed one amax. The order is that of the float's bit pattern with the sign cleared: NaN beats
 // every number (a NaN in the input shows up as a NaN amax), and amax must start non-negative.
 // (The GEMM's c_amax is different: cuBLASLt overwrites it.)
+//
+// The cast-transpose also carries the FP8 MLP's elementwise neighbours, so that they cost no pass
+// of their own: a GELU (forward: the value cast is gelu(in); backward: in * gelu'(pre)), rounded
+// to in's dtype first exactly as gelu_fwd / gelu_bwd would store it, and the bias gradient
+// (column sums of the value cast, in f32, in a fixed order: per-tile partial sums, then one
+// reduction kernel, so dbias is bitwise reproducible).
+#include <cstdint>
+
 #include "core/device.h"
 #include "core/tensor.h"
 
@@ -23,12 +31,19 @@ struct CastFp8Params {
 };
 void cast_fp8(const CastFp8Params& p, const Stream& stream);
 
+// What cast_transpose_fp8 casts: v = in (kNone), v = gelu(in) (kGelu), v = in * gelu'(pre)
+// (kGeluGrad), the last two rounded to in's dtype before the scale (gelu_math.h's formulas).
+enum class CastActivation : uint8_t { kNone, kGelu, kGeluGrad };
+
 struct CastTransposeFp8Params {
   Tensor in;     // [M, N] f32 or bf16
-  Tensor out;    // [M, N] e4m3 or e5m2: fp8(in * scale)
+  Tensor out;    // [M, N] e4m3 or e5m2: fp8(v * scale)
   Tensor out_t;  // [N, M] same dtype as out: its transpose
   Tensor scale;  // [1] f32
-  Tensor amax;   // [1] f32, optional: max(amax, max |in|), accumulated
+  Tensor amax;   // [1] f32, optional: max(amax, max |v|), accumulated
+  CastActivation act = CastActivation::kNone;
+  Tensor pre;    // [M, N] in's dtype: the GELU's input; kGeluGrad only (in is then dL/dgelu)
+  Tensor dbias;  // [N] f32, optional: dbias += sum over rows of v (f32, fixed order)
 };
 void cast_transpose_fp8(const CastTransposeFp8Params& p, const Stream& stream);
 

@@ -1,9 +1,11 @@
 // CPU references of the casts: element loops through convert.h (the bit-exact twin of the GPU's
 // conversions), amax as an unsigned max over |x|'s bit pattern exactly as the GPU's atomicMax.
 #include <cstdint>
+#include <vector>
 
 #include "core/convert.h"
 #include "kernels/cast/cast.h"
+#include "kernels/gelu/gelu_math.h"
 
 namespace helix {
 namespace {
@@ -48,18 +50,32 @@ void detail::cast_transpose_fp8_cpu(const CastTransposeFp8Params& p) {
   const int64_t m = p.in.dim(0), n = p.in.dim(1);
   uint8_t* out = fp8_data(p.out);
   uint8_t* out_t = fp8_data(p.out_t);
+  const bool bf16 = p.in.dtype() == DType::kBF16;
+  // The value the unfused op would have stored in in's dtype (gelu_fwd / gelu_bwd round once).
+  auto value = [&](int64_t i) {
+    float v = load(p.in, i);
+    if (p.act == CastActivation::kGelu) v = gelu_math::value(v);
+    if (p.act == CastActivation::kGeluGrad) v = v * gelu_math::grad(load(p.pre, i));
+    return bf16 ? bf16_t::from_float(v).to_float() : v;
+  };
+  std::vector<float> colsum(p.dbias.defined() ? n : 0, 0.f);
   uint32_t amax_bits = 0;
   for (int64_t i = 0; i < m; ++i) {
     for (int64_t j = 0; j < n; ++j) {
-      const float x = load(p.in, i * n + j);
+      const float x = value(i * n + j);
       const uint32_t abs_bits = float_bits(x) & 0x7FFFFFFFu;
       if (abs_bits > amax_bits) amax_bits = abs_bits;
       const uint8_t code = to_fp8(x, scale, fmt);
       out[i * n + j] = code;
       out_t[j * m + i] = code;
+      if (!colsum.empty()) colsum[j] += x;
     }
   }
   update_amax(p.amax, amax_bits);
+  if (!colsum.empty()) {
+    float* db = p.dbias.data<float>();
+    for (int64_t j = 0; j < n; ++j) db[j] += colsum[j];
+  }
 }
 
 void detail::cast_cpu(const CastParams& p) {
