@@ -345,10 +345,27 @@ void bench_activations(Bench& bench, const ModelConfig& cfg, const std::string& 
     // read in: T*n*2; write out, out_t: 2*T*n*1; scale, amax: 3*4
     bench.run(model, "cast_transpose_fp8", shape, T * n * (kBf16 + 2 * kFp8) + 3 * kF32, [&] {
       cast_transpose_fp8(
-          CastTransposeFp8Params{
-              .in = in, .out = out, .out_t = out_t, .scale = scale, .amax = amax},
+          CastTransposeFp8Params{.in = in, .out = out, .out_t = out_t, .scale = scale, .amax = amax,
+                                 .act = CastActivation::kNone, .pre = {}, .dbias = {}},
           s);
     });
+    // The FP8 MLP's fused casts (layers/fp8_layers.cpp): GELU forward into the cast; GELU backward
+    // with the bias gradient. read in (and pre): T*n*2 each; write out, out_t: 2*T*n*1; the dbias
+    // partial sums (T/64 rows of n f32, written then read) and dbias read-modify-write.
+    Tensor pre = rand_dev({T, n}, DType::kBF16, 18, s);
+    Tensor dbias = Tensor::zeros({n}, DType::kF32, dev, s);
+    bench.run(model, "gelu_cast_transpose_fp8", shape, T * n * (kBf16 + 2 * kFp8) + 3 * kF32, [&] {
+      cast_transpose_fp8(CastTransposeFp8Params{.in = in, .out = out, .out_t = out_t, .scale = scale, .amax = amax,
+                                                .act = CastActivation::kGelu, .pre = {}, .dbias = {}},
+                         s);
+    });
+    bench.run(model, "dgelu_cast_transpose_dbias_fp8", shape,
+              T * n * (2 * kBf16 + 2 * kFp8) + 2 * (T / 64) * n * kF32 + 2 * n * kF32 + 3 * kF32, [&] {
+                cast_transpose_fp8(CastTransposeFp8Params{.in = in, .out = out, .out_t = out_t, .scale = scale,
+                                                          .amax = amax, .act = CastActivation::kGeluGrad, .pre = pre,
+                                                          .dbias = dbias},
+                                   s);
+              });
     Tensor o32 = Tensor::empty({T, n}, DType::kF32, dev, s),
            o16 = Tensor::empty({T, n}, DType::kBF16, dev, s);
     // read T*n*2, write T*n*4 (and the reverse for f32 -> bf16)
