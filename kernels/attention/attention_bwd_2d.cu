@@ -6,8 +6,11 @@
 //  1. S^T = K Q^T and dP^T = V dO^T: warp (i, j) owns keys x queries block (i, j) of the tile;
 //  2. P^T = exp2(S^T scale log2e - LSE log2e), dS^T = P^T (dP^T - delta) in registers, stored to
 //     two swizzled bf16 tiles [kBlockN][kBlockM] in shared memory;
-//  3. dV += P^T dO and dK += dS^T Q: warp (i, j) owns keys x head-dim block (i, j) of dK and dV
-//     (registers; written once at the end: deterministic), A fragments from the P^T / dS^T tiles;
+//  3. dV += P^T dO on warps 0-3 and dK += dS^T Q on warps 4-7: warp (i, j) of each four owns
+//     keys x head-dim block (i, j) of its gradient (registers; written once at the end:
+//     deterministic), A fragments from the P^T / dS^T tiles. Splitting dV and dK between the warps
+//     (rather than every warp holding both) doubles each warp's block for the same registers, so
+//     every fragment feeds more MMAs;
 //  4. atomic mode: dQ += dS K, warp (i, j) owns queries x head-dim block (i, j), fp32 float2
 //     atomics into the dQ accumulator (converted by attention_bwd.cu). Deterministic mode leaves
 //     dQ to attention_bwd.cu's dQ pass.
@@ -30,7 +33,8 @@ using namespace attention_tiles;
 
 // kBlockN keys per CTA, kBlockM query rows per pipeline step; the warp grids (8 warps) of the
 // three phases: kSWarpsN warps along the keys of S^T / dP^T (the rest along the queries),
-// kKvWarpsN along the keys of dK / dV (the rest along the head dim), kDqWarpsM along the queries
+// kKvWarpsN of the 4 warps of dV (and of dK) along the keys (the rest along the head dim),
+// kDqWarpsM along the queries
 // of dQ (the rest along the head dim).
 template <int kBlockN_, int kBlockM_, int kSWarpsN_, int kKvWarpsN_, int kDqWarpsM_>
 struct Tiled2dTiling {
@@ -46,13 +50,14 @@ struct Tiled2dConfig {
   // Phase 1: each warp kSKeys keys x kSRows queries of S^T and dP^T.
   static constexpr int kSKeys = kBlockN / T::kSWarpsN;
   static constexpr int kSRows = kBlockM / (kWarps / T::kSWarpsN);
-  // Phase 3: each warp kKvKeys keys x kKvCols head-dim columns of dK and dV.
+  // Phase 3: each warp kKvKeys keys x kKvCols head-dim columns of dV (warps 0-3) or dK (4-7).
+  static constexpr int kKvWarps = kWarps / 2;  // warps per gradient
   static constexpr int kKvKeys = kBlockN / T::kKvWarpsN;
-  static constexpr int kKvCols = DT / (kWarps / T::kKvWarpsN);
+  static constexpr int kKvCols = DT / (kKvWarps / T::kKvWarpsN);
   // Phase 4: each warp kDqRows queries x kDqCols head-dim columns of dQ.
   static constexpr int kDqRows = kBlockM / T::kDqWarpsM;
   static constexpr int kDqCols = DT / (kWarps / T::kDqWarpsM);
-  static_assert(kWarps % T::kSWarpsN == 0 && kWarps % T::kKvWarpsN == 0 &&
+  static_assert(kWarps % T::kSWarpsN == 0 && kKvWarps % T::kKvWarpsN == 0 &&
                     kWarps % T::kDqWarpsM == 0,
                 "warp grids must divide the 8 warps");
   static_assert(kSKeys % 16 == 0 && kSRows % 16 == 0 && kKvKeys % 16 == 0 && kKvCols % 16 == 0 &&
@@ -87,7 +92,7 @@ __global__ void __launch_bounds__(256, 1) bwd_tiled2d_kernel(const AttnArgs a) {
   constexpr int kKvKT = kKvKeys / 16, kKvCT = kKvCols / 16;  // m16 key tiles, n16 column blocks
   constexpr int kDqMT = kDqRows / 16, kDqCT = kDqCols / 16;  // m16 query tiles, n16 col blocks
   // k-steps of S^T / dP^T unrolled together: all of them below D = 128; at D = 128 one at a time
-  // (unrolled, the loop-invariant fragment addresses the compiler hoists spill 80 bytes).
+  // (fully unrolled, the loop-invariant fragment addresses the compiler hoists spill 60-76 bytes).
   constexpr int kUnrollS = DT >= 128 ? 1 : DT / 16;
   extern __shared__ __align__(128) unsigned char smem[];
 
@@ -108,13 +113,17 @@ __global__ void __launch_bounds__(256, 1) bwd_tiled2d_kernel(const AttnArgs a) {
   const float sl2 = a.scale_log2;
   // The warp's blocks (offsets within the CTA's tiles) in the three partitions.
   const int s_key0 = (warp % T::kSWarpsN) * kSKeys, s_row0 = (warp / T::kSWarpsN) * kSRows;
-  const int kv_key0 = (warp % T::kKvWarpsN) * kKvKeys, kv_col0 = (warp / T::kKvWarpsN) * kKvCols;
+  const int kv_warp = warp % C::kKvWarps;
+  const int kv_key0 = (kv_warp % T::kKvWarpsN) * kKvKeys;
+  const int kv_col0 = (kv_warp / T::kKvWarpsN) * kKvCols;
+  const bool kv_is_dk = warp >= C::kKvWarps;  // warps 0-3: dV += P^T dO; 4-7: dK += dS^T Q
   const int dq_row0 = (warp % T::kDqWarpsM) * kDqRows, dq_col0 = (warp / T::kDqWarpsM) * kDqCols;
-  const bool kv_active = n0 + kv_key0 < len_k;  // this warp's dK / dV rows hold keys
+  const bool kv_active = n0 + kv_key0 < len_k;  // this warp's dV / dK rows hold keys
 
   const uint32_t s_base = smem_addr(smem);
   const uint32_t s_k = s_base, s_v = s_base + C::kOffV;
   const uint32_t s_p = s_base + C::kOffP, s_ds = s_base + C::kOffDs;
+  const uint32_t s_kv_a = kv_is_dk ? s_ds : s_p;  // phase 3's A tile: P^T (dV) or dS^T (dK)
   float* s_lse = reinterpret_cast<float*>(smem + C::kOffLse);
   float* s_delta = reinterpret_cast<float*>(smem + C::kOffDelta);
 
@@ -136,13 +145,13 @@ __global__ void __launch_bounds__(256, 1) bwd_tiled2d_kernel(const AttnArgs a) {
     }
   };
 
-  float dk[kKvKT][2 * kKvCT][4], dv[kKvKT][2 * kKvCT][4];
+  float dkv[kKvKT][2 * kKvCT][4];  // this warp's block of dV or dK (unscaled)
 #pragma unroll
   for (int i = 0; i < kKvKT; ++i)
 #pragma unroll
     for (int j = 0; j < 2 * kKvCT; ++j)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) dk[i][j][e] = dv[i][j][e] = 0.f;
+      for (int e = 0; e < 4; ++e) dkv[i][j][e] = 0.f;
 
   {
     const int rows = min(kBlockN, len_k - n0);
@@ -253,9 +262,10 @@ __global__ void __launch_bounds__(256, 1) bwd_tiled2d_kernel(const AttnArgs a) {
     }
     __syncthreads();  // the P^T and dS^T tiles are complete
 
-    // ---- Phase 3: dV += P^T dO, dK += dS^T Q over this warp's kKvKeys x kKvCols block. ---------
+    // ---- Phase 3: dV += P^T dO (warps 0-3) or dK += dS^T Q (warps 4-7), kKvKeys x kKvCols. ---
     if (kv_active) {
-      const int key_lo = n0 + kv_key0;  // the block's first key (within the sequence)
+      const int key_lo = n0 + kv_key0;                // the block's first key (within the sequence)
+      const uint32_t s_kv_b = kv_is_dk ? s_q : s_do;  // B tile: dO (dV) or Q (dK)
 #pragma unroll
       for (int kq = 0; kq < kBlockM / 16; ++kq) {
         // Query blocks past the sequence, or (causal) before every key's first query, add zero.
@@ -265,28 +275,15 @@ __global__ void __launch_bounds__(256, 1) bwd_tiled2d_kernel(const AttnArgs a) {
         uint32_t pa[kKvKT][4];  // every P^T (dS^T) fragment feeds the warp's kKvCT column blocks
 #pragma unroll
         for (int kt = 0; kt < kKvKT; ++kt)
-          load_a<kBlockM>(pa[kt], s_p, kv_key0 + kt * 16, kq, lane);
+          load_a<kBlockM>(pa[kt], s_kv_a, kv_key0 + kt * 16, kq, lane);
 #pragma unroll
         for (int nn = 0; nn < kKvCT; ++nn) {
           uint32_t b[4];  // every dO (Q) fragment feeds the warp's kKvKT key tiles
-          load_b_cols<DT>(b, s_do, kq * 16, kv_col0 / 16 + nn, lane);
+          load_b_cols<DT>(b, s_kv_b, kq * 16, kv_col0 / 16 + nn, lane);
 #pragma unroll
           for (int kt = 0; kt < kKvKT; ++kt) {
-            mma_bf16(dv[kt][2 * nn], pa[kt], b[0], b[1]);
-            mma_bf16(dv[kt][2 * nn + 1], pa[kt], b[2], b[3]);
-          }
-        }
-#pragma unroll
-        for (int kt = 0; kt < kKvKT; ++kt)
-          load_a<kBlockM>(pa[kt], s_ds, kv_key0 + kt * 16, kq, lane);
-#pragma unroll
-        for (int nn = 0; nn < kKvCT; ++nn) {
-          uint32_t b[4];
-          load_b_cols<DT>(b, s_q, kq * 16, kv_col0 / 16 + nn, lane);
-#pragma unroll
-          for (int kt = 0; kt < kKvKT; ++kt) {
-            mma_bf16(dk[kt][2 * nn], pa[kt], b[0], b[1]);
-            mma_bf16(dk[kt][2 * nn + 1], pa[kt], b[2], b[3]);
+            mma_bf16(dkv[kt][2 * nn], pa[kt], b[0], b[1]);
+            mma_bf16(dkv[kt][2 * nn + 1], pa[kt], b[2], b[3]);
           }
         }
       }
@@ -355,20 +352,20 @@ __global__ void __launch_bounds__(256, 1) bwd_tiled2d_kernel(const AttnArgs a) {
   cp_async_wait<0>();  // nothing may stay in flight when the CTA exits (no query tile case)
 
   if (!kv_active) return;
+  __nv_bfloat16* dst0 = kv_is_dk ? a.d_k : a.d_v;
+  const float mul = kv_is_dk ? a.scale : 1.f;  // dK = scale dS^T Q
 #pragma unroll
   for (int kt = 0; kt < kKvKT; ++kt) {
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int key = n0 + kv_key0 + kt * 16 + g + 8 * r;
       if (key >= len_k) continue;
-      const int64_t off = (k_row0 + key) * a.row_stride + hd + kv_col0 + 2 * t;
+      __nv_bfloat16* dst = dst0 + (k_row0 + key) * a.row_stride + hd + kv_col0 + 2 * t;
 #pragma unroll
       for (int i = 0; i < 2 * kKvCT; ++i) {
         if (D < DT && kv_col0 + i * 8 >= D) continue;  // zero padding columns are not stored
-        *reinterpret_cast<uint32_t*>(a.d_k + off + i * 8) =
-            pack_bf16(dk[kt][i][2 * r] * a.scale, dk[kt][i][2 * r + 1] * a.scale);
-        *reinterpret_cast<uint32_t*>(a.d_v + off + i * 8) =
-            pack_bf16(dv[kt][i][2 * r], dv[kt][i][2 * r + 1]);
+        *reinterpret_cast<uint32_t*>(dst + i * 8) =
+            pack_bf16(dkv[kt][i][2 * r] * mul, dkv[kt][i][2 * r + 1] * mul);
       }
     }
   }
@@ -391,19 +388,19 @@ void launch(const AttnArgs& a, const ThdAttentionLayout& b, int heads, Attention
 
 namespace detail {
 
-// Tilings: keys x query rows per CTA, then the warp block of S^T (keys x queries), dK/dV (keys x
-// columns) and dQ (queries x columns), chosen from register and shared-memory counts
+// Tilings: keys x query rows per CTA, then the warp block of S^T (keys x queries), of dV or dK
+// (keys x columns) and of dQ (queries x columns), chosen from register and shared-memory counts
 // (docs/perf/attention.md, v5):
-//   D = 64:    128 x 128; S^T 32 x 64, dK/dV 32 x 32, dQ 32 x 32.
-//   D = 128:    64 x 128; S^T 32 x 32, dK/dV 32 x 32, dQ 32 x 64.
-//   D = 24/32: 128 x 64;  S^T 32 x 32, dK/dV 32 x 16, dQ 16 x 16.
-//   D = 16:    128 x 128; S^T 32 x 64, dK/dV 16 x 16, dQ 16 x 16.
+//   D = 64:    128 x 128; S^T 32 x 64, dV/dK 32 x 64, dQ 32 x 32.
+//   D = 128:    64 x 128; S^T 32 x 32, dV/dK 32 x 64, dQ 32 x 64.
+//   D = 24/32: 128 x 64;  S^T 32 x 32, dV/dK 32 x 32, dQ 16 x 16.
+//   D = 16:    128 x 128; S^T 32 x 64, dV/dK 32 x 16, dQ 16 x 16.
 void launch_bwd_tiled2d(const attention_tiles::AttnArgs& a, const ThdAttentionLayout& layout,
                         int heads, int head_dim, AttentionBwdMode mode, const Stream& stream) {
   cudaStream_t st = static_cast<cudaStream_t>(stream.handle());
   switch (head_dim) {
     case 16:
-      launch<16, Tiled2dTiling<128, 128, 4, 8, 8>>(a, layout, heads, mode, st);
+      launch<16, Tiled2dTiling<128, 128, 4, 4, 8>>(a, layout, heads, mode, st);
       break;
     case 24:
       launch<24, Tiled2dTiling<128, 64, 4, 4, 4>>(a, layout, heads, mode, st);
