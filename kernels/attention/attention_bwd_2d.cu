@@ -77,11 +77,20 @@ struct Tiled2dConfig {
   static constexpr int kSmem = kOffDs + kPBytes;
 };
 
-// grid (ceil(max_seqlen_kv / kBlockN), H, b), block 256 (8 warps), one resident CTA per SM (the
-// register cap is 255). D is the head dim of the tensors, DT = tile_dim<D>() that of the tiles
-// and fragments (D = 24: zero columns 24..31, never stored).
+// Resident CTAs per SM asked of the compiler: 2 (128 registers, 65 KB of shared memory each) for
+// the atomic-mode kernel at D = 24, 32, which fits without spills (the deterministic one spills
+// 20-48 bytes there); 1 (255 registers) elsewhere.
+template <int D, bool kAtomicDq>
+constexpr int tiled2d_min_blocks() {
+  return tile_dim<D>() == 32 && kAtomicDq ? 2 : 1;
+}
+
+// grid (ceil(max_seqlen_kv / kBlockN), H, b), block 256 (8 warps). D is the head dim of the
+// tensors, DT = tile_dim<D>() that of the tiles and fragments (D = 24: zero columns 24..31, never
+// stored).
 template <int D, class T, bool kAtomicDq>
-__global__ void __launch_bounds__(256, 1) bwd_tiled2d_kernel(const AttnArgs a) {
+__global__ void __launch_bounds__(256, (tiled2d_min_blocks<D, kAtomicDq>()))
+    bwd_tiled2d_kernel(const AttnArgs a) {
   constexpr int DT = tile_dim<D>();
   using C = Tiled2dConfig<DT, T>;
   constexpr int kBlockM = C::kBlockM, kBlockN = C::kBlockN, kThreads = C::kThreads;
@@ -225,10 +234,14 @@ __global__ void __launch_bounds__(256, 1) bwd_tiled2d_kernel(const AttnArgs a) {
         // e of tile (kt, j): key key0 + 16 kt + g + 8 (e / 2), query row0 + 8 j + 2 t + e % 2.
 #pragma unroll
         for (int j = 0; j < 2 * kSQT; ++j) {
+          // LSE and delta of queries s_row0 + 8 j + 2 t and + 1 (one 8-byte load each).
+          const int qj = stage * kBlockM + s_row0 + j * 8 + 2 * t;
+          const float2 lse_j = *reinterpret_cast<const float2*>(s_lse + qj);
+          const float2 dlt_j = *reinterpret_cast<const float2*>(s_delta + qj);
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             const int qi = s_row0 + j * 8 + 2 * t + (e & 1);  // query within the tile
-            const float lse2 = s_lse[stage * kBlockM + qi], dlt = s_delta[stage * kBlockM + qi];
+            const float lse2 = (e & 1) ? lse_j.y : lse_j.x, dlt = (e & 1) ? dlt_j.y : dlt_j.x;
 #pragma unroll
             for (int kt = 0; kt < kSKT; ++kt) {
               float p = exp2f(fmaf(st[kt][j][e], sl2, -lse2));
