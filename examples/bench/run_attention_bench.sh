@@ -5,9 +5,10 @@
 #   examples/bench/run_attention_bench.sh [BUILD_DIR] [--causal] [--iters N] [--cases ...] [--dims ...]
 # (the extra arguments go to both sides)
 # Results (JSON lines and the table) go to $OUT_DIR (default: a new temporary folder).
-# HELIX_BWD_TILING=keys64|keys128 picks the helix backward's dK/dV tiling, HELIX_FWD_TILING=rows16|rows32
-# the D = 128 forward's rows per warp (default: the library's choice); comma lists time every
-# combination on the same data in the same run (one table row each, e.g. keys64,keys128).
+# HELIX_BWD_TILING=keys64|keys128|tiled2d picks the helix backward's dK/dV tiling (tiled2d: the
+# 8-warp 2-D partition, docs/perf/attention.md v5), HELIX_FWD_TILING=rows16|rows32 the D = 128
+# forward's rows per warp (default: the library's choice); comma lists time every combination on the
+# same data in the same run (one table row each, e.g. keys64,keys128,tiled2d).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)

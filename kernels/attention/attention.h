@@ -77,9 +77,12 @@ enum class AttentionBwdMode : uint8_t { kAtomic, kDeterministic };
 // Key tile of the CUDA backward's dK/dV kernel: a speed choice, same semantics and error bounds
 // (the CPU ignores it). kKeys64: 64-key CTAs, 16 keys a warp. kKeys128: 128-key CTAs (32 keys a
 // warp at D <= 64, 8 warps at D = 128): half the dQ atomics and Q/dO reloads, and at D <= 64 each
-// Q/dO fragment feeds two key tiles. kDefault: kKeys128 when max_seqlen_kv > 2048, else kKeys64
-// (measured, see docs/perf/attention.md v4).
-enum class AttentionBwdTiling : uint8_t { kDefault, kKeys64, kKeys128 };
+// Q/dO fragment feeds two key tiles. kTiled2D: FlashAttention-2's sm80 structure, 8-warp CTAs
+// (128 keys x 128 query rows at D = 64 and 16, 64 x 128 at D = 128, 128 x 64 at D = 24/32) with
+// 2-D warp partitions for S^T/dP^T, dK/dV and dQ, P^T and dS^T through shared memory; every head
+// dim has it (no fallback). kDefault: kKeys128 when max_seqlen_kv > 2048, else kKeys64 (measured,
+// see docs/perf/attention.md v4; kTiled2D is not yet measured, v5).
+enum class AttentionBwdTiling : uint8_t { kDefault, kKeys64, kKeys128, kTiled2D };
 
 struct ThdAttentionFwdParams {
   Tensor q;  // [Tq, H, D] bf16, contiguous, 16-byte aligned; D in {16, 24, 32, 64, 128} on CUDA

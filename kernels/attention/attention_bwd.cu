@@ -7,6 +7,7 @@
 //  3. deterministic mode instead runs a dQ pass: one CTA per (query tile, head, sequence) over the
 //     key tiles, recomputing S and dP, dQ += dS K in registers, written once.
 // Head dims 16, 24, 32, 64, 128; 24 runs in tiles of 32 whose extra columns are zero (not stored).
+// AttentionBwdTiling::kTiled2D runs step 2 in attention_bwd_2d.cu (8 warps, 2-D warp partitions).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -553,6 +554,28 @@ void launch_bwd(const AttnArgs& a, const ThdAttentionLayout& b, int heads, bool 
   }
 }
 
+// The deterministic dQ pass for head dim `dim` (used by the tiled-2D dK/dV kernel).
+void launch_dq_pass(const AttnArgs& a, const ThdAttentionLayout& b, int heads, int dim,
+                    cudaStream_t st) {
+  const int batch = b.cu_seqlens_q.batch();
+  switch (dim) {
+    case 16:
+      launch_dq<16>(a, b.max_seqlen_q, heads, batch, st);
+      break;
+    case 24:
+      launch_dq<24>(a, b.max_seqlen_q, heads, batch, st);
+      break;
+    case 32:
+      launch_dq<32>(a, b.max_seqlen_q, heads, batch, st);
+      break;
+    case 64:
+      launch_dq<64>(a, b.max_seqlen_q, heads, batch, st);
+      break;
+    default:
+      launch_dq<128>(a, b.max_seqlen_q, heads, batch, st);
+  }
+}
+
 // kDefault: 128-key CTAs when the longest key sequence is longer than 2048, 64-key CTAs below.
 // Measured on the H100 (docs/perf/attention.md, v4): 128-key CTAs gain 1-4% fwd+bwd on 4k/16k
 // sequences and lose 4-6% on protein lengths (median 300), where a 128-key tile wastes more keys
@@ -616,7 +639,10 @@ void thd_attention_bwd_cuda(const ThdAttentionBwdParams& p, const Stream& stream
     // D = 128 (registers). 128-key CTAs: 4 warps of 32 keys at D <= 64 (query tiles of 32 rows,
     // 64 at D = 16 where a 32-row tile is fewer 16-byte chunks than threads), 8 warps of 16 keys
     // at D = 128 (32 keys a warp would exceed the register file). See docs/perf/attention.md.
-    if (use_keys128(p.tiling, p.layout.max_seqlen_kv)) {
+    if (p.tiling == AttentionBwdTiling::kTiled2D) {  // attention_bwd_2d.cu; dQ pass from here
+      launch_bwd_tiled2d(a, p.layout, heads, dim, p.mode, stream);
+      if (!atomic_dq) launch_dq_pass(a, p.layout, heads, dim, st);
+    } else if (use_keys128(p.tiling, p.layout.max_seqlen_kv)) {
       switch (dim) {
         case 16:
           launch_bwd<16, DkdvTiling<64, 4, 2, 3>>(a, p.layout, heads, atomic_dq, st);

@@ -26,4 +26,11 @@ void zero_gap_rows_cuda(const CuSeqlens& cu, const CuSeqlens& padded, int64_t to
                         int64_t row_elems, const GapTargets& targets, int heads,
                         const Stream& stream);
 
+// The dK/dV kernel of AttentionBwdTiling::kTiled2D (attention_bwd_2d.cu; head dims 16, 24, 32,
+// 64, 128): 8-warp CTAs with 2-D warp partitions, P^T and dS^T through shared memory; in atomic
+// mode it also adds dQ into a.dq_accum (deterministic mode: the caller runs the dQ pass). `a` as
+// the backward fills it (delta computed, dq_accum zeroed in atomic mode).
+void launch_bwd_tiled2d(const attention_tiles::AttnArgs& a, const ThdAttentionLayout& layout,
+                        int heads, int head_dim, AttentionBwdMode mode, const Stream& stream);
+
 }  // namespace helix::detail

@@ -6,7 +6,7 @@
 // FLOPs: 4 * H * D * sum(s^2) forward, 2.5x that backward (fwd+bwd = 3.5x), halved for causal.
 //   helix_bench_attention [--lengths-out FILE] [--iters N] [--warmup N] [--causal]
 //                         [--deterministic] [--cases protein,long4k,long16k] [--dims 64,128]
-//                         [--bwd-tiling default|keys64|keys128[,...]]
+//                         [--bwd-tiling default|keys64|keys128|tiled2d[,...]]
 //                         [--fwd-tiling default|rows16|rows32[,...]]
 // With several tilings every combination is timed on the same data, one JSON line each (the
 // forward tiling matters at D = 128 only: other head dims run the first one listed).
@@ -246,9 +246,10 @@ int bench_main(int argc, char** argv) {
       for (const std::string& name : split(next())) {
         const AttentionBwdTiling t = name == "keys64"    ? AttentionBwdTiling::kKeys64
                                      : name == "keys128" ? AttentionBwdTiling::kKeys128
+                                     : name == "tiled2d" ? AttentionBwdTiling::kTiled2D
                                                          : AttentionBwdTiling::kDefault;
         HELIX_CHECK(name == "default" || t != AttentionBwdTiling::kDefault,
-                    "--bwd-tiling: expected default, keys64 or keys128, got {}", name);
+                    "--bwd-tiling: expected default, keys64, keys128 or tiled2d, got {}", name);
         opt.bwd_tilings.emplace_back(name, t);
       }
       HELIX_CHECK(!opt.bwd_tilings.empty(), "--bwd-tiling: expected at least one tiling");

@@ -4,7 +4,8 @@
 // 63, 64, 65, 127, 1023, 1026, 4097 and many sequences per batch, padding between sequences,
 // cu_seqlens_q != cu_seqlens_kv, both masks, head dims 64 and 128 (ESM-2 650M, 15B) and 16, 24, 32
 // (8M, 35M, 150M; 24 runs in zero-padded tiles of 32), both D = 128 forward tilings (16 and 32
-// query rows a warp), both backward modes with both dK/dV tilings (64-key and 128-key CTAs).
+// query rows a warp), both backward modes with every dK/dV tiling (64-key and 128-key CTAs, and
+// the tiled-2D kernel with P^T / dS^T through shared memory).
 // Outputs are poisoned with NaN before every run and the inputs' gap rows hold NaN, so unwritten
 // outputs and reads outside the sequences both show.
 #include <gtest/gtest.h>
@@ -140,14 +141,19 @@ void check_flash_rule(const std::vector<int32_t>& lq, const std::vector<int32_t>
     }
   }
 
-  // Every backward mode with every dK/dV tiling of the GPU (64-key and 128-key CTAs; the CPU
-  // reference has no tiling).
+  // Every backward mode with every dK/dV tiling of the GPU (64-key and 128-key CTAs, tiled 2-D;
+  // the CPU reference has no tiling).
   std::vector<AttentionBwdTiling> tilings = {AttentionBwdTiling::kKeys64};
-  if (device.is_cuda()) tilings.push_back(AttentionBwdTiling::kKeys128);
+  if (device.is_cuda()) {
+    tilings.push_back(AttentionBwdTiling::kKeys128);
+    tilings.push_back(AttentionBwdTiling::kTiled2D);
+  }
   for (AttentionBwdMode mode : {AttentionBwdMode::kAtomic, AttentionBwdMode::kDeterministic})
     for (AttentionBwdTiling tiling : tilings) {
       SCOPED_TRACE(mode == AttentionBwdMode::kAtomic ? "atomic dQ" : "deterministic");
-      SCOPED_TRACE(tiling == AttentionBwdTiling::kKeys64 ? "64-key tiles" : "128-key tiles");
+      SCOPED_TRACE(tiling == AttentionBwdTiling::kKeys64    ? "64-key tiles"
+                   : tiling == AttentionBwdTiling::kKeys128 ? "128-key tiles"
+                                                            : "tiled 2-D");
       run_bwd(p, out, mode, tiling, s);
       struct G {
         const char* name;
