@@ -175,16 +175,28 @@ __global__ void __launch_bounds__(kThreads)
   float part[kVec] = {};
 
   const int tcol = threadIdx.x % kThreadsPerRow;
-  for (int r = threadIdx.x / kThreadsPerRow; r < kTile; r += kRowsPerPass) {
-    const int64_t gr = row0 + r, gc = col0 + int64_t(tcol) * kVec;
+  const int64_t gc = col0 + int64_t(tcol) * kVec;
+  // All of the thread's loads are issued before any math (the GELU's erf/exp would otherwise
+  // serialise each row's load behind the previous row's compute and stores).
+  constexpr int kPasses = kTile / kRowsPerPass;
+  Pack<In, kVec> x[kPasses], xp[kPasses];
+#pragma unroll
+  for (int k = 0; k < kPasses; ++k) {
+    const int64_t gr = row0 + threadIdx.x / kThreadsPerRow + k * kRowsPerPass;
     if (gr < m && gc < n) {  // n % kVec == 0: the vector lies wholly inside
-      Pack<In, kVec> x, xp;
-      x.raw = *reinterpret_cast<const uint4*>(in + gr * n + gc);
-      if constexpr (kAct == CastActivation::kGeluGrad) xp.raw = *reinterpret_cast<const uint4*>(pre + gr * n + gc);
+      x[k].raw = *reinterpret_cast<const uint4*>(in + gr * n + gc);
+      if constexpr (kAct == CastActivation::kGeluGrad) xp[k].raw = *reinterpret_cast<const uint4*>(pre + gr * n + gc);
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < kPasses; ++k) {
+    const int r = threadIdx.x / kThreadsPerRow + k * kRowsPerPass;
+    const int64_t gr = row0 + r;
+    if (gr < m && gc < n) {
       Pack<uint8_t, kVec> y;
 #pragma unroll
       for (int j = 0; j < kVec; ++j) {
-        const float f = act_value<In, kAct>(x.e[j], kAct == CastActivation::kGeluGrad ? xp.e[j] : x.e[j]);
+        const float f = act_value<In, kAct>(x[k].e[j], kAct == CastActivation::kGeluGrad ? xp[k].e[j] : x[k].e[j]);
         local = max(local, abs_bits(f));
         part[j] += f;
         y.e[j] = to_fp8<kFmt>(f, scale);

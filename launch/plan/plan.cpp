@@ -205,8 +205,17 @@ MicroBatchCost layer_cost(const PlanInput& in, const Calibration& cal, int64_t t
     // output [t, H/tp], of FC1's output and GELU's [t, F/tp], of four SP-region tensors [t_sp, H]
     c.mem_b += mb("memset", e * (2.0 * t * fr + 2.0 * t * h + 4.0 * t * hr + 4.0 * ts * h));
   }
-  if (fp8) {  // cast (+ transpose) of every GEMM input: 4 bytes per bf16 element read (bench's
-              // count)
+  if (fp8 && tp == 1) {
+    // Cast (+ transpose) of every GEMM input, 4 bytes per element (bench's count). The MLP's GELU
+    // rides in FC2's input cast, GELU's backward and FC1's bias gradient in FC1's grad-output cast
+    // (layers/fp8_layers.cpp): the bf16 GELU passes, the GELU recompute and the zero-filled dh,
+    // d_pre and d_ln buffers of the bf16 path are gone.
+    c.mem_f += mb("cast_transpose_fp8", 4.0 * (2 * t * h + t * hr)) + mb("gelu_cast_transpose_fp8", 4.0 * t * fr) -
+               mb("gelu_fwd", 2 * e * t * fr);
+    c.mem_b += mb("cast_transpose_fp8", 4.0 * (t * h3 + 2 * t * h)) +
+               mb("dgelu_cast_transpose_dbias_fp8", 6.0 * t * fr) - mb("gelu_bwd", 4 * e * t * fr) -
+               mb("gelu_fwd", 2 * e * t * fr) - mb("memset", e * (2.0 * t * fr + 2.0 * t * h));
+  } else if (fp8) {  // tensor-parallel pieces: plain casts of every GEMM input
     c.mem_f += mb("cast_transpose_fp8", 4.0 * (2 * t * h + t * hr + t * fr));
     c.mem_b += mb("cast_transpose_fp8", 4.0 * (t * h3 + 2 * t * h + t * fr));
   }
