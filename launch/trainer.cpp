@@ -176,10 +176,12 @@ TrainSummary run_train(const TrainOptions& o) {
   }
   const TrainProgress start = ckpt.resume(o.checkpoint);
   if (rank0)
-    log_info("model {}: {} layers, hidden {}, {} heads, {:.2f}M parameters on {} ({}); {} ranks: tp {}{} x dp {}",
+    log_info("model {}: {} layers, hidden {}, {} heads, {:.2f}M parameters on {} ({}); {} ranks: tp {}{} x cp {} x pp {} x dp {}, "
+             "backend {}",
              o.model_config.name, o.model_config.layers, o.model_config.hidden, o.model_config.heads,
              o.model_config.num_params() / 1e6, device.str(), dtype_name(compute), world, o.tp,
-             o.sequence_parallel ? " (sequence parallel)" : "", dp);
+             o.sequence_parallel ? " (sequence parallel)" : "", o.cp, o.pp, dp,
+             ctx.backend() == CommBackend::kNccl ? "nccl" : "mpi");
   if (rank0 && pipeline) log_info("{}", describe_pipeline(o));
 
   MetricsWriter metrics;

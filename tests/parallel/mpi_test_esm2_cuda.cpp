@@ -68,7 +68,7 @@ struct Setup {
 };
 
 void run_overlap_equivalence(const Setup& s) {
-  ParallelContext ctx = testing::make_context(ParallelSizes{.tp = s.tp}, CommBackend::kMpi, s.device);
+  ParallelContext ctx = testing::make_context(ParallelSizes{.tp = s.tp}, testing::backend_for(s.device), s.device);
   const int dp = ctx.sizes().dp, my_dp = ctx.coords().dp;
   const ModelConfig cfg = small_config();
   const uint64_t seed = 11;
@@ -163,7 +163,7 @@ TEST(Esm2Overlap, SequenceParallelWithOverlapEqualsOneRank) {  // TP=2+SP (x DP=
   run_overlap_equivalence(cpu_setup(2, true));
 }
 
-// ---- CUDA: ranks share the GPU through the host-staged MPI backend, bf16 compute ---------------
+// ---- CUDA: NCCL with one GPU per rank, else ranks share GPUs through the host-staged MPI backend
 // bf16 activations round differently where TP splits a sum (row-parallel partial outputs are
 // rounded to bf16 before the all-reduce): bf16-level tolerances; a wrong reduction (a missing or
 // doubled tp/dp sum, a wrong shard) is off by O(1).

@@ -71,7 +71,7 @@ constexpr double kLr = 1e-3;
 
 void run_pipeline_equivalence(const PipeCase& pc) {
   ParallelContext ctx =
-      testing::make_context(ParallelSizes{.tp = pc.tp, .pp = pc.pp}, CommBackend::kMpi, pc.device);
+      testing::make_context(ParallelSizes{.tp = pc.tp, .pp = pc.pp}, testing::backend_for(pc.device), pc.device);
   const int dp = ctx.sizes().dp, my_dp = ctx.coords().dp;
   const ModelConfig cfg = pipe_config(pc.layers);
   const std::vector<int> split =
@@ -207,7 +207,7 @@ TEST(Pipeline, TimesDataParallel) {  // PP=2 x DP=2
   run_pipeline_equivalence({.pp = 2, .layers = 3});
 }
 
-// ---- CUDA: ranks share the GPU through the host-staged MPI backend, bf16 compute ---------------
+// ---- CUDA: NCCL with one GPU per rank, else ranks share GPUs through the host-staged MPI backend
 // Padding to the token budget changes GEMM shapes (and so bf16 accumulation order) against the
 // unpadded reference: bf16-level tolerances. A missing tied-table sum or a wrong stage boundary is
 // off by O(1).

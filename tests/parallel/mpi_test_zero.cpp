@@ -85,7 +85,7 @@ ZeroCase bf16_case(ZeroCase c, Device device) {
 constexpr double kLr = 1e-3;
 
 void run_zero_equivalence(ZeroCase c) {
-  ParallelContext ctx = testing::make_context(ParallelSizes{.tp = c.tp}, CommBackend::kMpi, c.device);
+  ParallelContext ctx = testing::make_context(ParallelSizes{.tp = c.tp}, testing::backend_for(c.device), c.device);
   const int dp = ctx.sizes().dp, my_dp = ctx.coords().dp;
   const ModelConfig cfg = tiny_config();
   const uint64_t seed = 7;
