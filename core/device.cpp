@@ -32,6 +32,9 @@ const CudaProbe& probe() {
 }  // namespace
 
 int cuda_device_count() { return probe().count; }
+void set_current_device(Device device) {
+  if (device.is_cuda()) CUDA_CHECK(cudaSetDevice(device.index));
+}
 std::string cuda_unavailable_reason() { return probe().reason; }
 int cuda_compute_capability(int device) {
   cudaDeviceProp prop;
@@ -106,6 +109,9 @@ float Event::elapsed_ms(const Event& end) const {
 #else  // CPU-only build
 
 int cuda_device_count() { return 0; }
+void set_current_device(Device device) {
+  HELIX_CHECK(device.is_cpu(), "CUDA requested, but helix was built without CUDA");
+}
 std::string cuda_unavailable_reason() { return "CPU-only build (HELIX_CUDA=OFF)"; }
 int cuda_compute_capability(int) { HELIX_FAIL("CUDA requested, but helix was built without CUDA"); }
 int cuda_sm_count(int) { HELIX_FAIL("CUDA requested, but helix was built without CUDA"); }

@@ -25,6 +25,10 @@ struct Device {
 // Number of usable CUDA devices; 0 in a CPU-only build or when no driver/GPU is present.
 int cuda_device_count();
 inline bool cuda_available() { return cuda_device_count() > 0; }
+// Makes `device` this thread's current CUDA device (no-op for the CPU). A process drives one GPU:
+// the legacy default stream (Stream::cuda_default) and kernel launches go to the current device,
+// so a rank on GPU r calls this once before touching it (ParallelContext::create does).
+void set_current_device(Device device);
 // Why CUDA is unavailable ("CPU-only build", "no CUDA device: <driver message>"), for test skips.
 std::string cuda_unavailable_reason();
 // Compute capability as major*10+minor (90 for H100); throws in a CPU-only build.

@@ -16,6 +16,7 @@ ParallelContext ParallelContext::create(MPI_Comm world, const ParallelOptions& o
       "NCCL backend requested, but helix was built without NCCL (HELIX_CUDA=OFF): use the MPI "
       "backend");
 #endif
+  set_current_device(options.device);  // this rank's GPU, before any stream or kernel touches it
   HELIX_CHECK(options.backend != CommBackend::kNccl || options.device.is_cuda(),
               "NCCL backend: expected this rank's CUDA device, got {}", options.device.str());
 

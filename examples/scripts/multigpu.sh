@@ -9,6 +9,7 @@
 #            per-step loss difference over 20 steps of a 4-layer model, bf16 tolerance
 #   comm     all-reduce / all-gather bus bandwidth, helix's communicator vs NCCL via torch.distributed
 #   scaling  ESM-2 650M DP (weak scaling: 16,384 tokens per GPU) and 3B TP=N / CP=N against 1 GPU
+#            (SCALING_STEPS_650M, SCALING_STEPS_3B: steps per run; TESTS_TIMEOUT: seconds for `tests`)
 #   examples/scripts/multigpu.sh [build] [tests] [equiv] [comm] [scaling]
 # Logs and tables go to $OUT (default ./multigpu_out).
 set -uo pipefail
@@ -44,7 +45,7 @@ for step in "${steps[@]}"; do
       echo "build ok"
       ;;
     tests)
-      timeout 400 "${mpi[@]}" -np "$np" "$B/tests/parallel/helix_tests_parallel" \
+      timeout "${TESTS_TIMEOUT:-400}" "${mpi[@]}" -np "$np" "$B/tests/parallel/helix_tests_parallel" \
         --gtest_filter='*Cuda*:Nccl/*' > "$out/nccl_tests.txt" 2>&1
       echo "nccl tests rc $?: $(grep -E '^\[  (PASSED|FAILED|SKIPPED) ' "$out/nccl_tests.txt" | sort | uniq -c | tr '\n' ' ')"
       grep -E "^\[  FAILED  \]|Skipped|NCCL needs" "$out/nccl_tests.txt" | sort | uniq | head -20
@@ -109,12 +110,12 @@ for step in "${steps[@]}"; do
         echo "$name rc $? tok/s $(tok_s "$sc/$name/metrics.jsonl") | $(grep -E "step [0-9]+/" "$sc/$name.log" | tail -1 | sed 's/.*| //')"
       }
       {
-        run1 650m_1gpu 1 --model esm2-650m --tokens-per-step 16384 --steps 30
-        run1 650m_dp"$np" "$np" --model esm2-650m --tokens-per-step $((16384 * np)) --steps 30
-        run1 3b_1gpu 1 --model esm2-3b --tokens-per-step 8192 --recompute full --steps 20
-        run1 3b_tp"$np" "$np" --model esm2-3b --tokens-per-step 8192 --recompute full --tp "$np" --steps 20
-        run1 3b_tp"$np"_sp "$np" --model esm2-3b --tokens-per-step 8192 --recompute full --tp "$np" --sequence-parallel --steps 20
-        run1 3b_cp"$np" "$np" --model esm2-3b --tokens-per-step 8192 --recompute full --cp "$np" --steps 20
+        run1 650m_1gpu 1 --model esm2-650m --tokens-per-step 16384 --steps ${SCALING_STEPS_650M:-30}
+        run1 650m_dp"$np" "$np" --model esm2-650m --tokens-per-step $((16384 * np)) --steps ${SCALING_STEPS_650M:-30}
+        run1 3b_1gpu 1 --model esm2-3b --tokens-per-step 8192 --recompute full --steps ${SCALING_STEPS_3B:-20}
+        run1 3b_tp"$np" "$np" --model esm2-3b --tokens-per-step 8192 --recompute full --tp "$np" --steps ${SCALING_STEPS_3B:-20}
+        run1 3b_tp"$np"_sp "$np" --model esm2-3b --tokens-per-step 8192 --recompute full --tp "$np" --sequence-parallel --steps ${SCALING_STEPS_3B:-20}
+        run1 3b_cp"$np" "$np" --model esm2-3b --tokens-per-step 8192 --recompute full --cp "$np" --steps ${SCALING_STEPS_3B:-20}
       } | tee "$sc/table.txt"
       ;;
     *)
