@@ -84,11 +84,7 @@ TrainSummary run_train(const TrainOptions& o) {
   par.device = device;
   int world = 1;
   MPI_Comm_size(MPI_COMM_WORLD, &world);
-  // NCCL needs one GPU per rank; ranks sharing a GPU go through the host-staged MPI backend.
-  par.backend = device.is_cuda() && cuda_device_count() >= world ? CommBackend::kNccl : CommBackend::kMpi;
-#if !HELIX_WITH_NCCL
-  par.backend = CommBackend::kMpi;
-#endif
+  par.backend = preferred_backend(device, world);
   const ParallelContext ctx = ParallelContext::create(MPI_COMM_WORLD, par);
   set_log_rank(world_rank);
   const bool rank0 = world_rank == 0;

@@ -23,13 +23,15 @@ struct CastArgs {
   Tensor pre;    // [M, N]: the GELU input for kGeluGrad
   Tensor dbias;  // [N] f32, optional: += column sums of the cast values
 };
-CastArgs plain() { return {}; }
 CastArgs with_bias_grad(const Tensor& db) { return {CastActivation::kNone, Tensor(), db}; }
 
-// v(x) -> fp8 codes and their transpose with the operand's scale; the amax is recorded; one pass
-// over x (and pre) whatever the activation and bias gradient (cast_transpose_fp8).
-Fp8Cast cast_both(const Fp8ScalingManager& m, int slot, Fp8Operand operand, const Tensor& x, const CastArgs& a,
+// v(x) -> fp8 codes and their transpose with the scale of the GEMM's `operand` (its input or its
+// output gradient); the amax is recorded; one pass over x (and pre) whatever the activation and
+// bias gradient (cast_transpose_fp8).
+Fp8Cast cast_both(const Fp8LinearSlots& s, Fp8Operand operand, const Tensor& x, const CastArgs& a,
                   const Stream& stream) {
+  const Fp8ScalingManager& m = *s.manager;
+  const int slot = operand == Fp8Operand::kInput ? s.input : s.grad_output;
   const DType dt = m.dtype(operand);
   Fp8Cast c{Tensor::empty(x.shape(), dt, x.device(), stream), Tensor::empty({x.dim(1), x.dim(0)}, dt, x.device(), stream)};
   cast_transpose_fp8(CastTransposeFp8Params{.in = x,
@@ -119,7 +121,7 @@ Fp8LinearSlots Fp8LinearSlots::of(Fp8ScalingManager* manager, int layer, Fp8Gemm
 Tensor fp8_linear_fwd(const Fp8LinearSlots& s, const Tensor& x, const Tensor& w, const Tensor& b, const Tensor& y,
                       bool accumulate, const Stream& stream) {
   check_tokens(x, "the input");
-  const Fp8Cast x8 = cast_both(*s.manager, s.input, Fp8Operand::kInput, x, plain(), stream);
+  const Fp8Cast x8 = cast_both(s, Fp8Operand::kInput, x, CastArgs{}, stream);
   fp8_gemm_fwd(s, x8.data, w, b, y, accumulate, stream);
   return x8.data_t;
 }
@@ -129,7 +131,7 @@ void fp8_linear_bwd(const Fp8LinearSlots& s, const Tensor& dy, const Tensor& x_t
   if (!dy.defined() || (!dx.defined() && !dw.defined() && !db.defined())) return;
   check_tokens(dy, "the output gradient");
   // db += sum_T dy in the compute dtype (not fp8), fused into the cast.
-  const Fp8Cast dy8 = cast_both(*s.manager, s.grad_output, Fp8Operand::kGradOutput, dy, with_bias_grad(db), stream);
+  const Fp8Cast dy8 = cast_both(s, Fp8Operand::kGradOutput, dy, with_bias_grad(db), stream);
   fp8_gemm_bwd(s, dy8, x_t, w, dx, /*accumulate_dx=*/true, dw, stream);
 }
 
@@ -155,7 +157,7 @@ void Fp8LayerNormLinearNode::backward(const std::vector<Tensor>& gout, std::vect
   if (!dy.defined()) return;
   check_tokens(dy, "the output gradient");
   Tensor d_ln = need_ln_grad ? Tensor::empty(x.shape(), x.dtype(), x.device(), stream) : Tensor();
-  const Fp8Cast dy8 = cast_both(*slots_.manager, slots_.grad_output, Fp8Operand::kGradOutput, dy, with_bias_grad(gin[4]), stream);
+  const Fp8Cast dy8 = cast_both(slots_, Fp8Operand::kGradOutput, dy, with_bias_grad(gin[4]), stream);
   fp8_gemm_bwd(slots_, dy8, saved(ln_t_), saved(w_), d_ln, /*accumulate_dx=*/false, gin[3], stream);
   if (need_ln_grad)
     layernorm_backward(x, saved(gamma_), saved(mean_), saved(rstd_), d_ln, gin[0], gin[1], gin[2], stream);
@@ -183,7 +185,7 @@ std::vector<Tensor> Fp8LayerNormMlpNode::forward(const std::vector<Tensor>& in, 
   Tensor pre = Tensor::empty({t, f}, x.dtype(), x.device(), stream);
   const Tensor ln_t = fp8_linear_fwd(fc1_, ln.y, w1, b1, pre, false, stream);
   // gelu(pre) is never stored in the compute dtype: the cast to fp8 applies it.
-  const Fp8Cast h = cast_both(*fc2_.manager, fc2_.input, Fp8Operand::kInput, pre, CastArgs{CastActivation::kGelu, Tensor(), Tensor()}, stream);
+  const Fp8Cast h = cast_both(fc2_, Fp8Operand::kInput, pre, CastArgs{CastActivation::kGelu, Tensor(), Tensor()}, stream);
   Tensor y = x.clone(stream);
   fp8_gemm_fwd(fc2_, h.data, w2, b2, y, /*accumulate=*/true, stream);
   const Tensor& h_t = h.data_t;
@@ -207,9 +209,9 @@ void Fp8LayerNormMlpNode::backward(const std::vector<Tensor>& gout, std::vector<
   // dh = dy W2 (written, not accumulated); d pre = dh * gelu'(pre) exists only in fp8: the cast
   // applies the GELU's derivative and sums FC1's bias gradient in the same pass.
   Tensor dh = Tensor::empty(pre.shape(), pre.dtype(), pre.device(), stream);
-  const Fp8Cast dy8 = cast_both(*fc2_.manager, fc2_.grad_output, Fp8Operand::kGradOutput, dy, with_bias_grad(gin[6]), stream);
+  const Fp8Cast dy8 = cast_both(fc2_, Fp8Operand::kGradOutput, dy, with_bias_grad(gin[6]), stream);
   fp8_gemm_bwd(fc2_, dy8, saved(h_t_), saved(w2_), dh, /*accumulate_dx=*/false, gin[5], stream);
-  const Fp8Cast d_pre = cast_both(*fc1_.manager, fc1_.grad_output, Fp8Operand::kGradOutput, dh,
+  const Fp8Cast d_pre = cast_both(fc1_, Fp8Operand::kGradOutput, dh,
                                   CastArgs{CastActivation::kGeluGrad, pre, gin[4]}, stream);
   const Tensor& x = saved(x_);
   const bool need_ln = gin[0].defined() || gin[1].defined() || gin[2].defined();

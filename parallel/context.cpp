@@ -6,6 +6,15 @@
 
 namespace helix {
 
+CommBackend preferred_backend(Device device, int world_size) {
+#if HELIX_WITH_NCCL
+  if (device.is_cuda() && cuda_device_count() >= world_size) return CommBackend::kNccl;
+#endif
+  (void)device;
+  (void)world_size;
+  return CommBackend::kMpi;
+}
+
 ParallelContext ParallelContext::create(MPI_Comm world, const ParallelOptions& options) {
   int rank = 0, size = 0;
   MPI_CHECK(MPI_Comm_rank(world, &rank));

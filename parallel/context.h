@@ -19,6 +19,11 @@ enum class CommBackend : uint8_t {
   kNccl,  // CUDA tensors through NCCL on `device`, CPU tensors through MPI
 };
 
+// The backend for a rank on `device` in a world of `world_size` processes: NCCL when the device is
+// a GPU and there is one GPU per process (and helix has NCCL), else the host-staged MPI backend
+// (CPU ranks, or ranks sharing GPUs, which NCCL refuses).
+CommBackend preferred_backend(Device device, int world_size);
+
 struct ParallelOptions {
   ParallelSizes sizes;
   CommBackend backend = CommBackend::kMpi;

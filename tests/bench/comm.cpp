@@ -69,10 +69,7 @@ int bench_main(int argc, char** argv) {
   ParallelOptions po;
   if (cuda_available()) {
     po.device = Device::cuda(rank % cuda_device_count());
-    po.backend = cuda_device_count() >= world ? CommBackend::kNccl : CommBackend::kMpi;
-#if !HELIX_WITH_NCCL
-    po.backend = CommBackend::kMpi;
-#endif
+    po.backend = preferred_backend(po.device, world);
   }
   const ParallelContext ctx = ParallelContext::create(MPI_COMM_WORLD, po);
   Communicator& comm = ctx.world();

@@ -236,10 +236,7 @@ int bench_main(int argc, char** argv) {
   std::string device_name = "cpu";
   if (cuda_available()) {
     po.device = Device::cuda(world_rank % cuda_device_count());
-    po.backend = cuda_device_count() >= world ? CommBackend::kNccl : CommBackend::kMpi;
-#if !HELIX_WITH_NCCL
-    po.backend = CommBackend::kMpi;
-#endif
+    po.backend = preferred_backend(po.device, world);
 #if HELIX_WITH_CUDA
     cudaDeviceProp prop{};
     CUDA_CHECK(cudaGetDeviceProperties(&prop, po.device.index));

@@ -40,13 +40,7 @@ inline Device rank_gpu() { return Device::cuda(world_rank() % cuda_device_count(
 
 // The backend of the CUDA suites: NCCL when every rank has its own GPU (one process per GPU, the
 // production layout), else the host-staged MPI backend (ranks share GPUs); MPI for CPU ranks.
-inline CommBackend backend_for(Device device) {
-#if HELIX_WITH_NCCL
-  if (device.is_cuda() && cuda_device_count() >= world_size()) return CommBackend::kNccl;
-#endif
-  (void)device;
-  return CommBackend::kMpi;
-}
+inline CommBackend backend_for(Device device) { return preferred_backend(device, world_size()); }
 
 inline ParallelContext make_context(ParallelSizes sizes, CommBackend backend = CommBackend::kMpi,
                                     Device device = Device::cpu()) {
