@@ -3,6 +3,7 @@
 #include "kernels/axpy/axpy.h"
 #include "kernels/cast/cast.h"
 #include "kernels/gemm/gemm.h"
+#include "kernels/layernorm/layernorm.h"
 #include "layers/layernorm_linear.h"
 #include "layers/layernorm_mlp.h"
 #include "layers/linear.h"
@@ -44,6 +45,37 @@ Fp8Cast cast_both(const Fp8LinearSlots& s, Fp8Operand operand, const Tensor& x, 
                                             .dbias = a.dbias},
                      stream);
   return c;
+}
+
+// LayerNorm written straight as the FP8 GEMM's input operands: codes [T, C] and their transpose
+// [C, T] with the input scale, the amax accumulated; LN's output never exists in the compute dtype
+// (one read of x instead of LN's write and the cast's re-read).
+struct Fp8LayerNorm {
+  Fp8Cast y;
+  Tensor mean, rstd;  // [T] f32, for backward
+};
+Fp8LayerNorm layernorm_fp8(const Fp8LinearSlots& s, const Tensor& x, const Tensor& gamma, const Tensor& beta,
+                           float eps, const Stream& stream) {
+  const Fp8ScalingManager& m = *s.manager;
+  const DType dt = m.dtype(Fp8Operand::kInput);
+  const int64_t t = x.dim(0), c = x.dim(1);
+  Fp8LayerNorm o{{Tensor::empty({t, c}, dt, x.device(), stream), Tensor::empty({c, t}, dt, x.device(), stream)},
+                 Tensor::empty({t}, DType::kF32, x.device(), stream),
+                 Tensor::empty({t}, DType::kF32, x.device(), stream)};
+  LayerNormFwdParams p;
+  p.x = x;
+  p.gamma = gamma;
+  p.beta = beta;
+  p.eps = eps;
+  p.y = o.y.data;
+  p.y_t = o.y.data_t;
+  p.y_scale = m.scale(s.input);
+  p.y_amax = m.amax(s.input);
+  p.accumulate_amax = true;
+  p.mean = o.mean;
+  p.rstd = o.rstd;
+  layernorm_fwd(p, stream);
+  return o;
 }
 
 void check_tokens(const Tensor& x, const char* what) {
@@ -137,14 +169,15 @@ void fp8_linear_bwd(const Fp8LinearSlots& s, const Tensor& dy, const Tensor& x_t
 
 std::vector<Tensor> Fp8LayerNormLinearNode::forward(const std::vector<Tensor>& in, const Stream& stream) {
   const Tensor &x = in[0], &gamma = in[1], &beta = in[2], &w = in[3], &b = in[4];
-  LayerNormOut ln = layernorm_forward(x, gamma, beta, eps_, stream);
+  check_tokens(x, "the input");
+  const Fp8LayerNorm ln = layernorm_fp8(slots_, x, gamma, beta, eps_, stream);
   Tensor y = Tensor::empty({x.dim(0), w.dim(0)}, x.dtype(), x.device(), stream);
-  const Tensor ln_t = fp8_linear_fwd(slots_, ln.y, w, b, y, false, stream);
+  fp8_gemm_fwd(slots_, ln.y.data, w, b, y, /*accumulate=*/false, stream);
   x_ = save(x);
   gamma_ = save(gamma);
   mean_ = save(ln.mean);
   rstd_ = save(ln.rstd);
-  ln_t_ = save(ln_t);
+  ln_t_ = save(ln.y.data_t);
   w_ = save(w);
   return {y};
 }
@@ -180,10 +213,12 @@ void Fp8LinearResidualNode::backward(const std::vector<Tensor>& gout, std::vecto
 
 std::vector<Tensor> Fp8LayerNormMlpNode::forward(const std::vector<Tensor>& in, const Stream& stream) {
   const Tensor &x = in[0], &gamma = in[1], &beta = in[2], &w1 = in[3], &b1 = in[4], &w2 = in[5], &b2 = in[6];
-  LayerNormOut ln = layernorm_forward(x, gamma, beta, eps_, stream);
+  check_tokens(x, "the input");
+  const Fp8LayerNorm ln = layernorm_fp8(fc1_, x, gamma, beta, eps_, stream);
   const int64_t t = x.dim(0), f = w1.dim(0);
   Tensor pre = Tensor::empty({t, f}, x.dtype(), x.device(), stream);
-  const Tensor ln_t = fp8_linear_fwd(fc1_, ln.y, w1, b1, pre, false, stream);
+  fp8_gemm_fwd(fc1_, ln.y.data, w1, b1, pre, /*accumulate=*/false, stream);
+  const Tensor& ln_t = ln.y.data_t;
   // gelu(pre) is never stored in the compute dtype: the cast to fp8 applies it.
   const Fp8Cast h = cast_both(fc2_, Fp8Operand::kInput, pre, CastArgs{CastActivation::kGelu, Tensor(), Tensor()}, stream);
   Tensor y = x.clone(stream);

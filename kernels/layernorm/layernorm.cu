@@ -67,20 +67,66 @@ struct FwdArgs {
   unsigned* amax;        // [1] bits of a non-negative float, or null
   float* mean;           // [T] or null
   float* rstd;           // [T] or null
+  void* y_t;             // [C, T] fp8 codes (kTranspose only)
   int64_t rows;
   int cols;
+  int tile_rows;         // kTranspose: rows per shared-memory tile (a multiple of 16 and of blockDim.y)
+  bool vec_t;            // kTranspose: C % 4 == 0, T % 16 == 0 and y_t 16-byte aligned
   float eps;
 };
+
+// The transposed store of one tile of fp8 codes: tile [nrows][cols] bytes in shared memory (rows
+// base.. of y) -> y_t[c, base + r]. Fast path (full tile, vec_t): a thread takes 4 adjacent columns
+// (one conflict-free 4-byte shared load per row), regroups the bytes with byte permutes and writes
+// 16 rows of each column as one 16-byte store. Otherwise one byte per thread, rows fastest.
+__device__ __forceinline__ uint32_t bytes_at(uint32_t w0, uint32_t w1, uint32_t w2, uint32_t w3, int j) {
+  const uint32_t lo = __byte_perm(w0, w1, static_cast<uint32_t>(j | ((4 + j) << 4)));
+  const uint32_t hi = __byte_perm(w2, w3, static_cast<uint32_t>(j | ((4 + j) << 4)));
+  return __byte_perm(lo, hi, 0x5410);
+}
+
+__device__ void store_tile_transposed(const unsigned char* tile, int nrows, int64_t base, const FwdArgs& a) {
+  unsigned char* yt = static_cast<unsigned char*>(a.y_t);
+  const int nthreads = blockDim.x * blockDim.y;
+  const int lin = threadIdx.y * blockDim.x + threadIdx.x;
+  if (a.vec_t && nrows == a.tile_rows) {
+    for (int q = lin; q < a.cols / 4; q += nthreads) {
+      for (int g = 0; g < nrows; g += 16) {
+        uint32_t w[16];
+#pragma unroll
+        for (int r = 0; r < 16; ++r) w[r] = *reinterpret_cast<const uint32_t*>(tile + (g + r) * a.cols + 4 * q);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          uint4 v;
+          v.x = bytes_at(w[0], w[1], w[2], w[3], j);
+          v.y = bytes_at(w[4], w[5], w[6], w[7], j);
+          v.z = bytes_at(w[8], w[9], w[10], w[11], j);
+          v.w = bytes_at(w[12], w[13], w[14], w[15], j);
+          *reinterpret_cast<uint4*>(yt + (4 * q + j) * a.rows + base + g) = v;
+        }
+      }
+    }
+    return;
+  }
+  for (int64_t i = lin; i < static_cast<int64_t>(nrows) * a.cols; i += nthreads) {
+    const int64_t c = i / nrows, r = i - c * nrows;
+    yt[c * a.rows + base + r] = tile[r * a.cols + c];
+  }
+}
 
 // Grid: min(ceil(T / rows_per_block), resident blocks), each block looping over groups of
 // rows_per_block rows. Block (threads_per_row, rows_per_block): thread x of a row owns the vectors
 // x, x + threads_per_row, ... of kVec elements (at most kFwdElemsPerThread elements).
-template <typename X, typename W, typename Y, int kVec>
+// kTranspose (fp8 Y): a block takes tiles of tile_rows consecutive rows (rows_per_block at a time),
+// keeps the tile's codes in dynamic shared memory and writes their transpose to y_t after the tile.
+template <typename X, typename W, typename Y, int kVec, bool kTranspose>
 __global__ void __launch_bounds__(kMaxRowThreads) layernorm_fwd_kernel(FwdArgs a) {
   constexpr int kVecs = kFwdElemsPerThread / kVec;
   constexpr bool kFp8 = elem::kIsFp8<Y>;
+  static_assert(!kTranspose || kFp8, "the transposed output is fp8 only");
   __shared__ float2 red[kRowsPerBlockMax * 32];
   __shared__ unsigned amax_red[32];
+  extern __shared__ __align__(16) unsigned char ln_tile[];  // kTranspose: [tile_rows, cols] codes
   const X* x = static_cast<const X*>(a.x);
   const X* res = static_cast<const X*>(a.residual);
   X* res_out = static_cast<X*>(a.residual_out);
@@ -90,59 +136,70 @@ __global__ void __launch_bounds__(kMaxRowThreads) layernorm_fwd_kernel(FwdArgs a
   const int nvec = a.cols / kVec;
   const float scale = kFp8 ? *a.scale : 1.f;
   unsigned amax = 0;
-  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.y;
-  for (int64_t row0 = static_cast<int64_t>(blockIdx.x) * blockDim.y; row0 < a.rows; row0 += step) {
-    const int64_t row = row0 + threadIdx.y;
-    const bool active = row < a.rows;
-    const int64_t off = row * a.cols;
-    float v[kVecs][kVec];
-    float sum = 0.f;
+  const int64_t per_iter = kTranspose ? a.tile_rows : blockDim.y;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * per_iter;
+  for (int64_t base = static_cast<int64_t>(blockIdx.x) * per_iter; base < a.rows; base += step) {
+    for (int sub = 0; sub < per_iter; sub += blockDim.y) {
+      const int64_t row = base + sub + threadIdx.y;
+      const bool active = row < a.rows;
+      const int64_t off = row * a.cols;
+      float v[kVecs][kVec];
+      float sum = 0.f;
 #pragma unroll
-    for (int i = 0; i < kVecs; ++i) {
-      const int j = threadIdx.x + i * blockDim.x;
-      if (active && j < nvec) {
-        load_floats(x + off + j * kVec, v[i]);
-        if (res) {
-          float r[kVec];
-          load_floats(res + off + j * kVec, r);
+      for (int i = 0; i < kVecs; ++i) {
+        const int j = threadIdx.x + i * blockDim.x;
+        if (active && j < nvec) {
+          load_floats(x + off + j * kVec, v[i]);
+          if (res) {
+            float r[kVec];
+            load_floats(res + off + j * kVec, r);
 #pragma unroll
-          for (int e = 0; e < kVec; ++e) v[i][e] = to_float(from_float<X>(v[i][e] + r[e]));
-          store_floats(res_out + off + j * kVec, v[i]);
+            for (int e = 0; e < kVec; ++e) v[i][e] = to_float(from_float<X>(v[i][e] + r[e]));
+            store_floats(res_out + off + j * kVec, v[i]);
+          }
+#pragma unroll
+          for (int e = 0; e < kVec; ++e) sum += v[i][e];
         }
-#pragma unroll
-        for (int e = 0; e < kVec; ++e) sum += v[i][e];
       }
-    }
-    const float mean = row_sum(make_float2(sum, 0.f), red).x / a.cols;
-    float sq = 0.f;
+      const float mean = row_sum(make_float2(sum, 0.f), red).x / a.cols;
+      float sq = 0.f;
 #pragma unroll
-    for (int i = 0; i < kVecs; ++i) {
-      const int j = threadIdx.x + i * blockDim.x;
-      if (active && j < nvec) {
+      for (int i = 0; i < kVecs; ++i) {
+        const int j = threadIdx.x + i * blockDim.x;
+        if (active && j < nvec) {
 #pragma unroll
-        for (int e = 0; e < kVec; ++e) sq += (v[i][e] - mean) * (v[i][e] - mean);
-      }
-    }
-    const float rstd = 1.f / sqrtf(row_sum(make_float2(sq, 0.f), red).x / a.cols + a.eps);
-#pragma unroll
-    for (int i = 0; i < kVecs; ++i) {
-      const int j = threadIdx.x + i * blockDim.x;
-      if (active && j < nvec) {
-        float g[kVec], b[kVec], out[kVec];
-        load_floats(gamma + j * kVec, g);
-        load_floats(beta + j * kVec, b);
-#pragma unroll
-        for (int e = 0; e < kVec; ++e) {
-          const float o = (v[i][e] - mean) * rstd * g[e] + b[e];
-          amax = max(amax, elem::abs_bits(o));
-          out[e] = kFp8 ? o * scale : o;
+          for (int e = 0; e < kVec; ++e) sq += (v[i][e] - mean) * (v[i][e] - mean);
         }
-        store_floats(y + off + j * kVec, out);
+      }
+      const float rstd = 1.f / sqrtf(row_sum(make_float2(sq, 0.f), red).x / a.cols + a.eps);
+#pragma unroll
+      for (int i = 0; i < kVecs; ++i) {
+        const int j = threadIdx.x + i * blockDim.x;
+        if (active && j < nvec) {
+          float g[kVec], b[kVec];
+          load_floats(gamma + j * kVec, g);
+          load_floats(beta + j * kVec, b);
+          Pack<Y, kVec> out;
+#pragma unroll
+          for (int e = 0; e < kVec; ++e) {
+            const float o = (v[i][e] - mean) * rstd * g[e] + b[e];
+            amax = max(amax, elem::abs_bits(o));
+            out.v[e] = from_float<Y>(kFp8 ? o * scale : o);
+          }
+          *reinterpret_cast<Pack<Y, kVec>*>(y + off + j * kVec) = out;
+          if constexpr (kTranspose)
+            *reinterpret_cast<Pack<Y, kVec>*>(ln_tile + (sub + threadIdx.y) * a.cols + j * kVec) = out;
+        }
+      }
+      if (active && threadIdx.x == 0) {
+        if (a.mean) a.mean[row] = mean;
+        if (a.rstd) a.rstd[row] = rstd;
       }
     }
-    if (active && threadIdx.x == 0) {
-      if (a.mean) a.mean[row] = mean;
-      if (a.rstd) a.rstd[row] = rstd;
+    if constexpr (kTranspose) {
+      __syncthreads();  // the tile is complete
+      store_tile_transposed(ln_tile, static_cast<int>(per_iter < a.rows - base ? per_iter : a.rows - base), base, a);
+      __syncthreads();  // before the next tile overwrites it
     }
   }
   if (a.amax) elem::block_amax(amax, amax_red, a.amax);
@@ -287,17 +344,24 @@ using checks::aligned_to;
 const void* ptr_or_null(const Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
 void* mut_ptr_or_null(const Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
 
-template <typename X, typename W, typename Y, int kVec>
+template <typename X, typename W, typename Y, int kVec, bool kTranspose>
 void launch_fwd(const FwdArgs& args, const RowLayout& l, int sms, cudaStream_t st) {
+  const auto kernel = layernorm_fwd_kernel<X, W, Y, kVec, kTranspose>;
   const dim3 block(l.threads_per_row, l.rows_per_block);
+  const int smem = kTranspose ? args.tile_rows * args.cols : 0;
+  if (kTranspose) CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   int per_sm = 0;
-  CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-      &per_sm, layernorm_fwd_kernel<X, W, Y, kVec>, l.threads_per_row * l.rows_per_block, 0));
-  const int64_t needed = (args.rows + l.rows_per_block - 1) / l.rows_per_block;
+  CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, l.threads_per_row * l.rows_per_block, smem));
+  const int64_t rows_per_iter = kTranspose ? args.tile_rows : l.rows_per_block;
+  const int64_t needed = (args.rows + rows_per_iter - 1) / rows_per_iter;
   const int64_t grid = std::min<int64_t>(needed, static_cast<int64_t>(std::max(per_sm, 1)) * sms);
-  layernorm_fwd_kernel<X, W, Y, kVec><<<static_cast<unsigned>(grid), block, 0, st>>>(args);
+  kernel<<<static_cast<unsigned>(grid), block, smem, st>>>(args);
   HELIX_LAUNCH_CHECK();
 }
+
+// Rows per transposed tile: 32 (32-byte column segments) while two tiles fit in shared memory next
+// to each other on an SM, else 16 (C <= 8192: at most 128 KiB).
+int transpose_tile_rows(int64_t cols) { return cols <= 3200 ? 32 : 16; }
 
 }  // namespace
 
@@ -306,7 +370,8 @@ void detail::layernorm_fwd_cuda(const LayerNormFwdParams& p, const Stream& strea
   HELIX_CHECK(C <= kMaxCols, "layernorm_fwd: expected C <= {}, got x {}", kMaxCols, p.x.str());
   HELIX_CHECK(T * C < (int64_t{1} << 62), "layernorm_fwd: x {} too large", p.x.str());
   cudaStream_t st = static_cast<cudaStream_t>(stream.handle());
-  if (p.y_amax.defined()) CUDA_CHECK(cudaMemsetAsync(p.y_amax.data_ptr(), 0, sizeof(float), st));
+  if (p.y_amax.defined() && !p.accumulate_amax)
+    CUDA_CHECK(cudaMemsetAsync(p.y_amax.data_ptr(), 0, sizeof(float), st));
   if (T == 0) return;
   FwdArgs args{p.x.data_ptr(),
                ptr_or_null(p.residual),
@@ -318,9 +383,13 @@ void detail::layernorm_fwd_cuda(const LayerNormFwdParams& p, const Stream& strea
                p.y_amax.defined() ? static_cast<unsigned*>(p.y_amax.data_ptr()) : nullptr,
                p.mean.defined() ? p.mean.data<float>() : nullptr,
                p.rstd.defined() ? p.rstd.data<float>() : nullptr,
+               mut_ptr_or_null(p.y_t),
                T,
                static_cast<int>(C),
+               transpose_tile_rows(C),
+               C % 4 == 0 && T % 16 == 0 && aligned_to(p.y_t, 16),
                p.eps};
+  const bool transpose = p.y_t.defined();
   const int sms = elem::sm_count(p.x.device().index);
   elem::visit_f32_bf16(p.x.dtype(), "layernorm_fwd", "x", [&](auto xt) {
     using X = decltype(xt);
@@ -333,10 +402,16 @@ void detail::layernorm_fwd_cuda(const LayerNormFwdParams& p, const Stream& strea
             C % kVec == 0 && aligned_to(p.x, 16) && aligned_to(p.residual, 16) &&
             aligned_to(p.residual_out, 16) && aligned_to(p.gamma, kVec * sizeof(W)) &&
             aligned_to(p.beta, kVec * sizeof(W)) && aligned_to(p.y, kVec * sizeof(Y));
-        if (vec_ok)
-          launch_fwd<X, W, Y, kVec>(args, row_layout(C, kVec, kFwdElemsPerThread), sms, st);
-        else
-          launch_fwd<X, W, Y, 1>(args, row_layout(C, 1, kFwdElemsPerThread), sms, st);
+        const RowLayout l = row_layout(C, vec_ok ? kVec : 1, kFwdElemsPerThread);
+        if constexpr (elem::kIsFp8<Y>) {
+          if (transpose) {
+            if (vec_ok) launch_fwd<X, W, Y, kVec, true>(args, l, sms, st);
+            else launch_fwd<X, W, Y, 1, true>(args, l, sms, st);
+            return;
+          }
+        }
+        if (vec_ok) launch_fwd<X, W, Y, kVec, false>(args, l, sms, st);
+        else launch_fwd<X, W, Y, 1, false>(args, l, sms, st);
       });
     });
   });

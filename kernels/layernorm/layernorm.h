@@ -1,7 +1,8 @@
 #pragma once
 // LayerNorm over the last dimension of packed activations [T, C], with an optional fused residual
 // add (s = x + r is written as the new residual stream, then y = LN(s)), bf16/f32 or FP8 output
-// (scale in, amax out), and a deterministic backward. Design: CUDA keeps each row in registers
+// (scale in, amax out) optionally with its transpose (the two FP8 GEMM operands from one read of
+// x), and a deterministic backward. Design: CUDA keeps each row in registers
 // (16-byte loads, one warp or a few warps per row); dgamma/dbeta are reduced without float atomics,
 // as per-block partial rows plus a fixed-order second pass, so two backward runs are bitwise equal
 // on any GPU.
@@ -26,6 +27,9 @@ struct LayerNormFwdParams {
   Tensor y_scale;  // [1] f32; fp8 y only (required there): y = fp8(LN(s) * scale)
   Tensor y_amax;   // [1] f32; optional: OVERWRITTEN with max |LN(s)| before scaling; NaN wins
                    // (any NaN makes amax NaN, so the scaling manager keeps its old scale)
+  bool accumulate_amax = false;  // true: y_amax = max(y_amax, max |LN(s)|), as the fp8 casts do
+  Tensor y_t;      // [C, T] y's fp8 dtype; optional, fp8 y only: the transpose of y's codes (the
+                   // weight-gradient operand of an FP8 GEMM), written from the same pass
   Tensor mean;     // [T] f32; optional: saved for backward
   Tensor rstd;     // [T] f32; optional: 1 / sqrt(var + eps), saved for backward
 };

@@ -33,6 +33,7 @@ void validate(const LayerNormFwdParams& p) {
                                   {&p.y, "y"},
                                   {&p.y_scale, "y_scale"},
                                   {&p.y_amax, "y_amax"},
+                                  {&p.y_t, "y_t"},
                                   {&p.mean, "mean"},
                                   {&p.rstd, "rstd"}});
   HELIX_CHECK(
@@ -57,6 +58,10 @@ void validate(const LayerNormFwdParams& p) {
                 dtype_name(p.y.dtype()), p.y_scale.str());
   }
   if (p.y_amax.defined()) checks::shape_dtype(kFwd, p.y_amax, "y_amax", {1}, DType::kF32);
+  if (p.y_t.defined()) {
+    HELIX_CHECK(dtype_is_fp8(p.y.dtype()), "{}: expected y_t only with an fp8 y, got y {}", kFwd, p.y.str());
+    checks::shape_dtype(kFwd, p.y_t, "y_t", {C, T}, p.y.dtype());
+  }
   if (p.mean.defined()) checks::shape_dtype(kFwd, p.mean, "mean", {T}, DType::kF32);
   if (p.rstd.defined()) checks::shape_dtype(kFwd, p.rstd, "rstd", {T}, DType::kF32);
   HELIX_CHECK(p.eps >= 0.f, "{}: expected eps >= 0, got {}", kFwd, p.eps);
@@ -127,7 +132,15 @@ void fwd_cpu(const LayerNormFwdParams& p) {
     if (p.mean.defined()) p.mean.data<float>()[t] = mean;
     if (p.rstd.defined()) p.rstd.data<float>()[t] = rstd;
   }
-  if (p.y_amax.defined()) p.y_amax.data<float>()[0] = bits_float(amax);
+  if (p.y_t.defined()) {
+    Y* yt = p.y_t.data<Y>();
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t c = 0; c < C; ++c) yt[c * T + t] = y[t * C + c];
+  }
+  if (p.y_amax.defined()) {
+    float* out = p.y_amax.data<float>();
+    out[0] = bits_float(p.accumulate_amax ? std::max(amax, float_bits(out[0])) : amax);
+  }
 }
 
 template <typename X, typename W>

@@ -212,6 +212,17 @@ void bench_activations(Bench& bench, const ModelConfig& cfg, const std::string& 
     // read x, residual; write residual_out, y: 4*T*C*2; mean, rstd: T*2*4; gamma, beta: 2*C*2
     bench.run(model, "layernorm_fwd_residual", tc, 4 * T * C * kBf16 + 2 * T * kF32 + 2 * C * kBf16,
               [&] { layernorm_fwd(fr, s); });
+    // The FP8 path's LayerNorm (layers/fp8_layers.cpp): fp8 codes and their transpose from one pass
+    // (it replaces layernorm_fwd + cast_transpose_fp8 on [T, C]). read x: T*C*2; write y, y_t:
+    // 2*T*C*1; mean, rstd: T*2*4; gamma, beta: 2*C*2; scale, amax: 3*4
+    LayerNormFwdParams f8 = f;
+    f8.y = Tensor::empty({T, C}, DType::kE4M3, dev, s);
+    f8.y_t = Tensor::empty({C, T}, DType::kE4M3, dev, s);
+    f8.y_scale = Tensor::from_floats({1.0f}, {1}, DType::kF32, dev);
+    f8.y_amax = Tensor::zeros({1}, DType::kF32, dev, s);
+    f8.accumulate_amax = true;
+    bench.run(model, "layernorm_fwd_fp8_t", tc, T * C * (kBf16 + 2 * kFp8) + 2 * T * kF32 + 2 * C * kBf16 + 3 * kF32,
+              [&] { layernorm_fwd(f8, s); });
     LayerNormBwdParams b;
     b.x = x;
     b.gamma = gamma;

@@ -2,6 +2,7 @@
 // most recent first) over hundreds of random steps with amaxes 0, +inf, NaN, subnormal and huge,
 // both amax algorithms, several margins and history lengths, bitwise; the canonicalisation before
 // the all-reduce; and on a GPU the CUDA kernel bitwise against the CPU reference.
+#include <fmt/format.h>
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -174,43 +175,48 @@ TEST(Fp8ScalingGpu, CudaMatchesCpuBitwise) {
   HELIX_REQUIRE_CUDA();
   const Device gpu = Device::cuda(0);
   const Stream stream = Stream::cuda_default(0);
-  for (Fp8AmaxAlgo algo : {Fp8AmaxAlgo::kMax, Fp8AmaxAlgo::kMostRecent}) {
-    const int64_t n = 301, len = 67;  // odd sizes: a partial block
-    std::mt19937 rng(99);
-    std::vector<float> fmax(n);
-    for (int64_t i = 0; i < n; ++i) fmax[i] = i % 3 == 2 ? 57344.f : 448.f;
-    Fp8ScalingUpdateParams c, g;
-    c.amax = Tensor::zeros({n}, DType::kF32);
-    c.history = Tensor::zeros({len, n}, DType::kF32);
-    c.scale = Tensor::from_floats(std::vector<float>(n, 1.f), Shape{n}, DType::kF32);
-    c.scale_inv = c.scale.clone();
-    c.fp8_max = Tensor::from_floats(fmax, Shape{n}, DType::kF32);
-    c.algo = g.algo = algo;
-    c.margin = g.margin = 2;
-    g.amax = c.amax.to(gpu);
-    g.history = c.history.to(gpu);
-    g.scale = c.scale.to(gpu);
-    g.scale_inv = c.scale_inv.to(gpu);
-    g.fp8_max = c.fp8_max.to(gpu);
-    for (int step = 0; step < 150; ++step) {
-      const std::vector<float> amax = random_amaxes(rng, n);
-      std::memcpy(c.amax.data_ptr(), amax.data(), amax.size() * 4);
-      Tensor ga = c.amax.clone();
-      fp8_amax_canonicalize(ga, Stream());  // both devices canonicalise the same way
-      fp8_amax_canonicalize(c.amax, Stream());
-      g.amax.copy_from(Tensor::from_floats(amax, Shape{n}, DType::kF32).to(gpu), stream);
-      fp8_amax_canonicalize(g.amax, stream);
-      ASSERT_EQ(g.amax.to(Device::cpu()).to_vector<float>() == ga.to_vector<float>(), true);
-      fp8_scaling_update(c, Stream());
-      fp8_scaling_update(g, stream);
-      const auto eq = [](const Tensor& x, const Tensor& y) {
-        const Tensor hx = x.to(Device::cpu()), hy = y.to(Device::cpu());
-        return std::memcmp(hx.data_ptr(), hy.data_ptr(), hx.nbytes()) == 0;
-      };
-      ASSERT_TRUE(eq(g.scale, c.scale)) << "scale at step " << step;
-      ASSERT_TRUE(eq(g.scale_inv, c.scale_inv)) << "scale_inv at step " << step;
-      ASSERT_TRUE(eq(g.history, c.history)) << "history at step " << step;
-      ASSERT_TRUE(eq(g.amax, c.amax)) << "amax at step " << step;
+  // Odd sizes: a partial block of operands; histories within one row chunk of the kernel, across
+  // several with a partial last one, and of one row.
+  for (int64_t len : {int64_t{67}, int64_t{300}, int64_t{1}}) {
+    SCOPED_TRACE(fmt::format("history length {}", len));
+    for (Fp8AmaxAlgo algo : {Fp8AmaxAlgo::kMax, Fp8AmaxAlgo::kMostRecent}) {
+      const int64_t n = 301;
+      std::mt19937 rng(99);
+      std::vector<float> fmax(n);
+      for (int64_t i = 0; i < n; ++i) fmax[i] = i % 3 == 2 ? 57344.f : 448.f;
+      Fp8ScalingUpdateParams c, g;
+      c.amax = Tensor::zeros({n}, DType::kF32);
+      c.history = Tensor::zeros({len, n}, DType::kF32);
+      c.scale = Tensor::from_floats(std::vector<float>(n, 1.f), Shape{n}, DType::kF32);
+      c.scale_inv = c.scale.clone();
+      c.fp8_max = Tensor::from_floats(fmax, Shape{n}, DType::kF32);
+      c.algo = g.algo = algo;
+      c.margin = g.margin = 2;
+      g.amax = c.amax.to(gpu);
+      g.history = c.history.to(gpu);
+      g.scale = c.scale.to(gpu);
+      g.scale_inv = c.scale_inv.to(gpu);
+      g.fp8_max = c.fp8_max.to(gpu);
+      for (int step = 0; step < 150; ++step) {
+        const std::vector<float> amax = random_amaxes(rng, n);
+        std::memcpy(c.amax.data_ptr(), amax.data(), amax.size() * 4);
+        Tensor ga = c.amax.clone();
+        fp8_amax_canonicalize(ga, Stream());  // both devices canonicalise the same way
+        fp8_amax_canonicalize(c.amax, Stream());
+        g.amax.copy_from(Tensor::from_floats(amax, Shape{n}, DType::kF32).to(gpu), stream);
+        fp8_amax_canonicalize(g.amax, stream);
+        ASSERT_EQ(g.amax.to(Device::cpu()).to_vector<float>() == ga.to_vector<float>(), true);
+        fp8_scaling_update(c, Stream());
+        fp8_scaling_update(g, stream);
+        const auto eq = [](const Tensor& x, const Tensor& y) {
+          const Tensor hx = x.to(Device::cpu()), hy = y.to(Device::cpu());
+          return std::memcmp(hx.data_ptr(), hy.data_ptr(), hx.nbytes()) == 0;
+        };
+        ASSERT_TRUE(eq(g.scale, c.scale)) << "scale at step " << step;
+        ASSERT_TRUE(eq(g.scale_inv, c.scale_inv)) << "scale_inv at step " << step;
+        ASSERT_TRUE(eq(g.history, c.history)) << "history at step " << step;
+        ASSERT_TRUE(eq(g.amax, c.amax)) << "amax at step " << step;
+      }
     }
   }
 }
