@@ -4,6 +4,7 @@
 // sums to its own partial row, and a second kernel adds the partial rows in a fixed order.
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "core/cuda_check.h"
 #include "kernels/common/checks.h"
@@ -205,6 +206,96 @@ __global__ void __launch_bounds__(kMaxRowThreads) layernorm_fwd_kernel(FwdArgs a
   if (a.amax) elem::block_amax(amax, amax_red, a.amax);
 }
 
+// The FP8 path's LayerNorm with the transposed output, for bf16 x with 16-byte vectors: a warp per
+// row, the row in registers as kLaneVecs packs of 8 bf16 per lane (C <= 256 * kLaneVecs), so the
+// row reductions are warp shuffles and a warp has its whole row in flight; blocks of 8 warps take
+// tiles of tile_rows rows, stage the codes in shared memory and store the transpose after each
+// tile. (The generic kernel above spends a block-wide reduction per row, which at C = 2560 left it
+// slower than a LayerNorm plus a separate cast-transpose.)
+constexpr int kFp8TWarps = 8;
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xFFFFFFFFu, v, o);
+  return v;
+}
+
+template <typename W, typename Y, int kLaneVecs>
+__global__ void __launch_bounds__(kFp8TWarps * 32) layernorm_fwd_fp8_t_kernel(FwdArgs a) {
+  constexpr int kVec = 8;
+  using XP = Pack<bf16_t, kVec>;
+  __shared__ unsigned amax_red[32];
+  extern __shared__ __align__(16) unsigned char ln_tile[];  // [tile_rows, cols] codes
+  const bf16_t* x = static_cast<const bf16_t*>(a.x);
+  const W* gamma = static_cast<const W*>(a.gamma);
+  const W* beta = static_cast<const W*>(a.beta);
+  Y* y = static_cast<Y*>(a.y);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int nvec = a.cols / kVec;
+  const float scale = *a.scale;
+  unsigned amax = 0;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * a.tile_rows;
+  for (int64_t base = static_cast<int64_t>(blockIdx.x) * a.tile_rows; base < a.rows; base += step) {
+    for (int rr = warp; rr < a.tile_rows; rr += kFp8TWarps) {
+      const int64_t row = base + rr;
+      if (row >= a.rows) break;  // warp-uniform
+      const int64_t off = row * a.cols;
+      XP xs[kLaneVecs];
+      float sum = 0.f;
+#pragma unroll
+      for (int i = 0; i < kLaneVecs; ++i) {
+        const int j = lane + 32 * i;
+        if (j < nvec) {
+          xs[i] = *reinterpret_cast<const XP*>(x + off + j * kVec);
+#pragma unroll
+          for (int e = 0; e < kVec; ++e) sum += to_float(xs[i].v[e]);
+        }
+      }
+      const float mean = warp_sum(sum) / a.cols;
+      float sq = 0.f;
+#pragma unroll
+      for (int i = 0; i < kLaneVecs; ++i) {
+        const int j = lane + 32 * i;
+        if (j < nvec) {
+#pragma unroll
+          for (int e = 0; e < kVec; ++e) {
+            const float d = to_float(xs[i].v[e]) - mean;
+            sq += d * d;
+          }
+        }
+      }
+      const float rstd = 1.f / sqrtf(warp_sum(sq) / a.cols + a.eps);
+#pragma unroll
+      for (int i = 0; i < kLaneVecs; ++i) {
+        const int j = lane + 32 * i;
+        if (j < nvec) {
+          float g[kVec], b[kVec];
+          load_floats(gamma + j * kVec, g);
+          load_floats(beta + j * kVec, b);
+          Pack<Y, kVec> out;
+#pragma unroll
+          for (int e = 0; e < kVec; ++e) {
+            const float o = (to_float(xs[i].v[e]) - mean) * rstd * g[e] + b[e];
+            amax = max(amax, elem::abs_bits(o));
+            out.v[e] = from_float<Y>(o * scale);
+          }
+          *reinterpret_cast<Pack<Y, kVec>*>(y + off + j * kVec) = out;
+          *reinterpret_cast<Pack<Y, kVec>*>(ln_tile + rr * a.cols + j * kVec) = out;
+        }
+      }
+      if (lane == 0) {
+        if (a.mean) a.mean[row] = mean;
+        if (a.rstd) a.rstd[row] = rstd;
+      }
+    }
+    __syncthreads();  // the tile is complete
+    store_tile_transposed(ln_tile, static_cast<int>(a.tile_rows < a.rows - base ? a.tile_rows : a.rows - base), base,
+                          a);
+    __syncthreads();  // before the next tile overwrites it
+  }
+  if (a.amax) elem::block_amax(amax, amax_red, a.amax);
+}
+
 struct BwdArgs {
   const void* x;       // [T, C]
   const void* gamma;   // [C]
@@ -359,6 +450,31 @@ void launch_fwd(const FwdArgs& args, const RowLayout& l, int sms, cudaStream_t s
   HELIX_LAUNCH_CHECK();
 }
 
+template <typename W, typename Y, int kLaneVecs>
+void launch_fwd_fp8_t(const FwdArgs& args, int sms, cudaStream_t st) {
+  const auto kernel = layernorm_fwd_fp8_t_kernel<W, Y, kLaneVecs>;
+  const int smem = args.tile_rows * args.cols;
+  CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  int per_sm = 0;
+  CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kFp8TWarps * 32, smem));
+  const int64_t needed = (args.rows + args.tile_rows - 1) / args.tile_rows;
+  const int64_t grid = std::min<int64_t>(needed, static_cast<int64_t>(std::max(per_sm, 1)) * sms);
+  kernel<<<static_cast<unsigned>(grid), kFp8TWarps * 32, smem, st>>>(args);
+  HELIX_LAUNCH_CHECK();
+}
+
+// The warp-per-row kernel's register budget: packs of 8 bf16 per lane, C <= 256 * kLaneVecs.
+template <typename W, typename Y>
+bool try_launch_fwd_fp8_t(const FwdArgs& args, int sms, cudaStream_t st) {
+  const int lane_vecs = (args.cols / 8 + 31) / 32;
+  if (lane_vecs <= 4) launch_fwd_fp8_t<W, Y, 4>(args, sms, st);
+  else if (lane_vecs <= 8) launch_fwd_fp8_t<W, Y, 8>(args, sms, st);
+  else if (lane_vecs <= 16) launch_fwd_fp8_t<W, Y, 16>(args, sms, st);
+  else if (lane_vecs <= 24) launch_fwd_fp8_t<W, Y, 24>(args, sms, st);
+  else return false;
+  return true;
+}
+
 // Rows per transposed tile: 32 (32-byte column segments) while two tiles fit in shared memory next
 // to each other on an SM, else 16 (C <= 8192: at most 128 KiB).
 int transpose_tile_rows(int64_t cols) { return cols <= 3200 ? 32 : 16; }
@@ -405,6 +521,9 @@ void detail::layernorm_fwd_cuda(const LayerNormFwdParams& p, const Stream& strea
         const RowLayout l = row_layout(C, vec_ok ? kVec : 1, kFwdElemsPerThread);
         if constexpr (elem::kIsFp8<Y>) {
           if (transpose) {
+            if constexpr (std::is_same_v<X, bf16_t>) {
+              if (vec_ok && !p.residual.defined() && try_launch_fwd_fp8_t<W, Y>(args, sms, st)) return;
+            }
             if (vec_ok) launch_fwd<X, W, Y, kVec, true>(args, l, sms, st);
             else launch_fwd<X, W, Y, 1, true>(args, l, sms, st);
             return;
