@@ -57,6 +57,12 @@ struct RotaryApply {
   const char* a_name = "q";
   const char* b_name = "k";
 };
+// Every check of rotary_fwd/bwd (shapes, dtypes, devices, D even and <= 256, exactly one position
+// source, base); also used by the rotary fused into qkv_split / qkv_join_grad.
+void rotary_validate(const RotaryApply& p);
+// Position of token t on the CPU (rotary::position_of), checked to lie in [0, 2^24).
+int64_t rotary_cpu_position(const char* op, const int32_t* positions, const int32_t* cu_seqlens,
+                            int64_t num_seqs, int64_t t);
 void rotary_apply_cpu(const RotaryApply& p);
 #if HELIX_WITH_CUDA
 void rotary_apply_cuda(const RotaryApply& p, const Stream& stream);
