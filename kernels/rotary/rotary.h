@@ -5,7 +5,8 @@
 // one rounding to the storage type. Design: IN PLACE on q and k [T, heads, D] (the rotation needs
 // no saved input for backward, so no copies); positions either restart at each cu_seqlens boundary
 // or come from an explicit int32 tensor (context parallelism). Backward rotates dq, dk back in
-// place.
+// place. The per-element arithmetic lives in rotary_math.h; the attention layer uses it fused into
+// qkv_split / qkv_join_grad (kernels/qkv/qkv.h, QkvRotary), bit-identical to these ops.
 #include <vector>
 
 #include "core/device.h"
