@@ -39,6 +39,8 @@ RotaryPositions rotary_positions(const AttentionInputs& in) {
   else p.cu_seqlens = in.cu_seqlens_padded;
   return p;
 }
+// The rotary fused into qkv_split (forward) and qkv_join_grad (backward, the inverse rotation).
+QkvRotary qkv_rotary(const AttentionInputs& in) { return {.head_dim = in.head_dim, .pos = rotary_positions(in)}; }
 }  // namespace
 
 std::vector<Tensor> AttentionNode::forward(const std::vector<Tensor>& in, const Stream& stream) {
@@ -49,8 +51,7 @@ std::vector<Tensor> AttentionNode::forward(const std::vector<Tensor>& in, const 
   Tensor q = Tensor::empty({t, h, d}, qkv.dtype(), dev, stream);
   Tensor k = Tensor::empty({t, h, d}, qkv.dtype(), dev, stream);
   Tensor v = Tensor::empty({t, h, d}, qkv.dtype(), dev, stream);
-  qkv_split({qkv, q, k, v}, stream);
-  rotary_fwd(RotaryFwdParams{.q = q, .k = k, .pos = rotary_positions(*in_)}, stream);
+  qkv_split({.qkv = qkv, .q = q, .k = k, .v = v, .rotary = qkv_rotary(*in_)}, stream);  // q, k rotated
   ThdAttentionFwdParams p;
   p.q = q;
   p.k = k;
@@ -100,8 +101,9 @@ void AttentionNode::backward(const std::vector<Tensor>& gout, std::vector<Tensor
   } else {
     thd_attention_bwd(p, stream);
   }
-  rotary_bwd(RotaryBwdParams{.dq = p.d_q, .dk = p.d_k, .pos = rotary_positions(*in_)}, stream);
-  qkv_join_grad({p.d_q.view({t, h * d}), p.d_k.view({t, h * d}), p.d_v.view({t, h * d}), gin[0]}, stream);
+  qkv_join_grad({.dq = p.d_q.view({t, h * d}), .dk = p.d_k.view({t, h * d}), .dv = p.d_v.view({t, h * d}),
+                 .dqkv = gin[0], .rotary = qkv_rotary(*in_)},
+                stream);  // dq, dk rotated back
 }
 
 }  // namespace helix

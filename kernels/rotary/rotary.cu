@@ -1,16 +1,16 @@
 // Rotary embedding CUDA kernel: a block takes 8 tokens, stages their positions and the cos/sin of
 // every frequency in shared memory (computed once per token and frequency, in double from the fp32
 // angle, then rounded, as the CPU does), and rotates all heads of q and k in place with
-// kVec-element vectors of each half. Products and sums use __fmul_rn/__fadd_rn so that nothing is
-// fused into an FMA: the kernel rounds exactly as the CPU reference and Hugging Face's unfused fp32
-// ops.
+// kVec-element vectors of each half. The arithmetic is rotary_math.h's (products and sums as
+// __fmul_rn/__fadd_rn, nothing fused into an FMA): the kernel rounds exactly as the CPU reference,
+// Hugging Face's unfused fp32 ops, and the rotary fused into qkv_split / qkv_join_grad.
 #include <algorithm>
 
 #include "core/cuda_check.h"
 #include "kernels/common/checks.h"
 #include "kernels/common/elem.h"
-#include "kernels/common/thd.h"
 #include "kernels/rotary/rotary.h"
+#include "kernels/rotary/rotary_math.h"
 
 namespace helix {
 namespace {
@@ -50,18 +50,12 @@ __global__ void rotary_kernel(RotaryArgs a) {
   if (static_cast<int>(threadIdx.x) < nt) {
     const int64_t t = t0 + threadIdx.x;
     pos_s[threadIdx.x] =
-        a.positions
-            ? a.positions[t]
-            : static_cast<int32_t>(t - a.cu_seqlens[thd::sequence_of(a.cu_seqlens, a.num_seqs, t)]);
+        static_cast<int32_t>(rotary::position_of(a.positions, a.cu_seqlens, a.num_seqs, t));
   }
   __syncthreads();
   for (int i = threadIdx.x; i < nt * a.half; i += blockDim.x) {
     const int tok = i / a.half, f = i % a.half;
-    const float angle = __fmul_rn(static_cast<float>(pos_s[tok]), a.inv_freq.v[f]);
-    double s, c;
-    sincos(static_cast<double>(angle), &s, &c);
-    cos_s[tok][f] = static_cast<float>(c);
-    sin_s[tok][f] = a.sin_sign * static_cast<float>(s);
+    rotary::cos_sin(pos_s[tok], a.inv_freq.v[f], a.sin_sign, &cos_s[tok][f], &sin_s[tok][f]);
   }
   __syncthreads();
   const int vecs = a.half / kVec;
@@ -80,12 +74,8 @@ __global__ void rotary_kernel(RotaryArgs a) {
     Pack<T, kVec>* p2 = reinterpret_cast<Pack<T, kVec>*>(row + a.half + v * kVec);
     Pack<T, kVec> x1 = *p1, x2 = *p2;
 #pragma unroll
-    for (int e = 0; e < kVec; ++e) {
-      const float c = cos_s[tok][v * kVec + e], s = sin_s[tok][v * kVec + e];
-      const float u1 = elem::to_float(x1.v[e]), u2 = elem::to_float(x2.v[e]);
-      x1.v[e] = elem::from_float<T>(__fsub_rn(__fmul_rn(u1, c), __fmul_rn(u2, s)));
-      x2.v[e] = elem::from_float<T>(__fadd_rn(__fmul_rn(u2, c), __fmul_rn(u1, s)));
-    }
+    for (int e = 0; e < kVec; ++e)
+      rotary::rotate_pair(x1.v[e], x2.v[e], cos_s[tok][v * kVec + e], sin_s[tok][v * kVec + e]);
     *p1 = x1;
     *p2 = x2;
   }

@@ -5,7 +5,8 @@
 // one rounding to the storage type. Design: IN PLACE on q and k [T, heads, D] (the rotation needs
 // no saved input for backward, so no copies); positions either restart at each cu_seqlens boundary
 // or come from an explicit int32 tensor (context parallelism). Backward rotates dq, dk back in
-// place.
+// place. The per-element arithmetic lives in rotary_math.h; the attention layer uses it fused into
+// qkv_split / qkv_join_grad (kernels/qkv/qkv.h, QkvRotary), bit-identical to these ops.
 #include <vector>
 
 #include "core/device.h"
@@ -57,6 +58,12 @@ struct RotaryApply {
   const char* a_name = "q";
   const char* b_name = "k";
 };
+// Every check of rotary_fwd/bwd (shapes, dtypes, devices, D even and <= 256, exactly one position
+// source, base); also used by the rotary fused into qkv_split / qkv_join_grad.
+void rotary_validate(const RotaryApply& p);
+// Position of token t on the CPU (rotary::position_of), checked to lie in [0, 2^24).
+int64_t rotary_cpu_position(const char* op, const int32_t* positions, const int32_t* cu_seqlens,
+                            int64_t num_seqs, int64_t t);
 void rotary_apply_cpu(const RotaryApply& p);
 #if HELIX_WITH_CUDA
 void rotary_apply_cuda(const RotaryApply& p, const Stream& stream);

@@ -3,18 +3,17 @@
 
 #include "kernels/common/checks.h"
 #include "kernels/common/elem.h"
-#include "kernels/common/thd.h"
 #include "kernels/rotary/rotary.h"
+#include "kernels/rotary/rotary_math.h"
 
 namespace helix {
 namespace {
 
-using elem::from_float;
-using elem::to_float;
-
 constexpr int64_t kMaxHeadDim = 256;
 
-void validate(const detail::RotaryApply& p) {
+}  // namespace
+
+void detail::rotary_validate(const detail::RotaryApply& p) {
   const char* op = p.op;
   HELIX_CHECK(p.a.defined() || p.b.defined(), "{}: expected {} or {} (or both), got neither", op,
               p.a_name, p.b_name);
@@ -52,16 +51,14 @@ void validate(const detail::RotaryApply& p) {
   HELIX_CHECK(p.base > 0.f, "{}: expected base > 0, got {}", op, p.base);
 }
 
+namespace {
+
 template <typename T>
 void rotate(T* x, int64_t heads, int64_t D, const float* cs, const float* sn) {
   const int64_t half = D / 2;
   for (int64_t h = 0; h < heads; ++h) {
     T* row = x + h * D;
-    for (int64_t i = 0; i < half; ++i) {
-      const float x1 = to_float(row[i]), x2 = to_float(row[i + half]);
-      row[i] = from_float<T>(x1 * cs[i] - x2 * sn[i]);
-      row[i + half] = from_float<T>(x2 * cs[i] + x1 * sn[i]);
-    }
+    for (int64_t i = 0; i < half; ++i) rotary::rotate_pair(row[i], row[i + half], cs[i], sn[i]);
   }
 }
 
@@ -76,14 +73,8 @@ void apply_cpu(const detail::RotaryApply& p) {
   if (cu) checks::cu_seqlens_values(p.op, p.pos.cu_seqlens, T_);
   std::vector<float> cs(static_cast<size_t>(half)), sn(static_cast<size_t>(half));
   for (int64_t t = 0; t < T_; ++t) {
-    const int64_t pos = positions ? positions[t] : t - cu[thd::sequence_of(cu, num_seqs, t)];
-    HELIX_CHECK(pos >= 0 && pos < (int64_t{1} << 24),
-                "{}: expected positions in [0, 2^24), got {} for token {}", p.op, pos, t);
-    for (int64_t i = 0; i < half; ++i) {
-      const float angle = static_cast<float>(pos) * inv_freq[i];  // fp32, as HF's outer product
-      cs[i] = static_cast<float>(std::cos(static_cast<double>(angle)));
-      sn[i] = p.sin_sign * static_cast<float>(std::sin(static_cast<double>(angle)));
-    }
+    const int64_t pos = detail::rotary_cpu_position(p.op, positions, cu, num_seqs, t);
+    for (int64_t i = 0; i < half; ++i) rotary::cos_sin(pos, inv_freq[i], p.sin_sign, &cs[i], &sn[i]);
     if (p.a.defined())
       rotate(p.a.data<T>() + t * p.a.dim(1) * D, p.a.dim(1), D, cs.data(), sn.data());
     if (p.b.defined())
@@ -92,7 +83,7 @@ void apply_cpu(const detail::RotaryApply& p) {
 }
 
 void apply(const detail::RotaryApply& p, const Stream& stream) {
-  validate(p);
+  detail::rotary_validate(p);
   const Tensor& ref = p.a.defined() ? p.a : p.b;
   if (ref.is_cpu()) return detail::rotary_apply_cpu(p);
 #if HELIX_WITH_CUDA
@@ -114,6 +105,14 @@ std::vector<float> rotary_inv_freq(int64_t head_dim, float base) {
     inv[i] = 1.0f / pw;
   }
   return inv;
+}
+
+int64_t detail::rotary_cpu_position(const char* op, const int32_t* positions,
+                                    const int32_t* cu_seqlens, int64_t num_seqs, int64_t t) {
+  const int64_t pos = rotary::position_of(positions, cu_seqlens, num_seqs, t);
+  HELIX_CHECK(pos >= 0 && pos < (int64_t{1} << 24),
+              "{}: expected positions in [0, 2^24), got {} for token {}", op, pos, t);
+  return pos;
 }
 
 void detail::rotary_apply_cpu(const RotaryApply& p) {

@@ -331,6 +331,12 @@ void bench_activations(Bench& bench, const ModelConfig& cfg, const std::string& 
     bench.run(model, "qkv_join_grad", dims({T, 3 * C}), 9 * T * C * kBf16, [&] {
       qkv_join_grad({q, k, v, qkv}, s);
     });
+    // The same with the rotary fused in (as layers/attention.cpp calls them): + cu_seqlens (b+1)*4.
+    const QkvRotary rot{.head_dim = D, .pos = {.cu_seqlens = batch.cu_seqlens}};
+    bench.run(model, "qkv_split_rotary", dims({T, 3 * C}), 6 * T * C * kBf16 + (batch.seqs + 1) * kI32,
+              [&] { qkv_split({.qkv = qkv, .q = q, .k = k, .v = v, .rotary = rot}, s); });
+    bench.run(model, "qkv_join_grad_rotary", dims({T, 3 * C}), 9 * T * C * kBf16 + (batch.seqs + 1) * kI32,
+              [&] { qkv_join_grad({.dq = q, .dk = k, .dv = v, .dqkv = qkv, .rotary = rot}, s); });
   }
 
   // axpy: the residual-gradient pass-through y += x (layers/layernorm_mlp.cpp), bf16 [T, C].
