@@ -208,11 +208,13 @@ __global__ void __launch_bounds__(kMaxRowThreads) layernorm_fwd_kernel(FwdArgs a
 
 // The FP8 path's LayerNorm with the transposed output, for bf16 x with 16-byte vectors: a warp per
 // row, the row in registers as kLaneVecs packs of 8 bf16 per lane (C <= 256 * kLaneVecs), so the
-// row reductions are warp shuffles and a warp has its whole row in flight; blocks of 8 warps take
-// tiles of tile_rows rows, stage the codes in shared memory and store the transpose after each
-// tile. (The generic kernel above spends a block-wide reduction per row, which at C = 2560 left it
-// slower than a LayerNorm plus a separate cast-transpose.)
-constexpr int kFp8TWarps = 8;
+// row reductions are warp shuffles. Blocks of 16 warps take tiles of 16 * kRowsPerWarp rows; a warp
+// issues the loads of all its rows of the tile before any math (kRowsPerWarp rows in flight), the
+// codes are staged in shared memory and the transpose is stored after each tile. (The generic
+// kernel above spends a block-wide reduction per row; at C = 2560 it was slower than a LayerNorm
+// plus a separate cast-transpose, and a first warp-per-row version with 8 warps and one row at a
+// time reached 0.65 waves and 22% occupancy.)
+constexpr int kFp8TWarps = 16;
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
@@ -220,12 +222,13 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-template <typename W, typename Y, int kLaneVecs>
+template <typename W, typename Y, int kLaneVecs, int kRowsPerWarp>
 __global__ void __launch_bounds__(kFp8TWarps * 32) layernorm_fwd_fp8_t_kernel(FwdArgs a) {
   constexpr int kVec = 8;
+  constexpr int kTileRows = kFp8TWarps * kRowsPerWarp;
   using XP = Pack<bf16_t, kVec>;
   __shared__ unsigned amax_red[32];
-  extern __shared__ __align__(16) unsigned char ln_tile[];  // [tile_rows, cols] codes
+  extern __shared__ __align__(16) unsigned char ln_tile[];  // [kTileRows, cols] codes
   const bf16_t* x = static_cast<const bf16_t*>(a.x);
   const W* gamma = static_cast<const W*>(a.gamma);
   const W* beta = static_cast<const W*>(a.beta);
@@ -234,32 +237,39 @@ __global__ void __launch_bounds__(kFp8TWarps * 32) layernorm_fwd_fp8_t_kernel(Fw
   const int nvec = a.cols / kVec;
   const float scale = *a.scale;
   unsigned amax = 0;
-  const int64_t step = static_cast<int64_t>(gridDim.x) * a.tile_rows;
-  for (int64_t base = static_cast<int64_t>(blockIdx.x) * a.tile_rows; base < a.rows; base += step) {
-    for (int rr = warp; rr < a.tile_rows; rr += kFp8TWarps) {
-      const int64_t row = base + rr;
-      if (row >= a.rows) break;  // warp-uniform
-      const int64_t off = row * a.cols;
-      XP xs[kLaneVecs];
-      float sum = 0.f;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * kTileRows;
+  for (int64_t base = static_cast<int64_t>(blockIdx.x) * kTileRows; base < a.rows; base += step) {
+    XP xs[kRowsPerWarp][kLaneVecs];
+#pragma unroll
+    for (int r = 0; r < kRowsPerWarp; ++r) {
+      const int64_t row = base + warp + r * kFp8TWarps;
 #pragma unroll
       for (int i = 0; i < kLaneVecs; ++i) {
         const int j = lane + 32 * i;
-        if (j < nvec) {
-          xs[i] = *reinterpret_cast<const XP*>(x + off + j * kVec);
+        if (row < a.rows && j < nvec) xs[r][i] = *reinterpret_cast<const XP*>(x + row * a.cols + j * kVec);
+      }
+    }
 #pragma unroll
-          for (int e = 0; e < kVec; ++e) sum += to_float(xs[i].v[e]);
+    for (int r = 0; r < kRowsPerWarp; ++r) {
+      const int tr = warp + r * kFp8TWarps;
+      const int64_t row = base + tr;
+      if (row >= a.rows) continue;  // warp-uniform
+      float sum = 0.f;
+#pragma unroll
+      for (int i = 0; i < kLaneVecs; ++i) {
+        if (lane + 32 * i < nvec) {
+#pragma unroll
+          for (int e = 0; e < kVec; ++e) sum += to_float(xs[r][i].v[e]);
         }
       }
       const float mean = warp_sum(sum) / a.cols;
       float sq = 0.f;
 #pragma unroll
       for (int i = 0; i < kLaneVecs; ++i) {
-        const int j = lane + 32 * i;
-        if (j < nvec) {
+        if (lane + 32 * i < nvec) {
 #pragma unroll
           for (int e = 0; e < kVec; ++e) {
-            const float d = to_float(xs[i].v[e]) - mean;
+            const float d = to_float(xs[r][i].v[e]) - mean;
             sq += d * d;
           }
         }
@@ -275,12 +285,12 @@ __global__ void __launch_bounds__(kFp8TWarps * 32) layernorm_fwd_fp8_t_kernel(Fw
           Pack<Y, kVec> out;
 #pragma unroll
           for (int e = 0; e < kVec; ++e) {
-            const float o = (to_float(xs[i].v[e]) - mean) * rstd * g[e] + b[e];
+            const float o = (to_float(xs[r][i].v[e]) - mean) * rstd * g[e] + b[e];
             amax = max(amax, elem::abs_bits(o));
             out.v[e] = from_float<Y>(o * scale);
           }
-          *reinterpret_cast<Pack<Y, kVec>*>(y + off + j * kVec) = out;
-          *reinterpret_cast<Pack<Y, kVec>*>(ln_tile + rr * a.cols + j * kVec) = out;
+          *reinterpret_cast<Pack<Y, kVec>*>(y + row * a.cols + j * kVec) = out;
+          *reinterpret_cast<Pack<Y, kVec>*>(ln_tile + tr * a.cols + j * kVec) = out;
         }
       }
       if (lane == 0) {
@@ -289,8 +299,7 @@ __global__ void __launch_bounds__(kFp8TWarps * 32) layernorm_fwd_fp8_t_kernel(Fw
       }
     }
     __syncthreads();  // the tile is complete
-    store_tile_transposed(ln_tile, static_cast<int>(a.tile_rows < a.rows - base ? a.tile_rows : a.rows - base), base,
-                          a);
+    store_tile_transposed(ln_tile, static_cast<int>(kTileRows < a.rows - base ? kTileRows : a.rows - base), base, a);
     __syncthreads();  // before the next tile overwrites it
   }
   if (a.amax) elem::block_amax(amax, amax_red, a.amax);
@@ -450,9 +459,10 @@ void launch_fwd(const FwdArgs& args, const RowLayout& l, int sms, cudaStream_t s
   HELIX_LAUNCH_CHECK();
 }
 
-template <typename W, typename Y, int kLaneVecs>
-void launch_fwd_fp8_t(const FwdArgs& args, int sms, cudaStream_t st) {
-  const auto kernel = layernorm_fwd_fp8_t_kernel<W, Y, kLaneVecs>;
+template <typename W, typename Y, int kLaneVecs, int kRowsPerWarp>
+void launch_fwd_fp8_t(FwdArgs args, int sms, cudaStream_t st) {
+  const auto kernel = layernorm_fwd_fp8_t_kernel<W, Y, kLaneVecs, kRowsPerWarp>;
+  args.tile_rows = kFp8TWarps * kRowsPerWarp;
   const int smem = args.tile_rows * args.cols;
   CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   int per_sm = 0;
@@ -463,14 +473,18 @@ void launch_fwd_fp8_t(const FwdArgs& args, int sms, cudaStream_t st) {
   HELIX_LAUNCH_CHECK();
 }
 
-// The warp-per-row kernel's register budget: packs of 8 bf16 per lane, C <= 256 * kLaneVecs.
+// The warp-per-row kernel's register budget: packs of 8 bf16 per lane (C <= 256 * kLaneVecs), two
+// rows in flight per warp (32-row tiles, full 32-byte segments of y_t) up to C = 2560, one up to
+// C = 4096; wider rows would spill at 512 threads a block and take the generic kernel.
 template <typename W, typename Y>
 bool try_launch_fwd_fp8_t(const FwdArgs& args, int sms, cudaStream_t st) {
   const int lane_vecs = (args.cols / 8 + 31) / 32;
-  if (lane_vecs <= 4) launch_fwd_fp8_t<W, Y, 4>(args, sms, st);
-  else if (lane_vecs <= 8) launch_fwd_fp8_t<W, Y, 8>(args, sms, st);
-  else if (lane_vecs <= 16) launch_fwd_fp8_t<W, Y, 16>(args, sms, st);
-  else if (lane_vecs <= 24) launch_fwd_fp8_t<W, Y, 24>(args, sms, st);
+  if (lane_vecs <= 4) launch_fwd_fp8_t<W, Y, 4, 2>(args, sms, st);
+  else if (lane_vecs <= 6) launch_fwd_fp8_t<W, Y, 6, 2>(args, sms, st);
+  else if (lane_vecs <= 8) launch_fwd_fp8_t<W, Y, 8, 2>(args, sms, st);
+  else if (lane_vecs <= 10) launch_fwd_fp8_t<W, Y, 10, 2>(args, sms, st);
+  else if (lane_vecs <= 12) launch_fwd_fp8_t<W, Y, 12, 1>(args, sms, st);
+  else if (lane_vecs <= 16) launch_fwd_fp8_t<W, Y, 16, 1>(args, sms, st);
   else return false;
   return true;
 }

@@ -150,9 +150,9 @@ TEST(LayerNormFp8TransposeCpu, RejectsBadTranspose) {
   }
 }
 
-// CUDA: the warp-per-row kernel (bf16 x, C <= 6144) with full tiles of 32 rows (C <= 3200) and of
-// 16 rows, a partial last tile, T not a multiple of 16 (the byte transpose); the generic kernel
-// (f32 x, odd C, misaligned x, C = 8192); y against the CPU.
+// CUDA: the warp-per-row kernel (bf16 x, C <= 4096) with full tiles of 32 rows (C <= 2560) and of
+// 16 rows (C = 3072), a partial last tile, T not a multiple of 16 (the byte transpose); the generic
+// kernel (f32 x, odd C, misaligned x, C = 5120, 6144, 8192); y against the CPU.
 TEST(LayerNormFp8TransposeCuda, MatchesTransposeAndCpu) {
   HELIX_REQUIRE_CUDA();
   const Case cases[] = {
@@ -161,6 +161,7 @@ TEST(LayerNormFp8TransposeCuda, MatchesTransposeAndCpu) {
       {DType::kBF16, DType::kF32, DType::kE5M2, 48, 2560},
       {DType::kBF16, DType::kF32, DType::kE4M3, 64, 5120},
       {DType::kBF16, DType::kBF16, DType::kE5M2, 24, 6144},
+      {DType::kBF16, DType::kF32, DType::kE4M3, 96, 3072},
       {DType::kBF16, DType::kF32, DType::kE4M3, 40, 8192},
       {DType::kF32, DType::kF32, DType::kE4M3, 37, 229},
       {DType::kBF16, DType::kF32, DType::kE5M2, 33, 320},
