@@ -189,13 +189,14 @@ MicroBatchCost layer_cost(const PlanInput& in, const Calibration& cal, int64_t t
   const auto mb = [&](const char* op, double bytes) { return bytes / cal.memory_bound_rate(op); };
   const double ln_f = mb("layernorm_fwd", 2 * e * ts * h + 8 * ts);
   const double ln_b = mb("layernorm_bwd", 4 * e * ts * h + 8 * ts);
-  c.mem_f = 2 * ln_f + mb("qkv_split", 6 * e * t * hr) + mb("rotary_fwd", 4 * e * t * hr) +
-            mb("gelu_fwd", 2 * e * t * fr) + 2 * mb("copy", 2 * e * ts * h);  // residual copies
+  // The rotary embedding rides in the QKV split and in the gradient join (kernels/qkv).
+  c.mem_f = 2 * ln_f + mb("qkv_split_rotary", 6 * e * t * hr) + mb("gelu_fwd", 2 * e * t * fr) +
+            2 * mb("copy", 2 * e * ts * h);  // residual copies
   // Backward: every activation gradient starts as a zeroed buffer that the kernels accumulate into
   // (core/autograd.h's contract); the fused single-device MLP recomputes GELU from the
   // pre-activation.
-  c.mem_b = 2 * ln_b + mb("gelu_bwd", 4 * e * t * fr) + mb("rotary_bwd", 4 * e * t * hr) +
-            mb("qkv_join_grad", 9 * e * t * hr) + 2 * mb("axpy", 3 * e * ts * h);
+  c.mem_b = 2 * ln_b + mb("gelu_bwd", 4 * e * t * fr) + mb("qkv_join_grad_rotary", 9 * e * t * hr) +
+            2 * mb("axpy", 3 * e * ts * h);
   if (tp == 1) {
     // zeroed: dh, d_pre [t, F]; two d_ln, the grads of h, of the attention output and of x [t, H];
     // of qkv [t, 3H]
@@ -206,11 +207,13 @@ MicroBatchCost layer_cost(const PlanInput& in, const Calibration& cal, int64_t t
     c.mem_b += mb("memset", e * (2.0 * t * fr + 2.0 * t * h + 4.0 * t * hr + 4.0 * ts * h));
   }
   if (fp8 && tp == 1) {
-    // Cast (+ transpose) of every GEMM input, 4 bytes per element (bench's count). The MLP's GELU
-    // rides in FC2's input cast, GELU's backward and FC1's bias gradient in FC1's grad-output cast
-    // (layers/fp8_layers.cpp): the bf16 GELU passes, the GELU recompute and the zero-filled dh,
-    // d_pre and d_ln buffers of the bf16 path are gone.
-    c.mem_f += mb("cast_transpose_fp8", 4.0 * (2 * t * h + t * hr)) + mb("gelu_cast_transpose_fp8", 4.0 * t * fr) -
+    // Cast (+ transpose) of every GEMM input, 4 bytes per element (bench's count). The two
+    // LayerNorms write their fp8 codes and the transpose directly (layernorm_fwd_fp8_t replaces
+    // layernorm_fwd and the cast). The MLP's GELU rides in FC2's input cast, GELU's backward and
+    // FC1's bias gradient in FC1's grad-output cast (layers/fp8_layers.cpp): the bf16 GELU passes,
+    // the GELU recompute and the zero-filled dh, d_pre and d_ln buffers of the bf16 path are gone.
+    c.mem_f += 2 * mb("layernorm_fwd_fp8_t", (e + 2) * t * h + 8 * t) - 2 * ln_f +
+               mb("cast_transpose_fp8", 4.0 * t * hr) + mb("gelu_cast_transpose_fp8", 4.0 * t * fr) -
                mb("gelu_fwd", 2 * e * t * fr);
     c.mem_b += mb("cast_transpose_fp8", 4.0 * (t * h3 + 2 * t * h)) +
                mb("dgelu_cast_transpose_dbias_fp8", 6.0 * t * fr) - mb("gelu_bwd", 4 * e * t * fr) -
