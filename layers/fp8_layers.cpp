@@ -14,7 +14,7 @@ namespace {
 constexpr int64_t kZeroCols = 16;  // width of the zero operand that carries an f32 bias through a GEMM
 
 // An operand cast for FP8 GEMMs: codes [M, N] (the A operand now) and their transpose [N, M] (the
-// operand of the weight gradient).
+// operand of the weight gradient; not made when no backward follows: see wants_transpose).
 struct Fp8Cast {
   Tensor data, data_t;
 };
@@ -26,15 +26,21 @@ struct CastArgs {
 };
 CastArgs with_bias_grad(const Tensor& db) { return {CastActivation::kNone, Tensor(), db}; }
 
-// v(x) -> fp8 codes and their transpose with the scale of the GEMM's `operand` (its input or its
-// output gradient); the amax is recorded; one pass over x (and pre) whatever the activation and
-// bias gradient (cast_transpose_fp8).
+// A node's forward makes the transposed operands only when its backward will run: a forward on a
+// tape that does not record (evaluation, and the first pass of a recomputed layer, which runs the
+// forward again before its backward) skips them. The amaxes are the same either way.
+bool wants_transpose(const Node& node) { return node.any_input_needs_grad(); }
+
+// v(x) -> fp8 codes, and with `transpose` their transpose, with the scale of the GEMM's `operand`
+// (its input or its output gradient); the amax is recorded; one pass over x (and pre) whatever
+// the activation and bias gradient (cast_transpose_fp8).
 Fp8Cast cast_both(const Fp8LinearSlots& s, Fp8Operand operand, const Tensor& x, const CastArgs& a,
-                  const Stream& stream) {
+                  const Stream& stream, bool transpose = true) {
   const Fp8ScalingManager& m = *s.manager;
   const int slot = operand == Fp8Operand::kInput ? s.input : s.grad_output;
   const DType dt = m.dtype(operand);
-  Fp8Cast c{Tensor::empty(x.shape(), dt, x.device(), stream), Tensor::empty({x.dim(1), x.dim(0)}, dt, x.device(), stream)};
+  Fp8Cast c{Tensor::empty(x.shape(), dt, x.device(), stream),
+            transpose ? Tensor::empty({x.dim(1), x.dim(0)}, dt, x.device(), stream) : Tensor()};
   cast_transpose_fp8(CastTransposeFp8Params{.in = x,
                                             .out = c.data,
                                             .out_t = c.data_t,
@@ -47,19 +53,20 @@ Fp8Cast cast_both(const Fp8LinearSlots& s, Fp8Operand operand, const Tensor& x, 
   return c;
 }
 
-// LayerNorm written straight as the FP8 GEMM's input operands: codes [T, C] and their transpose
-// [C, T] with the input scale, the amax accumulated; LN's output never exists in the compute dtype
-// (one read of x instead of LN's write and the cast's re-read).
+// LayerNorm written straight as the FP8 GEMM's input operands: codes [T, C] and (with `transpose`)
+// their transpose [C, T] with the input scale, the amax accumulated; LN's output never exists in
+// the compute dtype (one read of x instead of LN's write and the cast's re-read).
 struct Fp8LayerNorm {
   Fp8Cast y;
   Tensor mean, rstd;  // [T] f32, for backward
 };
 Fp8LayerNorm layernorm_fp8(const Fp8LinearSlots& s, const Tensor& x, const Tensor& gamma, const Tensor& beta,
-                           float eps, const Stream& stream) {
+                           float eps, bool transpose, const Stream& stream) {
   const Fp8ScalingManager& m = *s.manager;
   const DType dt = m.dtype(Fp8Operand::kInput);
   const int64_t t = x.dim(0), c = x.dim(1);
-  Fp8LayerNorm o{{Tensor::empty({t, c}, dt, x.device(), stream), Tensor::empty({c, t}, dt, x.device(), stream)},
+  Fp8LayerNorm o{{Tensor::empty({t, c}, dt, x.device(), stream),
+                  transpose ? Tensor::empty({c, t}, dt, x.device(), stream) : Tensor()},
                  Tensor::empty({t}, DType::kF32, x.device(), stream),
                  Tensor::empty({t}, DType::kF32, x.device(), stream)};
   LayerNormFwdParams p;
@@ -151,9 +158,9 @@ Fp8LinearSlots Fp8LinearSlots::of(Fp8ScalingManager* manager, int layer, Fp8Gemm
 }
 
 Tensor fp8_linear_fwd(const Fp8LinearSlots& s, const Tensor& x, const Tensor& w, const Tensor& b, const Tensor& y,
-                      bool accumulate, const Stream& stream) {
+                      bool accumulate, const Stream& stream, bool transpose) {
   check_tokens(x, "the input");
-  const Fp8Cast x8 = cast_both(s, Fp8Operand::kInput, x, CastArgs{}, stream);
+  const Fp8Cast x8 = cast_both(s, Fp8Operand::kInput, x, CastArgs{}, stream, transpose);
   fp8_gemm_fwd(s, x8.data, w, b, y, accumulate, stream);
   return x8.data_t;
 }
@@ -170,7 +177,7 @@ void fp8_linear_bwd(const Fp8LinearSlots& s, const Tensor& dy, const Tensor& x_t
 std::vector<Tensor> Fp8LayerNormLinearNode::forward(const std::vector<Tensor>& in, const Stream& stream) {
   const Tensor &x = in[0], &gamma = in[1], &beta = in[2], &w = in[3], &b = in[4];
   check_tokens(x, "the input");
-  const Fp8LayerNorm ln = layernorm_fp8(slots_, x, gamma, beta, eps_, stream);
+  const Fp8LayerNorm ln = layernorm_fp8(slots_, x, gamma, beta, eps_, wants_transpose(*this), stream);
   Tensor y = Tensor::empty({x.dim(0), w.dim(0)}, x.dtype(), x.device(), stream);
   fp8_gemm_fwd(slots_, ln.y.data, w, b, y, /*accumulate=*/false, stream);
   x_ = save(x);
@@ -199,7 +206,7 @@ void Fp8LayerNormLinearNode::backward(const std::vector<Tensor>& gout, std::vect
 std::vector<Tensor> Fp8LinearResidualNode::forward(const std::vector<Tensor>& in, const Stream& stream) {
   const Tensor &a = in[0], &w = in[1], &b = in[2], &residual = in[3];
   Tensor y = residual.clone(stream);
-  a_t_ = save(fp8_linear_fwd(slots_, a, w, b, y, /*accumulate=*/true, stream));
+  a_t_ = save(fp8_linear_fwd(slots_, a, w, b, y, /*accumulate=*/true, stream, wants_transpose(*this)));
   w_ = save(w);
   return {y};
 }
@@ -214,13 +221,15 @@ void Fp8LinearResidualNode::backward(const std::vector<Tensor>& gout, std::vecto
 std::vector<Tensor> Fp8LayerNormMlpNode::forward(const std::vector<Tensor>& in, const Stream& stream) {
   const Tensor &x = in[0], &gamma = in[1], &beta = in[2], &w1 = in[3], &b1 = in[4], &w2 = in[5], &b2 = in[6];
   check_tokens(x, "the input");
-  const Fp8LayerNorm ln = layernorm_fp8(fc1_, x, gamma, beta, eps_, stream);
+  const bool transpose = wants_transpose(*this);
+  const Fp8LayerNorm ln = layernorm_fp8(fc1_, x, gamma, beta, eps_, transpose, stream);
   const int64_t t = x.dim(0), f = w1.dim(0);
   Tensor pre = Tensor::empty({t, f}, x.dtype(), x.device(), stream);
   fp8_gemm_fwd(fc1_, ln.y.data, w1, b1, pre, /*accumulate=*/false, stream);
   const Tensor& ln_t = ln.y.data_t;
   // gelu(pre) is never stored in the compute dtype: the cast to fp8 applies it.
-  const Fp8Cast h = cast_both(fc2_, Fp8Operand::kInput, pre, CastArgs{CastActivation::kGelu, Tensor(), Tensor()}, stream);
+  const Fp8Cast h =
+      cast_both(fc2_, Fp8Operand::kInput, pre, CastArgs{CastActivation::kGelu, Tensor(), Tensor()}, stream, transpose);
   Tensor y = x.clone(stream);
   fp8_gemm_fwd(fc2_, h.data, w2, b2, y, /*accumulate=*/true, stream);
   const Tensor& h_t = h.data_t;
@@ -260,7 +269,7 @@ std::vector<Tensor> Fp8LinearNode::forward(const std::vector<Tensor>& in, const 
   HELIX_CHECK(in.size() == 2 || in.size() == 3, "fp8_linear: expected 2 or 3 inputs, got {}", in.size());
   const Tensor &x = in[0], &w = in[1];
   Tensor y = Tensor::empty({x.dim(0), w.dim(0)}, x.dtype(), x.device(), stream);
-  x_t_ = save(fp8_linear_fwd(slots_, x, w, in.size() == 3 ? in[2] : Tensor(), y, false, stream));
+  x_t_ = save(fp8_linear_fwd(slots_, x, w, in.size() == 3 ? in[2] : Tensor(), y, false, stream, wants_transpose(*this)));
   w_ = save(w);
   return {y};
 }

@@ -25,9 +25,9 @@ struct Fp8LinearSlots {
 
 // y (+)= x W^T + b with x cast to fp8 (input scale; amax recorded) and W from the cache.
 // x [T, in] f32/bf16, W [out, in], b [out] optional, y [T, out]. Returns x^T in fp8 [in, T], the
-// saved operand of the weight gradient.
+// saved operand of the weight gradient (undefined with transpose = false: a forward without backward).
 Tensor fp8_linear_fwd(const Fp8LinearSlots& s, const Tensor& x, const Tensor& w, const Tensor& b, const Tensor& y,
-                      bool accumulate, const Stream& stream);
+                      bool accumulate, const Stream& stream, bool transpose = true);
 // dy [T, out] cast-transposed to fp8 (grad-output scale; amax recorded); each output optional:
 // dx [T, in] += dy W, dw [out, in] f32 += dy^T x, db [out] f32 += sum_T dy.
 void fp8_linear_bwd(const Fp8LinearSlots& s, const Tensor& dy, const Tensor& x_t, const Tensor& w, const Tensor& dx,

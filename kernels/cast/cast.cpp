@@ -62,10 +62,9 @@ void cast_transpose_fp8(const CastTransposeFp8Params& p, const Stream& stream) {
               p.out.str());
   HELIX_CHECK(p.out.shape() == p.in.shape(), "{}: expected out of shape {}, got {}", op,
               p.in.shape().str(), p.out.str());
-  HELIX_CHECK(p.out_t.defined(), "{}: expected out_t [{}, {}]", op, n, m);
-  HELIX_CHECK(p.out_t.dtype() == p.out.dtype() && p.out_t.ndim() == 2 && p.out_t.dim(0) == n &&
+  HELIX_CHECK(!p.out_t.defined() || (p.out_t.dtype() == p.out.dtype() && p.out_t.ndim() == 2 && p.out_t.dim(0) == n &&
                   p.out_t.dim(1) == m && p.out_t.is_contiguous() &&
-                  p.out_t.device() == p.in.device(),
+                  p.out_t.device() == p.in.device()),
               "{}: expected out_t {}[{}, {}] on {}, got {}", op, dtype_name(p.out.dtype()), n, m,
               p.in.device().str(), p.out_t.str());
   check_scale_amax(p.scale, p.amax, p.in, op);

@@ -202,14 +202,20 @@ __global__ void __launch_bounds__(kThreads)
         y.e[j] = to_fp8<kFmt>(f, scale);
       }
       *reinterpret_cast<decltype(y.raw)*>(out + gr * n + gc) = y.raw;
-      const uint32_t* words = reinterpret_cast<const uint32_t*>(y.e);
-      uint32_t* dst = reinterpret_cast<uint32_t*>(tile + r * kTileStride + tcol * kVec);
+      if (out_t != nullptr) {
+        const uint32_t* words = reinterpret_cast<const uint32_t*>(y.e);
+        uint32_t* dst = reinterpret_cast<uint32_t*>(tile + r * kTileStride + tcol * kVec);
 #pragma unroll
-      for (int w = 0; w < kVec / 4; ++w) dst[w] = words[w];
+        for (int w = 0; w < kVec / 4; ++w) dst[w] = words[w];
+      }
     }
   }
   if (ws != nullptr)  // block-uniform: every thread takes part
     tile_colsum<kRowsPerPass, kTile, kVec>(part, threadIdx.x / kThreadsPerRow, tcol * kVec, col0, n, ws);
+  if (out_t == nullptr) {  // block-uniform: no transpose wanted
+    if (amax) block_amax(local, amax);
+    return;
+  }
   __syncthreads();
 
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
@@ -263,7 +269,7 @@ __global__ void __launch_bounds__(kThreads)
   }
   if (ws != nullptr) tile_colsum<kThreads / 32, 32, 1>(part, ty, tx, col0, n, ws);
   __syncthreads();
-  for (int r = ty; r < 32; r += kThreads / 32) {
+  for (int r = ty; r < 32 && out_t != nullptr; r += kThreads / 32) {
     const int64_t in_col = col0 + r, in_row = row0 + tx;
     if (in_col < n && in_row < m) out_t[in_col * m + in_row] = tile[tx][r];
   }
@@ -311,7 +317,7 @@ unsigned grid_for(int64_t work_items) {
 }
 
 float* amax_ptr(const Tensor& amax) { return amax.defined() ? amax.data<float>() : nullptr; }
-uint8_t* fp8_ptr(const Tensor& t) { return static_cast<uint8_t*>(t.data_ptr()); }
+uint8_t* fp8_ptr(const Tensor& t) { return t.defined() ? static_cast<uint8_t*>(t.data_ptr()) : nullptr; }
 
 template <typename In, Fp8Format kFmt>
 void launch_cast_fp8(const CastFp8Params& p, cudaStream_t st) {

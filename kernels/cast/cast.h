@@ -38,7 +38,8 @@ enum class CastActivation : uint8_t { kNone, kGelu, kGeluGrad };
 struct CastTransposeFp8Params {
   Tensor in;     // [M, N] f32 or bf16
   Tensor out;    // [M, N] e4m3 or e5m2: fp8(v * scale)
-  Tensor out_t;  // [N, M] same dtype as out: its transpose
+  Tensor out_t;  // [N, M] same dtype as out: its transpose; optional (a forward that no backward
+                 // follows, e.g. the first pass of a recomputed layer, needs no weight-gradient operand)
   Tensor scale;  // [1] f32
   Tensor amax;   // [1] f32, optional: max(amax, max |v|), accumulated
   CastActivation act = CastActivation::kNone;

@@ -4,7 +4,11 @@
 // and (CUDA only) N-element packed loads and stores that compile to one 16-byte access where
 // aligned. The same helpers serve the CPU references and the kernels, so both round identically.
 #include <cstdint>
+#include <map>
+#include <mutex>
+#include <tuple>
 #include <type_traits>
+#include <utility>
 
 #include "core/convert.h"
 #if defined(__CUDACC__)
@@ -78,6 +82,31 @@ inline int sm_count(int device) {
   int n = 0;
   CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
   return n;
+}
+
+// Blocks of `kernel` resident per multiprocessor with `threads` threads and `smem` bytes of dynamic
+// shared memory on the current device; raises the kernel's dynamic shared-memory limit to `smem`
+// first where needed (the limit only ever grows, so an earlier answer stays valid). Cached per
+// (kernel, device, threads, smem): the runtime calls cost microseconds, and the launchers that use
+// this run a few hundred times a training step.
+inline int resident_blocks(const void* kernel, int threads, int smem) {
+  int dev = 0;
+  CUDA_CHECK(cudaGetDevice(&dev));
+  static std::mutex mu;
+  static std::map<std::tuple<const void*, int, int, int>, int> cache;
+  static std::map<std::pair<const void*, int>, int> smem_limit;
+  const std::lock_guard<std::mutex> lock(mu);
+  const auto key = std::make_tuple(kernel, dev, threads, smem);
+  if (const auto it = cache.find(key); it != cache.end()) return it->second;
+  int& limit = smem_limit[{kernel, dev}];
+  if (smem > limit) {
+    CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    limit = smem;
+  }
+  int per_sm = 0;
+  CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem));
+  cache.emplace(key, per_sm);
+  return per_sm;
 }
 
 // N consecutive elements moved as one aligned access (16 bytes for 8 bf16 or 4 f32).

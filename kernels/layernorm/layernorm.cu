@@ -206,11 +206,12 @@ __global__ void __launch_bounds__(kMaxRowThreads) layernorm_fwd_kernel(FwdArgs a
   if (a.amax) elem::block_amax(amax, amax_red, a.amax);
 }
 
-// The FP8 path's LayerNorm with the transposed output, for bf16 x with 16-byte vectors: a warp per
-// row, the row in registers as kLaneVecs packs of 8 bf16 per lane (C <= 256 * kLaneVecs), so the
-// row reductions are warp shuffles. Blocks of 16 warps take tiles of 16 * kRowsPerWarp rows; a warp
-// issues the loads of all its rows of the tile before any math (kRowsPerWarp rows in flight), the
-// codes are staged in shared memory and the transpose is stored after each tile. (The generic
+// The FP8 path's LayerNorm (fp8 y, with or without the transposed y_t), for bf16 x with 16-byte
+// vectors: a warp per row, the row in registers as kLaneVecs packs of 8 bf16 per lane (C <= 256 *
+// kLaneVecs), so the row reductions are warp shuffles. Blocks of 16 warps take tiles of 16 *
+// kRowsPerWarp rows; a warp issues the loads of all its rows of the tile before any math
+// (kRowsPerWarp rows in flight). With y_t the codes are staged in shared memory and the transpose
+// is stored after each tile; without it the warps run free of each other. (The generic
 // kernel above spends a block-wide reduction per row; at C = 2560 it was slower than a LayerNorm
 // plus a separate cast-transpose, and a first warp-per-row version with 8 warps and one row at a
 // time reached 0.65 waves and 22% occupancy.)
@@ -222,17 +223,34 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+// The warp's rows of the tile at `base` into registers (all loads issued before any use).
+template <int kRowsPerWarp, int kLaneVecs>
+__device__ __forceinline__ void load_warp_rows(Pack<bf16_t, 8> (&xs)[kRowsPerWarp][kLaneVecs], const bf16_t* x,
+                                               int64_t base, int warp, int lane, const FwdArgs& a) {
+  const int nvec = a.cols / 8;
+#pragma unroll
+  for (int r = 0; r < kRowsPerWarp; ++r) {
+    const int64_t row = base + warp + r * kFp8TWarps;
+#pragma unroll
+    for (int i = 0; i < kLaneVecs; ++i) {
+      const int j = lane + 32 * i;
+      if (row < a.rows && j < nvec) xs[r][i] = *reinterpret_cast<const Pack<bf16_t, 8>*>(x + row * a.cols + j * 8);
+    }
+  }
+}
+
 template <typename W, typename Y, int kLaneVecs, int kRowsPerWarp>
 __global__ void __launch_bounds__(kFp8TWarps * 32) layernorm_fwd_fp8_t_kernel(FwdArgs a) {
   constexpr int kVec = 8;
   constexpr int kTileRows = kFp8TWarps * kRowsPerWarp;
   using XP = Pack<bf16_t, kVec>;
   __shared__ unsigned amax_red[32];
-  extern __shared__ __align__(16) unsigned char ln_tile[];  // [kTileRows, cols] codes
+  extern __shared__ __align__(16) unsigned char ln_tile[];  // [kTileRows, cols] codes (y_t only)
   const bf16_t* x = static_cast<const bf16_t*>(a.x);
   const W* gamma = static_cast<const W*>(a.gamma);
   const W* beta = static_cast<const W*>(a.beta);
   Y* y = static_cast<Y*>(a.y);
+  const bool transpose = a.y_t != nullptr;  // uniform
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int nvec = a.cols / kVec;
   const float scale = *a.scale;
@@ -240,15 +258,7 @@ __global__ void __launch_bounds__(kFp8TWarps * 32) layernorm_fwd_fp8_t_kernel(Fw
   const int64_t step = static_cast<int64_t>(gridDim.x) * kTileRows;
   for (int64_t base = static_cast<int64_t>(blockIdx.x) * kTileRows; base < a.rows; base += step) {
     XP xs[kRowsPerWarp][kLaneVecs];
-#pragma unroll
-    for (int r = 0; r < kRowsPerWarp; ++r) {
-      const int64_t row = base + warp + r * kFp8TWarps;
-#pragma unroll
-      for (int i = 0; i < kLaneVecs; ++i) {
-        const int j = lane + 32 * i;
-        if (row < a.rows && j < nvec) xs[r][i] = *reinterpret_cast<const XP*>(x + row * a.cols + j * kVec);
-      }
-    }
+    load_warp_rows(xs, x, base, warp, lane, a);
 #pragma unroll
     for (int r = 0; r < kRowsPerWarp; ++r) {
       const int tr = warp + r * kFp8TWarps;
@@ -290,7 +300,7 @@ __global__ void __launch_bounds__(kFp8TWarps * 32) layernorm_fwd_fp8_t_kernel(Fw
             out.v[e] = from_float<Y>(o * scale);
           }
           *reinterpret_cast<Pack<Y, kVec>*>(y + row * a.cols + j * kVec) = out;
-          *reinterpret_cast<Pack<Y, kVec>*>(ln_tile + tr * a.cols + j * kVec) = out;
+          if (transpose) *reinterpret_cast<Pack<Y, kVec>*>(ln_tile + tr * a.cols + j * kVec) = out;
         }
       }
       if (lane == 0) {
@@ -298,9 +308,13 @@ __global__ void __launch_bounds__(kFp8TWarps * 32) layernorm_fwd_fp8_t_kernel(Fw
         if (a.rstd) a.rstd[row] = rstd;
       }
     }
-    __syncthreads();  // the tile is complete
-    store_tile_transposed(ln_tile, static_cast<int>(kTileRows < a.rows - base ? kTileRows : a.rows - base), base, a);
-    __syncthreads();  // before the next tile overwrites it
+    // (Issuing the next tile's loads before this transposed store keeps the row registers live
+    // through it: 600 bytes of spills at C = 2560.)
+    if (transpose) {
+      __syncthreads();  // the tile is complete
+      store_tile_transposed(ln_tile, static_cast<int>(kTileRows < a.rows - base ? kTileRows : a.rows - base), base, a);
+      __syncthreads();  // before the next tile overwrites it
+    }
   }
   if (a.amax) elem::block_amax(amax, amax_red, a.amax);
 }
@@ -345,7 +359,7 @@ __global__ void __launch_bounds__(kMaxRowThreads) layernorm_bwd_kernel(BwdArgs a
     const int64_t off = row * a.cols;
     const float mean = active ? a.mean[row] : 0.f;
     const float rstd = active ? a.rstd[row] : 0.f;
-    Pack<X, kVec> xs[kVecs], dys[kVecs];
+    Pack<X, kVec> xs[kVecs], dys[kVecs], dx0[kVecs];
     float s1 = 0.f, s2 = 0.f;
 #pragma unroll
     for (int i = 0; i < kVecs; ++i) {
@@ -353,6 +367,8 @@ __global__ void __launch_bounds__(kMaxRowThreads) layernorm_bwd_kernel(BwdArgs a
       if (active && j < nvec) {
         xs[i] = *reinterpret_cast<const Pack<X, kVec>*>(x + off + j * kVec);
         dys[i] = *reinterpret_cast<const Pack<X, kVec>*>(dy + off + j * kVec);
+        // The accumulated dx goes out with x and dy: its latency hides behind the row reduction.
+        if (a.accumulate && dx) dx0[i] = *reinterpret_cast<const Pack<X, kVec>*>(dx + off + j * kVec);
         float g[kVec];
         load_floats(gamma + j * kVec, g);
 #pragma unroll
@@ -376,12 +392,11 @@ __global__ void __launch_bounds__(kMaxRowThreads) layernorm_bwd_kernel(BwdArgs a
       if (active && j < nvec) {
         float g[kVec], out[kVec];
         load_floats(gamma + j * kVec, g);
-        if (a.accumulate) load_floats(dx + off + j * kVec, out);
 #pragma unroll
         for (int e = 0; e < kVec; ++e) {
           const float xh = (to_float(xs[i].v[e]) - mean) * rstd;
           const float v = rstd * (to_float(dys[i].v[e]) * g[e] - m1 - xh * m2);
-          out[e] = a.accumulate ? out[e] + v : v;
+          out[e] = a.accumulate ? to_float(dx0[i].v[e]) + v : v;
         }
         store_floats(dx + off + j * kVec, out);
       }
@@ -449,9 +464,7 @@ void launch_fwd(const FwdArgs& args, const RowLayout& l, int sms, cudaStream_t s
   const auto kernel = layernorm_fwd_kernel<X, W, Y, kVec, kTranspose>;
   const dim3 block(l.threads_per_row, l.rows_per_block);
   const int smem = kTranspose ? args.tile_rows * args.cols : 0;
-  if (kTranspose) CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  int per_sm = 0;
-  CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, l.threads_per_row * l.rows_per_block, smem));
+  const int per_sm = elem::resident_blocks(reinterpret_cast<const void*>(kernel), l.threads_per_row * l.rows_per_block, smem);
   const int64_t rows_per_iter = kTranspose ? args.tile_rows : l.rows_per_block;
   const int64_t needed = (args.rows + rows_per_iter - 1) / rows_per_iter;
   const int64_t grid = std::min<int64_t>(needed, static_cast<int64_t>(std::max(per_sm, 1)) * sms);
@@ -463,10 +476,8 @@ template <typename W, typename Y, int kLaneVecs, int kRowsPerWarp>
 void launch_fwd_fp8_t(FwdArgs args, int sms, cudaStream_t st) {
   const auto kernel = layernorm_fwd_fp8_t_kernel<W, Y, kLaneVecs, kRowsPerWarp>;
   args.tile_rows = kFp8TWarps * kRowsPerWarp;
-  const int smem = args.tile_rows * args.cols;
-  CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  int per_sm = 0;
-  CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kFp8TWarps * 32, smem));
+  const int smem = args.y_t != nullptr ? args.tile_rows * args.cols : 0;
+  const int per_sm = elem::resident_blocks(reinterpret_cast<const void*>(kernel), kFp8TWarps * 32, smem);
   const int64_t needed = (args.rows + args.tile_rows - 1) / args.tile_rows;
   const int64_t grid = std::min<int64_t>(needed, static_cast<int64_t>(std::max(per_sm, 1)) * sms);
   kernel<<<static_cast<unsigned>(grid), kFp8TWarps * 32, smem, st>>>(args);
@@ -534,10 +545,10 @@ void detail::layernorm_fwd_cuda(const LayerNormFwdParams& p, const Stream& strea
             aligned_to(p.beta, kVec * sizeof(W)) && aligned_to(p.y, kVec * sizeof(Y));
         const RowLayout l = row_layout(C, vec_ok ? kVec : 1, kFwdElemsPerThread);
         if constexpr (elem::kIsFp8<Y>) {
+          if constexpr (std::is_same_v<X, bf16_t>) {  // with or without the transpose
+            if (vec_ok && !p.residual.defined() && try_launch_fwd_fp8_t<W, Y>(args, sms, st)) return;
+          }
           if (transpose) {
-            if constexpr (std::is_same_v<X, bf16_t>) {
-              if (vec_ok && !p.residual.defined() && try_launch_fwd_fp8_t<W, Y>(args, sms, st)) return;
-            }
             if (vec_ok) launch_fwd<X, W, Y, kVec, true>(args, l, sms, st);
             else launch_fwd<X, W, Y, 1, true>(args, l, sms, st);
             return;

@@ -2,7 +2,9 @@
 // the fused op equals the unfused composition it replaces (gelu_fwd / gelu_bwd into the input's
 // dtype, then cast_transpose_fp8) bit for bit, and dbias equals f64 column sums; on a GPU the fused
 // kernels equal the GPU's own unfused composition bit for bit (tiled and unaligned paths), dbias
-// is bitwise reproducible and matches the CPU within f32 summation error. Bad arguments throw.
+// is bitwise reproducible and matches the CPU within f32 summation error. Without out_t (a
+// forward that no backward follows) out, amax and dbias are bitwise those of the call with it.
+// Bad arguments throw.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -46,12 +48,13 @@ struct Cast {
   Tensor v;  // unfused(): the activation as stored in in's dtype
 };
 
-// The fused call on in (and pre) with scale 0.5, amax from 0, dbias from `dbias0` when given.
+// The fused call on in (and pre) with scale 0.5, amax from 0, dbias from `dbias0` when given;
+// out_t only with `transpose`.
 Cast fused(const Tensor& in, const Tensor& pre, CastActivation act, DType fp8, const Tensor& dbias0,
-           const Stream& stream) {
+           const Stream& stream, bool transpose = true) {
   const Device d = in.device();
   const int64_t m = in.dim(0), n = in.dim(1);
-  Cast c{Tensor::empty({m, n}, fp8, d), Tensor::empty({n, m}, fp8, d), scalar(0.f, d),
+  Cast c{Tensor::empty({m, n}, fp8, d), transpose ? Tensor::empty({n, m}, fp8, d) : Tensor(), scalar(0.f, d),
          dbias0.defined() ? dbias0.to(d) : Tensor()};
   cast_transpose_fp8({.in = in,
                       .out = c.out,
@@ -78,6 +81,15 @@ Cast unfused(const Tensor& in, const Tensor& pre, CastActivation act, DType fp8,
   Cast c = fused(v, Tensor(), CastActivation::kNone, fp8, Tensor(), stream);
   c.v = v;
   return c;
+}
+
+// The call without out_t gives bitwise the same out, amax and dbias as `with_t`.
+void expect_same_without_transpose(const Cast& with_t, const Tensor& in, const Tensor& pre, CastActivation act,
+                                   DType fp8, const Tensor& dbias0, const Stream& stream) {
+  const Cast c = fused(in, pre, act, fp8, dbias0, stream, /*transpose=*/false);
+  EXPECT_EQ(codes(c.out), codes(with_t.out));
+  EXPECT_EQ(c.amax.to(Device::cpu()).to_floats(), with_t.amax.to(Device::cpu()).to_floats());
+  EXPECT_EQ(c.dbias.to(Device::cpu()).to_floats(), with_t.dbias.to(Device::cpu()).to_floats());
 }
 
 // f64 column sums of v [M, N] plus dbias0 [N].
@@ -116,6 +128,7 @@ TEST(CastFusedCpu, EqualsTheUnfusedCompositionAndColumnSums) {
         EXPECT_EQ(codes(got.out_t), codes(want.out_t));
         EXPECT_EQ(got.amax.to_floats()[0], want.amax.to_floats()[0]);
         expect_sums_close(got.dbias, column_sums(want.v, dbias0), m);
+        expect_same_without_transpose(got, in, pre, act, fp8, dbias0, Stream::cpu());
       }
 }
 
@@ -164,6 +177,7 @@ TEST(CastFusedCuda, EqualsTheGpuUnfusedCompositionBitExact) {
             expect_sums_close(got.dbias, column_sums(want.v, dbias0), shape[0]);
             const Cast again = fused(in, pre, act, fp8, dbias0, stream);
             EXPECT_EQ(again.dbias.to(Device::cpu()).to_floats(), got.dbias.to(Device::cpu()).to_floats());
+            expect_same_without_transpose(got, in, pre, act, fp8, dbias0, stream);
           }
 }
 
