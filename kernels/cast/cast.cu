@@ -139,14 +139,28 @@ __device__ void tile_colsum(const float (&part)[kCols], int group, int col, int6
   }
 }
 
-// dbias[c] += sum over the tile rows of ws[r, c], in row order.
-__global__ void __launch_bounds__(kThreads)
+// dbias[c] += sum over the tile rows of ws[r, c], in a fixed order: block (32, kColsumGroups),
+// one column per x; thread y adds rows y, y + kColsumGroups, ... in order (loads unrolled, so that
+// several are in flight), then y == 0 adds the kColsumGroups partial sums in order. (One thread per
+// column walking all rows left a 10240-column sum with 40 blocks, latency-bound.)
+constexpr int kColsumGroups = 8;
+__global__ void __launch_bounds__(32 * kColsumGroups)
     colsum_reduce_kernel(const float* __restrict__ ws, int64_t rows, int64_t n, float* __restrict__ dbias) {
-  const int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (c >= n) return;
+  __shared__ float red[kColsumGroups][33];
+  const int64_t c = blockIdx.x * int64_t(32) + threadIdx.x;
   float sum = 0.f;
-  for (int64_t r = 0; r < rows; ++r) sum += ws[r * n + c];
-  dbias[c] += sum;
+  if (c < n) {
+#pragma unroll 4
+    for (int64_t r = threadIdx.y; r < rows; r += kColsumGroups) sum += ws[r * n + c];
+  }
+  red[threadIdx.y][threadIdx.x] = sum;
+  __syncthreads();
+  if (threadIdx.y == 0 && c < n) {
+    float total = red[0][threadIdx.x];
+#pragma unroll
+    for (int g = 1; g < kColsumGroups; ++g) total += red[g][threadIdx.x];
+    dbias[c] += total;
+  }
 }
 
 // Tiled cast-transpose for M % 4 == 0, N % 8 == 0, 16-byte aligned pointers.
@@ -364,7 +378,7 @@ void launch_cast_transpose(const CastTransposeFp8Params& p, const Stream& stream
   }
   HELIX_LAUNCH_CHECK();
   if (wsp != nullptr) {
-    colsum_reduce_kernel<<<static_cast<unsigned>((n + kThreads - 1) / kThreads), kThreads, 0, st>>>(
+    colsum_reduce_kernel<<<static_cast<unsigned>((n + 31) / 32), dim3(32, kColsumGroups), 0, st>>>(
         wsp, gy, n, p.dbias.data<float>());
     HELIX_LAUNCH_CHECK();
   }

@@ -144,9 +144,10 @@ TEST(LayerNormFp8TransposeCpu, RejectsBadTranspose) {
   }
 }
 
-// CUDA: the warp-per-row kernel (bf16 x, C <= 4096) with full tiles of 32 rows (C <= 2560) and of
-// 16 rows (C = 3072), a partial last tile, T not a multiple of 16 (the byte transpose); the generic
-// kernel (f32 x, odd C, misaligned x, C = 5120, 6144, 8192); y against the CPU.
+// CUDA: the warp-per-row kernel (bf16 x, C <= 4096; 16-row tiles of two rows a warp up to C = 2560
+// and of one row a warp at C = 3072), a partial last tile, T not a multiple of 16 (the byte
+// transpose); the generic kernel (f32 x, odd C, misaligned x: 32-row tiles; C = 5120, 6144, 8192:
+// 16-row tiles); y against the CPU.
 TEST(LayerNormFp8TransposeCuda, MatchesTransposeAndCpu) {
   HELIX_REQUIRE_CUDA();
   const Case cases[] = {
