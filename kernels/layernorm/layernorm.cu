@@ -238,8 +238,9 @@ __device__ __forceinline__ void load_warp_rows(Pack<bf16_t, 8> (&xs)[kRowsPerWar
   }
 }
 
+// 16 warps per SM resident at least (8-warp blocks: two, so at most 128 registers a thread).
 template <typename W, typename Y, int kLaneVecs, int kRowsPerWarp, int kWarps>
-__global__ void __launch_bounds__(kWarps * 32) layernorm_fwd_fp8_t_kernel(FwdArgs a) {
+__global__ void __launch_bounds__(kWarps * 32, 16 / kWarps) layernorm_fwd_fp8_t_kernel(FwdArgs a) {
   constexpr int kVec = 8;
   constexpr int kTileRows = kWarps * kRowsPerWarp;
   using XP = Pack<bf16_t, kVec>;
@@ -308,7 +309,7 @@ __global__ void __launch_bounds__(kWarps * 32) layernorm_fwd_fp8_t_kernel(FwdArg
       }
     }
     // (Issuing the next tile's loads before this transposed store keeps the row registers live
-    // through it: 600 bytes of spills at C = 2560.)
+    // through it: 600 bytes of spills at C = 2560 with 128 registers.)
     if (transpose) {
       __syncthreads();  // the tile is complete
       store_tile_transposed(ln_tile, static_cast<int>(kTileRows < a.rows - base ? kTileRows : a.rows - base), base, a);
