@@ -10,6 +10,7 @@
 #include <cmath>
 
 #include "core/cuda_check.h"
+#include "core/error.h"
 #include "kernels/attention/attention.h"
 #include "kernels/attention/attention_cuda.h"
 #include "kernels/attention/attention_tiles.cuh"
@@ -328,26 +329,34 @@ void thd_attention_fwd_cuda(const ThdAttentionFwdParams& p, const Stream& stream
     // from shared memory (AttentionFwdTiling::kRows32). See docs/perf/attention.md. D <= 32 (ESM-2
     // 8M/35M/150M): 32 rows per warp as at 64, fewer registers, more resident CTAs.
     const int msq = p.layout.max_seqlen_q;
-    switch (dim) {
-      case 16:
-        launch_fwd<16, 4, kFwdMTilesSmallD, kFwdMinBlocksD16>(a, msq, heads, batch, st);
-        break;
-      case 24:
-        launch_fwd<24, 4, kFwdMTilesSmallD, kFwdMinBlocksD32>(a, msq, heads, batch, st);
-        break;
-      case 32:
-        launch_fwd<32, 4, kFwdMTilesSmallD, kFwdMinBlocksD32>(a, msq, heads, batch, st);
-        break;
-      case 64:
-        launch_fwd<64, 4, kFwdMTilesD64, 2>(a, msq, heads, batch, st);
-        break;
-      default:
-        // kRows32: K/V tiles of 32 keys (with 64, the scores of two m16 tiles spill 124 bytes).
-        if (p.tiling != AttentionFwdTiling::kRows16)  // kDefault: rows32, measured faster at D = 128
-          launch_fwd<128, 4, 2, 2, /*kQSmem=*/true, /*kKeys=*/32>(a, msq, heads, batch, st);
-        else
-          launch_fwd<128, 4, 1, 2>(a, msq, heads, batch, st);
-        break;
+    if (p.tiling == AttentionFwdTiling::kWgmma) {
+      HELIX_CHECK(wgmma_supported(p.q.device(), dim),
+                  "thd_attention_fwd: AttentionFwdTiling::kWgmma needs head dim 64 or 128 on a "
+                  "compute capability 9.0 GPU, got head dim {} on {}",
+                  dim, p.q.device().str());
+      launch_fwd_wgmma(a, msq, heads, dim, batch, st);
+    } else {
+      switch (dim) {
+        case 16:
+          launch_fwd<16, 4, kFwdMTilesSmallD, kFwdMinBlocksD16>(a, msq, heads, batch, st);
+          break;
+        case 24:
+          launch_fwd<24, 4, kFwdMTilesSmallD, kFwdMinBlocksD32>(a, msq, heads, batch, st);
+          break;
+        case 32:
+          launch_fwd<32, 4, kFwdMTilesSmallD, kFwdMinBlocksD32>(a, msq, heads, batch, st);
+          break;
+        case 64:
+          launch_fwd<64, 4, kFwdMTilesD64, 2>(a, msq, heads, batch, st);
+          break;
+        default:
+          // kRows32: K/V tiles of 32 keys (with 64, the scores of two m16 tiles spill 124 bytes).
+          if (p.tiling != AttentionFwdTiling::kRows16)  // kDefault: rows32, measured faster at D = 128
+            launch_fwd<128, 4, 2, 2, /*kQSmem=*/true, /*kKeys=*/32>(a, msq, heads, batch, st);
+          else
+            launch_fwd<128, 4, 1, 2>(a, msq, heads, batch, st);
+          break;
+      }
     }
   }
   GapTargets gaps;

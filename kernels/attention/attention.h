@@ -64,9 +64,11 @@ enum class AttentionMask : uint8_t { kBidirectional, kCausal };
 // Query rows per warp of the CUDA forward at D = 128 (D <= 64 always runs 32): a speed choice, same
 // semantics (the CPU and D <= 64 ignore it). kRows16: one m16 tile a warp, Q fragments held in
 // registers, K/V tiles of 64 keys. kRows32: two m16 tiles sharing every K/V fragment, Q fragments
-// re-read from shared memory, K/V tiles of 32 keys. kDefault: kRows32 (measured 1-9% faster on the
-// H100, docs/perf/attention.md v4).
-enum class AttentionFwdTiling : uint8_t { kDefault, kRows16, kRows32 };
+// re-read from shared memory, K/V tiles of 32 keys. kWgmma (head dims 64 and 128 on sm_90 GPUs):
+// Hopper warpgroup MMAs from 128-byte-swizzled shared-memory tiles, one warpgroup per 64 query rows
+// (attention_sm90.cu); asking for it elsewhere is an error. kDefault: kRows32 at D = 128 (measured
+// 1-9% faster than kRows16 on the H100, docs/perf/attention.md v4).
+enum class AttentionFwdTiling : uint8_t { kDefault, kRows16, kRows32, kWgmma };
 
 // How the backward accumulates dQ. dK and dV are always owned by one CTA per key tile and written
 // once, so they are deterministic in both modes. kAtomic adds each key tile's dQ contribution into
@@ -80,9 +82,11 @@ enum class AttentionBwdMode : uint8_t { kAtomic, kDeterministic };
 // Q/dO fragment feeds two key tiles. kTiled2D: FlashAttention-2's sm80 structure, 8-warp CTAs
 // (128 keys x 128 query rows at D = 64 and 16, 64 x 128 at D = 128, 128 x 64 at D = 24/32) with
 // 2-D warp partitions for S^T/dP^T, dK/dV and dQ, P^T and dS^T through shared memory; every head
-// dim has it (no fallback). kDefault: kKeys128 when max_seqlen_kv > 2048, else kKeys64 (measured,
+// dim has it (no fallback). kWgmma (head dims 64 and 128 on sm_90 GPUs): Hopper warpgroup MMAs,
+// one warpgroup per 64 keys, dQ from dS^T staged in shared memory (attention_sm90.cu); asking for
+// it elsewhere is an error. kDefault: kKeys128 when max_seqlen_kv > 2048, else kKeys64 (measured,
 // see docs/perf/attention.md v4; kTiled2D measured 5-17% slower than the better of the two, v5).
-enum class AttentionBwdTiling : uint8_t { kDefault, kKeys64, kKeys128, kTiled2D };
+enum class AttentionBwdTiling : uint8_t { kDefault, kKeys64, kKeys128, kTiled2D, kWgmma };
 
 struct ThdAttentionFwdParams {
   Tensor q;  // [Tq, H, D] bf16, contiguous, 16-byte aligned; D in {16, 24, 32, 64, 128} on CUDA

@@ -14,6 +14,7 @@
 #include <cmath>
 
 #include "core/cuda_check.h"
+#include "core/error.h"
 #include "kernels/attention/attention.h"
 #include "kernels/attention/attention_cuda.h"
 #include "kernels/attention/attention_tiles.cuh"
@@ -639,7 +640,15 @@ void thd_attention_bwd_cuda(const ThdAttentionBwdParams& p, const Stream& stream
     // D = 128 (registers). 128-key CTAs: 4 warps of 32 keys at D <= 64 (query tiles of 32 rows,
     // 64 at D = 16 where a 32-row tile is fewer 16-byte chunks than threads), 8 warps of 16 keys
     // at D = 128 (32 keys a warp would exceed the register file). See docs/perf/attention.md.
-    if (p.tiling == AttentionBwdTiling::kTiled2D) {  // attention_bwd_2d.cu; dQ pass from here
+    if (p.tiling == AttentionBwdTiling::kWgmma) {  // attention_sm90.cu; dQ pass from here
+      HELIX_CHECK(wgmma_supported(dev, dim),
+                  "thd_attention_bwd: AttentionBwdTiling::kWgmma needs head dim 64 or 128 on a "
+                  "compute capability 9.0 GPU, got head dim {} on {}",
+                  dim, dev.str());
+      launch_bwd_wgmma(a, p.layout.max_seqlen_kv, heads, dim, p.layout.cu_seqlens_q.batch(),
+                       atomic_dq, st);
+      if (!atomic_dq) launch_dq_pass(a, p.layout, heads, dim, st);
+    } else if (p.tiling == AttentionBwdTiling::kTiled2D) {  // attention_bwd_2d.cu; dQ pass here
       launch_bwd_tiled2d(a, p.layout, heads, dim, p.mode, stream);
       if (!atomic_dq) launch_dq_pass(a, p.layout, heads, dim, st);
     } else if (use_keys128(p.tiling, p.layout.max_seqlen_kv)) {

@@ -2,6 +2,7 @@
 // Internal to kernels/attention (CUDA builds): the launch helpers the forward, backward and merge
 // translation units share. The kernel argument struct itself lives in attention_tiles.cuh.
 #include <cuda_bf16.h>
+#include <cuda_runtime.h>
 
 #include "kernels/attention/attention.h"
 #include "kernels/attention/attention_tiles.cuh"
@@ -32,5 +33,14 @@ void zero_gap_rows_cuda(const CuSeqlens& cu, const CuSeqlens& padded, int64_t to
 // the backward fills it (delta computed, dq_accum zeroed in atomic mode).
 void launch_bwd_tiled2d(const attention_tiles::AttnArgs& a, const ThdAttentionLayout& layout,
                         int heads, int head_dim, AttentionBwdMode mode, const Stream& stream);
+
+// Hopper wgmma kernels (attention_sm90.cu). wgmma_supported: head dim 64 or 128 on a compute
+// capability 9.0 device (the kernels are built for sm_90a). The launchers take `a` as the forward /
+// backward fill it; the backward one runs dK/dV and, when atomic_dq, adds dQ into a.dq_accum.
+bool wgmma_supported(Device device, int head_dim);
+void launch_fwd_wgmma(const attention_tiles::AttnArgs& a, int max_seqlen_q, int heads,
+                      int head_dim, int batch, cudaStream_t stream);
+void launch_bwd_wgmma(const attention_tiles::AttnArgs& a, int max_seqlen_kv, int heads,
+                      int head_dim, int batch, bool atomic_dq, cudaStream_t stream);
 
 }  // namespace helix::detail

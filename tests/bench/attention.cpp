@@ -6,10 +6,10 @@
 // FLOPs: 4 * H * D * sum(s^2) forward, 2.5x that backward (fwd+bwd = 3.5x), halved for causal.
 //   helix_bench_attention [--lengths-out FILE] [--iters N] [--warmup N] [--causal]
 //                         [--deterministic] [--cases protein,long4k,long16k] [--dims 64,128]
-//                         [--bwd-tiling default|keys64|keys128|tiled2d[,...]]
-//                         [--fwd-tiling default|rows16|rows32[,...]]
-// With several tilings every combination is timed on the same data, one JSON line each (the
-// forward tiling matters at D = 128 only: other head dims run the first one listed).
+//                         [--bwd-tiling default|keys64|keys128|tiled2d|wgmma[,...]]
+//                         [--fwd-tiling default|rows16|rows32|wgmma[,...]]
+// With several tilings every combination is timed on the same data, one JSON line each (rows16 and
+// rows32 differ at D = 128 only: at other head dims they run only when listed first).
 #include "kernels/attention/attention.h"
 
 #include <algorithm>
@@ -43,7 +43,7 @@ struct BenchOptions {
   std::vector<std::pair<std::string, AttentionBwdTiling>> bwd_tilings = {
       {"default", AttentionBwdTiling::kDefault}};
   std::vector<std::pair<std::string, AttentionFwdTiling>> fwd_tilings = {
-      {"default", AttentionFwdTiling::kDefault}};  // D = 128 only
+      {"default", AttentionFwdTiling::kDefault}};
   int warmup = 3, iters = 10;
 };
 
@@ -189,8 +189,11 @@ void run_case(const Case& c, int dim, const BenchOptions& opt, const std::string
 
   const double flops = thd_attention_fwd_flops(layout, heads, dim, mask);
   for (const auto& [bwd_name, bwd_tiling] : opt.bwd_tilings) {
-    for (size_t fi = 0; fi < opt.fwd_tilings.size() && (fi == 0 || dim == 128); ++fi) {
+    for (size_t fi = 0; fi < opt.fwd_tilings.size(); ++fi) {
       const auto& [fwd_name, fwd_tiling] = opt.fwd_tilings[fi];
+      const bool rows_only = fwd_tiling == AttentionFwdTiling::kRows16 ||
+                             fwd_tiling == AttentionFwdTiling::kRows32;
+      if (fi > 0 && dim != 128 && rows_only) continue;
       f.tiling = fwd_tiling;
       b.tiling = bwd_tiling;
       Result r;
@@ -247,9 +250,11 @@ int bench_main(int argc, char** argv) {
         const AttentionBwdTiling t = name == "keys64"    ? AttentionBwdTiling::kKeys64
                                      : name == "keys128" ? AttentionBwdTiling::kKeys128
                                      : name == "tiled2d" ? AttentionBwdTiling::kTiled2D
+                                     : name == "wgmma"   ? AttentionBwdTiling::kWgmma
                                                          : AttentionBwdTiling::kDefault;
         HELIX_CHECK(name == "default" || t != AttentionBwdTiling::kDefault,
-                    "--bwd-tiling: expected default, keys64, keys128 or tiled2d, got {}", name);
+                    "--bwd-tiling: expected default, keys64, keys128, tiled2d or wgmma, got {}",
+                    name);
         opt.bwd_tilings.emplace_back(name, t);
       }
       HELIX_CHECK(!opt.bwd_tilings.empty(), "--bwd-tiling: expected at least one tiling");
@@ -258,9 +263,10 @@ int bench_main(int argc, char** argv) {
       for (const std::string& name : split(next())) {
         const AttentionFwdTiling t = name == "rows16"   ? AttentionFwdTiling::kRows16
                                      : name == "rows32" ? AttentionFwdTiling::kRows32
+                                     : name == "wgmma"  ? AttentionFwdTiling::kWgmma
                                                         : AttentionFwdTiling::kDefault;
         HELIX_CHECK(name == "default" || t != AttentionFwdTiling::kDefault,
-                    "--fwd-tiling: expected default, rows16 or rows32, got {}", name);
+                    "--fwd-tiling: expected default, rows16, rows32 or wgmma, got {}", name);
         opt.fwd_tilings.emplace_back(name, t);
       }
       HELIX_CHECK(!opt.fwd_tilings.empty(), "--fwd-tiling: expected at least one tiling");

@@ -5,7 +5,8 @@
 // cu_seqlens_q != cu_seqlens_kv, both masks, head dims 64 and 128 (ESM-2 650M, 15B) and 16, 24, 32
 // (8M, 35M, 150M; 24 runs in zero-padded tiles of 32), both D = 128 forward tilings (16 and 32
 // query rows a warp), both backward modes with every dK/dV tiling (64-key and 128-key CTAs, and
-// the tiled-2D kernel with P^T / dS^T through shared memory).
+// the tiled-2D kernel with P^T / dS^T through shared memory), and on sm_90 the wgmma forward and
+// backward at head dims 64 and 128.
 // Outputs are poisoned with NaN before every run and the inputs' gap rows hold NaN, so unwritten
 // outputs and reads outside the sequences both show.
 #include <gtest/gtest.h>
@@ -75,6 +76,11 @@ bool bitwise_equal(const Tensor& a, const Tensor& b) {
   return ha.nbytes() == hb.nbytes() && std::memcmp(ha.data_ptr(), hb.data_ptr(), ha.nbytes()) == 0;
 }
 
+// The Hopper wgmma kernels run at head dims 64 and 128 on compute capability 9.0.
+bool has_wgmma(int dim) {
+  return (dim == 64 || dim == 128) && cuda_available() && cuda_compute_capability(0) == 90;
+}
+
 // Runs forward and both backward modes on the GPU and checks every output against the fp64 and
 // naive-bf16 references computed on the host.
 void check_flash_rule(const std::vector<int32_t>& lq, const std::vector<int32_t>& lk, int heads,
@@ -125,10 +131,15 @@ void check_flash_rule(const std::vector<int32_t>& lq, const std::vector<int32_t>
   }
   EXPECT_TRUE(
       testing::all_close(out.o.to(Device::cpu()), cpu_o, testing::tolerance_for(DType::kBF16)));
-  // The D = 128 forward with 32 query rows a warp (Q re-read from shared memory): same checks.
-  if (device.is_cuda() && dim == 128) {
-    SCOPED_TRACE("forward with 32 query rows a warp");
-    const Outputs w = run_fwd(p, s, AttentionFwdTiling::kRows32);
+  // The other forward tilings of the GPU: 32 query rows a warp at D = 128 (Q re-read from shared
+  // memory), and the Hopper wgmma kernel at D = 64 and 128 on sm_90. Same checks.
+  std::vector<AttentionFwdTiling> fwd_tilings;
+  if (device.is_cuda() && dim == 128) fwd_tilings.push_back(AttentionFwdTiling::kRows32);
+  if (device.is_cuda() && has_wgmma(dim)) fwd_tilings.push_back(AttentionFwdTiling::kWgmma);
+  for (AttentionFwdTiling tiling : fwd_tilings) {
+    SCOPED_TRACE(tiling == AttentionFwdTiling::kRows32 ? "forward with 32 query rows a warp"
+                                                       : "wgmma forward");
+    const Outputs w = run_fwd(p, s, tiling);
     const std::vector<float> o32 = w.o.to_floats(), lse32 = w.lse.to_floats();
     const double err = attn_test::max_err(o32, exact.o, p.q_valid, row);
     EXPECT_LE(err, 2 * naive_o + 1e-5) << "O: kernel error " << err << ", naive bf16 " << naive_o;
@@ -147,13 +158,15 @@ void check_flash_rule(const std::vector<int32_t>& lq, const std::vector<int32_t>
   if (device.is_cuda()) {
     tilings.push_back(AttentionBwdTiling::kKeys128);
     tilings.push_back(AttentionBwdTiling::kTiled2D);
+    if (has_wgmma(dim)) tilings.push_back(AttentionBwdTiling::kWgmma);
   }
   for (AttentionBwdMode mode : {AttentionBwdMode::kAtomic, AttentionBwdMode::kDeterministic})
     for (AttentionBwdTiling tiling : tilings) {
       SCOPED_TRACE(mode == AttentionBwdMode::kAtomic ? "atomic dQ" : "deterministic");
       SCOPED_TRACE(tiling == AttentionBwdTiling::kKeys64    ? "64-key tiles"
                    : tiling == AttentionBwdTiling::kKeys128 ? "128-key tiles"
-                                                            : "tiled 2-D");
+                   : tiling == AttentionBwdTiling::kTiled2D ? "tiled 2-D"
+                                                            : "wgmma");
       run_bwd(p, out, mode, tiling, s);
       struct G {
         const char* name;
@@ -370,6 +383,25 @@ TEST(AttentionGpu, LauncherRefusesMisalignedPointersAndHeadDims) {
     } catch (const Error& e) {
       EXPECT_NE(std::string(e.what()).find(
                     fmt::format("q: expected head dim 16, 24, 32, 64 or 128 on CUDA, got {}", dim)),
+                std::string::npos)
+          << e.what();
+    }
+  }
+  // The wgmma tiling is refused where it has no kernel (head dim 32, or a GPU other than sm_90),
+  // with the reason, instead of running another kernel behind the caller's back.
+  {
+    Problem d32 = attn_test::make_problem({5, 9}, {5, 9}, 2, 32, AttentionMask::kBidirectional,
+                                          false, 5, Device::cuda());
+    ThdAttentionFwdParams w =
+        attn_test::fwd_params(d32, Tensor::empty(d32.q.shape(), DType::kBF16, Device::cuda()),
+                              Tensor::empty({2, d32.tq}, DType::kF32, Device::cuda()));
+    w.tiling = AttentionFwdTiling::kWgmma;
+    try {
+      thd_attention_fwd(w, Stream());
+      ADD_FAILURE() << "wgmma tiling at head dim 32 not refused";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("kWgmma needs head dim 64 or 128 on a compute "
+                                           "capability 9.0 GPU, got head dim 32"),
                 std::string::npos)
           << e.what();
     }

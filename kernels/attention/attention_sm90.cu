@@ -1,0 +1,488 @@
+// Hopper (sm_90a) packed-THD attention on warpgroup MMAs (wgmma): the forward and the dK/dV (+
+// atomic dQ) backward at head dims 64 and 128 (AttentionFwdTiling::kWgmma,
+// AttentionBwdTiling::kWgmma). Same semantics, masks, gap handling and error bounds as the
+// mma.sync kernels in attention.cu / attention_bwd.cu; what changes is the tensor-core
+// instruction: one warpgroup (the whole 128-thread CTA) issues 64 x N x 16 products straight from
+// 128-byte-swizzled shared-memory tiles (attention_wgmma.cuh), instead of each warp feeding
+// 16 x 8 x 16 products from ldmatrix fragments. Several independent CTAs per SM (3 at D = 64, 2 at
+// D = 128) let one CTA's softmax run while another's MMAs do.
+//
+// Forward: CTA = 64 query rows of one (sequence, head); K/V tiles of 128 (D = 64) or 64 (D = 128)
+// keys in a two-stage cp.async pipeline. Per tile: S = Q K^T (wgmma, both operands K-major), mask
+// and online softmax in registers as in attention.cu, O += P V (wgmma, P from the score registers,
+// V MN-major).
+// Backward: CTA = 64 keys of one (sequence, head); walks the 64-row query tiles that see them
+// (two-stage cp.async pipeline for Q, dO, LSE, delta). Per tile: S^T = K Q^T and dP^T = V dO^T
+// (wgmma, K-major), P^T and dS^T in registers, dV += P^T dO and dK += dS^T Q (wgmma, A from
+// registers, dO / Q MN-major), then in atomic mode dS^T goes to shared memory and dQ_tile = dS K
+// (wgmma, dS^T and K both MN-major) is added into the fp32 accumulator with float2 atomics. In
+// deterministic mode the caller runs the mma.sync dQ pass.
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cmath>
+
+#include "core/cuda_check.h"
+#include "core/error.h"
+#include "kernels/attention/attention.h"
+#include "kernels/attention/attention_cuda.h"
+#include "kernels/attention/attention_tiles.cuh"
+#include "kernels/attention/attention_wgmma.cuh"
+
+namespace helix {
+namespace {
+
+using attention_tiles::AttnArgs;
+using attention_tiles::cp_async_commit;
+using attention_tiles::cp_async_wait;
+using attention_tiles::kLog2e;
+using attention_tiles::pack_bf16;
+using attention_tiles::quad_max;
+using attention_tiles::quad_sum;
+using attention_tiles::smem_addr;
+using namespace attention_wgmma;
+
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define HELIX_WGMMA_DEVICE 1
+#else
+#define HELIX_WGMMA_DEVICE 0
+#endif
+
+template <int D>
+struct WgFwdConfig {
+  static constexpr int kThreads = 128;  // one warpgroup
+  static constexpr int kBlockM = 64;    // query rows per CTA (16 a warp)
+  static constexpr int kBlockN = D == 64 ? 128 : 64;  // keys per K/V tile
+  static constexpr int kQBytes = kBlockM * D * 2;
+  static constexpr int kKVBytes = kBlockN * D * 2;
+  // Q + two stages of K and V, + 1024 bytes to align the tiles to the swizzle's 1024-byte period.
+  static constexpr int kSmem = kQBytes + 4 * kKVBytes + 1024;
+  static constexpr int kMinBlocks = D == 64 ? 3 : 2;
+};
+
+// grid (ceil(max_seqlen_q / 64), H, b), block 128. blockIdx.x runs over query tiles in reverse (the
+// causal mask's heaviest tiles first). Warp w owns query rows m0 + 16 w + {g, g + 8}.
+template <int D>
+__global__ void __launch_bounds__(128, WgFwdConfig<D>::kMinBlocks) fwd_wgmma_kernel(const AttnArgs a) {
+#if HELIX_WGMMA_DEVICE
+  using C = WgFwdConfig<D>;
+  constexpr int kBlockM = C::kBlockM, kBlockN = C::kBlockN, kThreads = C::kThreads;
+  extern __shared__ unsigned char smem_raw[];
+
+  const int seq = blockIdx.z, head = blockIdx.y;
+  const int m0 = (gridDim.x - 1 - blockIdx.x) * kBlockM;
+  const int len_q = a.cu_q[seq + 1] - a.cu_q[seq];
+  if (m0 >= len_q) return;
+  const int len_k = a.cu_kv[seq + 1] - a.cu_kv[seq];
+  const int64_t q_row0 = a.off_q[seq], k_row0 = a.off_kv[seq];
+  const int diag = len_k - len_q;  // query i sees key j iff j <= i + diag (causal)
+  const int n_end = a.causal ? max(0, min(len_k, m0 + kBlockM + diag)) : len_k;
+  const int n_tiles = (n_end + kBlockN - 1) / kBlockN;
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int g = lane >> 2, t = lane & 3;
+  const int64_t hd = int64_t{head} * D;
+  const int wrow0 = m0 + warp * 16;  // this warp's first query row, within the sequence
+  const float sl2 = a.scale_log2;
+
+  const uint32_t s_q = (smem_addr(smem_raw) + 1023u) & ~1023u;
+  const uint32_t s_kv = s_q + C::kQBytes;  // K stage s at s_kv + s*kKVBytes, V at + (2 + s)*...
+  const __nv_bfloat16* k_base = a.k + k_row0 * a.row_stride + hd;
+  const __nv_bfloat16* v_base = a.v + k_row0 * a.row_stride + hd;
+  auto load_kv = [&](int n, int stage) {
+    const int rows = min(kBlockN, len_k - n * kBlockN);
+    const int64_t off = int64_t{n} * kBlockN * a.row_stride;
+    load_tile<kBlockN, D, kThreads>(s_kv + stage * C::kKVBytes, k_base + off, a.row_stride, rows,
+                                    tid);
+    load_tile<kBlockN, D, kThreads>(s_kv + (2 + stage) * C::kKVBytes, v_base + off, a.row_stride,
+                                    rows, tid);
+  };
+
+  float o_acc[D / 8][4];
+#pragma unroll
+  for (int i = 0; i < D / 8; ++i) o_acc[i][0] = o_acc[i][1] = o_acc[i][2] = o_acc[i][3] = 0.f;
+  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
+
+  if (n_tiles > 0) {
+    load_tile<kBlockM, D, kThreads>(s_q, a.q + (q_row0 + m0) * a.row_stride + hd, a.row_stride,
+                                    min(kBlockM, len_q - m0), tid);
+    load_kv(0, 0);
+    cp_async_commit();
+    for (int n = 0; n < n_tiles; ++n) {
+      const int stage = n & 1;
+      if (n + 1 < n_tiles) {
+        load_kv(n + 1, stage ^ 1);
+        cp_async_commit();
+        cp_async_wait<1>();
+      } else {
+        cp_async_wait<0>();
+      }
+      fence_proxy_async();  // this thread's cp.async writes, visible to wgmma after the barrier
+      __syncthreads();
+      const uint32_t s_k = s_kv + stage * C::kKVBytes;
+      const uint32_t s_v = s_kv + (2 + stage) * C::kKVBytes;
+      const int n0 = n * kBlockN;
+
+      float s[kBlockN / 8][4];
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk)
+        wgmma_ss<kBlockN, 0, 0>(s, desc_kmajor<kBlockM>(s_q, kk), desc_kmajor<kBlockN>(s_k, kk),
+                                kk > 0);
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_regs(s);
+
+      if (n0 + kBlockN > len_k || (a.causal && n0 + kBlockN - 1 > wrow0 + diag)) {
+#pragma unroll
+        for (int j = 0; j < kBlockN / 8; ++j) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int col = n0 + j * 8 + 2 * t + (e & 1);
+            const int row = wrow0 + g + 8 * (e >> 1);
+            if (col >= len_k || (a.causal && col > row + diag)) s[j][e] = -INFINITY;
+          }
+        }
+      }
+      // Online softmax: rescale what was accumulated by exp(m_old - m_new), add this tile.
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        float mx = -INFINITY;
+#pragma unroll
+        for (int j = 0; j < kBlockN / 8; ++j) mx = fmaxf(mx, fmaxf(s[j][2 * r], s[j][2 * r + 1]));
+        const float m_new = fmaxf(m_run[r], quad_max(mx));
+        const float base = m_new == -INFINITY ? 0.f : m_new * sl2;  // no key yet: no NaN
+        const float corr = exp2f(m_run[r] * sl2 - base);
+        m_run[r] = m_new;
+        l_run[r] *= corr;
+#pragma unroll
+        for (int i = 0; i < D / 8; ++i) {
+          o_acc[i][2 * r] *= corr;
+          o_acc[i][2 * r + 1] *= corr;
+        }
+#pragma unroll
+        for (int j = 0; j < kBlockN / 8; ++j) {
+          s[j][2 * r] = exp2f(fmaf(s[j][2 * r], sl2, -base));
+          s[j][2 * r + 1] = exp2f(fmaf(s[j][2 * r + 1], sl2, -base));
+          l_run[r] += s[j][2 * r] + s[j][2 * r + 1];
+        }
+      }
+      // O += P V: P's A fragments straight from the score registers, V MN-major.
+      uint32_t pa[kBlockN / 16][4];
+#pragma unroll
+      for (int kk = 0; kk < kBlockN / 16; ++kk) {
+        pa[kk][0] = pack_bf16(s[2 * kk][0], s[2 * kk][1]);
+        pa[kk][1] = pack_bf16(s[2 * kk][2], s[2 * kk][3]);
+        pa[kk][2] = pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+        pa[kk][3] = pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+      }
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < kBlockN / 16; ++kk)
+        wgmma_rs<D, 1>(o_acc, pa[kk], desc_mnmajor<kBlockN>(s_v, kk), 1);
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_regs(o_acc);
+      __syncthreads();  // every warp is done with this stage before the next load overwrites it
+    }
+  }
+
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const float l = quad_sum(l_run[r]);
+    const int row = wrow0 + g + 8 * r;
+    if (row >= len_q) continue;
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    __nv_bfloat16* out_row = a.out + (q_row0 + row) * a.row_stride + hd;
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i)
+      *reinterpret_cast<uint32_t*>(out_row + i * 8 + 2 * t) =
+          pack_bf16(o_acc[i][2 * r] * inv, o_acc[i][2 * r + 1] * inv);
+    if (t == 0)
+      a.lse[head * a.tq + q_row0 + row] = l > 0.f ? m_run[r] * a.scale + logf(l) : -INFINITY;
+  }
+#else
+  __trap();  // launched only on sm_90 devices (wgmma_supported)
+#endif
+}
+
+template <int D>
+struct WgBwdConfig {
+  static constexpr int kThreads = 128;
+  static constexpr int kBlockN = 64;  // keys per CTA (16 a warp)
+  static constexpr int kBlockM = 64;  // query rows per step
+  static constexpr int kTileBytes = 64 * D * 2;
+  static constexpr int kOffK = 0;
+  static constexpr int kOffV = kTileBytes;
+  static constexpr int kOffQ = 2 * kTileBytes;       // two stages
+  static constexpr int kOffDo = 4 * kTileBytes;      // two stages
+  static constexpr int kOffDs = 6 * kTileBytes;      // dS^T [64 keys][64 queries] bf16
+  static constexpr int kOffLse = kOffDs + 64 * 128;  // two stages of 64 floats
+  static constexpr int kOffDelta = kOffLse + 2 * kBlockM * 4;
+  static constexpr int kSmem = kOffDelta + 2 * kBlockM * 4 + 1024;  // + alignment slack
+  static constexpr int kMinBlocks = D == 64 ? 3 : 2;
+};
+
+// grid (ceil(max_seqlen_kv / 64), H, b), block 128: warp w owns keys n0 + 16 w + {g, g + 8} and
+// their dK, dV rows (written once: deterministic).
+template <int D, bool kAtomicDq>
+__global__ void __launch_bounds__(128, WgBwdConfig<D>::kMinBlocks)
+    bwd_wgmma_kernel(const AttnArgs a) {
+#if HELIX_WGMMA_DEVICE
+  using C = WgBwdConfig<D>;
+  constexpr int kBlockM = C::kBlockM, kBlockN = C::kBlockN, kThreads = C::kThreads;
+  extern __shared__ unsigned char smem_raw[];
+
+  const int seq = blockIdx.z, head = blockIdx.y;
+  const int n0 = blockIdx.x * kBlockN;
+  const int len_k = a.cu_kv[seq + 1] - a.cu_kv[seq];
+  if (n0 >= len_k) return;
+  const int len_q = a.cu_q[seq + 1] - a.cu_q[seq];
+  const int64_t q_row0 = a.off_q[seq], k_row0 = a.off_kv[seq];
+  const int diag = len_k - len_q;  // query i sees key j iff j <= i + diag (causal)
+  const int m_first = a.causal ? max(0, n0 - diag) / kBlockM : 0;
+  const int m_tiles = (len_q + kBlockM - 1) / kBlockM;
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int g = lane >> 2, t = lane & 3;
+  const int64_t hd = int64_t{head} * D;
+  const int wkey0 = n0 + warp * 16;  // first key of this warp, within the sequence
+  const float sl2 = a.scale_log2;
+
+  const uint32_t base = (smem_addr(smem_raw) + 1023u) & ~1023u;
+  unsigned char* smem = smem_raw + (base - smem_addr(smem_raw));
+  const uint32_t s_k = base + C::kOffK, s_v = base + C::kOffV, s_ds = base + C::kOffDs;
+  float* s_lse = reinterpret_cast<float*>(smem + C::kOffLse);
+  float* s_delta = reinterpret_cast<float*>(smem + C::kOffDelta);
+
+  auto load_q_tile = [&](int m, int stage) {
+    const int mq0 = m * kBlockM;
+    const int rows = min(kBlockM, len_q - mq0);
+    const int64_t off = (q_row0 + mq0) * a.row_stride + hd;
+    load_tile<kBlockM, D, kThreads>(base + C::kOffQ + stage * C::kTileBytes, a.q + off,
+                                    a.row_stride, rows, tid);
+    load_tile<kBlockM, D, kThreads>(base + C::kOffDo + stage * C::kTileBytes, a.d_o + off,
+                                    a.row_stride, rows, tid);
+    for (int i = tid; i < kBlockM; i += kThreads) {
+      const bool ok = i < rows;
+      const int64_t li = head * a.tq + q_row0 + mq0 + i;
+      const float l = ok ? a.lse[li] : -INFINITY;
+      // exp2(S * scale_log2 - lse * log2e); an empty row (lse = -inf) must give P = 0, not inf.
+      s_lse[stage * kBlockM + i] = l == -INFINITY ? INFINITY : l * kLog2e;
+      s_delta[stage * kBlockM + i] = ok ? a.delta[li] : 0.f;
+    }
+  };
+
+  float dk[D / 8][4], dv[D / 8][4];
+#pragma unroll
+  for (int i = 0; i < D / 8; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dk[i][e] = dv[i][e] = 0.f;
+
+  {
+    const int rows = min(kBlockN, len_k - n0);
+    const int64_t off = (k_row0 + n0) * a.row_stride + hd;
+    load_tile<kBlockN, D, kThreads>(s_k, a.k + off, a.row_stride, rows, tid);
+    load_tile<kBlockN, D, kThreads>(s_v, a.v + off, a.row_stride, rows, tid);
+  }
+  if (m_first < m_tiles) load_q_tile(m_first, 0);
+  cp_async_commit();
+
+  for (int m = m_first; m < m_tiles; ++m) {
+    const int stage = (m - m_first) & 1;
+    if (m + 1 < m_tiles) {
+      load_q_tile(m + 1, stage ^ 1);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    fence_proxy_async();
+    __syncthreads();
+    const int mq0 = m * kBlockM;
+    const uint32_t s_q = base + C::kOffQ + stage * C::kTileBytes;
+    const uint32_t s_do = base + C::kOffDo + stage * C::kTileBytes;
+
+    // S^T = K Q^T and dP^T = V dO^T: rows = this CTA's 64 keys, columns = the tile's 64 queries.
+    float st[kBlockM / 8][4], dpt[kBlockM / 8][4];
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk)
+      wgmma_ss<kBlockM, 0, 0>(st, desc_kmajor<kBlockN>(s_k, kk), desc_kmajor<kBlockM>(s_q, kk),
+                              kk > 0);
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk)
+      wgmma_ss<kBlockM, 0, 0>(dpt, desc_kmajor<kBlockN>(s_v, kk), desc_kmajor<kBlockM>(s_do, kk),
+                              kk > 0);
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_regs(st);
+    fence_regs(dpt);
+
+    const bool need_mask = mq0 + kBlockM > len_q || wkey0 + 16 > len_k ||
+                           (a.causal && wkey0 + 15 > mq0 + diag);
+    // P^T = exp(scale S^T - LSE) and dS^T = P^T (dP^T - delta), in place.
+#pragma unroll
+    for (int j = 0; j < kBlockM / 8; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int qi = j * 8 + 2 * t + (e & 1);  // query within the tile
+        const float lse2 = s_lse[stage * kBlockM + qi], dlt = s_delta[stage * kBlockM + qi];
+        float p = exp2f(fmaf(st[j][e], sl2, -lse2));
+        if (need_mask) {
+          const int key = wkey0 + g + 8 * (e >> 1), query = mq0 + qi;
+          if (query >= len_q || key >= len_k || (a.causal && key > query + diag)) p = 0.f;
+        }
+        st[j][e] = p;
+        dpt[j][e] = p * (dpt[j][e] - dlt);
+      }
+    }
+    // dV += P^T dO and dK += dS^T Q (scale applied at the end): A from registers, dO / Q MN-major.
+    uint32_t pa[kBlockM / 16][4], da[kBlockM / 16][4];
+#pragma unroll
+    for (int kq = 0; kq < kBlockM / 16; ++kq) {
+      pa[kq][0] = pack_bf16(st[2 * kq][0], st[2 * kq][1]);
+      pa[kq][1] = pack_bf16(st[2 * kq][2], st[2 * kq][3]);
+      pa[kq][2] = pack_bf16(st[2 * kq + 1][0], st[2 * kq + 1][1]);
+      pa[kq][3] = pack_bf16(st[2 * kq + 1][2], st[2 * kq + 1][3]);
+      da[kq][0] = pack_bf16(dpt[2 * kq][0], dpt[2 * kq][1]);
+      da[kq][1] = pack_bf16(dpt[2 * kq][2], dpt[2 * kq][3]);
+      da[kq][2] = pack_bf16(dpt[2 * kq + 1][0], dpt[2 * kq + 1][1]);
+      da[kq][3] = pack_bf16(dpt[2 * kq + 1][2], dpt[2 * kq + 1][3]);
+    }
+    wgmma_fence();
+#pragma unroll
+    for (int kq = 0; kq < kBlockM / 16; ++kq)
+      wgmma_rs<D, 1>(dv, pa[kq], desc_mnmajor<kBlockM>(s_do, kq), 1);
+#pragma unroll
+    for (int kq = 0; kq < kBlockM / 16; ++kq)
+      wgmma_rs<D, 1>(dk, da[kq], desc_mnmajor<kBlockM>(s_q, kq), 1);
+    wgmma_commit();
+
+    if constexpr (kAtomicDq) {
+      // dS^T to shared memory as a [key][query] tile (128-byte rows, swizzled): row = key, so
+      // for dQ = dS K it is an MN-major A operand (M = queries contiguous, k = keys down the rows).
+#pragma unroll
+      for (int kq = 0; kq < kBlockM / 16; ++kq) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const int row = warp * 16 + g + 8 * r;
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {  // 8-query chunk 2 kq + h: da[kq][r + 2 h]
+            const uint32_t addr = s_ds + sw128<kBlockN>(row, 2 * kq + h) + 4 * t;
+            asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(da[kq][r + 2 * h])
+                         : "memory");
+          }
+        }
+      }
+      fence_proxy_async();
+      __syncthreads();
+      // dV / dK done before dQ starts: frees the P^T / dS^T fragments (the register budget of 2-3
+      // CTAs per SM holds dK, dV and dQ, not the fragments as well).
+      wgmma_wait<0>();
+      fence_regs(dk);
+      fence_regs(dv);
+      float dq[D / 8][4];
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < kBlockN / 16; ++kk)
+        wgmma_ss<D, 1, 1>(dq, desc_mnmajor<kBlockN>(s_ds, kk), desc_mnmajor<kBlockN>(s_k, kk),
+                          kk > 0);
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_regs(dq);
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int query = mq0 + warp * 16 + g + 8 * r;
+        if (query >= len_q) continue;
+        float* dst = a.dq_accum + (q_row0 + query) * a.row_stride + hd + 2 * t;
+#pragma unroll
+        for (int i = 0; i < D / 8; ++i)
+          atomicAdd(reinterpret_cast<float2*>(dst + i * 8), make_float2(dq[i][2 * r], dq[i][2 * r + 1]));
+      }
+    } else {
+      wgmma_wait<0>();
+      fence_regs(dk);
+      fence_regs(dv);
+    }
+    __syncthreads();  // this stage (and the dS tile) is free before the next iteration refills it
+  }
+  cp_async_wait<0>();  // nothing may stay in flight when the CTA exits (no query tile case)
+
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int key = wkey0 + g + 8 * r;
+    if (key >= len_k) continue;
+    const int64_t off = (k_row0 + key) * a.row_stride + hd + 2 * t;
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) {
+      *reinterpret_cast<uint32_t*>(a.d_k + off + i * 8) =
+          pack_bf16(dk[i][2 * r] * a.scale, dk[i][2 * r + 1] * a.scale);
+      *reinterpret_cast<uint32_t*>(a.d_v + off + i * 8) = pack_bf16(dv[i][2 * r], dv[i][2 * r + 1]);
+    }
+  }
+#else
+  __trap();  // launched only on sm_90 devices (wgmma_supported)
+#endif
+}
+
+template <int D>
+void launch_fwd_wg(const AttnArgs& a, int max_seqlen_q, int heads, int batch, cudaStream_t st) {
+  using C = WgFwdConfig<D>;
+  const dim3 grid((max_seqlen_q + C::kBlockM - 1) / C::kBlockM, heads, batch);
+  if (grid.x == 0) return;
+  auto kernel = fwd_wgmma_kernel<D>;
+  CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmem));
+  kernel<<<grid, C::kThreads, C::kSmem, st>>>(a);
+  HELIX_LAUNCH_CHECK();
+}
+
+template <int D, bool kAtomicDq>
+void launch_bwd_wg(const AttnArgs& a, int max_seqlen_kv, int heads, int batch, cudaStream_t st) {
+  using C = WgBwdConfig<D>;
+  const dim3 grid((max_seqlen_kv + C::kBlockN - 1) / C::kBlockN, heads, batch);
+  if (grid.x == 0) return;
+  auto kernel = bwd_wgmma_kernel<D, kAtomicDq>;
+  CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmem));
+  kernel<<<grid, C::kThreads, C::kSmem, st>>>(a);
+  HELIX_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+namespace detail {
+
+bool wgmma_supported(Device device, int head_dim) {
+  if (head_dim != 64 && head_dim != 128) return false;
+  static int cc[64] = {};  // per device ordinal: 0 = not queried yet
+  const int ord = device.index;
+  if (ord < 0 || ord >= 64) return false;
+  if (cc[ord] == 0) cc[ord] = cuda_compute_capability(ord);
+  return cc[ord] == 90;
+}
+
+void launch_fwd_wgmma(const attention_tiles::AttnArgs& a, int max_seqlen_q, int heads,
+                      int head_dim, int batch, cudaStream_t stream) {
+  if (head_dim == 64)
+    launch_fwd_wg<64>(a, max_seqlen_q, heads, batch, stream);
+  else
+    launch_fwd_wg<128>(a, max_seqlen_q, heads, batch, stream);
+}
+
+void launch_bwd_wgmma(const attention_tiles::AttnArgs& a, int max_seqlen_kv, int heads,
+                      int head_dim, int batch, bool atomic_dq, cudaStream_t stream) {
+  if (head_dim == 64) {
+    if (atomic_dq)
+      launch_bwd_wg<64, true>(a, max_seqlen_kv, heads, batch, stream);
+    else
+      launch_bwd_wg<64, false>(a, max_seqlen_kv, heads, batch, stream);
+  } else {
+    if (atomic_dq)
+      launch_bwd_wg<128, true>(a, max_seqlen_kv, heads, batch, stream);
+    else
+      launch_bwd_wg<128, false>(a, max_seqlen_kv, heads, batch, stream);
+  }
+}
+
+}  // namespace detail
+}  // namespace helix
