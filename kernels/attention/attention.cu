@@ -180,7 +180,7 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks) fwd_kernel(const Attn
               mx = fmaxf(mx, fmaxf(s[mt][j][2 * r], s[mt][j][2 * r + 1]));
             const float m_new = fmaxf(m_run[mt][r], quad_max(mx));
             const float base = m_new == -INFINITY ? 0.f : m_new * sl2;  // no key yet: no NaN
-            const float corr = exp2f(m_run[mt][r] * sl2 - base);
+            const float corr = fast_exp2(m_run[mt][r] * sl2 - base);
             m_run[mt][r] = m_new;
             l_run[mt][r] *= corr;
 #pragma unroll
@@ -190,8 +190,8 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks) fwd_kernel(const Attn
             }
 #pragma unroll
             for (int j = 0; j < kBlockN / 8; ++j) {
-              s[mt][j][2 * r] = exp2f(fmaf(s[mt][j][2 * r], sl2, -base));
-              s[mt][j][2 * r + 1] = exp2f(fmaf(s[mt][j][2 * r + 1], sl2, -base));
+              s[mt][j][2 * r] = fast_exp2(fmaf(s[mt][j][2 * r], sl2, -base));
+              s[mt][j][2 * r + 1] = fast_exp2(fmaf(s[mt][j][2 * r + 1], sl2, -base));
               l_run[mt][r] += s[mt][j][2 * r] + s[mt][j][2 * r + 1];
             }
           }
@@ -329,7 +329,11 @@ void thd_attention_fwd_cuda(const ThdAttentionFwdParams& p, const Stream& stream
     // from shared memory (AttentionFwdTiling::kRows32). See docs/perf/attention.md. D <= 32 (ESM-2
     // 8M/35M/150M): 32 rows per warp as at 64, fewer registers, more resident CTAs.
     const int msq = p.layout.max_seqlen_q;
-    if (p.tiling == AttentionFwdTiling::kWgmma) {
+    // kDefault on an sm_90 GPU at D = 64 and 128: the wgmma kernel (measured faster at every
+    // shape of the benchmark, docs/perf/attention.md v6).
+    const bool wgmma = p.tiling == AttentionFwdTiling::kWgmma ||
+                       (p.tiling == AttentionFwdTiling::kDefault && wgmma_supported(p.q.device(), dim));
+    if (wgmma) {
       HELIX_CHECK(wgmma_supported(p.q.device(), dim),
                   "thd_attention_fwd: AttentionFwdTiling::kWgmma needs head dim 64 or 128 on a "
                   "compute capability 9.0 GPU, got head dim {} on {}",

@@ -61,13 +61,14 @@ struct ThdAttentionLayout {
 
 enum class AttentionMask : uint8_t { kBidirectional, kCausal };
 
-// Query rows per warp of the CUDA forward at D = 128 (D <= 64 always runs 32): a speed choice, same
-// semantics (the CPU and D <= 64 ignore it). kRows16: one m16 tile a warp, Q fragments held in
-// registers, K/V tiles of 64 keys. kRows32: two m16 tiles sharing every K/V fragment, Q fragments
-// re-read from shared memory, K/V tiles of 32 keys. kWgmma (head dims 64 and 128 on sm_90 GPUs):
-// Hopper warpgroup MMAs from 128-byte-swizzled shared-memory tiles, one warpgroup per 64 query rows
-// (attention_sm90.cu); asking for it elsewhere is an error. kDefault: kRows32 at D = 128 (measured
-// 1-9% faster than kRows16 on the H100, docs/perf/attention.md v4).
+// Which CUDA forward kernel runs: a speed choice, same semantics and error bounds (the CPU ignores
+// it). kRows16 / kRows32: the mma.sync kernel (any GPU) with 16 or 32 query rows a warp at D = 128
+// (D <= 64 always runs 32). kRows16: one m16 tile a warp, Q fragments held in registers, K/V tiles
+// of 64 keys. kRows32: two m16 tiles sharing every K/V fragment, Q fragments re-read from shared
+// memory, K/V tiles of 32 keys. kWgmma (head dims 64 and 128 on compute capability 9.0): Hopper
+// warpgroup MMAs from 128-byte-swizzled shared-memory tiles, one warpgroup per 64 query rows
+// (attention_sm90.cu); asking for it elsewhere is an error. kDefault: kWgmma where it exists, else
+// kRows32 at D = 128 (measured, docs/perf/attention.md v4 and v6).
 enum class AttentionFwdTiling : uint8_t { kDefault, kRows16, kRows32, kWgmma };
 
 // How the backward accumulates dQ. dK and dV are always owned by one CTA per key tile and written
@@ -84,8 +85,9 @@ enum class AttentionBwdMode : uint8_t { kAtomic, kDeterministic };
 // 2-D warp partitions for S^T/dP^T, dK/dV and dQ, P^T and dS^T through shared memory; every head
 // dim has it (no fallback). kWgmma (head dims 64 and 128 on sm_90 GPUs): Hopper warpgroup MMAs,
 // one warpgroup per 64 keys, dQ from dS^T staged in shared memory (attention_sm90.cu); asking for
-// it elsewhere is an error. kDefault: kKeys128 when max_seqlen_kv > 2048, else kKeys64 (measured,
-// see docs/perf/attention.md v4; kTiled2D measured 5-17% slower than the better of the two, v5).
+// it elsewhere is an error. kDefault: kWgmma where it exists, else kKeys128 when max_seqlen_kv >
+// 2048 and kKeys64 below (measured, see docs/perf/attention.md v4 and v6; kTiled2D measured 5-17%
+// slower than the better of kKeys64 and kKeys128, v5).
 enum class AttentionBwdTiling : uint8_t { kDefault, kKeys64, kKeys128, kTiled2D, kWgmma };
 
 struct ThdAttentionFwdParams {

@@ -230,7 +230,7 @@ __global__ void __launch_bounds__(T::kWarps * 32, T::kMinBlocks)
           const float lse2 = s_lse[stage * kBlockM + qi], dlt = s_delta[stage * kBlockM + qi];
 #pragma unroll
           for (int kt = 0; kt < kKT; ++kt) {
-            float p = exp2f(fmaf(st[kt][j][e], sl2, -lse2));
+            float p = fast_exp2(fmaf(st[kt][j][e], sl2, -lse2));
             if (need_mask) {
               const int key = wkey0 + kt * 16 + g + 8 * (e >> 1), query = mq0 + qi;
               if (query >= len_q || key >= len_k || (a.causal && key > query + diag)) p = 0.f;
@@ -468,7 +468,7 @@ __global__ void __launch_bounds__(128, bwd_min_blocks<D>()) bwd_dq_kernel(const 
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             const int r = e >> 1;
-            float p = exp2f(fmaf(s[j][e], sl2, -lse2[r]));
+            float p = fast_exp2(fmaf(s[j][e], sl2, -lse2[r]));
             if (need_mask) {
               const int col = n0 + j * 8 + 2 * t + (e & 1), row = wrow0 + g + 8 * r;
               if (col >= len_k || (a.causal && col > row + diag)) p = 0.f;
@@ -640,7 +640,10 @@ void thd_attention_bwd_cuda(const ThdAttentionBwdParams& p, const Stream& stream
     // D = 128 (registers). 128-key CTAs: 4 warps of 32 keys at D <= 64 (query tiles of 32 rows,
     // 64 at D = 16 where a 32-row tile is fewer 16-byte chunks than threads), 8 warps of 16 keys
     // at D = 128 (32 keys a warp would exceed the register file). See docs/perf/attention.md.
-    if (p.tiling == AttentionBwdTiling::kWgmma) {  // attention_sm90.cu; dQ pass from here
+    // kDefault on an sm_90 GPU at D = 64 and 128: the wgmma kernel (docs/perf/attention.md v6).
+    const bool wgmma = p.tiling == AttentionBwdTiling::kWgmma ||
+                       (p.tiling == AttentionBwdTiling::kDefault && wgmma_supported(dev, dim));
+    if (wgmma) {  // attention_sm90.cu; dQ pass from here
       HELIX_CHECK(wgmma_supported(dev, dim),
                   "thd_attention_bwd: AttentionBwdTiling::kWgmma needs head dim 64 or 128 on a "
                   "compute capability 9.0 GPU, got head dim {} on {}",

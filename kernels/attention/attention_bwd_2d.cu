@@ -244,7 +244,7 @@ __global__ void __launch_bounds__(256, (tiled2d_min_blocks<D, kAtomicDq>()))
             const float lse2 = (e & 1) ? lse_j.y : lse_j.x, dlt = (e & 1) ? dlt_j.y : dlt_j.x;
 #pragma unroll
             for (int kt = 0; kt < kSKT; ++kt) {
-              float p = exp2f(fmaf(st[kt][j][e], sl2, -lse2));
+              float p = fast_exp2(fmaf(st[kt][j][e], sl2, -lse2));
               if (need_mask) {
                 const int key = key0 + kt * 16 + g + 8 * (e >> 1), query = mq0 + qi;
                 if (query >= len_q || key >= len_k || (a.causal && key > query + diag)) p = 0.f;

@@ -87,6 +87,12 @@ __device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool 
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes)
                : "memory");
 }
+// 4-byte global -> shared copy (both 4-byte aligned); when !valid the 4 bytes are zero-filled.
+__device__ __forceinline__ void cp_async_4(uint32_t dst, const void* src, bool valid) {
+  const int bytes = valid ? 4 : 0;
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(bytes)
+               : "memory");
+}
 __device__ __forceinline__ void cp_async_commit() {
   asm volatile("cp.async.commit_group;\n" ::: "memory");
 }
@@ -163,6 +169,15 @@ __device__ __forceinline__ void load_tile(uint32_t dst, const __nv_bfloat16* src
     const __nv_bfloat16* p = valid ? src + r * stride + c * 8 : src;
     cp_async_16(dst + swz<D>(r, c), p, valid);
   }
+}
+
+// 2^x on the special-function unit alone (ex2.approx.ftz: one MUFU.EX2). exp2f compiles to the
+// non-ftz form, which adds a range test and two multiplies around it to keep results below 2^-126
+// denormal; a softmax weight that small is zero for every purpose here (the row sum is >= 1).
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
 }
 
 // Max and sum over the 4 lanes (t = 0..3) that share a row of a C fragment.

@@ -104,6 +104,16 @@ __device__ __forceinline__ void fence_regs(float (&d)[J][4]) {
     for (int e = 0; e < 4; ++e) asm volatile("" : "+f"(d[j][e])::"memory");
 }
 
+// Same for A fragments held in registers: their registers stay reserved until this point (an
+// asynchronous wgmma reads them until its wait_group).
+template <int J>
+__device__ __forceinline__ void fence_regs(uint32_t (&a)[J][4]) {
+#pragma unroll
+  for (int j = 0; j < J; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) asm volatile("" : "+r"(a[j][e])::"memory");
+}
+
 // ---- wgmma.mma_async m64nNk16, bf16 inputs, fp32 accumulators ------------------------------------
 // d (+)= A B. accumulate == 0 overwrites d. kTransA / kTransB: 0 = K-major, 1 = MN-major operand.
 // "ss": A and B from shared memory; "rs": A from registers (4 x bf16x2 per thread).

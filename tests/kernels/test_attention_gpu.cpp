@@ -131,14 +131,17 @@ void check_flash_rule(const std::vector<int32_t>& lq, const std::vector<int32_t>
   }
   EXPECT_TRUE(
       testing::all_close(out.o.to(Device::cpu()), cpu_o, testing::tolerance_for(DType::kBF16)));
-  // The other forward tilings of the GPU: 32 query rows a warp at D = 128 (Q re-read from shared
-  // memory), and the Hopper wgmma kernel at D = 64 and 128 on sm_90. Same checks.
+  // The other forward kernels of the GPU, same checks. kDefault ran the wgmma kernel where there
+  // is one (D = 64, 128 on sm_90), so the mma.sync kernel runs through kRows32 there (32 query rows
+  // a warp; at D = 128 also elsewhere, Q re-read from shared memory), and kRows16 at D = 128.
   std::vector<AttentionFwdTiling> fwd_tilings;
-  if (device.is_cuda() && dim == 128) fwd_tilings.push_back(AttentionFwdTiling::kRows32);
-  if (device.is_cuda() && has_wgmma(dim)) fwd_tilings.push_back(AttentionFwdTiling::kWgmma);
+  if (device.is_cuda() && (dim == 128 || has_wgmma(dim)))
+    fwd_tilings.push_back(AttentionFwdTiling::kRows32);
+  if (device.is_cuda() && dim == 128 && has_wgmma(dim))
+    fwd_tilings.push_back(AttentionFwdTiling::kRows16);
   for (AttentionFwdTiling tiling : fwd_tilings) {
-    SCOPED_TRACE(tiling == AttentionFwdTiling::kRows32 ? "forward with 32 query rows a warp"
-                                                       : "wgmma forward");
+    SCOPED_TRACE(tiling == AttentionFwdTiling::kRows32 ? "mma.sync forward, 32 query rows a warp"
+                                                       : "mma.sync forward, 16 query rows a warp");
     const Outputs w = run_fwd(p, s, tiling);
     const std::vector<float> o32 = w.o.to_floats(), lse32 = w.lse.to_floats();
     const double err = attn_test::max_err(o32, exact.o, p.q_valid, row);
