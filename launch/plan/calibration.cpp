@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <cmath>
 #include <fstream>
+#include <iterator>
+#include <map>
 #include <sstream>
 
 #include "core/error.h"
@@ -180,28 +182,35 @@ double Calibration::gemm_seconds(GemmPass pass, int64_t m, int64_t n, int64_t k,
 }
 
 namespace {
-// Attention rate at `head_dim` from rows measured at other head dims: the time per (query, key,
-// head) is modelled as a + b * head_dim (softmax and tile work per score, plus the two matmuls'
-// work per dimension), a straight line through the rows' times (least squares; one row: a = 0).
-// FLOPs per (query, key, head) are flops_per_dim * head_dim.
+// Attention rate at `head_dim` from rows measured at head dims: the time per (query, key, head) is
+// interpolated linearly in head_dim between the two measured head dims around it (exact at a
+// measured one; rows at the same head dim are averaged); outside the measured range the nearest
+// row's rate (FLOP/s) carries over. Different head dims run different kernels (on Hopper the wgmma
+// kernels at 64 and 128, mma.sync at 16-32), so one straight line through every row fits none of
+// them: with the v6 rows it put head dim 32 at 150 TFLOP/s fwd+bwd against 139 measured and 64 at
+// 173 against 186. FLOPs per (query, key, head) are flops_per_dim * head_dim.
 double attention_rate(const std::vector<AttentionRow>& rows, int head_dim, bool fwd_bwd,
                       const std::string& path) {
   HELIX_CHECK(!rows.empty(), "calibration '{}': no attention rows (expected at least one)", path);
   const double per_dim = fwd_bwd ? 14.0 : 4.0;  // 4 (forward) or 3.5 * 4 (forward + backward) FLOPs
-  std::vector<std::pair<double, double>> pts;   // (head_dim, seconds per score)
-  for (const AttentionRow& r : rows)
-    pts.emplace_back(r.head_dim,
-                     per_dim * r.head_dim / ((fwd_bwd ? r.fwd_bwd_tflops : r.fwd_tflops) * 1e12));
-  double sx = 0, sy = 0, sxx = 0, sxy = 0;
-  for (auto [x, y] : pts) sx += x, sy += y, sxx += x * x, sxy += x * y;
-  const double n = double(pts.size()), den = n * sxx - sx * sx;
-  double a = 0, b = sxy / sxx;
-  if (den > 0) {
-    b = (n * sxy - sx * sy) / den;
-    a = (sy - b * sx) / n;
-    if (a < 0 || b <= 0) a = 0, b = sxy / sxx;
+  std::map<int, std::pair<double, int>> by_dim;  // head_dim -> (sum of seconds per score, rows)
+  for (const AttentionRow& r : rows) {
+    auto& [sum, count] = by_dim[r.head_dim];
+    sum += per_dim * r.head_dim / ((fwd_bwd ? r.fwd_bwd_tflops : r.fwd_tflops) * 1e12);
+    ++count;
   }
-  return per_dim * head_dim / (a + b * head_dim);
+  auto seconds = [](const std::pair<double, int>& v) { return v.first / v.second; };
+  const auto hi = by_dim.lower_bound(head_dim);
+  if (hi == by_dim.end()) {  // above the largest measured head dim: its rate
+    const auto& [d, v] = *by_dim.rbegin();
+    return per_dim * d / seconds(v);
+  }
+  if (hi->first == head_dim || hi == by_dim.begin())  // measured, or below the smallest
+    return per_dim * hi->first / seconds(hi->second);
+  const auto lo = std::prev(hi);
+  const double w = double(head_dim - lo->first) / (hi->first - lo->first);
+  const double y = (1 - w) * seconds(lo->second) + w * seconds(hi->second);
+  return per_dim * head_dim / y;
 }
 }  // namespace
 

@@ -61,7 +61,8 @@ struct Calibration {
   // The fitted (R in FLOP/s, t0 in s) of a pass; exposed for the docs and tests.
   std::pair<double, double> gemm_fit(GemmPass pass, bool fp8) const;
   // Forward + backward attention rate (FLOP/s, 3.5x forward FLOPs counted) at this head dim, from
-  // the rows' time per score modelled as a + b * head_dim (exact at the measured head dims).
+  // the rows' time per score interpolated linearly in head dim between measured head dims (exact
+  // at a measured one; the nearest row's rate outside their range).
   double attention_fwd_bwd_flops(int head_dim) const;
   double attention_fwd_flops(int head_dim) const;
   // Memory-bound rate (bytes/s) of op `name`, or the copy rate when the op is not listed.
