@@ -52,14 +52,14 @@ using namespace attention_wgmma;
 #define HELIX_WGMMA_DEVICE 0
 #endif
 
-template <int D, int kBlockN_, int kMinBlocks_>
+template <int D, int kBlockN_>
 struct WgFwdConfig {
   static constexpr int kThreads = 128;  // one warpgroup
   static constexpr int kBlockM = 64;    // query rows per CTA (16 a warp)
   static constexpr int kBlockN = kBlockN_;  // keys per K/V tile
   static constexpr int kQBytes = kBlockM * D * 2;
   static constexpr int kKVBytes = kBlockN * D * 2;
-  // Q + two stages of K and V, + 1024 bytes to align the tiles to the swizzle's 1024-byte period.
+  // Q + two slots each of K and V, + 1024 bytes to align the tiles to the swizzle's 1024-byte period.
   static constexpr int kSmem = kQBytes + 4 * kKVBytes + 1024;
 };
 
@@ -68,7 +68,7 @@ struct WgFwdConfig {
 template <int D, int kKeys, int kMinBlocks>
 __global__ void __launch_bounds__(128, kMinBlocks) fwd_wgmma_kernel(const AttnArgs a) {
 #if HELIX_WGMMA_DEVICE
-  using C = WgFwdConfig<D, kKeys, kMinBlocks>;
+  using C = WgFwdConfig<D, kKeys>;
   constexpr int kBlockM = C::kBlockM, kBlockN = C::kBlockN, kThreads = C::kThreads;
   extern __shared__ unsigned char smem_raw[];
 
@@ -241,7 +241,7 @@ __global__ void __launch_bounds__(128, kMinBlocks) fwd_wgmma_kernel(const AttnAr
 #endif
 }
 
-template <int D, int kMinBlocks_>
+template <int D>
 struct WgBwdConfig {
   static constexpr int kThreads = 128;
   static constexpr int kBlockN = 64;  // keys per CTA (16 a warp)
@@ -262,7 +262,7 @@ struct WgBwdConfig {
 template <int D, bool kAtomicDq, int kMinBlocks>
 __global__ void __launch_bounds__(128, kMinBlocks) bwd_wgmma_kernel(const AttnArgs a) {
 #if HELIX_WGMMA_DEVICE
-  using C = WgBwdConfig<D, kMinBlocks>;
+  using C = WgBwdConfig<D>;
   constexpr int kBlockM = C::kBlockM, kBlockN = C::kBlockN, kThreads = C::kThreads;
   extern __shared__ unsigned char smem_raw[];
 
@@ -465,7 +465,7 @@ __global__ void __launch_bounds__(128, kMinBlocks) bwd_wgmma_kernel(const AttnAr
 
 template <int D, int kKeys, int kMinBlocks>
 void launch_fwd_wg(const AttnArgs& a, int max_seqlen_q, int heads, int batch, cudaStream_t st) {
-  using C = WgFwdConfig<D, kKeys, kMinBlocks>;
+  using C = WgFwdConfig<D, kKeys>;
   const dim3 grid((max_seqlen_q + C::kBlockM - 1) / C::kBlockM, heads, batch);
   if (grid.x == 0) return;
   auto kernel = fwd_wgmma_kernel<D, kKeys, kMinBlocks>;
@@ -476,7 +476,7 @@ void launch_fwd_wg(const AttnArgs& a, int max_seqlen_q, int heads, int batch, cu
 
 template <int D, bool kAtomicDq, int kMinBlocks>
 void launch_bwd_wg(const AttnArgs& a, int max_seqlen_kv, int heads, int batch, cudaStream_t st) {
-  using C = WgBwdConfig<D, kMinBlocks>;
+  using C = WgBwdConfig<D>;
   const dim3 grid((max_seqlen_kv + C::kBlockN - 1) / C::kBlockN, heads, batch);
   if (grid.x == 0) return;
   auto kernel = bwd_wgmma_kernel<D, kAtomicDq, kMinBlocks>;
