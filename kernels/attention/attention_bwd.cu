@@ -521,6 +521,27 @@ __global__ void dq_convert_kernel(const float* acc, __nv_bfloat16* dq, int64_t n
   }
 }
 
+// Same for the wgmma kernels' bulk-reduced accumulator: [H, Tq, D] fp32 with 16-byte chunk c of
+// row q stored at chunk c ^ (q % 8) (conflict-free staging in shared memory), D a multiple of 32.
+__global__ void dq_convert_head_major_kernel(const float* acc, __nv_bfloat16* dq, int64_t tq,
+                                             int heads, int dim, float scale) {
+  const int chunks = dim / 4;
+  const int64_t n4 = tq * heads * chunks;
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n4;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    const int c = static_cast<int>(i % chunks);
+    const int64_t rh = i / chunks;
+    const int h = static_cast<int>(rh % heads);
+    const int64_t q = rh / heads;
+    const float4 v = reinterpret_cast<const float4*>(
+        acc + (int64_t{h} * tq + q) * dim)[c ^ static_cast<int>(q & 7)];
+    uint2 out;
+    out.x = pack_bf16(v.x * scale, v.y * scale);
+    out.y = pack_bf16(v.z * scale, v.w * scale);
+    reinterpret_cast<uint2*>(dq)[i] = out;
+  }
+}
+
 template <int D, class T, bool kAtomicDq>
 void launch_dkdv(const AttnArgs& a, int max_seqlen_kv, int heads, int batch, cudaStream_t st) {
   using C = DkdvConfig<tile_dim<D>(), T, kAtomicDq>;
@@ -634,6 +655,7 @@ void thd_attention_bwd_cuda(const ThdAttentionBwdParams& p, const Stream& stream
     }
     HELIX_LAUNCH_CHECK();
   }
+  bool dq_head_major = false;  // dq_accum as [H, Tq, D] with swizzled 16-byte chunks
   if (p.layout.cu_seqlens_q.batch() > 0 && (tq > 0 || tk > 0)) {
     // 64-key CTAs (4 warps of 16 keys): query tiles of 64 rows at D <= 64 (at D = 16 the
     // atomic-dQ split needs 64: every warp then owns 16 query rows and all D / 8 columns), 32 at
@@ -648,8 +670,8 @@ void thd_attention_bwd_cuda(const ThdAttentionBwdParams& p, const Stream& stream
                   "thd_attention_bwd: AttentionBwdTiling::kWgmma needs head dim 64 or 128 on a "
                   "compute capability 9.0 GPU, got head dim {} on {}",
                   dim, dev.str());
-      launch_bwd_wgmma(a, p.layout.max_seqlen_kv, heads, dim, p.layout.cu_seqlens_q.batch(),
-                       atomic_dq, st);
+      dq_head_major = launch_bwd_wgmma(a, p.layout.max_seqlen_kv, heads, dim,
+                                       p.layout.cu_seqlens_q.batch(), atomic_dq, st);
       if (!atomic_dq) launch_dq_pass(a, p.layout, heads, dim, st);
     } else if (p.tiling == AttentionBwdTiling::kTiled2D) {  // attention_bwd_2d.cu; dQ pass here
       launch_bwd_tiled2d(a, p.layout, heads, dim, p.mode, stream);
@@ -700,7 +722,11 @@ void thd_attention_bwd_cuda(const ThdAttentionBwdParams& p, const Stream& stream
   if (atomic_dq && tq > 0) {
     const int64_t n4 = tq * heads * dim / 4;
     const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((n4 + 255) / 256, 132 * 16));
-    dq_convert_kernel<<<blocks, 256, 0, st>>>(a.dq_accum, a.out, n4, p.softmax_scale);
+    if (dq_head_major)
+      dq_convert_head_major_kernel<<<blocks, 256, 0, st>>>(a.dq_accum, a.out, tq, heads, dim,
+                                                           p.softmax_scale);
+    else
+      dq_convert_kernel<<<blocks, 256, 0, st>>>(a.dq_accum, a.out, n4, p.softmax_scale);
     HELIX_LAUNCH_CHECK();
   } else {
     GapTargets q_gaps;

@@ -40,7 +40,7 @@ void launch_bwd_tiled2d(const attention_tiles::AttnArgs& a, const ThdAttentionLa
 bool wgmma_supported(Device device, int head_dim);
 void launch_fwd_wgmma(const attention_tiles::AttnArgs& a, int max_seqlen_q, int heads,
                       int head_dim, int batch, cudaStream_t stream);
-void launch_bwd_wgmma(const attention_tiles::AttnArgs& a, int max_seqlen_kv, int heads,
+bool launch_bwd_wgmma(const attention_tiles::AttnArgs& a, int max_seqlen_kv, int heads,
                       int head_dim, int batch, bool atomic_dq, cudaStream_t stream);
 
 }  // namespace helix::detail

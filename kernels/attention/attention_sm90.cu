@@ -1,24 +1,29 @@
 // Hopper (sm_90a) packed-THD attention on warpgroup MMAs (wgmma): the forward and the dK/dV (+
-// atomic dQ) backward at head dims 64 and 128 (AttentionFwdTiling::kWgmma,
+// bulk-reduced dQ) backward at head dims 64 and 128 (AttentionFwdTiling::kWgmma,
 // AttentionBwdTiling::kWgmma). Same semantics, masks, gap handling and error bounds as the
 // mma.sync kernels in attention.cu / attention_bwd.cu; what changes is the tensor-core
 // instruction: one warpgroup (the whole 128-thread CTA) issues 64 x N x 16 products straight from
 // 128-byte-swizzled shared-memory tiles (attention_wgmma.cuh), instead of each warp feeding
-// 16 x 8 x 16 products from ldmatrix fragments. Several independent CTAs per SM (3 at D = 64, 2 at
-// D = 128) let one CTA's softmax run while another's MMAs do.
+// 16 x 8 x 16 products from ldmatrix fragments. Several independent CTAs per SM (forward: 3 at
+// D = 64, 2 at D = 128) let one CTA's softmax run while another's MMAs do.
 //
 // Forward: CTA = 64 query rows of one (sequence, head); K/V tiles of 64 keys, K and V each in two
 // cp.async slots. Per tile: S = Q K^T (wgmma, both operands K-major), mask and online softmax in
 // registers as in attention.cu, O += P V (wgmma, P from the score registers, V MN-major). Software
 // pipelined within the warpgroup: S_n is issued, then O += P_{n-1} V_{n-1}, and tile n's softmax
 // runs while the second product is on the tensor cores.
-// Backward: CTA = 64 keys of one (sequence, head); walks the 64-row query tiles that see them
-// (two-stage cp.async pipeline for Q, dO, LSE, delta; one barrier a tile in deterministic mode,
-// two in atomic mode). Per tile: S^T = K Q^T and dP^T = V dO^T
-// (wgmma, K-major), P^T and dS^T in registers, dV += P^T dO and dK += dS^T Q (wgmma, A from
-// registers, dO / Q MN-major), then in atomic mode dS^T goes to shared memory and dQ_tile = dS K
-// (wgmma, dS^T and K both MN-major) is added into the fp32 accumulator with float2 atomics. In
-// deterministic mode the caller runs the mma.sync dQ pass.
+// Backward: CTA = 64 keys of one (sequence, head) at D = 64 (bwd_wgmma_kernel, 3 CTAs per SM), 128
+// keys in two warpgroups at D = 128 (bwd_wgmma2_kernel, 1 CTA per SM); walks the 64-row query
+// tiles that see them (two-stage cp.async pipeline for Q, dO, LSE, delta). Per tile and
+// warpgroup: S^T = K Q^T and dP^T = V dO^T (wgmma, K-major; P^T is computed while dP^T is still
+// on the tensor cores), dS^T in registers, dV += P^T dO and dK += dS^T Q (wgmma, A from
+// registers, dO / Q MN-major). In atomic mode dS^T goes to shared memory, dQ_tile = dS K
+// (wgmma, dS^T and K both MN-major) is staged in shared memory as fp32 and added into the
+// accumulator by bulk reduce-add (cp.reduce.async.bulk: the L2 adds whole lines; float2 atomics
+// from registers made this the limit at D = 64, docs/perf/attention.md v7). The accumulator is
+// then head-major [H, Tq, D] with 16-byte chunks swizzled by row (launch_bwd_wgmma returns true
+// and the caller converts that layout). In deterministic mode the caller runs the mma.sync dQ
+// pass.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -254,7 +259,9 @@ struct WgBwdConfig {
   static constexpr int kOffDs = 6 * kTileBytes;      // dS^T [64 keys][64 queries] bf16
   static constexpr int kOffLse = kOffDs + 64 * 128;  // two stages of 64 floats
   static constexpr int kOffDelta = kOffLse + 2 * kBlockM * 4;
+  static constexpr int kOffDq = kOffDelta + 2 * kBlockM * 4;  // fp32 [64][D] (bulk dQ only)
   static constexpr int kSmem = kOffDelta + 2 * kBlockM * 4 + 1024;  // + alignment slack
+  static constexpr int kSmemBulk = kSmem + kBlockM * D * 4;
 };
 
 // grid (ceil(max_seqlen_kv / 64), H, b), block 128: warp w owns keys n0 + 16 w + {g, g + 8} and
@@ -342,14 +349,14 @@ __global__ void __launch_bounds__(128, kMinBlocks) bwd_wgmma_kernel(const AttnAr
     for (int kk = 0; kk < D / 16; ++kk)
       wgmma_ss<kBlockM, 0, 0>(st, desc_kmajor<kBlockN>(s_k, kk), desc_kmajor<kBlockM>(s_q, kk),
                               kk > 0);
+    wgmma_commit();
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk)
       wgmma_ss<kBlockM, 0, 0>(dpt, desc_kmajor<kBlockN>(s_v, kk), desc_kmajor<kBlockM>(s_do, kk),
                               kk > 0);
     wgmma_commit();
-    wgmma_wait<0>();
+    wgmma_wait<1>();
     fence_regs(st);
-    fence_regs(dpt);
 
     const bool need_mask = mq0 + kBlockM > len_q || wkey0 + 16 > len_k ||
                            (a.causal && wkey0 + 15 > mq0 + diag);
@@ -360,7 +367,7 @@ __global__ void __launch_bounds__(128, kMinBlocks) bwd_wgmma_kernel(const AttnAr
       for (int e = 0; e < 4; ++e) {
         const int qi = j * 8 + 2 * t + (e & 1);  // query within the tile
         // exp2(S * scale_log2 - lse * log2e); an empty row (lse = -inf) must give P = 0, not inf.
-        const float l = s_lse[stage * kBlockM + qi], dlt = s_delta[stage * kBlockM + qi];
+        const float l = s_lse[stage * kBlockM + qi];
         const float lse2 = l == -INFINITY ? INFINITY : l * kLog2e;
         float p = fast_exp2(fmaf(st[j][e], sl2, -lse2));
         if (need_mask) {
@@ -368,9 +375,15 @@ __global__ void __launch_bounds__(128, kMinBlocks) bwd_wgmma_kernel(const AttnAr
           if (query >= len_q || key >= len_k || (a.causal && key > query + diag)) p = 0.f;
         }
         st[j][e] = p;
-        dpt[j][e] = p * (dpt[j][e] - dlt);
       }
     }
+    wgmma_wait<0>();
+    fence_regs(dpt);
+#pragma unroll
+    for (int j = 0; j < kBlockM / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e)
+        dpt[j][e] = st[j][e] * (dpt[j][e] - s_delta[stage * kBlockM + j * 8 + 2 * t + (e & 1)]);
     // dV += P^T dO and dK += dS^T Q (scale applied at the end): A from registers, dO / Q MN-major.
     uint32_t pa[kBlockM / 16][4], da[kBlockM / 16][4];
 #pragma unroll
@@ -410,6 +423,8 @@ __global__ void __launch_bounds__(128, kMinBlocks) bwd_wgmma_kernel(const AttnAr
         }
       }
       fence_proxy_async();
+      // The warp's dQ staging rows: its previous bulk reduction has read them.
+      if (lane == 0) asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
       __syncthreads();
       // dV / dK done before dQ starts: frees the P^T / dS^T fragments (the register budget of 2-3
       // CTAs per SM holds dK, dV and dQ, not the fragments as well).
@@ -427,14 +442,33 @@ __global__ void __launch_bounds__(128, kMinBlocks) bwd_wgmma_kernel(const AttnAr
       wgmma_commit();
       wgmma_wait<0>();
       fence_regs(dq);
+      // The warp's 16 rows to its staging rows (fp32, the head-major swizzled layout of
+      // dq_accum: 16-byte chunk c of global row q at c ^ (q % 8)), then one bulk reduce-add of
+      // those rows into dq_accum by lane 0 (asynchronous: the L2 adds whole lines).
+      const uint32_t s_dq = base + C::kOffDq;
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
-        const int query = mq0 + warp * 16 + g + 8 * r;
-        if (query >= len_q) continue;
-        float* dst = a.dq_accum + (q_row0 + query) * a.row_stride + hd + 2 * t;
+        const int lr = warp * 16 + g + 8 * r;
+        const int q7 = static_cast<int>((q_row0 + mq0 + lr) & 7);
 #pragma unroll
-        for (int i = 0; i < D / 8; ++i)
-          atomicAdd(reinterpret_cast<float2*>(dst + i * 8), make_float2(dq[i][2 * r], dq[i][2 * r + 1]));
+        for (int i = 0; i < D / 8; ++i) {
+          const uint32_t addr =
+              s_dq + lr * (D * 4) + (((2 * i + (t >> 1)) ^ q7) << 4) + (t & 1) * 8;
+          asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(addr), "f"(dq[i][2 * r]),
+                       "f"(dq[i][2 * r + 1])
+                       : "memory");
+        }
+      }
+      fence_proxy_async();
+      __syncwarp();
+      const int rows = min(16, len_q - (mq0 + warp * 16));
+      if (lane == 0 && rows > 0) {
+        float* dst = a.dq_accum + (int64_t{head} * a.tq + q_row0 + mq0 + warp * 16) * D;
+        asm volatile(
+            "cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n"
+            "cp.async.bulk.commit_group;\n" ::"l"(dst),
+            "r"(s_dq + warp * 16 * (D * 4)), "r"(rows * D * 4)
+            : "memory");
       }
     } else {
       wgmma_wait<0>();
@@ -444,6 +478,280 @@ __global__ void __launch_bounds__(128, kMinBlocks) bwd_wgmma_kernel(const AttnAr
       fence_regs(da);
     }
   }
+  cp_async_wait<0>();  // nothing may stay in flight when the CTA exits (no query tile case)
+  if constexpr (kAtomicDq)  // the last bulk reduction has completed
+    if (lane == 0) asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
+
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int key = wkey0 + g + 8 * r;
+    if (key >= len_k) continue;
+    const int64_t off = (k_row0 + key) * a.row_stride + hd + 2 * t;
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) {
+      *reinterpret_cast<uint32_t*>(a.d_k + off + i * 8) =
+          pack_bf16(dk[i][2 * r] * a.scale, dk[i][2 * r + 1] * a.scale);
+      *reinterpret_cast<uint32_t*>(a.d_v + off + i * 8) = pack_bf16(dv[i][2 * r], dv[i][2 * r + 1]);
+    }
+  }
+#else
+  __trap();  // launched only on sm_90 devices (wgmma_supported)
+#endif
+}
+
+// Backward with 128-key CTAs of two warpgroups: warpgroup w owns keys n0 + 64 w .. + 63 (S^T,
+// dP^T, dV, dK as in bwd_wgmma_kernel) and both share each step's Q / dO / LSE / delta tiles; dS^T
+// of all 128 keys goes to one [key][query] tile and dQ_tile = dS K is split by columns (warpgroup
+// w: columns w D / 2 .. + D / 2 - 1, over all 128 keys). Against two 64-key CTAs this halves the
+// dQ atomics and the Q / dO tile loads per key (the L2 traffic that bounds the backward on long
+// sequences).
+template <int D>
+struct WgBwd2Config {
+  static constexpr int kThreads = 256;  // two warpgroups
+  static constexpr int kBlockN = 128;   // keys per CTA (64 a warpgroup, 16 a warp)
+  static constexpr int kBlockM = 64;    // query rows per step
+  static constexpr int kKvBytes = kBlockN * D * 2;
+  static constexpr int kQBytes = kBlockM * D * 2;
+  static constexpr int kOffK = 0;
+  static constexpr int kOffV = kKvBytes;
+  static constexpr int kOffQ = 2 * kKvBytes;                 // two stages
+  static constexpr int kOffDo = kOffQ + 2 * kQBytes;         // two stages
+  static constexpr int kOffDs = kOffDo + 2 * kQBytes;        // dS^T [128 keys][64 queries] bf16
+  static constexpr int kOffLse = kOffDs + kBlockN * 128;     // two stages of 64 floats
+  static constexpr int kOffDelta = kOffLse + 2 * kBlockM * 4;
+  static constexpr int kOffDq = kOffDelta + 2 * kBlockM * 4;  // fp32 [64][D] (bulk dQ only)
+  static constexpr int kSmem = kOffDelta + 2 * kBlockM * 4 + 1024;  // + alignment slack
+  static constexpr int kSmemBulk = kSmem + kBlockM * D * 4;
+};
+
+// grid (ceil(max_seqlen_kv / 128), H, b), block 256.
+template <int D, bool kAtomicDq>
+__global__ void __launch_bounds__(256, 1) bwd_wgmma2_kernel(const AttnArgs a) {
+#if HELIX_WGMMA_DEVICE
+  using C = WgBwd2Config<D>;
+  constexpr int kBlockM = C::kBlockM, kBlockN = C::kBlockN, kThreads = C::kThreads;
+  constexpr int kDq = D / 2;  // dQ columns per warpgroup
+  extern __shared__ unsigned char smem_raw[];
+
+  const int seq = blockIdx.z, head = blockIdx.y;
+  const int n0 = blockIdx.x * kBlockN;
+  const int len_k = a.cu_kv[seq + 1] - a.cu_kv[seq];
+  if (n0 >= len_k) return;
+  const int len_q = a.cu_q[seq + 1] - a.cu_q[seq];
+  const int64_t q_row0 = a.off_q[seq], k_row0 = a.off_kv[seq];
+  const int diag = len_k - len_q;  // query i sees key j iff j <= i + diag (causal)
+  const int m_first = a.causal ? max(0, n0 - diag) / kBlockM : 0;
+  const int m_tiles = (len_q + kBlockM - 1) / kBlockM;
+
+  const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
+  const int g = lane >> 2, t = lane & 3;
+  const int64_t hd = int64_t{head} * D;
+  const int wg_key0 = n0 + wg * 64;    // first key of this warpgroup
+  const int wkey0 = wg_key0 + warp * 16;  // first key of this warp
+  // A warpgroup whose 64 keys all lie past the sequence skips its products and writes zeros as
+  // its dS^T rows (once: nothing else writes them).
+  const bool wg_active = wg_key0 < len_k;
+  const float sl2 = a.scale_log2;
+
+  const uint32_t base = (smem_addr(smem_raw) + 1023u) & ~1023u;
+  unsigned char* smem = smem_raw + (base - smem_addr(smem_raw));
+  const uint32_t s_k = base + C::kOffK, s_v = base + C::kOffV, s_ds = base + C::kOffDs;
+  // This warpgroup's 64 key rows of the 128-row K / V tiles (each column block holds 128 rows).
+  const uint32_t s_kw = s_k + wg * 64 * 128, s_vw = s_v + wg * 64 * 128;
+  float* s_lse = reinterpret_cast<float*>(smem + C::kOffLse);
+  float* s_delta = reinterpret_cast<float*>(smem + C::kOffDelta);
+
+  auto load_q_tile = [&](int m, int stage) {
+    const int mq0 = m * kBlockM;
+    const int rows = min(kBlockM, len_q - mq0);
+    const int64_t off = (q_row0 + mq0) * a.row_stride + hd;
+    load_tile<kBlockM, D, kThreads>(base + C::kOffQ + stage * C::kQBytes, a.q + off, a.row_stride,
+                                    rows, tid);
+    load_tile<kBlockM, D, kThreads>(base + C::kOffDo + stage * C::kQBytes, a.d_o + off,
+                                    a.row_stride, rows, tid);
+    if (tid < 2 * kBlockM) {
+      const int i = tid % kBlockM;
+      const float* src = (tid < kBlockM ? a.lse : a.delta) + head * a.tq + q_row0 + mq0;
+      const uint32_t dst = smem_addr((tid < kBlockM ? s_lse : s_delta) + stage * kBlockM + i);
+      cp_async_4(dst, i < rows ? src + i : src, i < rows);
+    }
+  };
+
+  float dk[D / 8][4], dv[D / 8][4];
+#pragma unroll
+  for (int i = 0; i < D / 8; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dk[i][e] = dv[i][e] = 0.f;
+
+  {
+    const int rows = min(kBlockN, len_k - n0);
+    const int64_t off = (k_row0 + n0) * a.row_stride + hd;
+    load_tile<kBlockN, D, kThreads>(s_k, a.k + off, a.row_stride, rows, tid);
+    load_tile<kBlockN, D, kThreads>(s_v, a.v + off, a.row_stride, rows, tid);
+  }
+  if (m_first < m_tiles) load_q_tile(m_first, 0);
+  cp_async_commit();
+  if (kAtomicDq && !wg_active) {
+    for (int i = tid - 128; i < 64 * 8; i += 128)  // 64 rows x 8 chunks of 16 bytes
+      asm volatile("st.shared.v4.b32 [%0], {%1, %1, %1, %1};\n" ::"r"(
+                       s_ds + sw128<kBlockN>(64 + i / 8, i % 8)), "r"(0u)
+                   : "memory");
+    fence_proxy_async();
+  }
+
+  float dq[kDq / 8][4];  // this warpgroup's column half of the current query tile's dQ
+  for (int m = m_first; m < m_tiles; ++m) {
+    const int stage = (m - m_first) & 1;
+    cp_async_wait<0>();  // tile m (issued one step ahead)
+    fence_proxy_async();
+    __syncthreads();  // tile m visible; both warpgroups are done with step m - 1
+    if (m + 1 < m_tiles) {
+      load_q_tile(m + 1, stage ^ 1);
+      cp_async_commit();
+    }
+    const int mq0 = m * kBlockM;
+    const uint32_t s_q = base + C::kOffQ + stage * C::kQBytes;
+    const uint32_t s_do = base + C::kOffDo + stage * C::kQBytes;
+
+    if (wg_active) {
+      // S^T = K Q^T and dP^T = V dO^T (rows: this warpgroup's 64 keys), two commit groups so
+      // that P^T is computed while dP^T is still on the tensor cores.
+      float st[kBlockM / 8][4], dpt[kBlockM / 8][4];
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk)
+        wgmma_ss<kBlockM, 0, 0>(st, desc_kmajor<kBlockN>(s_kw, kk), desc_kmajor<kBlockM>(s_q, kk),
+                                kk > 0);
+      wgmma_commit();
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk)
+        wgmma_ss<kBlockM, 0, 0>(dpt, desc_kmajor<kBlockN>(s_vw, kk),
+                                desc_kmajor<kBlockM>(s_do, kk), kk > 0);
+      wgmma_commit();
+      wgmma_wait<1>();
+      fence_regs(st);
+
+      const bool need_mask = mq0 + kBlockM > len_q || wkey0 + 16 > len_k ||
+                             (a.causal && wkey0 + 15 > mq0 + diag);
+      // P^T = exp(scale S^T - LSE); an empty row (lse = -inf) must give P = 0, not inf.
+#pragma unroll
+      for (int j = 0; j < kBlockM / 8; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int qi = j * 8 + 2 * t + (e & 1);  // query within the tile
+          const float l = s_lse[stage * kBlockM + qi];
+          const float lse2 = l == -INFINITY ? INFINITY : l * kLog2e;
+          float p = fast_exp2(fmaf(st[j][e], sl2, -lse2));
+          if (need_mask) {
+            const int key = wkey0 + g + 8 * (e >> 1), query = mq0 + qi;
+            if (query >= len_q || key >= len_k || (a.causal && key > query + diag)) p = 0.f;
+          }
+          st[j][e] = p;
+        }
+      }
+      wgmma_wait<0>();
+      fence_regs(dpt);
+      // dS^T = P^T (dP^T - delta), in place.
+#pragma unroll
+      for (int j = 0; j < kBlockM / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          dpt[j][e] = st[j][e] * (dpt[j][e] - s_delta[stage * kBlockM + j * 8 + 2 * t + (e & 1)]);
+
+      // dV += P^T dO and dK += dS^T Q (scale applied at the end): A from registers.
+      uint32_t pa[kBlockM / 16][4], da[kBlockM / 16][4];
+#pragma unroll
+      for (int kq = 0; kq < kBlockM / 16; ++kq) {
+        pa[kq][0] = pack_bf16(st[2 * kq][0], st[2 * kq][1]);
+        pa[kq][1] = pack_bf16(st[2 * kq][2], st[2 * kq][3]);
+        pa[kq][2] = pack_bf16(st[2 * kq + 1][0], st[2 * kq + 1][1]);
+        pa[kq][3] = pack_bf16(st[2 * kq + 1][2], st[2 * kq + 1][3]);
+        da[kq][0] = pack_bf16(dpt[2 * kq][0], dpt[2 * kq][1]);
+        da[kq][1] = pack_bf16(dpt[2 * kq][2], dpt[2 * kq][3]);
+        da[kq][2] = pack_bf16(dpt[2 * kq + 1][0], dpt[2 * kq + 1][1]);
+        da[kq][3] = pack_bf16(dpt[2 * kq + 1][2], dpt[2 * kq + 1][3]);
+      }
+      wgmma_fence();
+#pragma unroll
+      for (int kq = 0; kq < kBlockM / 16; ++kq)
+        wgmma_rs<D, 1>(dv, pa[kq], desc_mnmajor<kBlockM>(s_do, kq), 1);
+#pragma unroll
+      for (int kq = 0; kq < kBlockM / 16; ++kq)
+        wgmma_rs<D, 1>(dk, da[kq], desc_mnmajor<kBlockM>(s_q, kq), 1);
+      wgmma_commit();
+
+      if constexpr (kAtomicDq) {
+        // dS^T rows of this warpgroup's keys into the [key][query] tile (128-byte rows, swizzled).
+#pragma unroll
+        for (int kq = 0; kq < kBlockM / 16; ++kq) {
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            const int row = wg * 64 + warp * 16 + g + 8 * r;
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {  // 8-query chunk 2 kq + h: da[kq][r + 2 h]
+              const uint32_t addr = s_ds + sw128<kBlockN>(row, 2 * kq + h) + 4 * t;
+              asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(da[kq][r + 2 * h])
+                           : "memory");
+            }
+          }
+        }
+        fence_proxy_async();
+      }
+      wgmma_wait<0>();
+      fence_regs(dk);
+      fence_regs(dv);
+      fence_regs(pa);
+      fence_regs(da);
+    }
+    if constexpr (kAtomicDq) {
+      // The previous bulk reduction has read the staging rows.
+      if (wg == 0 && lane == 0) asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
+      __syncthreads();  // both warpgroups' dS^T rows written
+      // dQ_tile[:, wg D/2 ..] = dS K: A = dS^T read MN-major (queries contiguous), B = this
+      // warpgroup's column half of K, MN-major (d contiguous), k = keys down the rows.
+      const uint32_t s_kc = s_k + (kDq == 64 ? wg * kBlockN * 128 : wg * kDq * 2);
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < kBlockN / 16; ++kk)
+        wgmma_ss<kDq, 1, 1>(dq, desc_mnmajor<kBlockN>(s_ds, kk), desc_mnmajor<kBlockN>(s_kc, kk),
+                              kk > 0);
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_regs(dq);
+      {
+        // Stage the warp's 16 rows x this warpgroup's D / 2 columns (fp32, dq_accum's head-major
+        // swizzled layout, see bwd_wgmma_kernel); warp w of both warpgroups meet at named
+        // barrier 1 + w, then lane 0 of warpgroup 0's warp reduces the 16 full rows at once.
+        const uint32_t s_dq = base + C::kOffDq;
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const int lr = warp * 16 + g + 8 * r;
+          const int q7 = static_cast<int>((q_row0 + mq0 + lr) & 7);
+#pragma unroll
+          for (int i = 0; i < kDq / 8; ++i) {
+            const int chunk = wg * (kDq / 4) + 2 * i + (t >> 1);
+            const uint32_t addr = s_dq + lr * (D * 4) + ((chunk ^ q7) << 4) + (t & 1) * 8;
+            asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(addr), "f"(dq[i][2 * r]),
+                         "f"(dq[i][2 * r + 1])
+                         : "memory");
+          }
+        }
+        fence_proxy_async();
+        asm volatile("bar.sync %0, 64;\n" ::"r"(1 + warp) : "memory");
+        const int rows = min(16, len_q - (mq0 + warp * 16));
+        if (wg == 0 && lane == 0 && rows > 0) {
+          float* dst = a.dq_accum + (int64_t{head} * a.tq + q_row0 + mq0 + warp * 16) * D;
+          asm volatile(
+              "cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n"
+              "cp.async.bulk.commit_group;\n" ::"l"(dst),
+              "r"(s_dq + warp * 16 * (D * 4)), "r"(rows * D * 4)
+              : "memory");
+        }
+      }
+    }
+  }
+  if constexpr (kAtomicDq)  // the last bulk reduction has completed
+    if (wg == 0 && lane == 0) asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
   cp_async_wait<0>();  // nothing may stay in flight when the CTA exits (no query tile case)
 
 #pragma unroll
@@ -474,14 +782,27 @@ void launch_fwd_wg(const AttnArgs& a, int max_seqlen_q, int heads, int batch, cu
   HELIX_LAUNCH_CHECK();
 }
 
+template <int D, bool kAtomicDq>
+void launch_bwd_wg2(const AttnArgs& a, int max_seqlen_kv, int heads, int batch, cudaStream_t st) {
+  using C = WgBwd2Config<D>;
+  const dim3 grid((max_seqlen_kv + C::kBlockN - 1) / C::kBlockN, heads, batch);
+  if (grid.x == 0) return;
+  auto kernel = bwd_wgmma2_kernel<D, kAtomicDq>;
+  const int smem = kAtomicDq ? C::kSmemBulk : C::kSmem;
+  CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  kernel<<<grid, C::kThreads, smem, st>>>(a);
+  HELIX_LAUNCH_CHECK();
+}
+
 template <int D, bool kAtomicDq, int kMinBlocks>
 void launch_bwd_wg(const AttnArgs& a, int max_seqlen_kv, int heads, int batch, cudaStream_t st) {
   using C = WgBwdConfig<D>;
   const dim3 grid((max_seqlen_kv + C::kBlockN - 1) / C::kBlockN, heads, batch);
   if (grid.x == 0) return;
   auto kernel = bwd_wgmma_kernel<D, kAtomicDq, kMinBlocks>;
-  CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmem));
-  kernel<<<grid, C::kThreads, C::kSmem, st>>>(a);
+  const int smem = kAtomicDq ? C::kSmemBulk : C::kSmem;
+  CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  kernel<<<grid, C::kThreads, smem, st>>>(a);
   HELIX_LAUNCH_CHECK();
 }
 
@@ -509,10 +830,11 @@ void launch_fwd_wgmma(const attention_tiles::AttnArgs& a, int max_seqlen_q, int 
     launch_fwd_wg<128, 64, 2>(a, max_seqlen_q, heads, batch, stream);
 }
 
-void launch_bwd_wgmma(const attention_tiles::AttnArgs& a, int max_seqlen_kv, int heads,
+bool launch_bwd_wgmma(const attention_tiles::AttnArgs& a, int max_seqlen_kv, int heads,
                       int head_dim, int batch, bool atomic_dq, cudaStream_t stream) {
-  // 3 CTAs per SM at D = 64 (168 registers; 2 CTAs at 200 registers measured 7% slower), 2 at
-  // D = 128 (255 registers, no spills).
+  // D = 64: 64-key CTAs of one warpgroup, 3 per SM (168 registers); dQ by bulk reduce-add.
+  // D = 128: 128-key CTAs of two warpgroups, 1 per SM (half the dQ traffic and Q / dO loads of
+  // 64-key CTAs); dQ by bulk reduce-add. Measurements: docs/perf/attention.md (v7).
   if (head_dim == 64) {
     if (atomic_dq)
       launch_bwd_wg<64, true, 3>(a, max_seqlen_kv, heads, batch, stream);
@@ -520,10 +842,11 @@ void launch_bwd_wgmma(const attention_tiles::AttnArgs& a, int max_seqlen_kv, int
       launch_bwd_wg<64, false, 3>(a, max_seqlen_kv, heads, batch, stream);
   } else {
     if (atomic_dq)
-      launch_bwd_wg<128, true, 2>(a, max_seqlen_kv, heads, batch, stream);
+      launch_bwd_wg2<128, true>(a, max_seqlen_kv, heads, batch, stream);
     else
-      launch_bwd_wg<128, false, 2>(a, max_seqlen_kv, heads, batch, stream);
+      launch_bwd_wg2<128, false>(a, max_seqlen_kv, heads, batch, stream);
   }
+  return atomic_dq;  // the bulk kernels' dq_accum layout: head-major, swizzled
 }
 
 }  // namespace detail

@@ -45,7 +45,8 @@ struct AttnArgs {
   __nv_bfloat16* d_v;        // [Tk, H, D] (backward)
   float* lse;                // [H, Tq] (forward writes it, backward reads it)
   const float* delta;        // [H, Tq] rowsum(dO * O) - dLSE (backward)
-  float* dq_accum;           // [Tq, H, D] fp32 (backward, atomic mode), else nullptr
+  float* dq_accum;           // [Tq, H, D] fp32 (backward, atomic mode; the wgmma kernels: [H, Tq, D],
+                             // chunks swizzled, see attention_sm90.cu), else nullptr
   const int32_t* cu_q;       // true lengths, cumulative
   const int32_t* cu_kv;
   const int32_t* off_q;  // row offsets (padded layout, or cu_q)

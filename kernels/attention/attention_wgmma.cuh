@@ -119,6 +119,27 @@ __device__ __forceinline__ void fence_regs(uint32_t (&a)[J][4]) {
 // "ss": A and B from shared memory; "rs": A from registers (4 x bf16x2 per thread).
 
 template <int kTransA, int kTransB>
+__device__ __forceinline__ void wgmma_ss_n32(float (&d)[4][4], uint64_t desc_a, uint64_t desc_b,
+                                             int accumulate) {
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "setp.ne.b32 p, %18, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 "
+      "{"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15"
+      "}, "
+      "%16, %17, p, 1, 1, %19, %20;\n"
+      "}\n"
+      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]),
+        "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]),
+        "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),
+        "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3])
+      : "l"(desc_a), "l"(desc_b), "r"(accumulate), "n"(kTransA), "n"(kTransB)
+      : "memory");
+}
+
+template <int kTransA, int kTransB>
 __device__ __forceinline__ void wgmma_ss_n64(float (&d)[8][4], uint64_t desc_a, uint64_t desc_b,
                                              int accumulate) {
   asm volatile(
@@ -246,8 +267,10 @@ __device__ __forceinline__ void wgmma_rs_n128(float (&d)[16][4], const uint32_t 
 template <int N, int kTransA, int kTransB>
 __device__ __forceinline__ void wgmma_ss(float (&d)[N / 8][4], uint64_t desc_a, uint64_t desc_b,
                                          int accumulate) {
-  static_assert(N == 64 || N == 128, "wgmma tiles of 64 or 128 columns");
-  if constexpr (N == 64)
+  static_assert(N == 32 || N == 64 || N == 128, "wgmma tiles of 32, 64 or 128 columns");
+  if constexpr (N == 32)
+    wgmma_ss_n32<kTransA, kTransB>(d, desc_a, desc_b, accumulate);
+  else if constexpr (N == 64)
     wgmma_ss_n64<kTransA, kTransB>(d, desc_a, desc_b, accumulate);
   else
     wgmma_ss_n128<kTransA, kTransB>(d, desc_a, desc_b, accumulate);
