@@ -179,7 +179,7 @@ int cmd_plan(const std::vector<std::string>& args) {
   opt("zero", po::value(&l.zero), "0 | 1 (optimizer state) | 2 (+ gradients) | 3 (+ parameters)");
   opt("micro-batches", po::value(&l.micro_batches), "micro-batches per step and dp rank");
   opt("tokens-per-step", po::value(&tokens), "tokens per optimizer step: 16384, 16k, 4M (k = 1024)");
-  opt("fp8", po::value(&fp8), "off | delayed");
+  opt("fp8", po::value(&fp8), "none (= off) | delayed, as helix train");
   opt("recompute", po::value(&recompute), "none | selective | full");
   opt("sequence-parallel", po::value(&sp), "on | off (with tp > 1; default on)");
   opt("seq-len", po::value(&seq_len), "token-weighted mean sequence length sum(s^2)/sum(s) "
@@ -212,7 +212,9 @@ int cmd_plan(const std::vector<std::string>& args) {
   HELIX_CHECK(gpus >= 1, "--gpus: expected >= 1, got {}", gpus);
   in.gpus = gpus;
   in.tokens_per_step = parse_tokens(tokens);
-  HELIX_CHECK(fp8 == "off" || fp8 == "delayed", "--fp8: expected off or delayed, got '{}'", fp8);
+  // "none" as `helix train --fp8` spells it; "off" kept for existing scripts.
+  HELIX_CHECK(fp8 == "none" || fp8 == "off" || fp8 == "delayed",
+              "--fp8: expected none (or off) or delayed, got '{}'", fp8);
   in.fp8 = fp8 == "delayed" ? Fp8Mode::kDelayed : Fp8Mode::kOff;
   l.recompute = parse_recompute(recompute);
   HELIX_CHECK(sp == "on" || sp == "off", "--sequence-parallel: expected on or off, got '{}'", sp);

@@ -13,6 +13,7 @@
 #include "core/autograd.h"
 #include "launch/plan/calibration.h"
 #include "launch/plan/pipeline_schedule.h"
+#include "launch/plan/plan_cli.h"
 #include "launch/plan/plan.h"
 #include "launch/plan/search.h"
 #include "layers/esm2.h"
@@ -207,12 +208,12 @@ TEST(Plan, CalibrationUsesMeasuredRowsAndFitsTheRest) {
   const Calibration cal = h100();
   // Attention is exact at the measured head dims (32, 64, 128), interpolated between them in time
   // per score, and takes the nearest measured rate outside their range.
-  EXPECT_NEAR(cal.attention_fwd_bwd_flops(32), 139.0e12, 1e8);
-  EXPECT_NEAR(cal.attention_fwd_bwd_flops(64), 186.0e12, 1e8);
-  EXPECT_NEAR(cal.attention_fwd_bwd_flops(128), 185.8e12, 1e8);
-  EXPECT_NEAR(cal.attention_fwd_bwd_flops(16), 139.0e12, 1e8);
-  EXPECT_NEAR(cal.attention_fwd_bwd_flops(256), 185.8e12, 1e8);
-  const double s32 = 14.0 * 32 / 139.0e12, s64 = 14.0 * 64 / 186.0e12;  // seconds per score
+  EXPECT_NEAR(cal.attention_fwd_bwd_flops(32), 137.7e12, 1e8);
+  EXPECT_NEAR(cal.attention_fwd_bwd_flops(64), 203.0e12, 1e8);
+  EXPECT_NEAR(cal.attention_fwd_bwd_flops(128), 206.6e12, 1e8);
+  EXPECT_NEAR(cal.attention_fwd_bwd_flops(16), 137.7e12, 1e8);
+  EXPECT_NEAR(cal.attention_fwd_bwd_flops(256), 206.6e12, 1e8);
+  const double s32 = 14.0 * 32 / 137.7e12, s64 = 14.0 * 64 / 203.0e12;  // seconds per score
   EXPECT_NEAR(cal.attention_fwd_bwd_flops(48), 14.0 * 48 / (0.5 * s32 + 0.5 * s64), 1e8);
   // A measured shape gives its own rate.
   const double t = cal.gemm_seconds(GemmPass::kFwd, 16384, 3840, 1280, false);
@@ -348,6 +349,29 @@ TEST(Plan, MeasuredLayerSliceRowsTakePrecedence) {
   EXPECT_GT(r.layer_factor, 1.0);
   EXPECT_NEAR((r.time.gemm + r.time.attention + r.time.memory_bound) / 33, 7.5e-3, 1e-9);
   std::filesystem::remove(path);
+}
+
+
+// `helix plan --fp8` takes `helix train`'s spelling (none | delayed) and the older "off"; anything
+// else is refused with the flag named.
+TEST(Plan, Fp8FlagTakesTrainsSpelling) {
+  const std::string cal = std::string(HELIX_SOURCE_DIR) + "/examples/calibration/h100.json";
+  ::testing::internal::CaptureStdout();
+  EXPECT_EQ(cmd_plan({"--model", "esm2-8m", "--calibration", cal, "--fp8", "none", "--json"}), 0);
+  const std::string none = ::testing::internal::GetCapturedStdout();
+  ::testing::internal::CaptureStdout();
+  EXPECT_EQ(cmd_plan({"--model", "esm2-8m", "--calibration", cal, "--fp8", "off", "--json"}), 0);
+  EXPECT_EQ(::testing::internal::GetCapturedStdout(), none);
+  ::testing::internal::CaptureStdout();
+  EXPECT_EQ(cmd_plan({"--model", "esm2-8m", "--calibration", cal, "--fp8", "delayed", "--json"}),
+            0);
+  EXPECT_NE(::testing::internal::GetCapturedStdout(), none);
+  try {
+    cmd_plan({"--model", "esm2-8m", "--calibration", cal, "--fp8", "e5m2"});
+    ADD_FAILURE() << "--fp8 e5m2 was accepted";
+  } catch (const std::exception& e) {
+    EXPECT_NE(std::string(e.what()).find("--fp8"), std::string::npos) << e.what();
+  }
 }
 
 }  // namespace
