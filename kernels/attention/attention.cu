@@ -338,7 +338,7 @@ void thd_attention_fwd_cuda(const ThdAttentionFwdParams& p, const Stream& stream
                   "thd_attention_fwd: AttentionFwdTiling::kWgmma needs head dim 64 or 128 on a "
                   "compute capability 9.0 GPU, got head dim {} on {}",
                   dim, p.q.device().str());
-      launch_fwd_wgmma(a, msq, heads, dim, batch, st);
+      launch_fwd_wgmma(a, p.k.dim(0), msq, heads, dim, batch, st);
     } else {
       switch (dim) {
         case 16:

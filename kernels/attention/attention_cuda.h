@@ -36,9 +36,11 @@ void launch_bwd_tiled2d(const attention_tiles::AttnArgs& a, const ThdAttentionLa
 
 // Hopper wgmma kernels (attention_sm90.cu). wgmma_supported: head dim 64 or 128 on a compute
 // capability 9.0 device (the kernels are built for sm_90a). The launchers take `a` as the forward /
-// backward fill it; the backward one runs dK/dV and, when atomic_dq, adds dQ into a.dq_accum.
+// backward fill it (tk: rows of K and V, for the forward's TMA tensor maps); the backward one runs
+// dK/dV and, when atomic_dq, adds dQ into a.dq_accum, and returns whether it used the head-major
+// swizzled accumulator layout (then dq_convert_head_major_kernel turns it into dQ).
 bool wgmma_supported(Device device, int head_dim);
-void launch_fwd_wgmma(const attention_tiles::AttnArgs& a, int max_seqlen_q, int heads,
+void launch_fwd_wgmma(const attention_tiles::AttnArgs& a, int64_t tk, int max_seqlen_q, int heads,
                       int head_dim, int batch, cudaStream_t stream);
 bool launch_bwd_wgmma(const attention_tiles::AttnArgs& a, int max_seqlen_kv, int heads,
                       int head_dim, int batch, bool atomic_dq, cudaStream_t stream);

@@ -7,8 +7,12 @@
 // 16 x 8 x 16 products from ldmatrix fragments. Several independent CTAs per SM (forward: 4 at
 // D = 64, 2 at D = 128) let one CTA's softmax run while another's MMAs do.
 //
+// Loads: full 64-row tiles (K/V in the forward, Q/dO in the backward) by TMA bulk tensor copies
+// that one thread issues and the warps await on an mbarrier per slot; a sequence's partial last
+// tile, the backward's K/V and LSE/delta, and the forward's Q by cp.async (zero-filling rows past
+// the sequence end).
 // Forward: CTA = 64 query rows of one (sequence, head); K/V tiles of 64 keys, K and V each in two
-// cp.async slots. Per tile: S = Q K^T (wgmma, both operands K-major), mask and online softmax in
+// slots. Per tile: S = Q K^T (wgmma, both operands K-major), mask and online softmax in
 // registers as in attention.cu, O += P V (wgmma, P from the score registers, V MN-major). Software
 // pipelined within the warpgroup: S_n is issued, then O += P_{n-1} V_{n-1}, and tile n's softmax
 // runs while the second product is on the tensor cores.
@@ -26,6 +30,9 @@
 // pass.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
+
+#include <cuda.h>
+#include <cudaTypedefs.h>
 
 #include <cmath>
 
@@ -57,23 +64,27 @@ using namespace attention_wgmma;
 #define HELIX_WGMMA_DEVICE 0
 #endif
 
-template <int D, int kBlockN_>
+template <int D, int kBlockN_, int kKSlots_>
 struct WgFwdConfig {
   static constexpr int kThreads = 128;  // one warpgroup
   static constexpr int kBlockM = 64;    // query rows per CTA (16 a warp)
   static constexpr int kBlockN = kBlockN_;  // keys per K/V tile
   static constexpr int kQBytes = kBlockM * D * 2;
   static constexpr int kKVBytes = kBlockN * D * 2;
-  // Q + two slots each of K and V, + 1024 bytes to align the tiles to the swizzle's 1024-byte period.
-  static constexpr int kSmem = kQBytes + 4 * kKVBytes + 1024;
+  static constexpr int kKSlots = kKSlots_;  // K tiles in flight (V: two slots)
+  // Q + the K and V slots, + 1024 bytes to align the tiles to the swizzle's 1024-byte period, +
+  // one mbarrier per slot.
+  static constexpr int kSmem = kQBytes + (kKSlots + 2) * kKVBytes + 1024 + 64;
 };
 
 // grid (ceil(max_seqlen_q / 64), H, b), block 128. blockIdx.x runs over query tiles in reverse (the
 // causal mask's heaviest tiles first). Warp w owns query rows m0 + 16 w + {g, g + 8}.
-template <int D, int kKeys, int kMinBlocks>
-__global__ void __launch_bounds__(128, kMinBlocks) fwd_wgmma_kernel(const AttnArgs a) {
+template <int D, int kKeys, int kMinBlocks, int kKSlots>
+__global__ void __launch_bounds__(128, kMinBlocks)
+    fwd_wgmma_kernel(const AttnArgs a, const __grid_constant__ CUtensorMap tmap_k,
+                     const __grid_constant__ CUtensorMap tmap_v) {
 #if HELIX_WGMMA_DEVICE
-  using C = WgFwdConfig<D, kKeys>;
+  using C = WgFwdConfig<D, kKeys, kKSlots>;
   constexpr int kBlockM = C::kBlockM, kBlockN = C::kBlockN, kThreads = C::kThreads;
   extern __shared__ unsigned char smem_raw[];
 
@@ -94,15 +105,41 @@ __global__ void __launch_bounds__(128, kMinBlocks) fwd_wgmma_kernel(const AttnAr
   const float sl2 = a.scale_log2;
 
   const uint32_t s_q = (smem_addr(smem_raw) + 1023u) & ~1023u;
-  // Slots: K tile j at s_k0 + (j & 1) * kKVBytes, V tile j at s_v0 + (j & 1) * kKVBytes.
-  const uint32_t s_k0 = s_q + C::kQBytes, s_v0 = s_k0 + 2 * C::kKVBytes;
+  // Slots: K tile j at s_k0 + (j % kKSlots) * kKVBytes, V tile j at s_v0 + (j & 1) * kKVBytes.
+  const uint32_t s_k0 = s_q + C::kQBytes, s_v0 = s_k0 + kKSlots * C::kKVBytes;
   const __nv_bfloat16* k_base = a.k + k_row0 * a.row_stride + hd;
   const __nv_bfloat16* v_base = a.v + k_row0 * a.row_stride + hd;
-  auto load_k_or_v = [&](const __nv_bfloat16* src, uint32_t slot0, int n) {
+  // Full K/V tiles come by bulk tensor copy (TMA), issued by thread 0 and awaited on the slot's
+  // mbarrier (K tile n is the (n / kKSlots)-th load into its slot: phase parity (n / kKSlots) % 2;
+  // V likewise with two slots). A partial
+  // tile (only the last one can be) takes the cp.async path, which zero-fills the rows past the
+  // sequence (TMA fills zeros only outside the whole tensor; the rows after a sequence belong to
+  // the next one or to a padding gap).
+  const uint32_t bar0 = s_v0 + 2 * C::kKVBytes;  // K slot i: bar0 + 8 i; V slot i: bar0 + 32 + 8 i
+  auto full_tile = [&](int n) { return (n + 1) * kBlockN <= len_k; };
+  auto load_k_or_v = [&](bool is_v, int n) {
+    const int slot = is_v ? (n & 1) : (n % kKSlots);
+    const uint32_t dst = (is_v ? s_v0 : s_k0) + slot * C::kKVBytes;
+    if (full_tile(n)) {
+      if (tid == 0) {
+        const uint32_t bar = bar0 + (is_v ? 32 : 0) + slot * 8;
+        mbar_expect_tx(bar, C::kKVBytes);
+#pragma unroll
+        for (int cb = 0; cb < D / 64; ++cb)
+          tma_load_2d(dst + cb * (kBlockN * 128), is_v ? &tmap_v : &tmap_k, head * D + cb * 64,
+                      static_cast<int>(k_row0) + n * kBlockN, bar);
+      }
+      return;
+    }
     const int rows = min(kBlockN, len_k - n * kBlockN);
-    load_tile<kBlockN, D, kThreads>(slot0 + (n & 1) * C::kKVBytes,
-                                    src + int64_t{n} * kBlockN * a.row_stride, a.row_stride, rows,
-                                    tid);
+    const __nv_bfloat16* src = (is_v ? v_base : k_base) + int64_t{n} * kBlockN * a.row_stride;
+    load_tile<kBlockN, D, kThreads>(dst, src, a.row_stride, rows, tid);
+  };
+  auto await_k = [&](int n) {
+    if (full_tile(n)) mbar_wait(bar0 + (n % kKSlots) * 8, (n / kKSlots) & 1);
+  };
+  auto await_v = [&](int n) {
+    if (full_tile(n)) mbar_wait(bar0 + 32 + (n & 1) * 8, (n >> 1) & 1);
   };
 
   float o_acc[D / 8][4];
@@ -114,7 +151,7 @@ __global__ void __launch_bounds__(128, kMinBlocks) fwd_wgmma_kernel(const AttnAr
 
   // S = Q K_n^T into s (issued, not awaited).
   auto issue_s = [&](int n) {
-    const uint32_t s_k = s_k0 + (n & 1) * C::kKVBytes;
+    const uint32_t s_k = s_k0 + (n % kKSlots) * C::kKVBytes;
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk)
@@ -179,16 +216,25 @@ __global__ void __launch_bounds__(128, kMinBlocks) fwd_wgmma_kernel(const AttnAr
     // warps compute tile n's softmax; S_n = Q K_n^T is issued first. Loads run one tile ahead:
     // during step n, V_n and K_{n+1} (their slots were last read by PV_{n-2} and S_{n-1}, both
     // complete on every warp at step n's barrier).
+    if (tid == 0) {
+#pragma unroll
+      for (int i = 0; i < kKSlots; ++i) mbar_init(bar0 + 8 * i, 1);
+      mbar_init(bar0 + 32, 1);
+      mbar_init(bar0 + 40, 1);
+      fence_mbar_init();
+    }
+    __syncwarp();  // as in the backward: init before lane 0's first arrive
     load_tile<kBlockM, D, kThreads>(s_q, a.q + (q_row0 + m0) * a.row_stride + hd, a.row_stride,
                                     min(kBlockM, len_q - m0), tid);
-    load_k_or_v(k_base, s_k0, 0);
+    for (int j = 0; j < kKSlots - 1 && j < n_tiles; ++j) load_k_or_v(false, j);
     cp_async_commit();
     cp_async_wait<0>();
     fence_proxy_async();  // this thread's cp.async writes, visible to wgmma after the barrier
     __syncthreads();
+    await_k(0);
     issue_s(0);
-    load_k_or_v(v_base, s_v0, 0);
-    if (n_tiles > 1) load_k_or_v(k_base, s_k0, 1);
+    load_k_or_v(true, 0);
+    if (kKSlots - 1 < n_tiles) load_k_or_v(false, kKSlots - 1);
     cp_async_commit();
     wgmma_wait<0>();
     fence_regs(s);
@@ -196,13 +242,15 @@ __global__ void __launch_bounds__(128, kMinBlocks) fwd_wgmma_kernel(const AttnAr
     softmax(0, corr);  // O is still zero: no rescale
     pack_p();
     for (int n = 1; n < n_tiles; ++n) {
-      cp_async_wait<0>();  // V_{n-1} and K_n
+      cp_async_wait<0>();  // V_{n-1} and K_n (cp.async: partial tiles only)
       fence_proxy_async();
       __syncthreads();
+      await_k(n);
       issue_s(n);
+      await_v(n - 1);
       issue_pv(n - 1);
-      load_k_or_v(v_base, s_v0, n);
-      if (n + 1 < n_tiles) load_k_or_v(k_base, s_k0, n + 1);
+      load_k_or_v(true, n);
+      if (n + kKSlots - 1 < n_tiles) load_k_or_v(false, n + kKSlots - 1);
       cp_async_commit();
       wgmma_wait<1>();  // S_n done; PV_{n-1} may still run
       fence_regs(s);
@@ -222,6 +270,7 @@ __global__ void __launch_bounds__(128, kMinBlocks) fwd_wgmma_kernel(const AttnAr
     cp_async_wait<0>();  // V of the last tile
     fence_proxy_async();
     __syncthreads();
+    await_v(n_tiles - 1);
     issue_pv(n_tiles - 1);
     wgmma_wait<0>();
     fence_regs(o_acc);
@@ -246,6 +295,34 @@ __global__ void __launch_bounds__(128, kMinBlocks) fwd_wgmma_kernel(const AttnAr
 #endif
 }
 
+// Backward: the Q and dO rows mq0 .. mq0 + rows - 1 of one (sequence, head) into the 64-row tiles
+// at s_qt / s_dot. A full tile: TMA by thread 0, completing on `bar`; the sequence's last, partial
+// tile: cp.async by all kThreads threads, zero-filling the rows past its end (the caller waits for
+// those with cp.async.wait_group and a barrier).
+template <int D, int kThreads>
+__device__ __forceinline__ void load_q_do_tiles(const AttnArgs& a, const CUtensorMap& tmap_q,
+                                                const CUtensorMap& tmap_do, uint32_t s_qt,
+                                                uint32_t s_dot, uint32_t bar, int head,
+                                                int64_t q_row0, int mq0, int rows, int tid) {
+  constexpr int kRows = 64, kTileBytes = kRows * D * 2;
+  if (rows == kRows) {
+    if (tid == 0) {
+      mbar_expect_tx(bar, 2 * kTileBytes);
+#pragma unroll
+      for (int cb = 0; cb < D / 64; ++cb) {
+        tma_load_2d(s_qt + cb * kRows * 128, &tmap_q, head * D + cb * 64,
+                    static_cast<int>(q_row0) + mq0, bar);
+        tma_load_2d(s_dot + cb * kRows * 128, &tmap_do, head * D + cb * 64,
+                    static_cast<int>(q_row0) + mq0, bar);
+      }
+    }
+  } else {
+    const int64_t off = (q_row0 + mq0) * a.row_stride + int64_t{head} * D;
+    load_tile<kRows, D, kThreads>(s_qt, a.q + off, a.row_stride, rows, tid);
+    load_tile<kRows, D, kThreads>(s_dot, a.d_o + off, a.row_stride, rows, tid);
+  }
+}
+
 template <int D>
 struct WgBwdConfig {
   static constexpr int kThreads = 128;
@@ -259,15 +336,18 @@ struct WgBwdConfig {
   static constexpr int kOffDs = 6 * kTileBytes;      // dS^T [64 keys][64 queries] bf16
   static constexpr int kOffLse = kOffDs + 64 * 128;  // two stages of 64 floats
   static constexpr int kOffDelta = kOffLse + 2 * kBlockM * 4;
-  static constexpr int kOffDq = kOffDelta + 2 * kBlockM * 4;  // fp32 [64][D] (bulk dQ only)
-  static constexpr int kSmem = kOffDelta + 2 * kBlockM * 4 + 1024;  // + alignment slack
-  static constexpr int kSmemBulk = kSmem + kBlockM * D * 4;
+  static constexpr int kOffBar = kOffDelta + 2 * kBlockM * 4;  // two mbarriers (Q/dO stages)
+  static constexpr int kOffDq = kOffBar + 128;                 // fp32 [64][D] (bulk dQ only)
+  static constexpr int kSmem = kOffBar + 16 + 1024;            // + alignment slack
+  static constexpr int kSmemBulk = kOffDq + kBlockM * D * 4 + 1024;
 };
 
 // grid (ceil(max_seqlen_kv / 64), H, b), block 128: warp w owns keys n0 + 16 w + {g, g + 8} and
 // their dK, dV rows (written once: deterministic).
 template <int D, bool kAtomicDq, int kMinBlocks>
-__global__ void __launch_bounds__(128, kMinBlocks) bwd_wgmma_kernel(const AttnArgs a) {
+__global__ void __launch_bounds__(128, kMinBlocks)
+    bwd_wgmma_kernel(const AttnArgs a, const __grid_constant__ CUtensorMap tmap_q,
+                     const __grid_constant__ CUtensorMap tmap_do) {
 #if HELIX_WGMMA_DEVICE
   using C = WgBwdConfig<D>;
   constexpr int kBlockM = C::kBlockM, kBlockN = C::kBlockN, kThreads = C::kThreads;
@@ -298,11 +378,10 @@ __global__ void __launch_bounds__(128, kMinBlocks) bwd_wgmma_kernel(const AttnAr
   auto load_q_tile = [&](int m, int stage) {
     const int mq0 = m * kBlockM;
     const int rows = min(kBlockM, len_q - mq0);
-    const int64_t off = (q_row0 + mq0) * a.row_stride + hd;
-    load_tile<kBlockM, D, kThreads>(base + C::kOffQ + stage * C::kTileBytes, a.q + off,
-                                    a.row_stride, rows, tid);
-    load_tile<kBlockM, D, kThreads>(base + C::kOffDo + stage * C::kTileBytes, a.d_o + off,
-                                    a.row_stride, rows, tid);
+    static_assert(kBlockM == 64, "load_q_do_tiles moves 64-row tiles");
+    load_q_do_tiles<D, kThreads>(a, tmap_q, tmap_do, base + C::kOffQ + stage * C::kTileBytes,
+                                 base + C::kOffDo + stage * C::kTileBytes,
+                                 base + C::kOffBar + 8 * stage, head, q_row0, mq0, rows, tid);
     // LSE and delta rows by cp.async too (a plain load would stall the warp until it returns);
     // rows past the sequence are zero-filled (masked at use).
     static_assert(2 * kBlockM <= kThreads, "one LSE or delta entry a thread");
@@ -326,6 +405,12 @@ __global__ void __launch_bounds__(128, kMinBlocks) bwd_wgmma_kernel(const AttnAr
     load_tile<kBlockN, D, kThreads>(s_k, a.k + off, a.row_stride, rows, tid);
     load_tile<kBlockN, D, kThreads>(s_v, a.v + off, a.row_stride, rows, tid);
   }
+  if (tid == 0) {
+    mbar_init(base + C::kOffBar, 1);
+    mbar_init(base + C::kOffBar + 8, 1);
+    fence_mbar_init();
+  }
+  __syncwarp();  // the init is issued for the warp; order it before lane 0's first arrive
   if (m_first < m_tiles) load_q_tile(m_first, 0);
   cp_async_commit();
 
@@ -339,6 +424,8 @@ __global__ void __launch_bounds__(128, kMinBlocks) bwd_wgmma_kernel(const AttnAr
       cp_async_commit();
     }
     const int mq0 = m * kBlockM;
+    // Tile m's TMA (a full tile is the ((m - m_first) / 2)-th load into its stage).
+    if (mq0 + kBlockM <= len_q) mbar_wait(base + C::kOffBar + 8 * stage, ((m - m_first) >> 1) & 1);
     const uint32_t s_q = base + C::kOffQ + stage * C::kTileBytes;
     const uint32_t s_do = base + C::kOffDo + stage * C::kTileBytes;
 
@@ -503,7 +590,7 @@ __global__ void __launch_bounds__(128, kMinBlocks) bwd_wgmma_kernel(const AttnAr
 // dP^T, dV, dK as in bwd_wgmma_kernel) and both share each step's Q / dO / LSE / delta tiles; dS^T
 // of all 128 keys goes to one [key][query] tile and dQ_tile = dS K is split by columns (warpgroup
 // w: columns w D / 2 .. + D / 2 - 1, over all 128 keys). Against two 64-key CTAs this halves the
-// dQ atomics and the Q / dO tile loads per key (the L2 traffic that bounds the backward on long
+// dQ reduce-adds and the Q / dO tile loads per key (the L2 traffic that bounds the backward on long
 // sequences).
 template <int D>
 struct WgBwd2Config {
@@ -519,14 +606,17 @@ struct WgBwd2Config {
   static constexpr int kOffDs = kOffDo + 2 * kQBytes;        // dS^T [128 keys][64 queries] bf16
   static constexpr int kOffLse = kOffDs + kBlockN * 128;     // two stages of 64 floats
   static constexpr int kOffDelta = kOffLse + 2 * kBlockM * 4;
-  static constexpr int kOffDq = kOffDelta + 2 * kBlockM * 4;  // fp32 [64][D] (bulk dQ only)
-  static constexpr int kSmem = kOffDelta + 2 * kBlockM * 4 + 1024;  // + alignment slack
-  static constexpr int kSmemBulk = kSmem + kBlockM * D * 4;
+  static constexpr int kOffBar = kOffDelta + 2 * kBlockM * 4;  // two mbarriers (Q/dO stages)
+  static constexpr int kOffDq = kOffBar + 128;                 // fp32 [64][D] (bulk dQ only)
+  static constexpr int kSmem = kOffBar + 16 + 1024;            // + alignment slack
+  static constexpr int kSmemBulk = kOffDq + kBlockM * D * 4 + 1024;
 };
 
 // grid (ceil(max_seqlen_kv / 128), H, b), block 256.
 template <int D, bool kAtomicDq>
-__global__ void __launch_bounds__(256, 1) bwd_wgmma2_kernel(const AttnArgs a) {
+__global__ void __launch_bounds__(256, 1)
+    bwd_wgmma2_kernel(const AttnArgs a, const __grid_constant__ CUtensorMap tmap_q,
+                      const __grid_constant__ CUtensorMap tmap_do) {
 #if HELIX_WGMMA_DEVICE
   using C = WgBwd2Config<D>;
   constexpr int kBlockM = C::kBlockM, kBlockN = C::kBlockN, kThreads = C::kThreads;
@@ -564,11 +654,10 @@ __global__ void __launch_bounds__(256, 1) bwd_wgmma2_kernel(const AttnArgs a) {
   auto load_q_tile = [&](int m, int stage) {
     const int mq0 = m * kBlockM;
     const int rows = min(kBlockM, len_q - mq0);
-    const int64_t off = (q_row0 + mq0) * a.row_stride + hd;
-    load_tile<kBlockM, D, kThreads>(base + C::kOffQ + stage * C::kQBytes, a.q + off, a.row_stride,
-                                    rows, tid);
-    load_tile<kBlockM, D, kThreads>(base + C::kOffDo + stage * C::kQBytes, a.d_o + off,
-                                    a.row_stride, rows, tid);
+    static_assert(kBlockM == 64, "load_q_do_tiles moves 64-row tiles");
+    load_q_do_tiles<D, kThreads>(a, tmap_q, tmap_do, base + C::kOffQ + stage * C::kQBytes,
+                                 base + C::kOffDo + stage * C::kQBytes,
+                                 base + C::kOffBar + 8 * stage, head, q_row0, mq0, rows, tid);
     if (tid < 2 * kBlockM) {
       const int i = tid % kBlockM;
       const float* src = (tid < kBlockM ? a.lse : a.delta) + head * a.tq + q_row0 + mq0;
@@ -589,6 +678,12 @@ __global__ void __launch_bounds__(256, 1) bwd_wgmma2_kernel(const AttnArgs a) {
     load_tile<kBlockN, D, kThreads>(s_k, a.k + off, a.row_stride, rows, tid);
     load_tile<kBlockN, D, kThreads>(s_v, a.v + off, a.row_stride, rows, tid);
   }
+  if (tid == 0) {
+    mbar_init(base + C::kOffBar, 1);
+    mbar_init(base + C::kOffBar + 8, 1);
+    fence_mbar_init();
+  }
+  __syncwarp();  // the init is issued for the warp; order it before lane 0's first arrive
   if (m_first < m_tiles) load_q_tile(m_first, 0);
   cp_async_commit();
   if (kAtomicDq && !wg_active) {
@@ -610,6 +705,8 @@ __global__ void __launch_bounds__(256, 1) bwd_wgmma2_kernel(const AttnArgs a) {
       cp_async_commit();
     }
     const int mq0 = m * kBlockM;
+    // Tile m's TMA (a full tile is the ((m - m_first) / 2)-th load into its stage).
+    if (mq0 + kBlockM <= len_q) mbar_wait(base + C::kOffBar + 8 * stage, ((m - m_first) >> 1) & 1);
     const uint32_t s_q = base + C::kOffQ + stage * C::kQBytes;
     const uint32_t s_do = base + C::kOffDo + stage * C::kQBytes;
 
@@ -771,14 +868,51 @@ __global__ void __launch_bounds__(256, 1) bwd_wgmma2_kernel(const AttnArgs a) {
 #endif
 }
 
-template <int D, int kKeys, int kMinBlocks>
-void launch_fwd_wg(const AttnArgs& a, int max_seqlen_q, int heads, int batch, cudaStream_t st) {
-  using C = WgFwdConfig<D, kKeys>;
+// cuTensorMapEncodeTiled through the runtime's driver entry point (no link against libcuda).
+PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+  static const PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void* p = nullptr;
+    cudaDriverEntryPointQueryResult q{};
+    CUDA_CHECK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000,
+                                                cudaEnableDefault, &q));
+    HELIX_CHECK(q == cudaDriverEntryPointSuccess && p != nullptr,
+                "attention: the CUDA driver has no cuTensorMapEncodeTiled (TMA needs CUDA 12+)");
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(p);
+  }();
+  return fn;
+}
+
+// Tensor map over the `rows` tokens of a [rows, H * D] bf16 operand (row stride `row_stride`
+// elements), boxes of 64 columns x `box_rows` rows, 128-byte swizzle (attention_wgmma.cuh's tile
+// layout).
+CUtensorMap make_tensor_map(const __nv_bfloat16* base, int64_t rows, int64_t row_stride,
+                               int64_t cols, uint32_t box_rows) {
+  CUtensorMap m{};
+  if (rows == 0 || base == nullptr) return m;  // an empty operand: no kernel reads it
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(cols), static_cast<cuuint64_t>(rows)};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(row_stride) * 2};
+  const cuuint32_t box[2] = {64, box_rows}, elem[2] = {1, 1};
+  const CUresult r = tensor_map_encoder()(
+      &m, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<__nv_bfloat16*>(base), dims, strides, box,
+      elem, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+      CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  HELIX_CHECK(r == CUDA_SUCCESS,
+              "attention: cuTensorMapEncodeTiled failed ({}) for {} rows x {} columns",
+              static_cast<int>(r), rows, cols);
+  return m;
+}
+
+template <int D, int kKeys, int kMinBlocks, int kKSlots>
+void launch_fwd_wg(const AttnArgs& a, int64_t tk, int max_seqlen_q, int heads, int batch,
+                   cudaStream_t st) {
+  using C = WgFwdConfig<D, kKeys, kKSlots>;
   const dim3 grid((max_seqlen_q + C::kBlockM - 1) / C::kBlockM, heads, batch);
   if (grid.x == 0) return;
-  auto kernel = fwd_wgmma_kernel<D, kKeys, kMinBlocks>;
+  const CUtensorMap tk_map = make_tensor_map(a.k, tk, a.row_stride, int64_t{heads} * D, kKeys);
+  const CUtensorMap tv_map = make_tensor_map(a.v, tk, a.row_stride, int64_t{heads} * D, kKeys);
+  auto kernel = fwd_wgmma_kernel<D, kKeys, kMinBlocks, kKSlots>;
   CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmem));
-  kernel<<<grid, C::kThreads, C::kSmem, st>>>(a);
+  kernel<<<grid, C::kThreads, C::kSmem, st>>>(a, tk_map, tv_map);
   HELIX_LAUNCH_CHECK();
 }
 
@@ -790,7 +924,9 @@ void launch_bwd_wg2(const AttnArgs& a, int max_seqlen_kv, int heads, int batch, 
   auto kernel = bwd_wgmma2_kernel<D, kAtomicDq>;
   const int smem = kAtomicDq ? C::kSmemBulk : C::kSmem;
   CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  kernel<<<grid, C::kThreads, smem, st>>>(a);
+  const CUtensorMap q_map = make_tensor_map(a.q, a.tq, a.row_stride, int64_t{heads} * D, 64);
+  const CUtensorMap do_map = make_tensor_map(a.d_o, a.tq, a.row_stride, int64_t{heads} * D, 64);
+  kernel<<<grid, C::kThreads, smem, st>>>(a, q_map, do_map);
   HELIX_LAUNCH_CHECK();
 }
 
@@ -802,7 +938,9 @@ void launch_bwd_wg(const AttnArgs& a, int max_seqlen_kv, int heads, int batch, c
   auto kernel = bwd_wgmma_kernel<D, kAtomicDq, kMinBlocks>;
   const int smem = kAtomicDq ? C::kSmemBulk : C::kSmem;
   CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  kernel<<<grid, C::kThreads, smem, st>>>(a);
+  const CUtensorMap q_map = make_tensor_map(a.q, a.tq, a.row_stride, int64_t{heads} * D, 64);
+  const CUtensorMap do_map = make_tensor_map(a.d_o, a.tq, a.row_stride, int64_t{heads} * D, 64);
+  kernel<<<grid, C::kThreads, smem, st>>>(a, q_map, do_map);
   HELIX_LAUNCH_CHECK();
 }
 
@@ -819,16 +957,18 @@ bool wgmma_supported(Device device, int head_dim) {
   return cc[ord] == 90;
 }
 
-void launch_fwd_wgmma(const attention_tiles::AttnArgs& a, int max_seqlen_q, int heads,
+void launch_fwd_wgmma(const attention_tiles::AttnArgs& a, int64_t tk, int max_seqlen_q, int heads,
                       int head_dim, int batch, cudaStream_t stream) {
-  // D = 64: K/V tiles of 64 keys, 4 CTAs per SM (128 registers, 4 bytes of spills outside the
-  // loop): +8% over 3 CTAs per SM on protein lengths (250 vs 232 TFLOP/s), equal on long
-  // sequences; 3 CTAs were faster than 128-key tiles at 2 per SM on protein lengths (235 vs 206)
-  // and equal on long ones. D = 128: 64-key tiles, 2 CTAs per SM (202 registers).
+  // D = 64: K/V tiles of 64 keys, 4 CTAs per SM (124 registers): +8% over 3 CTAs per SM on
+  // protein lengths (250 vs 232 TFLOP/s, before TMA), equal on long sequences; 3 CTAs were faster
+  // than 128-key tiles at 2 per SM on protein lengths (235 vs 206) and equal on long ones.
+  // D = 128: 64-key tiles, 2 CTAs per SM (188 registers).
+  // Two K slots (K_{n+1} loads during step n); three (K_{n+2}) measured equal within noise
+  // (protein D = 128 forward +4%, long D = 128 -1 to -3%), docs/perf/attention.md v9.
   if (head_dim == 64)
-    launch_fwd_wg<64, 64, 4>(a, max_seqlen_q, heads, batch, stream);
+    launch_fwd_wg<64, 64, 4, 2>(a, tk, max_seqlen_q, heads, batch, stream);
   else
-    launch_fwd_wg<128, 64, 2>(a, max_seqlen_q, heads, batch, stream);
+    launch_fwd_wg<128, 64, 2, 2>(a, tk, max_seqlen_q, heads, batch, stream);
 }
 
 bool launch_bwd_wgmma(const attention_tiles::AttnArgs& a, int max_seqlen_kv, int heads,

@@ -114,6 +114,45 @@ __device__ __forceinline__ void fence_regs(uint32_t (&a)[J][4]) {
     for (int e = 0; e < 4; ++e) asm volatile("" : "+r"(a[j][e])::"memory");
 }
 
+// ---- TMA (bulk tensor copies) and mbarriers ----------------------------------------------
+// A 2-D tensor map over a [rows, H * D] bf16 operand with a box of 64 rows x 64 columns (128 bytes)
+// and the 128-byte swizzle writes exactly one column block of the tiles above (the hardware swizzle
+// is the XOR of address bits 4-6 with 7-9, on a 1024-byte aligned destination).
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+// Makes mbarrier.init visible to the async proxy (the TMA unit) before its first use.
+__device__ __forceinline__ void fence_mbar_init() {
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+// One arrival that also announces `bytes` of transactions the barrier's phase must see complete.
+__device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes)
+               : "memory");
+}
+// Waits until the phase with parity `parity` of the barrier has completed.
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  asm volatile(
+      "{\n"
+      ".reg .pred done;\n"
+      "WAIT_%=:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra WAIT_%=;\n"
+      "}\n" ::"r"(bar),
+      "r"(parity)
+      : "memory");
+}
+// Box (columns x .. x + 63, rows y .. y + 63) of the tensor `map` (a __grid_constant__ kernel
+// parameter) into shared memory at `dst`; completes `bytes` of `bar`'s transactions.
+__device__ __forceinline__ void tma_load_2d(uint32_t dst, const void* map, int x, int y,
+                                            uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, "
+      "%3}], [%4];\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(x), "r"(y), "r"(bar)
+      : "memory");
+}
+
 // ---- wgmma.mma_async m64nNk16, bf16 inputs, fp32 accumulators ------------------------------------
 // d (+)= A B. accumulate == 0 overwrites d. kTransA / kTransB: 0 = K-major, 1 = MN-major operand.
 // "ss": A and B from shared memory; "rs": A from registers (4 x bf16x2 per thread).

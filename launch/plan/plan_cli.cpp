@@ -215,6 +215,7 @@ int cmd_plan(const std::vector<std::string>& args) {
   // "none" as `helix train --fp8` spells it; "off" kept for existing scripts.
   HELIX_CHECK(fp8 == "none" || fp8 == "off" || fp8 == "delayed",
               "--fp8: expected none (or off) or delayed, got '{}'", fp8);
+  if (fp8 == "none") fp8 = "off";  // one spelling in the reports
   in.fp8 = fp8 == "delayed" ? Fp8Mode::kDelayed : Fp8Mode::kOff;
   l.recompute = parse_recompute(recompute);
   HELIX_CHECK(sp == "on" || sp == "off", "--sequence-parallel: expected on or off, got '{}'", sp);
