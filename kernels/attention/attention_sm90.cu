@@ -111,10 +111,9 @@ __global__ void __launch_bounds__(128, kMinBlocks)
   const __nv_bfloat16* v_base = a.v + k_row0 * a.row_stride + hd;
   // Full K/V tiles come by bulk tensor copy (TMA), issued by thread 0 and awaited on the slot's
   // mbarrier (K tile n is the (n / kKSlots)-th load into its slot: phase parity (n / kKSlots) % 2;
-  // V likewise with two slots). A partial
-  // tile (only the last one can be) takes the cp.async path, which zero-fills the rows past the
-  // sequence (TMA fills zeros only outside the whole tensor; the rows after a sequence belong to
-  // the next one or to a padding gap).
+  // V likewise with two slots). A partial tile (only the last one can be) takes the cp.async
+  // path, which zero-fills the rows past the sequence (TMA fills zeros only outside the whole
+  // tensor; the rows after a sequence belong to the next one or to a padding gap).
   const uint32_t bar0 = s_v0 + 2 * C::kKVBytes;  // K slot i: bar0 + 8 i; V slot i: bar0 + 32 + 8 i
   auto full_tile = [&](int n) { return (n + 1) * kBlockN <= len_k; };
   auto load_k_or_v = [&](bool is_v, int n) {
