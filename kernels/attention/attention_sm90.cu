@@ -617,6 +617,8 @@ __global__ void __launch_bounds__(256, 1)
     bwd_wgmma2_kernel(const AttnArgs a, const __grid_constant__ CUtensorMap tmap_q,
                       const __grid_constant__ CUtensorMap tmap_do) {
 #if HELIX_WGMMA_DEVICE
+  // Built and tested at D = 128 only (its n32 dQ column split at D = 64 was never run).
+  static_assert(D == 128, "bwd_wgmma2_kernel: head dim 128 only");
   using C = WgBwd2Config<D>;
   constexpr int kBlockM = C::kBlockM, kBlockN = C::kBlockN, kThreads = C::kThreads;
   constexpr int kDq = D / 2;  // dQ columns per warpgroup
